@@ -1,0 +1,88 @@
+"""The `dgst` command line.
+
+    dgst info                 versions, data, weights, TFLM and QEMU availability
+    dgst train [options]      adapt the pretrained model to a dataset (the main job)
+"""
+import argparse
+import dataclasses
+import sys
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from dgst_tf.adapt import DATASETS, AdaptConfig
+
+    defaults = AdaptConfig()
+    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
+                        help="fashion_mnist (offline default, Debian dataset-fashion-mnist), "
+                             "cifar10 (../shared/datasets, $DGST_CIFAR10 or --data), or an "
+                             "image folder with train/ and test/ (--data)")
+    parser.add_argument("--data", dest="data_path", default=None,
+                        help="dataset location (folder or cifar10-jpeg.tar.gz)")
+    parser.add_argument("--width", type=float, default=defaults.width)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--weights", default=defaults.weights,
+                        help="imagenet (offline torchvision checkpoint), keras-imagenet "
+                             "(downloads), none, or a .pth/.npz path")
+    parser.add_argument("--train-examples", type=int, default=defaults.train_examples,
+                        help="use this many training images (0 = all)")
+    parser.add_argument("--test-examples", type=int, default=defaults.test_examples,
+                        help="evaluate on this many test images (0 = all)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--output-dir", default=None, help="write result.json here")
+
+
+def _cmd_info(args) -> int:
+    from dgst_tf.environment_report import collect, format_report
+
+    print(format_report(collect()))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from dgst_tf import runtime
+    from dgst_tf.adapt import AdaptConfig, run
+
+    runtime.limit_threads()
+    fields = {f.name for f in dataclasses.fields(AdaptConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    for key in ("train_examples", "test_examples"):
+        options[key] = options[key] or None
+    if options["weights"] == "none":
+        options["weights"] = None
+    result = run(AdaptConfig(**options), verbose=args.verbose)
+    print(f"dataset        {args.dataset}: {result['train_examples']} train / "
+          f"{result['test_examples']} test images at {args.image_size}x{args.image_size}")
+    print(f"trained        classifier only, batch {args.batch_size}, SGD lr "
+          f"{args.learning_rate}, {args.epochs} epochs, {result['train_seconds']} s")
+    print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
+    print(f"SRAM for trained parameters (int8 weights, int32 biases): "
+          f"{result['sram_bytes'] / 1024:.1f} KB ({result['trainable_parameters']} parameters)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgst", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions and what this machine has").set_defaults(
+        func=_cmd_info)
+    train = sub.add_parser("train", help="adapt the pretrained model to a dataset")
+    _add_train_arguments(train)
+    train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
+    train.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"dgst {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

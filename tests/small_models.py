@@ -1,0 +1,44 @@
+"""Tiny tf-keras CNNs for fast tests (conv, BN, depthwise, residual add, dense)."""
+import numpy as np
+
+from dgst_tf.keras_compat import keras
+
+
+def residual_cnn(seed: int = 0, input_shape=(8, 8, 3), classes: int = 4) -> keras.Model:
+    """conv-BN-ReLU6 -> [depthwise-ReLU6-pointwise] + skip -> strided conv -> pool -> dense.
+
+    BatchNorm statistics are randomised so that folding them is not a no-op.
+    """
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inp)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    y = keras.layers.Conv2D(12, 1, use_bias=False, name="expand")(x)
+    y = keras.layers.BatchNormalization(name="expand_bn")(y)
+    y = keras.layers.ReLU(6.0, name="expand_relu")(y)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="depthwise")(y)
+    y = keras.layers.BatchNormalization(name="depthwise_bn")(y)
+    y = keras.layers.ReLU(6.0, name="depthwise_relu")(y)
+    y = keras.layers.Conv2D(8, 1, use_bias=False, name="project")(y)
+    y = keras.layers.BatchNormalization(name="project_bn")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.ZeroPadding2D(1, name="pad")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="valid", name="head")(x)
+    x = keras.layers.ReLU(name="head_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    out = keras.layers.Dense(classes, name="classifier")(x)
+    model = keras.Model(inp, out, name="residual_cnn")
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 1.5, var.shape)])
+    return model
+
+
+def batch(n: int, seed: int = 1, input_shape=(8, 8, 3), classes: int = 4):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, *input_shape)).astype(np.float32),
+            rng.integers(0, classes, size=n).astype(np.int32))

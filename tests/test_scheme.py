@@ -1,0 +1,66 @@
+import json
+
+import pytest
+from small_models import residual_cnn
+
+from dgst_tf import models
+from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.scheme import LayerUpdate, SchemeError, UpdateScheme, conv_layers
+
+
+@pytest.fixture(scope="module")
+def mbv2():
+    return models.mobilenet_v2(width=0.35, input_shape=(128, 128, 3), classes=10, weights=None)
+
+
+def test_config_and_json_round_trip(tmp_path):
+    scheme = UpdateScheme({"expand": 0.25, "depthwise": "bias", "project": {"mode": "weights",
+                                                                          "ratio": 0.5}})
+    assert UpdateScheme.from_config(json.loads(json.dumps(scheme.get_config()))) == scheme
+    scheme.save(tmp_path / "s.json")
+    assert UpdateScheme.load(tmp_path / "s.json") == scheme
+    assert list(tmp_path.iterdir()) == [tmp_path / "s.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"nope": 0.5}, "'nope' is not in model"),
+    ({"stem_bn": "bias"}, "is a BatchNormalization, not a Conv2D"),
+    ({"expand": 1.5}, r"ratio must be in \(0, 1\], got 1.5"),
+    ({"expand": {"mode": "weights", "ratio": 0.0}}, r"ratio must be in \(0, 1\]"),
+    ({"classifier": "bias"}, "is the classifier"),
+    ({"expand": "sometimes"}, "mode must be one of"),
+])
+def test_invalid_schemes_name_the_layer(spec, message):
+    with pytest.raises(SchemeError, match=message):
+        UpdateScheme(spec).validate(residual_cnn())
+
+
+def test_backward_config_round_trip_on_mobilenet_v2(mbv2):
+    convs = conv_layers(mbv2)
+    assert len(convs) == 52  # tiny-training's conv indexing for MobileNetV2
+    config = {"n_bias_update": 22, "manual_weight_idx": "36-39-40-41-42-45-48-49",
+              "weight_update_ratio": "1-1-0-0.25-0.125-0.125-0-0.5"}
+    scheme = UpdateScheme.from_backward_config(mbv2, **config)
+    assert scheme.update_for(convs[36].name) == LayerUpdate("weights", 1.0)
+    assert scheme.update_for(convs[40].name) == LayerUpdate("bias")  # ratio 0: bias only
+    assert scheme.update_for(convs[29].name) == LayerUpdate("frozen")
+    assert scheme.update_for(convs[30].name) == LayerUpdate("bias")
+    assert scheme.to_backward_config(mbv2) == {
+        "n_bias_update": 22, "manual_weight_idx": "36-39-41-42-45-49",
+        "weight_update_ratio": "1-1-0.25-0.125-0.125-0.5"}
+
+
+def test_weight_layer_outside_bias_range_is_rejected(mbv2):
+    with pytest.raises(SchemeError, match="must also update its bias"):
+        UpdateScheme.from_backward_config(mbv2, n_bias_update=5, manual_weight_idx="36",
+                                          weight_update_ratio="1")
+
+
+def test_baselines_and_target_fraction(mbv2):
+    model = fold_batchnorm(mbv2)
+    assert UpdateScheme.full(model).updated_weight_fraction(model) == pytest.approx(1.0)
+    assert UpdateScheme.last_layer(model).layers == {}
+    assert all(u.mode == "bias" for u in UpdateScheme.bias_only(model).layers.values())
+    expands = [l.name for l in conv_layers(model) if l.name.endswith("_expand")][-8:]
+    scheme = UpdateScheme.for_target_fraction(model, expands, target=0.02)
+    assert scheme.updated_weight_fraction(model) == pytest.approx(0.02, rel=0.1)

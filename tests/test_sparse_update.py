@@ -1,0 +1,183 @@
+"""The sparse train step against tf.GradientTape on the dense model (the oracle)."""
+import numpy as np
+import pytest
+from small_models import batch, residual_cnn
+
+from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.keras_compat import keras, tf
+from dgst_tf.scheme import UpdateScheme, kernel_of
+from dgst_tf.selection_callbacks import DynamicChannelSelection, StaticChannelSelection
+from dgst_tf.sparse_model import SparseUpdateModel
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+SCHEME = {"expand": 0.5, "depthwise": 0.25, "project": "bias", "head": 0.5}
+
+
+def make(scheme=SCHEME, optimizer=None, seed=0):
+    sparse = SparseUpdateModel(residual_cnn(seed), UpdateScheme(scheme))
+    sparse.compile(optimizer=optimizer or keras.optimizers.SGD(0.1), loss=LOSS)
+    return sparse
+
+
+def dense_gradients(model, x, y):
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=False))
+    return {v.name: g.numpy() for v, g in zip(model.trainable_weights,
+                                               tape.gradient(loss, model.trainable_weights))}
+
+
+def test_bn_folding_is_exact():
+    model = residual_cnn()
+    folded = fold_batchnorm(model)
+    x, _ = batch(4)
+    np.testing.assert_allclose(folded(x), model(x, training=False), atol=1e-5)
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
+    assert [l.name for l in folded.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))] == [
+        "stem", "expand", "depthwise", "project", "head"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_applied_update_equals_dense_gradient_restricted_to_selection(batch_size):
+    sparse, lr = make(), 0.1
+    sparse.selection.assign("expand", [1, 5, 6, 7])
+    sparse.selection.assign("depthwise", [2, 3, 9])
+    sparse.selection.assign("head", [0, 2, 4, 7])
+    x, y = batch(batch_size)
+    grads = dense_gradients(sparse.base, x, y)
+    before = {v.name: v.numpy() for v in sparse.base.weights}
+    sparse.fit(x, y, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    kept = {"expand": [1, 5, 6, 7], "depthwise": [2, 3, 9], "head": [0, 2, 4, 7]}
+    for var in sparse.base.weights:
+        layer = var.name.split("/")[0]
+        step = before[var.name] - var.numpy()
+        update = SCHEME.get(layer, "classifier" if layer == "classifier" else "frozen")
+        if update == "frozen" or (update == "bias" and "bias" not in var.name):
+            assert np.array_equal(step, np.zeros_like(step)), var.name  # bit-identical
+        elif layer in kept and "bias" not in var.name:
+            expected = np.zeros_like(step)
+            expected[:, :, kept[layer], :] = lr * grads[var.name][:, :, kept[layer], :]
+            np.testing.assert_allclose(step, expected, atol=1e-5, err_msg=var.name)
+            unselected = np.delete(before[var.name], kept[layer], axis=2)
+            assert np.array_equal(np.delete(var.numpy(), kept[layer], axis=2), unselected)
+        else:  # biases of updated layers and the whole classifier
+            np.testing.assert_allclose(step, lr * grads[var.name], atol=1e-5, err_msg=var.name)
+
+
+def test_stateful_optimizer_leaves_unselected_channels_bit_identical():
+    sparse = make(optimizer=keras.optimizers.Adam(0.01))
+    x, y = batch(6)
+    before = kernel_of(sparse.base.get_layer("expand")).numpy()
+    selections = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, b, logs=None):
+            selections.append(sparse.selection.numpy("expand")["indices"].copy())
+
+    sparse.fit(x, y, batch_size=1, epochs=1, verbose=0, shuffle=False,
+               callbacks=[DynamicChannelSelection(seed=3), Record()])
+    touched = np.unique(np.concatenate(selections))
+    after = kernel_of(sparse.base.get_layer("expand")).numpy()
+    untouched = np.setdiff1d(np.arange(8), touched)
+    assert np.array_equal(after[:, :, untouched], before[:, :, untouched])
+    assert not np.array_equal(after[:, :, touched], before[:, :, touched])
+
+
+def _graph_op_types(concrete) -> list:
+    graph_def = concrete.graph.as_graph_def()
+    types = [n.op for n in graph_def.node]
+    for function in graph_def.library.function:
+        types += [n.op for n in function.node_def]
+    return types
+
+
+def test_traced_graph_has_weight_gradients_only_for_selected_layers():
+    sparse = make()
+    x, y = batch(1)
+    step = tf.function(sparse.train_step)
+    types = _graph_op_types(step.get_concrete_function((tf.constant(x), tf.constant(y))))
+    # expand and head are weight-updated Conv2Ds, depthwise a weight-updated depthwise conv;
+    # project is bias-only and stem (before the first updated layer) gets nothing at all.
+    assert types.count("Conv2DBackpropFilter") == 2
+    assert types.count("DepthwiseConv2dNativeBackpropFilter") == 1
+    # Input gradients: head, project, depthwise need them; expand is the first updated
+    # layer and the stem lies before it, so backprop stops there.
+    assert types.count("Conv2DBackpropInput") == 2  # head, project
+    assert types.count("DepthwiseConv2dNativeBackpropInput") == 1
+
+
+def test_logs_report_updated_fraction_and_coverage():
+    sparse = make()
+    x, y = batch(4)
+    history = sparse.fit(x, y, batch_size=1, epochs=1, verbose=0,
+                         callbacks=[DynamicChannelSelection(seed=0)])
+    expected = sparse.scheme.updated_weight_fraction(sparse.base)
+    assert history.history["updated_fraction"][-1] == pytest.approx(expected, rel=1e-6)
+    assert 0 < history.history["coverage"][-1] <= 1
+
+
+def test_one_trace_for_100_steps_of_changing_selection_and_full_coverage():
+    sparse = make()
+    x, y = batch(100)
+    seen, traces = [], []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, b, logs=None):
+            seen.append(sparse.selection.numpy("expand")["indices"].copy())
+            traces.append(sparse.train_function.experimental_get_tracing_count())
+
+    history = sparse.fit(x, y, batch_size=1, epochs=1, verbose=0, shuffle=False,
+                         callbacks=[DynamicChannelSelection(importance="grad_norm", seed=0),
+                                    Record()])
+    # tf.function traces twice on the first call when it creates (optimizer) variables;
+    # after that, 99 steps with changing selections must not trace again.
+    assert len(traces) == 100 and traces[-1] == traces[0] <= 2
+    assert len({tuple(s) for s in seen}) > 1  # the selection really changed
+    assert history.history["coverage"][-1] == pytest.approx(1.0)
+    # traversal: the first two steps of a sweep cover all 8 expand channels
+    assert sorted(np.concatenate(seen[:2]).tolist()) == list(range(8))
+
+
+def test_static_selection_is_top_k_by_magnitude():
+    sparse = make()
+    x, y = batch(2)
+    kernel = kernel_of(sparse.base.get_layer("expand")).numpy()
+    norms = np.sqrt((kernel ** 2).sum(axis=(0, 1, 3)))
+    sparse.fit(x, y, batch_size=1, verbose=0, callbacks=[StaticChannelSelection("magnitude+")])
+    chosen = sparse.selection.numpy("expand")["indices"]
+    assert sorted(chosen.tolist()) == sorted(np.argsort(-norms)[:4].tolist())
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    x, y = batch(8)
+
+    def run(model, start, stop):
+        model.fit(x[start:stop], y[start:stop], batch_size=1, verbose=0, shuffle=False,
+                  callbacks=[DynamicChannelSelection(importance="random", seed=7)])
+
+    straight = make()
+    run(straight, 0, 8)
+    first = make()
+    run(first, 0, 4)
+    first.save_weights(str(tmp_path / "ckpt"))
+    resumed = make(seed=1)  # different initial weights: everything must come from the file
+    resumed.load_weights(str(tmp_path / "ckpt"))
+    run(resumed, 4, 8)
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    assert int(resumed.selection.step.numpy()) == 8
+
+
+def test_nan_loss_fails_with_a_clear_error():
+    sparse = make()
+    x, y = batch(1)
+    bias = sparse.base.get_layer("classifier").bias
+    bias.assign(np.full(bias.shape, np.nan, np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="loss is NaN or infinite"):
+        sparse.fit(x, y, batch_size=1, verbose=0)
+
+
+def test_conv_without_bias_cannot_be_bias_updated():
+    from dgst_tf.scheme import SchemeError
+
+    with pytest.raises(SchemeError, match="'expand' has no bias"):
+        SparseUpdateModel(residual_cnn(), UpdateScheme({"expand": "bias"}), fold_bn=False)
