@@ -52,7 +52,7 @@ def _data_status() -> dict:
 
     status = {}
     try:
-        status["cifar10"] = str(data.find_cifar10())
+        status["cifar10"] = str(data.find_cifar10(unpack=False))
     except FileNotFoundError as err:
         status["cifar10"] = f"not found ({str(err).splitlines()[0]})"
     status["fashion_mnist"] = (

@@ -35,7 +35,10 @@ def _uid(image) -> int:
 
 def _write(path: pathlib.Path, img: np.ndarray):
     path.parent.mkdir(parents=True, exist_ok=True)
-    encoded = tf.io.encode_png(img) if path.suffix == ".png" else tf.io.encode_jpeg(img, quality=100)
+    if path.suffix == ".png":
+        encoded = tf.io.encode_png(img)
+    else:
+        encoded = tf.io.encode_jpeg(img, quality=100)
     path.write_bytes(encoded.numpy())
 
 

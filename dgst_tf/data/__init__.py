@@ -26,6 +26,7 @@ Offline by default: CIFAR-10 comes from a local image-folder tree or
 from dgst_tf.data._cifar10 import CIFAR10_CLASSES, cifar10, find_cifar10
 from dgst_tf.data._fashion_mnist import (
     FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
     fashion_mnist,
     fashion_mnist_available,
     find_fashion_mnist,
@@ -43,7 +44,8 @@ from dgst_tf.data._pipeline import (
 )
 
 __all__ = [
-    "CIFAR10_CLASSES", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "TORCH_MEAN", "TORCH_STD",
+    "CIFAR10_CLASSES", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS",
+    "TORCH_MEAN", "TORCH_STD",
     "DatasetFormatError", "DatasetNotFoundError", "DatasetSplit", "cifar10",
     "fashion_mnist", "fashion_mnist_available", "find_cifar10", "find_fashion_mnist",
     "image_folder", "list_image_folder", "preprocess", "read_idx", "read_idx_header",

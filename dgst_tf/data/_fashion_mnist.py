@@ -17,6 +17,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 ENV_VAR = "DGST_FASHION_MNIST"
 DEBIAN_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = DEBIAN_DIR  # the default location (find_fashion_mnist() says where it is)
 #: Where keras.datasets.fashion_mnist.load_data() keeps its download (the same IDX files).
 KERAS_DIRS = (pathlib.Path("~/.keras/datasets/fashion-mnist").expanduser(),
               pathlib.Path("/tmp/.keras/datasets/fashion-mnist"))
@@ -86,7 +87,7 @@ def _has_files(folder: pathlib.Path) -> bool:
     return all(_file(folder, n) for names in FILES.values() for n in names)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # train + test, ~55 MB
 def _load(folder: str, split: str, _stamp) -> tuple[np.ndarray, np.ndarray]:
     image_file, label_file = (_file(pathlib.Path(folder), n) for n in FILES[split])
     images, labels = read_idx(image_file), read_idx(label_file)

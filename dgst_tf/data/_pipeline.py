@@ -81,8 +81,7 @@ class DatasetSplit:
         return iter(self.dataset)
 
     def __repr__(self) -> str:
-        part = self.split + (f"/{self.subset}" if self.subset else "") if self.split else \
-            (self.subset or "all")
+        part = "/".join(p for p in (self.split, self.subset) if p) or "all"
         return (f"DatasetSplit({self.name} {part}: {self.num_examples} examples, "
                 f"{self.num_classes} classes, image_size={self.image_size}, "
                 f"batch_size={self.batch_size}, source={self.source!r}, "
@@ -201,8 +200,9 @@ def select(labels: np.ndarray, num_classes: int, opts: Options) -> np.ndarray:
     """Indices of the examples to use, in their original order (pure NumPy, seeded).
 
     The validation split holds ``round(N * fraction)`` examples, stratified (each class
-    gives its share, rounded by largest remainder), chosen by ``seed`` alone. ``limit`` then keeps the first N of a seeded
-    round-robin over the classes, so it is class-balanced as far as the classes allow.
+    gives its share, rounded by largest remainder), chosen by ``seed`` alone. ``limit``
+    then keeps the first N of a seeded round-robin over the classes, so it is
+    class-balanced as far as the classes allow.
     """
     index = np.arange(len(labels))
     if opts.validation_split is not None:

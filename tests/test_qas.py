@@ -1,0 +1,110 @@
+"""The int8 training graph and Quantization-Aware Scaling (REFERENCE section 3)."""
+import numpy as np
+import pytest
+from small_models import residual_cnn
+
+from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.keras_compat import keras, tf
+from dgst_tf.qas import (QuantizationAwareScalingSGD, activation_qparams, int8_training_graph,
+                         weight_scales)
+from dgst_tf.scheme import UpdateScheme, kernel_of
+from dgst_tf.sparse_model import SparseUpdateModel
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def separable_task(n=96, seed=0):
+    """4 classes whose images differ in mean colour and a spatial pattern."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n).astype(np.int32)
+    x = rng.normal(0, 0.6, (n, 8, 8, 3)).astype(np.float32)
+    x[..., 0] += (y[:, None, None] % 2) * 0.8
+    x[:, :4, :, 1] += (y[:, None, None] // 2) * 0.8
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def folded():
+    return fold_batchnorm(residual_cnn(seed=2))
+
+
+def test_quantized_values_follow_the_formulas(folded):
+    x, _ = separable_task(32)
+    graph = int8_training_graph(folded, x)
+    for name in ("stem", "depthwise", "head", "classifier"):
+        float_layer, int_layer = folded.get_layer(name), graph.model.get_layer(name)
+        s_w = weight_scales(float_layer)
+        np.testing.assert_allclose(s_w, graph.weight_scales[name])
+        w_bar = kernel_of(int_layer).numpy()
+        assert np.array_equal(w_bar, np.round(w_bar)) and np.abs(w_bar).max() == 127
+        s_x, _ = graph.input_qparams[name]
+        np.testing.assert_array_equal(
+            int_layer.bias.numpy(), np.round(float_layer.bias.numpy() / (s_w * s_x)))
+    # the int8 graph approximates the float model
+    float_out, int8_out = folded(x).numpy(), graph.model(x).numpy()
+    assert np.abs(float_out - int8_out).max() < 0.1 * np.abs(float_out).max()
+    assert (float_out.argmax(1) == int8_out.argmax(1)).mean() > 0.8
+
+
+def test_activation_qparams_cover_the_range():
+    scale, zero = activation_qparams(-1.0, 3.0)
+    assert scale == pytest.approx(4.0 / 255)
+    assert -128 <= zero <= 127 and round(-1.0 / scale) + zero == -128
+
+
+def test_qas_scales_gradients_by_the_formula(folded):
+    x, y = separable_task(8)
+    graph = int8_training_graph(folded, x)
+    model = graph.model
+    variables = model.trainable_weights
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x))
+    grads = tape.gradient(loss, variables)
+    start = [v.numpy() for v in variables]
+    QuantizationAwareScalingSGD(0.5, graph.qas_scales).apply_gradients(zip(grads, variables))
+    for var, before, grad in zip(variables, start, grads):
+        layer = model.get_layer(var.name.split("/")[0])
+        s_w = graph.weight_scales[layer.name]
+        s_x, _ = graph.input_qparams[layer.name]
+        if "bias" in var.name:
+            expected = 0.5 * grad.numpy() / (s_w * s_x) ** 2
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
+            expected = 0.5 * grad.numpy() / s_w.reshape(var.shape[-2:]) ** 2
+        else:
+            expected = 0.5 * grad.numpy() / s_w ** 2
+        # float32 weights near 127 round the applied step to their spacing
+        ulp = np.spacing(np.abs(before).max().astype(np.float32))
+        np.testing.assert_allclose(before - var.numpy(), expected, rtol=1e-4, atol=2 * ulp,
+                                   err_msg=var.name)
+
+
+def _train(model, optimizer, scheme, x, y, epochs=3):
+    keras.utils.set_random_seed(0)
+    sparse = SparseUpdateModel(model, scheme, fold_bn=False)
+    sparse.compile(optimizer=optimizer, loss=LOSS)
+    sparse.fit(x, y, batch_size=1, epochs=epochs, verbose=0, shuffle=False)
+    return float(LOSS(y, sparse.base(x)))
+
+
+def test_int8_training_with_qas_tracks_float_training(folded):
+    x, y = separable_task()
+    lr = 0.05
+    spec = {"head": 1.0, "project": "bias", "depthwise": 0.5}
+    start = float(LOSS(y, folded(x)))
+
+    float_model = keras.models.clone_model(folded)
+    float_model.set_weights(folded.get_weights())
+    float_loss = _train(float_model, keras.optimizers.SGD(lr), UpdateScheme(spec), x, y)
+    plain = int8_training_graph(folded, x)
+    plain_loss = _train(plain.model, keras.optimizers.SGD(lr), UpdateScheme(spec), x, y)
+    qas = int8_training_graph(folded, x)
+    qas_loss = _train(qas.model, QuantizationAwareScalingSGD(lr, qas.qas_scales),
+                      UpdateScheme(spec), x, y)
+
+    print(f"start {start:.3f} float {float_loss:.3f} int8 {plain_loss:.3f} int8+QAS {qas_loss:.3f}")
+    assert float_loss < 0.8 * start  # the task is learnable at this learning rate
+    # Without QAS the int8 weights barely move (their steps shrink by s_w^2); with it the
+    # int8 graph learns like the float one, up to activation rounding.
+    assert abs(plain_loss - start) < 0.05 * (start - float_loss)
+    assert abs(qas_loss - float_loss) < 0.5 * abs(plain_loss - float_loss)
+    assert start - qas_loss > 0.5 * (start - float_loss)
