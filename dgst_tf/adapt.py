@@ -1,8 +1,9 @@
 """The main job: adapt a pretrained model to a new dataset the way the MCU would.
 
-Batch size 1, plain SGD, only the chosen part of the network trained (for now the
-classifier; later issues add sparse update schemes, pruning and export), then held-out
-accuracy and the SRAM the trained parameters need as int8.
+Batch size 1, plain SGD, only what the training method updates (`dgst_tf.methods`: by
+default DGSU at 2% of conv weights per step), then held-out accuracy, the fraction of conv
+weights updated per step, their coverage, and the SRAM the trained parameters take as int8.
+(Later issues add the memory model, pruning and export to the same job.)
 
     from dgst_tf.adapt import AdaptConfig, run
     result = run(AdaptConfig(dataset="fashion_mnist", train_examples=500, epochs=1))
@@ -17,6 +18,9 @@ import time
 
 from dgst_tf import data, models, runtime
 from dgst_tf.keras_compat import keras
+from dgst_tf.methods import METHODS, build_method
+from dgst_tf.scheme import kernel_of
+from dgst_tf.sparse_model import SparseUpdateModel
 
 DATASETS = ("fashion_mnist", "cifar10", "folder")
 
@@ -30,6 +34,8 @@ class AdaptConfig:
     width: float = 1.0
     image_size: int = 96
     weights: str = "imagenet"
+    method: str = "dgsu"
+    target_fraction: float = 0.02
     train_examples: int | None = 2000
     test_examples: int | None = 1000
     epochs: int = 2
@@ -43,6 +49,8 @@ class AdaptConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "folder" and not self.data_path:
             raise ValueError("dataset='folder' needs data_path (an image-folder tree)")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"batch_size and epochs must be >= 1, got {self.batch_size}, "
                              f"{self.epochs}")
@@ -68,8 +76,8 @@ def load_splits(config: AdaptConfig):
     return train, test
 
 
-def build_model(config: AdaptConfig, num_classes: int) -> keras.Model:
-    """The pretrained backbone with a new classifier; everything but the classifier frozen."""
+def build_model(config: AdaptConfig, num_classes: int):
+    """(SparseUpdateModel, callbacks): the pretrained backbone with a new classifier."""
     model = models.mobilenet_v2(
         width=config.width,
         input_shape=(config.image_size, config.image_size, 3),
@@ -77,20 +85,25 @@ def build_model(config: AdaptConfig, num_classes: int) -> keras.Model:
         weights=config.weights,
         seed=config.seed,
     )
-    for layer in model.layers:
-        layer.trainable = layer.name == "classifier"
-    return model
+    scheme, callbacks = build_method(config.method, model, config.target_fraction,
+                                     seed=config.seed)
+    return SparseUpdateModel(model, scheme), callbacks
 
 
-def trained_parameter_sram(model: keras.Model) -> dict:
-    """Bytes the trained parameters take in SRAM on the MCU (int8 weights, int32 biases)."""
+def trained_parameter_sram(sparse: SparseUpdateModel) -> dict:
+    """Bytes the updated parameters take in SRAM on the MCU (int8 weights, int32 biases).
+
+    Only the selected channels of a weight-updated layer count; the rest stays in flash.
+    """
     weights = biases = 0
-    for var in model.trainable_weights:
-        n = int(var.shape.num_elements())
+    for layer in sparse.weight_layers:
+        channels, kept = sparse.selection.specs[layer.name]
+        weights += int(kernel_of(layer).shape.num_elements()) * kept // channels
+    for var in sparse._trained:
         if len(var.shape) == 1:
-            biases += n
-        else:
-            weights += n
+            biases += int(var.shape.num_elements())
+    classifier = sparse._classifier.kernel
+    weights += int(classifier.shape.num_elements())
     return {"trainable_parameters": weights + biases, "sram_bytes": weights + 4 * biases}
 
 
@@ -98,14 +111,15 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
     """Fine-tune, evaluate and (if ``config.output_dir``) write ``result.json``."""
     runtime.seed_everything(config.seed)
     train, test = load_splits(config)
-    model = build_model(config, len(train.class_names))
+    model, callbacks = build_model(config, len(train.class_names))
     model.compile(
         optimizer=keras.optimizers.SGD(config.learning_rate),  # the on-device optimizer
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     start = time.time()
-    history = model.fit(train.dataset, epochs=config.epochs, verbose=verbose)
+    history = model.fit(train.dataset, epochs=config.epochs, verbose=verbose,
+                        callbacks=callbacks)
     train_seconds = time.time() - start
     _, test_accuracy = model.evaluate(test.dataset, verbose=0)
     result = {
@@ -113,6 +127,8 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
         "train_examples": train.num_examples,
         "test_examples": test.num_examples,
         "final_train_loss": float(history.history["loss"][-1]),
+        "updated_fraction": float(history.history["updated_fraction"][-1]),
+        "coverage": float(history.history["coverage"][-1]),
         "test_accuracy": float(test_accuracy),
         "train_seconds": round(train_seconds, 1),
         **trained_parameter_sram(model),

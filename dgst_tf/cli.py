@@ -10,6 +10,7 @@ import sys
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from dgst_tf.adapt import DATASETS, AdaptConfig
+    from dgst_tf.methods import METHODS
 
     defaults = AdaptConfig()
     parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
@@ -23,6 +24,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=defaults.weights,
                         help="imagenet (offline torchvision checkpoint), keras-imagenet "
                              "(downloads), none, or a .pth/.npz path")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method,
+                        help="what a step updates (see dgst_tf.methods)")
+    parser.add_argument("--target-fraction", type=float, default=defaults.target_fraction,
+                        help="fraction of conv weights updated per step (sparse methods)")
     parser.add_argument("--train-examples", type=int, default=defaults.train_examples,
                         help="use this many training images (0 = all)")
     parser.add_argument("--test-examples", type=int, default=defaults.test_examples,
@@ -55,10 +60,12 @@ def _cmd_train(args) -> int:
     result = run(AdaptConfig(**options), verbose=args.verbose)
     print(f"dataset        {args.dataset}: {result['train_examples']} train / "
           f"{result['test_examples']} test images at {args.image_size}x{args.image_size}")
-    print(f"trained        classifier only, batch {args.batch_size}, SGD lr "
+    print(f"trained        method {args.method}, batch {args.batch_size}, SGD lr "
           f"{args.learning_rate}, {args.epochs} epochs, {result['train_seconds']} s")
+    print(f"conv weights   {100 * result['updated_fraction']:.2f}% updated per step, "
+          f"{100 * result['coverage']:.1f}% of the updated layers' weights visited")
     print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
-    print(f"SRAM for trained parameters (int8 weights, int32 biases): "
+    print(f"SRAM for updated parameters (int8 weights, int32 biases): "
           f"{result['sram_bytes'] / 1024:.1f} KB ({result['trainable_parameters']} parameters)")
     return 0
 

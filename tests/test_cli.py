@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+
+from dgst_tf import cli
+from dgst_tf.keras_compat import tf
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=6, size=16):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = rng.integers(0, 60, (size, size, 3)) + 150 * c
+                tf.io.write_file(str(folder / f"{i}.png"),
+                                 tf.io.encode_png(image.astype(np.uint8)))
+    return root
+
+
+def test_info_reports_every_section(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("tensorflow", "tf-keras", "tflite-micro", "cifar10", "fashion_mnist",
+                "mobilenet_v2", "host interpreter", "qemu-system-arm", "arm-none-eabi-gcc"):
+        assert key in out
+
+
+@pytest.mark.parametrize("method", ["dgsu", "last_layer"])
+def test_train_on_an_image_folder_writes_results(tmp_path, capsys, method):
+    data = _image_folder(tmp_path / "data")
+    code = cli.main(["train", "--dataset", "folder", "--data", str(data), "--weights", "none",
+                     "--width", "0.35", "--image-size", "32", "--epochs", "1",
+                     "--method", method, "--verbose", "0",
+                     "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "updated per step" in out
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["train_examples"] == 12 and result["test_examples"] == 12
+    assert 0.0 <= result["test_accuracy"] <= 1.0
+    assert (result["updated_fraction"] > 0) == (method == "dgsu")
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    code = cli.main(["train", "--dataset", "cifar10", "--data", str(missing), "--verbose", "0",
+                     "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing half-written
