@@ -40,7 +40,7 @@ class AdaptConfig:
     test_examples: int | None = 1000
     epochs: int = 2
     batch_size: int = 1
-    learning_rate: float = 0.01
+    learning_rate: float = 0.001  # batch-1 SGD on backbone layers diverges at 0.01
     seed: int = 0
     output_dir: str | None = None
 
