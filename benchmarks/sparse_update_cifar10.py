@@ -23,7 +23,9 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--train-examples", type=int, default=5000)
-    p.add_argument("--validation-split", type=float, default=0.1)
+    p.add_argument("--validation-split", type=float, default=0.1,
+                   help="fraction of the training set held out for choosing settings")
+    p.add_argument("--validation-examples", type=int, default=1000)
     p.add_argument("--test-examples", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--learning-rates", type=float, nargs="+", default=[0.01],
@@ -35,10 +37,9 @@ def main():
     runtime.limit_threads()
     size = (args.image_size, args.image_size)
     common = dict(image_size=size, preprocessing="torch", seed=args.seed)
-    limit = int(args.train_examples / (1 - args.validation_split))
-    train = data.cifar10("train", batch_size=1, augment=True, limit=limit,
+    train = data.cifar10("train", batch_size=1, augment=True, limit=args.train_examples,
                          validation_split=args.validation_split, subset="training", **common)
-    val = data.cifar10("train", batch_size=50, limit=limit,
+    val = data.cifar10("train", batch_size=50, limit=args.validation_examples,
                        validation_split=args.validation_split, subset="validation", **common)
     test = data.cifar10("test", batch_size=50, limit=args.test_examples, **common)
     rows = []
@@ -56,7 +57,7 @@ def main():
                            metrics=["accuracy"])
             start = time.time()
             history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=callbacks,
-                                 verbose=2)
+                                 verbose=0)
             seconds = time.time() - start
             _, val_acc = sparse.evaluate(val.dataset, verbose=0)
             row = {"method": method, "learning_rate": lr, "val_top1": float(val_acc),
@@ -66,6 +67,7 @@ def main():
                    "sparse": sparse}
             if best is None or row["val_top1"] > best["val_top1"]:
                 best = row
+            print({k: v for k, v in row.items() if k != "sparse"}, flush=True)
         sparse = best.pop("sparse")
         best["test_top1"] = float(sparse.evaluate(test.dataset, verbose=0)[1])
         rows.append(best)

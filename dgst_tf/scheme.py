@@ -317,6 +317,53 @@ class UpdateScheme:
         spec.update({n: ratio for n in layers})
         return cls(spec, name=name)
 
+    @classmethod
+    def stage_aware(cls, model: keras.Model, stage_ratios: Mapping[int, float],
+                    pointwise_only: bool = True, name: str = "stage_aware") -> "UpdateScheme":
+        """Per-stage weight ratios, front stages frozen (DGSU's stage-aware schedule).
+
+        Stages are runs of convs with the same output resolution (`conv_stages`), indexed
+        from the input; negative indices count from the output (-1 = last stage). Convs of
+        a stage in ``stage_ratios`` update their weights at its ratio (only 1x1 convs if
+        ``pointwise_only``); every conv from the first updated one on updates its bias;
+        earlier stages are frozen.
+
+            UpdateScheme.stage_aware(model, {-2: 0.125, -1: 0.25})
+        """
+        stages = conv_stages(model)
+        chosen = {}
+        for index, ratio in stage_ratios.items():
+            if not -len(stages) <= index < len(stages):
+                raise SchemeError(f"stage {index} outside the model's {len(stages)} stages")
+            chosen[index % len(stages)] = ratio
+        if not chosen:
+            raise SchemeError("stage_ratios names no stage")
+        spec = {}
+        for i, stage in enumerate(stages):
+            if i < min(chosen):
+                continue
+            for layer in stage:
+                pointwise = (isinstance(layer, keras.layers.Conv2D)
+                             and tuple(layer.kernel_size) == (1, 1)
+                             and not isinstance(layer, keras.layers.DepthwiseConv2D))
+                if i in chosen and (pointwise or not pointwise_only):
+                    spec[layer.name] = chosen[i]
+                else:
+                    spec[layer.name] = "bias"
+        return cls(spec, name=name)
+
+
+def conv_stages(model: keras.Model) -> list[list]:
+    """Convs grouped into stages: consecutive convs with the same output resolution."""
+    stages, last = [], None
+    for layer in conv_layers(model):
+        resolution = tuple(layer.output_shape[1:3])
+        if resolution != last:
+            stages.append([])
+            last = resolution
+        stages[-1].append(layer)
+    return stages
+
 
 def _int_list(value) -> list[int]:
     if isinstance(value, str):
@@ -340,4 +387,4 @@ def total_conv_weights(model: keras.Model) -> int:
 
 __all__ = ["UpdateScheme", "LayerUpdate", "SchemeError", "conv_layers", "classifier_layer",
            "updatable_layers", "kernel_of", "kept_channels", "weights_per_channel", "input_channels",
-           "total_conv_weights"]
+           "total_conv_weights", "conv_stages"]

@@ -64,3 +64,21 @@ def test_baselines_and_target_fraction(mbv2):
     expands = [l.name for l in conv_layers(model) if l.name.endswith("_expand")][-8:]
     scheme = UpdateScheme.for_target_fraction(model, expands, target=0.02)
     assert scheme.updated_weight_fraction(model) == pytest.approx(0.02, rel=0.1)
+
+
+def test_stage_aware_scheme_freezes_front_stages(mbv2):
+    from dgst_tf.scheme import conv_stages
+
+    stages = conv_stages(mbv2)
+    assert [tuple(s[0].output_shape[1:3]) for s in stages] == [
+        (64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+    scheme = UpdateScheme.stage_aware(mbv2, {-2: 0.125, -1: 0.25})
+    for layer in [l for stage in stages[:3] for l in stage]:
+        assert scheme.update_for(layer.name).mode == "frozen"
+    last = {l.name for l in stages[-1]}
+    for name, update in scheme.layers.items():
+        if update.mode == "weights":
+            assert update.ratio == (0.25 if name in last else 0.125)
+            assert mbv2.get_layer(name).kernel_size == (1, 1)
+    with pytest.raises(SchemeError, match="stage 9 outside"):
+        UpdateScheme.stage_aware(mbv2, {9: 0.5})
