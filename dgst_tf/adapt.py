@@ -19,7 +19,8 @@ import time
 from dgst_tf import data, models, runtime
 from dgst_tf.keras_compat import keras
 from dgst_tf.methods import METHODS, build_method
-from dgst_tf.scheme import kernel_of
+from dgst_tf.scheme import UpdateScheme, kernel_of
+from dgst_tf.selection_callbacks import DynamicChannelSelection, StaticChannelSelection
 from dgst_tf.sparse_model import SparseUpdateModel
 
 DATASETS = ("fashion_mnist", "cifar10", "folder")
@@ -36,6 +37,8 @@ class AdaptConfig:
     weights: str = "imagenet"
     method: str = "dgsu"
     target_fraction: float = 0.02
+    scheme_path: str | None = None  # an UpdateScheme JSON (e.g. from `dgst plan`)
+    selection: str = "dynamic"  # channel choice for scheme_path: "dynamic" or "static"
     train_examples: int | None = 2000
     test_examples: int | None = 1000
     epochs: int = 2
@@ -49,6 +52,8 @@ class AdaptConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.dataset == "folder" and not self.data_path:
             raise ValueError("dataset='folder' needs data_path (an image-folder tree)")
+        if self.selection not in ("dynamic", "static"):
+            raise ValueError(f"selection must be 'dynamic' or 'static', got {self.selection!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.batch_size < 1 or self.epochs < 1:
@@ -85,8 +90,13 @@ def build_model(config: AdaptConfig, num_classes: int):
         weights=config.weights,
         seed=config.seed,
     )
-    scheme, callbacks = build_method(config.method, model, config.target_fraction,
-                                     seed=config.seed)
+    if config.scheme_path:
+        scheme = UpdateScheme.load(config.scheme_path)
+        callbacks = [DynamicChannelSelection(seed=config.seed) if config.selection == "dynamic"
+                     else StaticChannelSelection("magnitude+", seed=config.seed)]
+    else:
+        scheme, callbacks = build_method(config.method, model, config.target_fraction,
+                                         seed=config.seed)
     return SparseUpdateModel(model, scheme), callbacks
 
 

@@ -28,6 +28,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what a step updates (see dgst_tf.methods)")
     parser.add_argument("--target-fraction", type=float, default=defaults.target_fraction,
                         help="fraction of conv weights updated per step (sparse methods)")
+    parser.add_argument("--scheme", dest="scheme_path", default=None,
+                        help="an UpdateScheme JSON file (from `dgst plan`); overrides --method")
+    parser.add_argument("--selection", choices=("dynamic", "static"), default="dynamic",
+                        help="channel choice with --scheme: DGSU (dynamic) or Lin (static)")
     parser.add_argument("--train-examples", type=int, default=defaults.train_examples,
                         help="use this many training images (0 = all)")
     parser.add_argument("--test-examples", type=int, default=defaults.test_examples,
@@ -60,7 +64,9 @@ def _cmd_train(args) -> int:
     result = run(AdaptConfig(**options), verbose=args.verbose)
     print(f"dataset        {args.dataset}: {result['train_examples']} train / "
           f"{result['test_examples']} test images at {args.image_size}x{args.image_size}")
-    print(f"trained        method {args.method}, batch {args.batch_size}, SGD lr "
+    what = f"scheme {args.scheme_path} ({args.selection})" if args.scheme_path else (
+        f"method {args.method}")
+    print(f"trained        {what}, batch {args.batch_size}, SGD lr "
           f"{args.learning_rate}, {args.epochs} epochs, {result['train_seconds']} s")
     print(f"conv weights   {100 * result['updated_fraction']:.2f}% updated per step, "
           f"{100 * result['coverage']:.1f}% of the updated layers' weights visited")
@@ -86,7 +92,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, OSError, TypeError) as err:
         print(f"dgst {args.command}: error: {err}", file=sys.stderr)
         return 2
 

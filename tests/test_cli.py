@@ -51,3 +51,26 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_train_with_a_scheme_file(tmp_path, capsys):
+    from dgst_tf.scheme import UpdateScheme
+
+    data = _image_folder(tmp_path / "data")
+    UpdateScheme({"block_16_expand": 0.25, "block_16_project": "bias"}).save(
+        tmp_path / "scheme.json")
+    code = cli.main(["train", "--dataset", "folder", "--data", str(data), "--weights", "none",
+                     "--width", "0.35", "--image-size", "32", "--verbose", "0",
+                     "--scheme", str(tmp_path / "scheme.json"), "--selection", "static"])
+    assert code == 0, capsys.readouterr().err
+    assert "scheme.json (static)" in capsys.readouterr().out
+
+
+def test_bad_scheme_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "scheme.json").write_text("{not json")
+    data = _image_folder(tmp_path / "data")
+    code = cli.main(["train", "--dataset", "folder", "--data", str(data), "--weights", "none",
+                     "--width", "0.35", "--image-size", "32", "--verbose", "0",
+                     "--scheme", str(tmp_path / "scheme.json")])
+    assert code == 2
+    assert "scheme.json" in capsys.readouterr().err
