@@ -13,11 +13,11 @@ They only move the model's `SelectionState`; the training loop stays Keras' own.
 
 Both are deterministic given the seed and the model's step counter, which is saved with
 the model's weights, so a run resumed from a checkpoint continues with the same choices.
+The dynamic choice for all layers runs as one compiled TensorFlow function per step.
 """
-import numpy as np
-
-from dgst_tf.channel_importance import WeightL2, get_importance, top_k
-from dgst_tf.keras_compat import keras
+from dgst_tf.channel_importance import WeightL2, get_importance, top_k_channels
+from dgst_tf.keras_compat import keras, tf
+from dgst_tf.scheme import kernel_of
 
 CRITERIA = ("magnitude+", "magnitude-", "random")
 
@@ -52,15 +52,15 @@ class StaticChannelSelection(keras.callbacks.Callback):
         if int(model.selection.step.numpy()) > 0:
             return
         for i, layer in enumerate(model.weight_layers):
-            state = model.selection.numpy(layer.name)
+            state = model.selection.vars[layer.name]
             kept = model.selection.specs[layer.name][1]
             if self.criterion == "random":
-                scores = np.random.default_rng([self.seed, i]).random(len(state["visited"]))
+                scores = tf.random.stateless_uniform(state["visited"].shape, seed=[self.seed, i])
             else:
-                scores = WeightL2().scores(layer, state, 0)
+                scores = WeightL2().scores(kernel_of(layer), state, 0, i)
                 if self.criterion == "magnitude-":
                     scores = -scores
-            model.selection.assign(layer.name, np.sort(top_k(scores, kept, [self.seed, i])))
+            model.selection.assign(layer.name, top_k_channels(scores, kept).numpy())
 
 
 class DynamicChannelSelection(keras.callbacks.Callback):
@@ -78,40 +78,38 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         super().__init__()
         self.importance = get_importance(importance, seed)
         self.traversal, self.layers_per_step, self.seed = traversal, layers_per_step, seed
+        self._select = None
 
     def get_config(self):
         return {"importance": self.importance.get_config(), "traversal": self.traversal,
                 "layers_per_step": self.layers_per_step, "seed": self.seed}
 
-    def _active_layers(self, step: int, count: int) -> set:
-        if not self.layers_per_step or self.layers_per_step >= count:
-            return set(range(count))
-        start = (step * self.layers_per_step) % count
-        return {(start + j) % count for j in range(self.layers_per_step)}
+    def _build(self, model):
+        layers = model.weight_layers
+        count = len(layers)
+        per_step = self.layers_per_step if self.layers_per_step else count
 
-    def choose(self, layer, state: dict, kept: int, step: int, index: int) -> np.ndarray:
-        """The channels ``layer`` updates at ``step`` (``state``: its SelectionState)."""
-        scores = self.importance.scores(layer, state, step)
-        tie_seed = [self.seed, step, index]
-        if not self.traversal:
-            return np.sort(top_k(scores, kept, tie_seed))
-        fresh = np.flatnonzero(~state["sweep"])
-        if len(fresh) >= kept:
-            return np.sort(fresh[top_k(scores[fresh], kept, tie_seed)])
-        rest = np.flatnonzero(state["sweep"])
-        extra = rest[top_k(scores[rest], kept - len(fresh), tie_seed)]
-        return np.sort(np.concatenate([fresh, extra]))
+        def select():
+            step = model.selection.step.read_value()
+            start = (step * per_step) % count if count else step
+            for i, layer in enumerate(layers):
+                state = model.selection.vars[layer.name]
+                kept = model.selection.specs[layer.name][1]
+                sweep = state["sweep"].read_value()
+                sweep = tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
+                state["sweep"].assign(sweep)  # a finished sweep starts again
+                scores = self.importance.scores(kernel_of(layer), state, step, i)
+                preferred = tf.logical_not(sweep) if self.traversal else None
+                state["indices"].assign(top_k_channels(scores, kept, preferred))
+                offset = (i - start) % count
+                state["active"].assign(offset < per_step)
+
+        return tf.function(select)
+
+    def on_train_begin(self, logs=None):
+        self._select = self._build(_sparse_model(self))
 
     def on_train_batch_begin(self, batch, logs=None):
-        model = _sparse_model(self)
-        step = int(model.selection.step.numpy())
-        layers = model.weight_layers
-        active = self._active_layers(step, len(layers))
-        for i, layer in enumerate(layers):
-            state = model.selection.numpy(layer.name)
-            if state["sweep"].all():  # sweep finished: start the next one
-                model.selection.vars[layer.name]["sweep"].assign(np.zeros_like(state["sweep"]))
-                state["sweep"][:] = False
-            kept = model.selection.specs[layer.name][1]
-            model.selection.assign(layer.name, self.choose(layer, state, kept, step, i),
-                                   active=i in active)
+        if self._select is None:
+            self._select = self._build(_sparse_model(self))
+        self._select()

@@ -181,3 +181,20 @@ def test_conv_without_bias_cannot_be_bias_updated():
 
     with pytest.raises(SchemeError, match="'expand' has no bias"):
         SparseUpdateModel(residual_cnn(), UpdateScheme({"expand": "bias"}), fold_bn=False)
+
+
+def test_layers_per_step_takes_layers_in_turn():
+    sparse = make()
+    x, y = batch(3)
+    active = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, b, logs=None):
+            active.append([bool(sparse.selection.numpy(l.name)["active"])
+                           for l in sparse.weight_layers])
+
+    history = sparse.fit(x, y, batch_size=1, verbose=0, shuffle=False,
+                         callbacks=[DynamicChannelSelection(layers_per_step=1), Record()])
+    assert active == [[True, False, False], [False, True, False], [False, False, True]]
+    full = sparse.scheme.updated_weight_fraction(sparse.base)
+    assert history.history["updated_fraction"][-1] < full
