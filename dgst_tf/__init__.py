@@ -18,7 +18,9 @@ _PUBLIC = {
     "DynamicChannelSelection": "dgst_tf.selection_callbacks",
 }
 _SUBMODULES = {"models", "data", "export", "cli", "runtime", "scheme", "sparse_model",
-               "selection_callbacks", "channel_importance", "bn_folding", "graph"}
+               "selection_callbacks", "channel_importance", "bn_folding", "graph",
+               "pruning", "memory", "memory_report", "budget", "contribution", "search",
+               "qas", "methods", "adapt"}
 
 
 def __getattr__(name):

@@ -2,6 +2,8 @@
 
     dgst info                 versions, data, weights, TFLM and QEMU availability
     dgst train [options]      adapt the pretrained model to a dataset (the main job)
+    dgst plan [options]       choose an update scheme that fits a memory budget
+    dgst prune [options]      structured channel pruning to a flash budget (TF-MOT)
 """
 import argparse
 import dataclasses
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
     train.set_defaults(func=_cmd_train)
+    from dgst_tf.cli_plan import add_plan_parser
+    from dgst_tf.cli_prune import add_prune_parser
+
+    add_plan_parser(sub)
+    add_prune_parser(sub)
     return parser
 
 
