@@ -147,6 +147,26 @@ def dense_and_pruned(args, train, test, shape):
     return rows, small
 
 
+def choose_learning_rate(args, common):
+    """The rate whose short dense fine-tuning run scores best on the validation split
+    (carved from the training set; the test set is never used to choose)."""
+    train = data.cifar10("train", batch_size=args.batch_size, augment=True,
+                         limit=args.selection_examples, subset="training", **common)
+    val = data.cifar10("train", batch_size=100, limit=args.validation_examples,
+                       subset="validation", **common)
+    scores = {}
+    for lr in args.learning_rates:
+        runtime.seed_everything(args.seed)
+        model = _imagenet(args.image_size, 10, args.seed)
+        model.compile(optimizer=keras.optimizers.SGD(_cosine(lr, train.steps_per_epoch),
+                                                     momentum=0.9),
+                      loss=_loss(), metrics=["accuracy"])
+        model.fit(train.dataset, epochs=1, verbose=args.verbose)
+        scores[lr] = _evaluate(model, val)
+        print(f"learning rate {lr}: validation top-1 {scores[lr]:.4f}", flush=True)
+    return max(scores, key=scores.get), scores
+
+
 def patterns(args, shape):
     """Accuracy and stored bytes of activation patterns on the tail's 1x1 convs."""
     size = (args.image_size, args.image_size)
@@ -232,8 +252,13 @@ def main():
                    help="of those, epochs under the TF-MOT wrappers")
     p.add_argument("--ramp-fraction", type=float, default=0.75)
     p.add_argument("--updates", type=int, default=10, help="mask updates in the ramp")
-    p.add_argument("--learning-rate", type=float, default=0.003,
-                   help="chosen on a short 3000-image run: 0.001 65%%, 0.003 68%%, 0.01 53%%")
+    p.add_argument("--learning-rates", type=float, nargs="+", default=[0.001, 0.003, 0.01],
+                   help="candidates; the best on the validation split after a short dense "
+                        "run (--selection-examples, 1 epoch) is used for every row")
+    p.add_argument("--validation-split", type=float, default=0.1,
+                   help="fraction of the CIFAR-10 training set held out to choose the rate")
+    p.add_argument("--validation-examples", type=int, default=1000)
+    p.add_argument("--selection-examples", type=int, default=3000)
     p.add_argument("--flash-budget", default="1MB")
     p.add_argument("--importance", default="l2", choices=("l2", "bn_scale", "random"))
     p.add_argument("--patterns", nargs="*",
@@ -256,15 +281,20 @@ def main():
         "model": "MobileNetV2-1.0 ImageNet (torchvision IMAGENET1K_V1)",
         "data": "CIFAR-10 JPEG copy; no ImageNet images are available here, so pruning is "
                 "recovered on CIFAR-10 itself",
-        "optimizer": f"SGD momentum 0.9, batch {args.batch_size}, cosine from "
-                     f"{args.learning_rate}", "augment": "pad-crop + flip (pruning rows)",
+        "augment": "pad-crop + flip (pruning rows)",
         "flash": "int8 weights + int32 biases, BatchNorm folded",
         "activation_peak": "int8 inference peak, batch 1 (dgst_tf.memory.MemoryModel)"}
     total = time.time()
     if not args.skip_pruning:
-        common = dict(image_size=size, preprocessing="torch", seed=args.seed)
+        common = dict(image_size=size, preprocessing="torch", seed=args.seed,
+                      validation_split=args.validation_split)
+        args.learning_rate, scores = choose_learning_rate(args, common)
+        settings |= {"learning_rate": args.learning_rate, "validation_top1_by_rate": scores,
+                     "optimizer": f"SGD momentum 0.9, batch {args.batch_size}, cosine from "
+                                  f"{args.learning_rate}"}
         train = data.cifar10("train", batch_size=args.batch_size, augment=True,
-                             limit=args.train_examples, **common)
+                             limit=args.train_examples, subset="training", **common)
+        common.pop("validation_split")
         test = data.cifar10("test", batch_size=100, limit=args.test_examples, **common)
         settings |= {"train": train.num_examples, "test": test.num_examples}
         rows, _ = dense_and_pruned(args, train, test, shape)

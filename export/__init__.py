@@ -1,5 +1,60 @@
-"""dgst_tf.export: from a trained Keras model and its update scheme to TFLM `.tflite` files.
+"""dgst_tf.export: from a trained Keras model to TFLite Micro `.tflite` files, and running them.
 
 This folder is installed as the `dgst_tf.export` package (see `package_dir` in setup.cfg).
-The inference and training exporters arrive with issue 6; nothing is exported yet.
+
+    from dgst_tf.export import export_int8, quantize, run_tflm, reference_outputs
+
+    info = export_int8(model, calibration_images, "model.tflite")  # full int8, batch 1
+    x = quantize(images[:1], info.input)
+    result = run_tflm("model.tflite", [x])          # TFLM in a child process
+    result.outputs[0], result.arena_bytes           # == reference_outputs(...) bit for bit
+
+Modules: `inference` (int8 export), `tflm_runner` (TFLM in a subprocess), `tflite_file`
+(checked reading, atomic writing), `tflite_builder` (hand-built graphs with custom ops),
+`tflm_ops_loader` (the dgst custom-op library for the pip interpreter), `tflm_abi_check`
+(the wheel ABI the custom-op glue relies on), `training` (the training-step export, its
+manifest, running N steps in TFLM, writing updated weights back), `tflite_editor` (editing
+a converted graph).
+
+    info = export_training(model, scheme, calibration_images, "train.tflite")
+    run = train_tflm("train.tflite", images, labels)      # N steps, one interpreter
+    write_inference_model("train.tflite", run.params, "updated.tflite")
 """
+import importlib
+
+_PUBLIC = {
+    "export_int8": "inference",
+    "Int8Export": "inference",
+    "Int8ExportError": "inference",
+    "quantize": "inference",
+    "dequantize": "inference",
+    "reference_outputs": "inference",
+    "run_tflm": "tflm_runner",
+    "TflmResult": "tflm_runner",
+    "TflmError": "tflm_runner",
+    "TflmCrashError": "tflm_runner",
+    "read_tflite": "tflite_file",
+    "TfliteFileError": "tflite_file",
+    "ModelBuilder": "tflite_builder",
+    "int32_options": "tflite_builder",
+    "host_ops": "tflm_ops_loader",
+    "check_abi": "tflm_abi_check",
+    "export_training": "training",
+    "TrainingExport": "training",
+    "TrainingExportError": "training",
+    "TrainingManifestError": "training",
+    "train_tflm": "training",
+    "TrainingRun": "training",
+    "load_manifest": "training",
+    "initial_params": "training",
+    "write_inference_model": "training",
+    "ModelEditor": "tflite_editor",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

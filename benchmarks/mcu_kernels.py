@@ -1,0 +1,468 @@
+"""Instruction counts of the training kernels on Cortex-M7 / Cortex-M4 in QEMU.
+
+    python benchmarks/mcu_kernels.py [--npz real_tensors.npz] [--seed 0]
+    python benchmarks/mcu_kernels.py --real [REAL_STEP.npz] [--image chelsea|cifar10]
+
+``--real``: one training step of the real ImageNet MobileNetV2-1.0 tail (classifier, head
+conv, block 16; tflm_ops/real_vectors.py exports it unless an .npz is given), on its real
+layer shapes: instructions per kernel, per training-step part and layer, sparse (2% of the
+input channels) vs dense weight gradients and updates. Writes
+benchmarks/results/mcu_kernels_real.{json,md} (build under tflm_ops/build/real).
+
+Builds the firmware of tflm_ops/mcu (make mcu mcu-m4 mcu-nodsp), runs each in QEMU with
+``-icount shift=6`` and reads the exact instruction count of every kernel call (CMSDK
+timer0, see tflm_ops/mcu/mcu_support.h), its peak stack (stack painting), and the flash /
+RAM use from the linker. Writes benchmarks/results/mcu_kernels.{json,md}: a row per
+(case, kernel), then sections on the weight-gradient loop (optimized vs the straightforward
+reference, instructions per MAC), dense vs sparse weight gradients, and memory.
+
+QEMU counts instructions, not cycles: it models no pipeline, caches or flash wait states.
+"""
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import _report
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location(
+    "dgst_kernels_host", os.path.join(os.path.dirname(HERE), "tflm_ops", "host.py"))
+_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_host)  # tflm_ops/host.py: make under the build lock
+
+ROOT = os.path.dirname(HERE)
+TFLM_OPS = os.path.join(ROOT, "tflm_ops")
+BUILD = os.path.join(TFLM_OPS, "build", "mcu")
+QEMU_FLAGS = ["-nographic", "-semihosting", "-icount", "shift=6,align=off,sleep=off"]
+VARIANTS = {  # name: (make target, QEMU machine, label)
+    "m7": ("mcu", "mps2-an500", "Cortex-M7 (DSP/SIMD C)"),
+    "m4": ("mcu-m4", "mps2-an386", "Cortex-M4 (DSP/SIMD C)"),
+    "m7-nodsp": ("mcu-nodsp", "mps2-an500", "Cortex-M7, plain C (-DDGST_NO_DSP)"),
+}
+LINE = re.compile(r"DGST case=(\S+) kernel=(\S+) instructions=(\d+) macs=(\d+) stack=(\d+) "
+                  r"elements=(\d+) status=(\S+)")
+SWEEPS = ("b3_expand", "b15_expand")  # layers whose weight gradient runs at several k
+
+
+REAL_BUILD = os.path.join(TFLM_OPS, "build", "real")
+
+
+def build(args):
+    cmd = ["-j2", *[v[0] for v in VARIANTS.values()], f"PYTHON={sys.executable}",
+           f"SEED={args.seed}"]
+    if args.npz:
+        cmd.append(f"NPZ={os.path.abspath(args.npz)}")
+    proc = _host.make(*cmd)
+    if proc.returncode != 0:
+        sys.exit(f"make failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+def run(variant, build_dir=BUILD):
+    _, machine, _ = VARIANTS[variant]
+    proc = subprocess.run(["qemu-system-arm", "-M", machine, *QEMU_FLAGS, "-kernel",
+                           os.path.join(build_dir, variant, "firmware.elf")],
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout
+    rows = [dict(zip(("case", "kernel", "instructions", "macs", "stack", "elements",
+                      "status"), m.groups())) for m in LINE.finditer(out)]
+    for r in rows:
+        for key in ("instructions", "macs", "stack", "elements"):
+            r[key] = int(r[key])
+    if proc.returncode != 0 or any(r["status"] != "ok" for r in rows):
+        sys.exit(f"{variant}: firmware failed (exit {proc.returncode}):\n{out[-3000:]}")
+    summary = re.search(r"kernel_stack_max=(\d+) firmware_stack_peak=(\d+)", out)
+    loop = int(re.search(r"loop_instructions=(\d+)", out).group(1))
+    return rows, {"kernel_stack_max": int(summary.group(1)),
+                  "firmware_stack_peak": int(summary.group(2)),
+                  "calibration_loop_instructions": loop, "calibration_expected": 20000}
+
+
+def memory(variant, build_dir=BUILD):
+    """Flash / RAM of the firmware (from its sections) and code size per kernel object."""
+    text = open(os.path.join(build_dir, variant, "size.txt")).read()
+    sec = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\.\S+)\s+(\d+)\s+\d+", text,
+                                                            flags=re.M)}
+    flash_sections = (".isr_vector", ".text", ".rodata", ".ARM.exidx", ".ARM.extab",
+                      ".preinit_array", ".init_array", ".fini_array", ".data")
+    flash = sum(sec.get(s, 0) for s in flash_sections)
+    ram = sum(sec.get(s, 0) for s in (".data", ".bss", ".heap", ".stack"))
+    code = {}
+    for line in open(os.path.join(build_dir, variant, "kernels_size.txt")).read().splitlines()[1:]:
+        f = line.split()
+        code[os.path.basename(f[5])[:-2]] = int(f[0]) + int(f[1])
+    static_stack = {}
+    for su in glob.glob(os.path.join(build_dir, variant, "obj", "core", "*.su")):
+        for line in open(su):
+            where, size, _ = line.rsplit("\t", 2)
+            static_stack[where.rsplit(":", 1)[-1]] = int(size)
+    return {"flash_bytes": flash, "ram_bytes": ram, "flash_budget": 1024 * 1024,
+            "ram_budget": 320 * 1024, "sections": sec, "kernel_code_bytes": code,
+            "kernel_code_total_bytes": sum(v for k, v in code.items()
+                                           if k != "conv2d_weight_grad_ref"),
+            "static_stack_bytes": static_stack}
+
+
+def kept_of(case):
+    m = re.search(r"_k(\d+)$", case)
+    return int(m.group(1)) if m else ""
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--npz", help="real tensors for the test vectors (see gen_vectors.py)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real", nargs="?", const="export", metavar="REAL_STEP.npz",
+                   help="one real training step (tflm_ops/real_vectors.py exports it unless "
+                        "an .npz is given)")
+    p.add_argument("--image", choices=("chelsea", "cifar10"), help="image of --real")
+    p.add_argument("--image-size", type=int, default=96, help="input size of --real")
+    args = p.parse_args()
+    if args.real:
+        return main_real(args)
+    build(args)
+    results, extra, mem = {}, {}, {}
+    for variant in VARIANTS:
+        results[variant], extra[variant] = run(variant)
+        mem[variant] = memory(variant)
+    m7 = results["m7"]
+    index = {v: {(r["case"], r["kernel"]): r for r in rows} for v, rows in results.items()}
+
+    rows = []
+    for r in m7:
+        key = (r["case"], r["kernel"])
+        row = {"case": r["case"], "kernel": r["kernel"], "k": kept_of(r["case"]),
+               "macs": r["macs"] or "", "m7_instructions": r["instructions"],
+               "m7_instr_per_mac": round(r["instructions"] / r["macs"], 3) if r["macs"] else "",
+               "m4_instructions": index["m4"][key]["instructions"],
+               "m7_plain_c_instructions": index["m7-nodsp"][key]["instructions"],
+               "stack_bytes": r["stack"], "elements": r["elements"]}
+        ref_key = (r["case"], "conv2d_weight_grad_s8_ref")
+        if r["kernel"] == "conv2d_weight_grad_s8" and ref_key in index["m7"]:
+            ref = index["m7"][ref_key]["instructions"]
+            row["ref_over_opt"] = round(ref / r["instructions"], 2)
+        rows.append(row)
+    columns = ["case", "kernel", "k", "macs", "m7_instructions", "m7_instr_per_mac",
+               "m4_instructions", "m7_plain_c_instructions", "ref_over_opt", "stack_bytes"]
+
+    # weight-gradient loop: optimized vs reference, instructions per MAC
+    wgrad = []
+    for (case, kernel), r in index["m7"].items():
+        if kernel != "conv2d_weight_grad_s8" or (case, kernel + "_ref") not in index["m7"]:
+            continue
+        item = {"case": case, "macs": r["macs"]}
+        for v in VARIANTS:
+            opt = index[v][case, kernel]["instructions"]
+            ref = index[v][case, kernel + "_ref"]["instructions"]
+            item[f"{v}_opt_per_mac"] = round(opt / r["macs"], 3)
+            item[f"{v}_ref_per_mac"] = round(ref / r["macs"], 3)
+        wgrad.append(item)
+
+    # dense vs sparse weight gradient on the same layer
+    sparse = []
+    for layer in SWEEPS:
+        cases = sorted((kept_of(c), c) for (c, kern) in index["m7"]
+                       if kern == "conv2d_weight_grad_s8" and c.startswith(layer + "_k"))
+        if not cases:
+            continue
+        dense_k, dense_case = cases[-1]
+        dense = index["m7"][dense_case, "conv2d_weight_grad_s8"]["instructions"]
+        for k, case in cases:
+            r = index["m7"][case, "conv2d_weight_grad_s8"]
+            sparse.append({"layer": layer, "k": k, "c_in": dense_k,
+                           "ratio": round(k / dense_k, 4), "macs": r["macs"],
+                           "m7_instructions": r["instructions"],
+                           "m4_instructions": index["m4"][case, "conv2d_weight_grad_s8"][
+                               "instructions"],
+                           "fraction_of_dense": round(r["instructions"] / dense, 4),
+                           "ref_m7_instructions": index["m7"][
+                               case, "conv2d_weight_grad_s8_ref"]["instructions"]})
+
+    settings = {"qemu": "qemu-system-arm " + " ".join(QEMU_FLAGS),
+                "machines": {v: VARIANTS[v][1] for v in VARIANTS},
+                "cflags": "-O2 -mthumb -ffp-contract=off (M7: -mcpu=cortex-m7 -mfpu=fpv5-d16; "
+                          "M4: -mcpu=cortex-m4 -mfpu=fpv4-sp-d16; -mfloat-abi=hard)",
+                "compiler": subprocess.run(["arm-none-eabi-gcc", "--version"],
+                                           capture_output=True, text=True).stdout.splitlines()[0],
+                "vectors": f"npz {args.npz}" if args.npz else f"random, seed {args.seed}",
+                "counting": "instructions = timer0 ticks x 40 / 64 (icount shift 6, 25 MHz timer)"}
+    payload_extra = {"weight_grad_per_mac": wgrad, "dense_vs_sparse": sparse, "memory": mem,
+                     "stack": extra, "all_results": results}
+    table = _report.write("mcu_kernels", {**settings, **{"see": "json: weight_grad_per_mac, "
+                                                                "dense_vs_sparse, memory"}},
+                          rows, columns)
+    # The JSON gets the extra sections; the Markdown gets readable tables of them.
+    json_path = os.path.join(HERE, "results", "mcu_kernels.json")
+    with open(json_path) as f:
+        payload = json.load(f)
+    payload.update(payload_extra)
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=1)
+    md = [table, "", "## Weight gradient: optimized vs straightforward loop (instructions per MAC)",
+          "", "| case | MACs | M7 opt | M7 ref | M4 opt | M4 ref | M7 plain C opt | M7 plain C ref |",
+          "|---|---|---|---|---|---|---|---|"]
+    for w in wgrad:
+        md.append(f"| {w['case']} | {w['macs']} | {w['m7_opt_per_mac']} | {w['m7_ref_per_mac']} "
+                  f"| {w['m4_opt_per_mac']} | {w['m4_ref_per_mac']} | "
+                  f"{w['m7-nodsp_opt_per_mac']} | {w['m7-nodsp_ref_per_mac']} |")
+    md += ["", "## Dense vs sparse weight gradient (same layer, same dy)", "",
+           "| layer | k | C_in | ratio | MACs | M7 instructions | M4 instructions | "
+           "of dense (M7) | reference loop M7 |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in sparse:
+        md.append(f"| {s['layer']} | {s['k']} | {s['c_in']} | {s['ratio']} | {s['macs']} | "
+                  f"{s['m7_instructions']} | {s['m4_instructions']} | "
+                  f"{s['fraction_of_dense']:.1%} | {s['ref_m7_instructions']} |")
+    md += ["", "## Memory", "", "| firmware | flash (of 1 MB) | RAM (of 320 KB) | kernel code "
+           "(no ref loop) | max kernel stack (measured) | firmware stack peak |",
+           "|---|---|---|---|---|---|"]
+    for v in VARIANTS:
+        m = mem[v]
+        md.append(f"| {VARIANTS[v][2]} | {m['flash_bytes']} | {m['ram_bytes']} | "
+                  f"{m['kernel_code_total_bytes']} | {extra[v]['kernel_stack_max']} | "
+                  f"{extra[v]['firmware_stack_peak']} |")
+    md += ["", "Flash holds the test vectors (inputs and expected outputs, most of .rodata); "
+           "RAM is .data + .bss (a 100 KB output buffer) + 8 KB heap + 32 KB stack.", "",
+           "Kernel code bytes (M7): " + ", ".join(f"{k} {v}" for k, v in
+                                                  sorted(mem["m7"]["kernel_code_bytes"].items())),
+           "", "Static stack (-fstack-usage, M7, bytes): " + ", ".join(
+               f"{k} {v}" for k, v in sorted(mem["m7"]["static_stack_bytes"].items())), ""]
+    with open(os.path.join(HERE, "results", "mcu_kernels.md"), "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md[md.index("## Weight gradient: optimized vs straightforward loop "
+                                "(instructions per MAC)"):]))
+
+
+# ----------------------------------------------------------------------------- --real
+WGRAD = {"conv": "conv2d_weight_grad_s8", "depthwise": "depthwise_weight_grad_s8"}
+UPDATE = {"conv": "sgd_qas_update_conv_s8", "depthwise": "sgd_qas_update_depthwise_s8"}
+IGRAD = {"conv": "conv2d_input_grad_s8", "depthwise": "depthwise_input_grad_s8"}
+PARTS = ("loss gradient", "output gradient (mask + quantize)", "weight gradient",
+         "bias gradient", "weight update", "bias update", "input gradient")
+
+
+def export_real(args) -> str:
+    """The .npz of --real: the given one, or tflm_ops/real_vectors.py's export."""
+    if args.real != "export":
+        return os.path.abspath(args.real)
+    path = os.path.join(REAL_BUILD, f"real_step_{args.image_size}.npz")
+    cmd = [sys.executable, os.path.join(TFLM_OPS, "real_vectors.py"), "--out", path,
+           "--image-size", str(args.image_size)] + (["--image", args.image] if args.image
+                                                    else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"real_vectors.py failed:\n{proc.stderr[-4000:]}")
+    print(proc.stdout.strip())
+    return path
+
+
+def _real_layers(npz: str) -> list[dict]:
+    import numpy as np
+    z = np.load(npz)
+    ratio = round(float(z["meta/ratio"]), 6) if "meta/ratio" in z else 0.02
+    layers = []
+    for name in (str(s) for s in z["meta/layers"]):
+        kind = str(z[f"{name}/kind"])
+        w = z[f"{name}/w"]
+        c_in = int(w.shape[-1])
+        layers.append({"layer": name, "kind": kind, "c_in": c_in,
+                       "c_out": c_in if kind == "depthwise" else int(w.shape[0]),
+                       "kernel": f"{w.shape[1]}x{w.shape[2]}",
+                       "feature_map": "x".join(str(v) for v in z[f"{name}/x"].shape[:2]),
+                       "k": int(min(c_in, max(1, round(ratio * c_in)))),
+                       "weight_bytes": int(w.size),
+                       "cosine_int8_vs_tf": round(float(z[f"info/cosine/{name}"]), 4)
+                       if f"info/cosine/{name}" in z else ""})
+    info = {k: str(z[k]) for k in z.files if k.startswith("info/") and z[k].ndim == 0
+            and z[k].dtype.kind == "U"}
+    info.update({k: float(z[k]) for k in ("info/loss_int8", "info/loss_float") if k in z})
+    return layers, ratio, info
+
+
+def real_parts(index: dict, layers: list[dict]) -> list[dict]:
+    """Instructions per (layer, training-step part), sparse (k kept channels) and dense."""
+    rows = []
+    for L in layers:
+        name, kind, k, c_in = L["layer"], L["kind"], L["k"], L["c_in"]
+        for v in ("m7", "m4"):
+            idx = index[v]
+
+            def get(case, kernel):
+                r = idx.get((case, kernel))
+                return r["instructions"] if r else None
+
+            dense_parts = [r["instructions"] for (c, kern), r in idx.items()
+                           if kern == WGRAD[kind] and re.fullmatch(
+                               rf"{re.escape(name)}_k{c_in}(_part\d+)?", c)]
+            chain = [get(name, kern) for kern in ("build_mask_s8", "apply_mask_f32",
+                                                  "quantize_grad_s8")]
+            parts = {
+                "loss gradient": (get("loss", "softmax_xent_grad"),) * 2 if L is layers[0]
+                else (None, None),
+                "output gradient (mask + quantize)": (sum(c or 0 for c in chain),) * 2,
+                "weight gradient": (get(f"{name}_k{k}", WGRAD[kind]),
+                                    sum(dense_parts) if dense_parts else None),
+                "bias gradient": (get(name, "bias_grad_s8"),) * 2,
+                "weight update": (get(f"{name}_k{k}", UPDATE[kind]),
+                                  get(f"{name}_k{c_in}", UPDATE[kind])),
+                "bias update": (get(name, "sgd_qas_update_bias_s32"),) * 2,
+                "input gradient": (get(name, IGRAD[kind]),) * 2,
+            }
+            for part in PARTS:
+                sparse, dense = parts[part]
+                if part == "loss gradient" and sparse is None:
+                    continue
+                note = ""
+                if part == "weight gradient" and len(dense_parts) > 1:
+                    note = f"dense in {len(dense_parts)} chunks of channels (RAM)"
+                if part == "weight update" and dense is None:
+                    note = (f"dense not run: filter {L['weight_bytes']} B > output buffer; "
+                            f"sparse updates the slice w[..., kept]")
+                    if sparse:  # per-element loop over the kept channels: linear in k
+                        dense = round(sparse * c_in / k)
+                        note += "; dense extrapolated x C_in/k"
+                if part == "input gradient" and sparse is None:
+                    note = ("last layer of the chain: not needed" if L is layers[-1] else
+                            "on the host: filter does not fit the flash left")
+                row = next((r for r in rows if r["layer"] == name and r["part"] == part), None)
+                if row is None:
+                    row = {"layer": name, "part": part, "note": note}
+                    rows.append(row)
+                row[f"{v}_sparse"] = sparse if sparse is not None else ""
+                row[f"{v}_dense"] = dense if dense is not None else ""
+                if part == "weight update" and "extrapolated" in note:
+                    row[f"{v}_dense_extrapolated"] = True
+    return rows
+
+
+def main_real(args):
+    npz = export_real(args)
+    proc = _host.make("-j2", *[v[0] for v in VARIANTS.values()], f"BUILD={REAL_BUILD}",
+                      f"NPZ={npz}", f"PYTHON={sys.executable}")
+    if proc.returncode != 0:
+        sys.exit(f"make failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    build_dir = os.path.join(REAL_BUILD, "mcu")
+    host_only = re.findall(r"gen_vectors: host only: (.*)", proc.stdout)
+    results, extra, mem = {}, {}, {}
+    for variant in VARIANTS:
+        results[variant], extra[variant] = run(variant, build_dir)
+        mem[variant] = memory(variant, build_dir)
+    index = {v: {(r["case"], r["kernel"]): r for r in rows} for v, rows in results.items()}
+    layers, ratio, info = _real_layers(npz)
+
+    rows = []
+    for r in results["m7"]:
+        if r["kernel"].endswith("/scale"):
+            continue
+        key = (r["case"], r["kernel"])
+        rows.append({"case": r["case"], "kernel": r["kernel"], "k": kept_of(
+            re.sub(r"_part\d+$", "", r["case"])), "macs": r["macs"] or "",
+            "elements": r["elements"], "m7_instructions": r["instructions"],
+            "m7_instr_per_mac": round(r["instructions"] / r["macs"], 3) if r["macs"] else "",
+            "m4_instructions": index["m4"][key]["instructions"],
+            "m7_plain_c_instructions": index["m7-nodsp"][key]["instructions"],
+            "stack_bytes": r["stack"]})
+    columns = ["case", "kernel", "k", "macs", "m7_instructions", "m7_instr_per_mac",
+               "m4_instructions", "m7_plain_c_instructions", "stack_bytes"]
+
+    parts = real_parts(index, layers)
+    totals = {}
+    for v in ("m7", "m4"):
+        for mode in ("sparse", "dense"):
+            totals[f"{v}_{mode}"] = sum(r[f"{v}_{mode}"] or 0 for r in parts)
+    # dense vs sparse weight gradient, same layer and dy
+    wgrad = []
+    for L in layers:
+        kind = L["kind"]
+        item = {"layer": L["layer"], "kernel": f"{L['kernel']} {kind}",
+                "feature_map": L["feature_map"], "c_in": L["c_in"], "c_out": L["c_out"],
+                "k_sparse": L["k"]}
+        for v in ("m7", "m4", "m7-nodsp"):
+            idx = index[v]
+            dense = [r for (c, kern), r in idx.items() if kern == WGRAD[kind] and re.fullmatch(
+                rf"{re.escape(L['layer'])}_k{L['c_in']}(_part\d+)?", c)]
+            sparse = idx[f"{L['layer']}_k{L['k']}", WGRAD[kind]]
+            item[f"{v}_sparse"] = sparse["instructions"]
+            item[f"{v}_dense"] = sum(r["instructions"] for r in dense)
+            if v == "m7":
+                item["macs_sparse"] = sparse["macs"]
+                item["macs_dense"] = sum(r["macs"] for r in dense)
+                item["dense_chunks"] = len(dense)
+        item["m7_sparse_per_mac"] = round(item["m7_sparse"] / item["macs_sparse"], 3)
+        item["m7_dense_per_mac"] = round(item["m7_dense"] / item["macs_dense"], 3)
+        item["sparse_over_dense_m7"] = round(item["m7_sparse"] / item["m7_dense"], 4)
+        item["sparse_over_dense_m4"] = round(item["m4_sparse"] / item["m4_dense"], 4)
+        wgrad.append(item)
+
+    settings = {"qemu": "qemu-system-arm " + " ".join(QEMU_FLAGS),
+                "machines": {v: VARIANTS[v][1] for v in VARIANTS},
+                "compiler": subprocess.run(["arm-none-eabi-gcc", "--version"],
+                                           capture_output=True, text=True).stdout.splitlines()[0],
+                "npz": npz, "ratio": ratio, **info,
+                "counting": "instructions = timer0 ticks x 40 / 64 (icount shift 6, 25 MHz timer)",
+                "host_only": host_only}
+    table = _report.write("mcu_kernels_real", settings, rows, columns)
+    json_path = os.path.join(HERE, "results", "mcu_kernels_real.json")
+    with open(json_path) as f:
+        payload = json.load(f)
+    payload.update({"layers": layers, "step_parts": parts, "step_totals": totals,
+                    "dense_vs_sparse_weight_grad": wgrad, "memory": mem, "stack": extra,
+                    "all_results": results})
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+    def num(v):
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    md = [table, "", "## Layers (real shapes, backward order)", "",
+          "| layer | kind | feature map | C_in | C_out | kept k (sparse) | int8 weights (B) | "
+          "cosine(int8 dy, TF float gradient) |", "|---|---|---|---|---|---|---|---|"]
+    for L in layers:
+        md.append(f"| {L['layer']} | {L['kernel']} {L['kind']} | {L['feature_map']} | "
+                  f"{L['c_in']} | {L['c_out']} | {L['k']} | {num(L['weight_bytes'])} | "
+                  f"{L['cosine_int8_vs_tf']} |")
+    md += ["", f"## One training step, per part (instructions; sparse = {ratio:.0%} of the "
+           "input channels, dense = all)", "",
+           "| layer | part | M7 sparse | M7 dense | M4 sparse | M4 dense | note |",
+           "|---|---|---|---|---|---|---|"]
+    for r in parts:
+        md.append(f"| {r['layer']} | {r['part']} | {num(r['m7_sparse'])} | {num(r['m7_dense'])} "
+                  f"| {num(r['m4_sparse'])} | {num(r['m4_dense'])} | {r['note']} |")
+    md.append(f"| **step** | **total** | **{num(totals['m7_sparse'])}** | "
+              f"**{num(totals['m7_dense'])}** | **{num(totals['m4_sparse'])}** | "
+              f"**{num(totals['m4_dense'])}** | dense: with the extrapolated updates; both: without "
+              f"the input gradients run on the host |")
+    md += ["", "## Dense vs sparse weight gradient (same real layer, same dy)", "",
+           "| layer | kernel | map | C_in | C_out | k | MACs sparse / dense | M7 sparse | "
+           "M7 dense | sparse / dense (M7) | M4 sparse | M4 dense | M7 instr/MAC sparse, dense "
+           "| M7 plain C sparse, dense |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in wgrad:
+        md.append(f"| {w['layer']} | {w['kernel']} | {w['feature_map']} | {w['c_in']} | "
+                  f"{w['c_out']} | {w['k_sparse']} | {num(w['macs_sparse'])} / "
+                  f"{num(w['macs_dense'])} | {num(w['m7_sparse'])} | {num(w['m7_dense'])}"
+                  f"{' (' + str(w['dense_chunks']) + ' chunks)' if w['dense_chunks'] > 1 else ''}"
+                  f" | {w['sparse_over_dense_m7']:.1%} | {num(w['m4_sparse'])} | "
+                  f"{num(w['m4_dense'])} | {w['m7_sparse_per_mac']}, {w['m7_dense_per_mac']} | "
+                  f"{num(w['m7-nodsp_sparse'])}, {num(w['m7-nodsp_dense'])} |")
+    md += ["", "## Memory", "", "| firmware | flash (of 1 MB) | RAM (of 320 KB) | "
+           "max kernel stack | firmware stack peak |", "|---|---|---|---|---|"]
+    for v in VARIANTS:
+        m = mem[v]
+        md.append(f"| {VARIANTS[v][2]} | {num(m['flash_bytes'])} | {num(m['ram_bytes'])} | "
+                  f"{extra[v]['kernel_stack_max']} | {extra[v]['firmware_stack_peak']} |")
+    md += ["", "Host only: " + ("; ".join(host_only) or "nothing") + ".",
+           "A dense weight gradient larger than the firmware's 100 KB output buffer runs in "
+           "chunks of input channels (as an MCU with 320 KB RAM must); a conv filter larger "
+           "than the buffer is updated on the compact slice w[..., kept], and its dense update "
+           "is extrapolated from the sparse one (a per-element loop). QEMU counts "
+           "instructions, not cycles.", ""]
+    with open(os.path.join(HERE, "results", "mcu_kernels_real.md"), "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md[md.index("## Layers (real shapes, backward order)"):]))
+
+
+if __name__ == "__main__":
+    main()

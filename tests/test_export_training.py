@@ -1,0 +1,158 @@
+"""The training-step export (dgst_tf.export.training) in TFLM: one step against the Keras
+int8 QAS simulation, loss going down over a few steps, writing the updated weights back into
+an inference model, and clear errors for bad files, manifests and layers."""
+import json
+
+import numpy as np
+import pytest
+
+from small_models import batch, residual_cnn
+
+from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.export.inference import reference_outputs
+from dgst_tf.export.tflite_file import TfliteFileError
+from dgst_tf.export.tflm_runner import run_tflm
+from dgst_tf.export.training import (TrainingExportError, TrainingManifestError,
+                                     export_training, load_manifest, train_tflm,
+                                     write_inference_model)
+from dgst_tf.keras_compat import keras
+from dgst_tf.qas import QuantizationAwareScalingSGD, int8_training_graph
+from dgst_tf.scheme import UpdateScheme
+from dgst_tf.sparse_model import SparseUpdateModel
+
+LR = 0.05
+SCHEME = {"head": "bias", "project": 0.5, "depthwise": "bias"}
+LAYERS = ["depthwise", "project", "head", "classifier"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = fold_batchnorm(residual_cnn())
+    x, y = batch(32)
+    path = tmp_path_factory.mktemp("train") / "train.tflite"
+    info = export_training(model, UpdateScheme(SCHEME), x, path, learning_rate=LR,
+                           selection="first")
+    return model, x, y, info
+
+
+def test_manifest_describes_the_step(exported):
+    _, _, _, info = exported
+    m = info.manifest
+    assert info.path.is_file() and info.manifest_path.is_file()
+    assert load_manifest(info.path) == m
+    assert [l["name"] for l in m["layers"]] == LAYERS
+    assert {l["name"]: l["kept"] for l in m["layers"]}["project"] == list(range(6))
+    assert m["outputs"][:2] == ["loss", "logits"]
+    assert "project/weights" in m["outputs"] and "expand/bias" not in m["outputs"]
+    # backward stops at the first updated layer: no input gradient of the depthwise conv
+    assert "DGST_DEPTHWISE_INPUT_GRAD" not in m["custom_ops"]
+    assert m["ops"]["CUSTOM:DGST_VARIABLE_INIT"] == len(m["params"]) == 6
+    assert m["ops"]["CUSTOM:DGST_GATHER_CHANNELS"] == 1  # project's kept input channels
+
+
+def test_one_step_matches_the_keras_int8_qas_simulation(exported):
+    model, x, y, info = exported
+    run = train_tflm(info.path, x[:1], y[:1])
+    graph = int8_training_graph(model, x)
+    sparse = SparseUpdateModel(graph.model, UpdateScheme(SCHEME), fold_bn=False)
+    sparse.compile(optimizer=QuantizationAwareScalingSGD(LR, graph.qas_scales),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = {l: [v.numpy().copy() for v in graph.model.get_layer(l).weights] for l in LAYERS}
+    keras_loss = sparse.train_on_batch(x[:1], y[:1])
+    keras_loss = keras_loss[0] if isinstance(keras_loss, list) else keras_loss
+    assert abs(run.losses[0] - keras_loss) < 0.02 * keras_loss
+    for name in LAYERS:
+        kernel, bias = [v.numpy() for v in graph.model.get_layer(name).weights]
+        kernel0, bias0 = before[name]
+        if f"{name}/weights" in run.params:
+            to_tflite = (lambda k: k.transpose(3, 0, 1, 2)) if kernel.ndim == 4 else np.transpose
+            w = run.params[f"{name}/weights"].astype(np.float64)
+            assert np.abs(w - to_tflite(kernel)).max() <= 1.0, name  # within 1 LSB
+            assert np.abs(w - np.round(to_tflite(kernel0))).max() >= 1, name  # it did move
+        delta_tflm = run.params[f"{name}/bias"] - np.round(bias0)
+        delta_keras = bias - bias0
+        assert np.abs(delta_keras).max() > 100, name
+        np.testing.assert_allclose(delta_tflm, delta_keras, rtol=0.02,
+                                   atol=0.02 * np.abs(delta_keras).max(), err_msg=name)
+
+
+def test_a_few_steps_reduce_the_loss_and_write_back(exported, tmp_path):
+    _, x, y, info = exported
+    epochs = 4
+    run = train_tflm(info.path, np.concatenate([x[:16]] * epochs),
+                     np.concatenate([y[:16]] * epochs))
+    losses = run.losses.reshape(epochs, 16).mean(axis=1)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert run.arena_bytes > 0
+    # the updated weights, written back, give exactly the next step's forward pass
+    probe = x[20:21]
+    steps = np.concatenate([x[:16]] * epochs)
+    after = train_tflm(info.path, np.concatenate([steps, probe]),
+                       np.concatenate([np.concatenate([y[:16]] * epochs), y[20:21]]))
+    out = write_inference_model(info.path, run.params, tmp_path / "updated.tflite")
+    spec = info.manifest["inputs"][0]
+    q = np.clip(np.round(probe / spec["scale"]) + spec["zero_point"], -128, 127).astype(np.int8)
+    logits = run_tflm(out, [q]).outputs[0]
+    np.testing.assert_array_equal(logits[0], after.logits[-1])
+    np.testing.assert_array_equal(logits, reference_outputs(out, [q])[0])
+
+
+def test_bad_files_and_manifests_give_clear_errors(exported, tmp_path):
+    _, x, y, info = exported
+    data = info.path.read_bytes()
+    truncated = tmp_path / "train.tflite"
+    truncated.write_bytes(data[: len(data) // 2])
+    (tmp_path / "train.json").write_text(info.manifest_path.read_text())
+    with pytest.raises(TfliteFileError, match=r"train.tflite"):
+        train_tflm(truncated, x[:1], y[:1])
+    truncated.write_bytes(data)
+    manifest = json.loads(info.manifest_path.read_text())
+    manifest["sha256"] = "0" * 64
+    (tmp_path / "train.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainingManifestError, match=r"train.json: SHA-256 does not match"):
+        train_tflm(truncated, x[:1], y[:1])
+    (tmp_path / "train.json").write_text("{not json")
+    with pytest.raises(TrainingManifestError, match=r"train.json: not valid JSON"):
+        load_manifest(truncated)
+    del manifest["params"]
+    (tmp_path / "train.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainingManifestError, match=r"field 'params' is missing"):
+        load_manifest(truncated)
+    (tmp_path / "train.json").unlink()
+    with pytest.raises(TrainingManifestError, match=r"no such file"):
+        load_manifest(truncated)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        train_tflm(info.path, x[:1], [7])
+    with pytest.raises(ValueError, match=r"images must have shape \(N, 8, 8, 3\)"):
+        train_tflm(info.path, x[:1, :4], y[:1])
+
+
+def test_unsupported_layer_is_named(tmp_path):
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inp)
+    h = keras.layers.MaxPooling2D(2, name="maxpool")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    out = keras.layers.Dense(3, name="fc")(h)
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
+    with pytest.raises(TrainingExportError, match=r"MAX_POOL_2D.*lies between the first "
+                                                  r"updated layer 'conv' and the loss"):
+        export_training(model, UpdateScheme({"conv": "bias"}), x, tmp_path / "t.tflite")
+    assert not (tmp_path / "t.tflite").exists()
+    # the same model trains when only the classifier is updated
+    info = export_training(model, UpdateScheme({}), x, tmp_path / "t.tflite")
+    assert [l["name"] for l in info.manifest["layers"]] == ["fc"]
+
+
+def test_folding_pads_into_same_convs_is_exact(exported, tmp_path):
+    model, x, y, info = exported
+    assert info.manifest["folded_pads"] == 1 and "PAD" not in info.ops  # PAD before 'head'
+    plain = export_training(model, UpdateScheme(SCHEME), x, tmp_path / "plain.tflite",
+                            learning_rate=LR, selection="first", fold_pads=False)
+    assert plain.ops["PAD"] == 1
+    a = train_tflm(info.path, x[:4], y[:4])
+    b = train_tflm(plain.path, x[:4], y[:4])
+    np.testing.assert_array_equal(a.losses, b.losses)
+    for key in a.params:
+        np.testing.assert_array_equal(a.params[key], b.params[key])
+    assert a.arena_bytes < b.arena_bytes

@@ -1,0 +1,184 @@
+/* dgst-tf training kernels: helpers shared by the cores (not part of the public contract).
+ *
+ * Everything here is static inline, plain C99, and has no side effects. It also declares
+ * the straightforward reference loop of the Conv2D weight gradient, which exists so that
+ * its instruction count can be compared with the optimized kernel on the MCU.
+ */
+#ifndef DGST_INTERNAL_H_
+#define DGST_INTERNAL_H_
+
+#include <stdint.h>
+
+#include "dgst_train_kernels.h"
+
+/* Arm DSP / SIMD32 paths (Cortex-M4, M7, M33 ...); -DDGST_NO_DSP selects the plain C. */
+#if defined(__ARM_FEATURE_DSP) && defined(__ARM_FEATURE_SIMD32) && !defined(DGST_NO_DSP)
+#define DGST_USE_ARM_DSP 1
+#include <arm_acle.h>
+#else
+#define DGST_USE_ARM_DSP 0
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if DGST_USE_ARM_DSP
+/* SXTB16 of the word rotated by 8 (bytes 1 and 3 -> two int16 lanes) in one instruction:
+ * GCC 12 has no pattern folding the rotation into __sxtb16. */
+static inline int32_t dgst_sxtb16_ror8(uint32_t v) {
+  int32_t r;
+  __asm("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(v));
+  return r;
+}
+
+/* SXTAB16 with the byte operand rotated by 8: acc lanes += bytes 1 and 3. */
+static inline int32_t dgst_sxtab16_ror8(int32_t acc, uint32_t v) {
+  int32_t r;
+  __asm("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(acc), "r"(v));
+  return r;
+}
+
+/* PKHBT: (bottom lane of a, bottom lane of b) -- GCC 12 has no pattern for it either. */
+static inline int32_t dgst_pkhbt(int32_t a, int32_t b) {
+  int32_t r;
+  __asm("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+/* PKHTB: (top lane of a, top lane of b). */
+static inline int32_t dgst_pkhtb(int32_t a, int32_t b) {
+  int32_t r;
+  __asm("pkhtb %0, %2, %1, asr #16" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+#endif
+
+/* The straightforward loop nest of dgst_conv2d_weight_grad_s8 (same contract, same
+ * results bit for bit): one bounds check per multiply-accumulate. For comparison only. */
+void dgst_conv2d_weight_grad_s8_ref(const dgst_conv_geometry* g, const int8_t* x_kept,
+                                    int32_t k, int32_t x_zero_point, const int8_t* dy,
+                                    int32_t c_out, int32_t* grad);
+
+/* floor(a / b) and ceil(a / b) for b > 0 and any sign of a. */
+static inline int32_t dgst_floor_div(int32_t a, int32_t b) {
+  int32_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+static inline int32_t dgst_ceil_div(int32_t a, int32_t b) { return -dgst_floor_div(-a, b); }
+
+static inline int32_t dgst_max_i32(int32_t a, int32_t b) { return a > b ? a : b; }
+
+static inline int32_t dgst_min_i32(int32_t a, int32_t b) { return a < b ? a : b; }
+
+/* Output indices o in [*lo, *hi) for which input index o * stride + tap_offset is inside
+ * [0, in_size), where tap_offset = tap * dilation - pad. Empty ranges give *lo == *hi. */
+static inline void dgst_out_range(int32_t tap_offset, int32_t stride, int32_t in_size,
+                                  int32_t out_size, int32_t* lo, int32_t* hi) {
+  int32_t l = dgst_max_i32(dgst_ceil_div(-tap_offset, stride), 0);
+  int32_t h = dgst_min_i32(dgst_floor_div(in_size - 1 - tap_offset, stride) + 1, out_size);
+  *lo = l;
+  *hi = h > l ? h : l;
+}
+
+/* The taps of one axis that read input index `in_idx`, as seen from the input side (for the
+ * gather form of the input gradient): taps t = tap0 + n * tap_step with output index
+ * o = out0 - n * out_step, for n in [0, count). in_idx = o * stride - pad + t * dilation. */
+typedef struct {
+  int32_t count, tap0, tap_step, out0, out_step;
+} dgst_tap_walk;
+
+static inline int32_t dgst_gcd(int32_t a, int32_t b) {
+  while (b != 0) {
+    int32_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+static inline dgst_tap_walk dgst_walk_taps(int32_t in_idx, int32_t pad, int32_t stride,
+                                           int32_t dilation, int32_t kernel,
+                                           int32_t out_size) {
+  dgst_tap_walk w = {0, 0, 1, 0, 1};
+  const int32_t base = in_idx + pad; /* o * stride = base - t * dilation */
+  const int32_t step = stride / dgst_gcd(stride, dilation);
+  int32_t first = -1, t;
+  for (t = 0; t < step && t < kernel; ++t) {
+    int32_t r = (base - t * dilation) % stride;
+    if (r == 0) {
+      first = t;
+      break;
+    }
+  }
+  if (first >= 0) {
+    const int32_t o0 = (base - first * dilation) / stride; /* exact */
+    const int32_t ostep = step * dilation / stride;      /* >= 1 */
+    const int32_t m_lo = dgst_max_i32(0, dgst_ceil_div(o0 - out_size + 1, ostep));
+    const int32_t m_hi = dgst_min_i32(dgst_floor_div(o0, ostep), (kernel - 1 - first) / step);
+    if (m_hi >= m_lo) {
+      w.count = m_hi - m_lo + 1;
+      w.tap0 = first + m_lo * step;
+      w.tap_step = step;
+      w.out0 = o0 - m_lo * ostep;
+      w.out_step = ostep;
+    }
+  }
+  return w;
+}
+
+/* Round half away from zero (C99 roundf) to int32, exact for |x| < 2^31. Callers clamp x
+ * into range first. */
+static inline int32_t dgst_round_to_i32(float x) {
+#if defined(__ARM_FEATURE_DIRECTED_ROUNDING) || \
+    (defined(__ARM_ARCH_7EM__) && defined(__ARM_FP) && (__ARM_FP & 8))
+  /* Armv8 or Cortex-M7 with FPv5-D16 (the only v7E-M FPU with doubles): VRINTA. */
+  return (int32_t)__builtin_roundf(x);
+#else
+  int32_t t = (int32_t)x;        /* truncation: a float-representable integer */
+  float frac = x - (float)t;     /* exact */
+  return t + (frac >= 0.5f) - (frac <= -0.5f);
+#endif
+}
+
+/* acc + a * b with two roundings, exactly as written in C without contraction. On Arm VFP
+ * one VMLA.F32 does that (it is not fused: product rounded, then sum rounded); GCC only
+ * emits it when allowed to contract, and contraction would also allow the fused VFMA,
+ * whose single rounding would break bit-exactness with the reference. */
+static inline float dgst_mac_f32(float acc, float a, float b) {
+#if defined(__ARM_FP) && (__ARM_FP & 4) && defined(__thumb2__) && !defined(DGST_NO_VMLA)
+  __asm("vmla.f32 %0, %1, %2" : "+t"(acc) : "t"(a), "t"(b));
+  return acc;
+#else
+  return acc + a * b;
+#endif
+}
+
+/* max(m, |x|), ignoring a NaN x (VABS + VMAXNM on Cortex-M7). */
+static inline float dgst_max_abs_f32(float m, float x) {
+#if defined(__ARM_ARCH_7EM__) && defined(__ARM_FP) && (__ARM_FP & 8)
+  return __builtin_fmaxf(m, __builtin_fabsf(x));
+#else
+  const float a = x < 0.0f ? -x : x;
+  return a > m ? a : m;
+#endif
+}
+
+/* Clamp a float to [lo, hi]; NaN becomes lo, so that the conversion that follows is
+ * defined (two comparisons, no separate NaN test). */
+static inline float dgst_clamp_f32(float x, float lo, float hi) {
+#if defined(__ARM_ARCH_7EM__) && defined(__ARM_FP) && (__ARM_FP & 8)
+  /* FPv5 (Cortex-M7): VMAXNM / VMINNM, IEEE maxNum / minNum: NaN -> lo as well */
+  return __builtin_fminf(__builtin_fmaxf(x, lo), hi);
+#else
+  x = (x >= lo) ? x : lo;
+  return (x <= hi) ? x : hi;
+#endif
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DGST_INTERNAL_H_ */

@@ -1,0 +1,114 @@
+/* dgst-tf on-device training kernels: the portable C99 cores.
+ *
+ * No TFLM types, no allocation, no I/O. Layouts follow TFLite: activations NHWC with
+ * batch 1 (so [H][W][C]), Conv2D filters OHWI ([C_out][K_h][K_w][C_in]), depthwise filters
+ * [1][K_h][K_w][C] (multiplier 1). int8 activations carry a per-tensor zero point; int8
+ * weights are symmetric per output channel (W_bar, zero point 0); biases int32 (b_bar).
+ *
+ * The training step's error signal between layers ("dy") is int8 with a per-tensor scale
+ * chosen each step from its max |value| (dgst_quantize_grad_s8). Gradient accumulators are
+ * int32. Float is used only where an MCU uses its FPU: per-channel scale factors of the
+ * update and the loss gradient.
+ *
+ * Rounding everywhere: round half away from zero (C99 roundf / lroundf semantics).
+ */
+#ifndef DGST_TRAIN_KERNELS_H_
+#define DGST_TRAIN_KERNELS_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Geometry of a 2-D convolution (batch 1). Padding is explicit: TFLite SAME padding is
+ * expressed as pad_top/pad_left (extra bottom/right padding is implied by the sizes). */
+typedef struct {
+  int32_t in_h, in_w;        /* input spatial size */
+  int32_t out_h, out_w;      /* output spatial size */
+  int32_t kernel_h, kernel_w;
+  int32_t stride_h, stride_w;
+  int32_t dilation_h, dilation_w;
+  int32_t pad_top, pad_left;
+} dgst_conv_geometry;
+
+/* Loss gradient of softmax cross-entropy on dequantized logits:
+ * p = softmax(scale * (logits - zero_point)); grad[i] = p[i] - (i == label).
+ * Returns the loss (-log p[label]). */
+float dgst_softmax_xent_grad(const int8_t* logits, int32_t classes, float scale,
+                             int32_t zero_point, int32_t label, float* grad);
+
+/* Quantize a float gradient to int8 with a per-tensor symmetric scale:
+ * *scale = max|g| / 127 (1.0f if all zero); out[i] = clamp(round(g[i] / *scale), -127, 127). */
+void dgst_quantize_grad_s8(const float* g, int32_t n, int8_t* out, float* scale);
+
+/* Weight gradient of a Conv2D for the kept input channels only.
+ * x_kept: the saved input activation, only the k kept channels, [in_h][in_w][k].
+ * dy: [out_h][out_w][c_out]. grad (int32, overwritten): [c_out][kernel_h][kernel_w][k],
+ * grad[o][i][j][c] = sum over output pixels of dy[oy][ox][o] * (x_kept[iy][ix][c] - x_zero_point),
+ * iy = oy*stride_h - pad_top + i*dilation_h (likewise ix); out-of-range taps contribute 0. */
+void dgst_conv2d_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kept, int32_t k,
+                                int32_t x_zero_point, const int8_t* dy, int32_t c_out,
+                                int32_t* grad);
+
+/* Weight gradient of a depthwise conv (multiplier 1) for the kept channels `kept[0..k)`.
+ * x_kept: [in_h][in_w][k] (channel j of it is channel kept[j] of the layer);
+ * dy: [out_h][out_w][channels]; grad (int32, overwritten): [kernel_h][kernel_w][k]. */
+void dgst_depthwise_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kept,
+                                   const int32_t* kept, int32_t k, int32_t x_zero_point,
+                                   const int8_t* dy, int32_t channels, int32_t* grad);
+
+/* Bias gradient: grad[o] = sum over pixels of dy[..][o] (int32, overwritten). */
+void dgst_bias_grad_s8(const int8_t* dy, int32_t pixels, int32_t channels, int32_t* grad);
+
+/* Input gradient of a Conv2D (the transposed convolution), float accumulation:
+ * dx[iy][ix][c] = dy_scale * sum_{o,i,j} weight_scale[o] * dy[oy][ox][o] * w[o][i][j][c]
+ * over the (oy, ox, i, j) that map to (iy, ix). dx: float [in_h][in_w][c_in], overwritten. */
+void dgst_conv2d_input_grad_s8(const dgst_conv_geometry* g, const int8_t* dy, float dy_scale,
+                               const int8_t* w, const float* weight_scale, int32_t c_in,
+                               int32_t c_out, float* dx);
+
+/* Input gradient of a depthwise conv (multiplier 1), same conventions; dx overwritten. */
+void dgst_depthwise_input_grad_s8(const dgst_conv_geometry* g, const int8_t* dy,
+                                  float dy_scale, const int8_t* w, const float* weight_scale,
+                                  int32_t channels, float* dx);
+
+/* ReLU / ReLU6 derivative from a 1-bit mask: g[i] = bit i of mask ? g[i] : 0.
+ * Bit i is (mask[i >> 3] >> (i & 7)) & 1. */
+void dgst_apply_mask_f32(float* g, const uint8_t* mask, int32_t n);
+
+/* Build the 1-bit mask of an int8 ReLU/ReLU6 output y: set where lo < y < hi
+ * (lo = zero point of real 0, hi = code of real 6, or 127 for plain ReLU). */
+void dgst_build_mask_s8(const int8_t* y, int32_t n, int8_t lo, int8_t hi, uint8_t* mask);
+
+/* Gather the kept channels of a channels-last activation [pixels][channels] into
+ * out [pixels][k]: out[p][j] = x[p][kept[j]] (kept in range; the saved input of a layer whose
+ * weights are updated for k input channels only). */
+void dgst_gather_channels_s8(const int8_t* x, int32_t pixels, int32_t channels,
+                             const int32_t* kept, int32_t k, int8_t* out);
+
+/* In-place SGD update with Quantization-Aware Scaling of int8 weights of the kept input
+ * channels. For output channel o: factor_o = lr * x_scale * dy_scale / weight_scale[o];
+ * w[o][i][j][kept[c]] = clamp(w - round(factor_o * grad[o][i][j][c]), -127, 127).
+ * w: [c_out][kernel_h][kernel_w][c_in] in RAM; grad as from dgst_conv2d_weight_grad_s8. */
+void dgst_sgd_qas_update_conv_s8(int8_t* w, int32_t c_out, int32_t kernel_h, int32_t kernel_w,
+                                 int32_t c_in, const int32_t* kept, int32_t k,
+                                 const int32_t* grad, float lr, float x_scale, float dy_scale,
+                                 const float* weight_scale);
+
+/* Same for a depthwise filter [1][kernel_h][kernel_w][channels]; channel kept[c] uses
+ * factor = lr * x_scale * dy_scale / weight_scale[kept[c]]. */
+void dgst_sgd_qas_update_depthwise_s8(int8_t* w, int32_t kernel_h, int32_t kernel_w,
+                                      int32_t channels, const int32_t* kept, int32_t k,
+                                      const int32_t* grad, float lr, float x_scale,
+                                      float dy_scale, const float* weight_scale);
+
+/* Bias update with QAS: b[o] -= round(lr * dy_scale * grad[o] / (weight_scale[o] * x_scale)). */
+void dgst_sgd_qas_update_bias_s32(int32_t* b, int32_t channels, const int32_t* grad, float lr,
+                                  float x_scale, float dy_scale, const float* weight_scale);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DGST_TRAIN_KERNELS_H_ */

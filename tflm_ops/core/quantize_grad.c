@@ -1,0 +1,19 @@
+/* Per-tensor symmetric int8 quantization of a float gradient (the inter-layer error
+ * signal): *scale = max|g| / 127 (1.0f if all zero);
+ * out[i] = clamp(round(g[i] / *scale), -127, 127), round half away from zero.
+ * The division is kept (not a multiply by 127 / max) so that results match the contract
+ * bit for bit. */
+#include "dgst_internal.h"
+#include "dgst_train_kernels.h"
+
+void dgst_quantize_grad_s8(const float* g, int32_t n, int8_t* out, float* scale) {
+  float m = 0.0f, s;
+  int32_t i;
+  for (i = 0; i < n; ++i) m = dgst_max_abs_f32(m, g[i]);
+  s = m > 0.0f ? m / 127.0f : 1.0f;
+  *scale = s;
+  for (i = 0; i < n; ++i) {
+    const float q = dgst_clamp_f32(g[i] / s, -127.0f, 127.0f);
+    out[i] = (int8_t)dgst_round_to_i32(q);
+  }
+}

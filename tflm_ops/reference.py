@@ -1,0 +1,286 @@
+"""NumPy reference of the dgst-tf training kernels (tflm_ops/core/dgst_train_kernels.h).
+
+Each function computes exactly what the C core computes, in the same float32 order where
+floats are involved, so that the C results can be compared bit for bit (the one exception
+is the softmax, whose ``expf``/``logf`` differ between C libraries: compare it within a
+tolerance). Layouts follow TFLite: activations ``[H, W, C]`` (batch 1), Conv2D filters
+OHWI ``[C_out, K_h, K_w, C_in]``, depthwise filters ``[1, K_h, K_w, C]`` (or
+``[K_h, K_w, C]``).
+
+Plain module: imports only NumPy (not TFLM, not TensorFlow, not dgst_tf), so tests and the
+MCU vector generator load it by path.
+"""
+
+import dataclasses
+
+import numpy as np
+
+F32 = np.float32
+
+# The order of the fields of dgst_conv_geometry.
+GEOMETRY_FIELDS = ("in_h", "in_w", "out_h", "out_w", "kernel_h", "kernel_w", "stride_h",
+                   "stride_w", "dilation_h", "dilation_w", "pad_top", "pad_left")
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """``dgst_conv_geometry``: batch-1 2-D convolution with explicit top/left padding."""
+
+    in_h: int
+    in_w: int
+    out_h: int
+    out_w: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int = 1
+    stride_w: int = 1
+    dilation_h: int = 1
+    dilation_w: int = 1
+    pad_top: int = 0
+    pad_left: int = 0
+
+    @classmethod
+    def conv(cls, in_h: int, in_w: int, kernel_h: int, kernel_w: int | None = None,
+             stride: int | tuple = 1, dilation: int | tuple = 1,
+             padding: str = "same") -> "Geometry":
+        """TFLite ``SAME`` / ``VALID`` geometry (SAME puts the odd padding pixel last)."""
+        kernel_w = kernel_h if kernel_w is None else kernel_w
+        sh, sw = (stride, stride) if np.isscalar(stride) else stride
+        dh, dw = (dilation, dilation) if np.isscalar(dilation) else dilation
+        eff_h, eff_w = (kernel_h - 1) * dh + 1, (kernel_w - 1) * dw + 1
+        if padding.lower() == "same":
+            out_h, out_w = -(-in_h // sh), -(-in_w // sw)
+            pad_h = max((out_h - 1) * sh + eff_h - in_h, 0)
+            pad_w = max((out_w - 1) * sw + eff_w - in_w, 0)
+            return cls(in_h, in_w, out_h, out_w, kernel_h, kernel_w, sh, sw, dh, dw,
+                       pad_h // 2, pad_w // 2)
+        if padding.lower() == "valid":
+            return cls(in_h, in_w, (in_h - eff_h) // sh + 1, (in_w - eff_w) // sw + 1,
+                       kernel_h, kernel_w, sh, sw, dh, dw, 0, 0)
+        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+
+    def astuple(self) -> tuple:
+        return tuple(int(getattr(self, f)) for f in GEOMETRY_FIELDS)
+
+    def tap_rect(self, i: int, j: int):
+        """Output rows/cols whose tap (i, j) reads inside the image, and the input slices.
+
+        Returns ``(oy_slice, ox_slice, iy_slice, ix_slice)`` or None when empty.
+        """
+        oy = _out_range(i * self.dilation_h - self.pad_top, self.stride_h, self.in_h, self.out_h)
+        ox = _out_range(j * self.dilation_w - self.pad_left, self.stride_w, self.in_w,
+                        self.out_w)
+        if oy[0] >= oy[1] or ox[0] >= ox[1]:
+            return None
+        iy0 = oy[0] * self.stride_h - self.pad_top + i * self.dilation_h
+        ix0 = ox[0] * self.stride_w - self.pad_left + j * self.dilation_w
+        iy = slice(iy0, iy0 + (oy[1] - oy[0] - 1) * self.stride_h + 1, self.stride_h)
+        ix = slice(ix0, ix0 + (ox[1] - ox[0] - 1) * self.stride_w + 1, self.stride_w)
+        return slice(*oy), slice(*ox), iy, ix
+
+
+def _out_range(tap_offset: int, stride: int, in_size: int, out_size: int) -> tuple[int, int]:
+    """Output indices [lo, hi) with 0 <= o * stride + tap_offset < in_size."""
+    lo = max(_ceil_div(-tap_offset, stride), 0)
+    hi = min((in_size - 1 - tap_offset) // stride + 1, out_size)
+    return lo, max(hi, lo)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C99 ``roundf``: round half away from zero, exact in float32 (no ``x + 0.5``)."""
+    x = np.asarray(x)
+    t = np.trunc(x)
+    frac = x - t  # exact
+    return t + (frac >= 0.5) - (frac <= -0.5)
+
+
+def _dw_filter(w: np.ndarray) -> np.ndarray:
+    w = np.asarray(w)
+    return w[0] if w.ndim == 4 else w
+
+
+# ----------------------------------------------------------------------------- gradients
+def conv2d_weight_grad(g: Geometry, x_kept: np.ndarray, x_zero_point: int,
+                       dy: np.ndarray) -> np.ndarray:
+    """int32 ``[C_out, K_h, K_w, k]``: sum over output pixels of dy * (x_kept - zp)."""
+    x = x_kept.astype(np.int64) - int(x_zero_point)
+    d = dy.astype(np.int64)
+    grad = np.zeros((dy.shape[-1], g.kernel_h, g.kernel_w, x.shape[-1]), np.int64)
+    for i in range(g.kernel_h):
+        for j in range(g.kernel_w):
+            rect = g.tap_rect(i, j)
+            if rect is None:
+                continue
+            oy, ox, iy, ix = rect
+            grad[:, i, j, :] = np.einsum("hwo,hwc->oc", d[oy, ox], x[iy, ix])
+    return _to_int32(grad)
+
+
+def depthwise_weight_grad(g: Geometry, x_kept: np.ndarray, kept, x_zero_point: int,
+                          dy: np.ndarray) -> np.ndarray:
+    """int32 ``[K_h, K_w, k]``; channel c of x_kept is channel kept[c] of dy."""
+    kept = np.asarray(kept, np.int64)
+    x = x_kept.astype(np.int64) - int(x_zero_point)
+    d = dy.astype(np.int64)[:, :, kept]
+    grad = np.zeros((g.kernel_h, g.kernel_w, len(kept)), np.int64)
+    for i in range(g.kernel_h):
+        for j in range(g.kernel_w):
+            rect = g.tap_rect(i, j)
+            if rect is not None:
+                oy, ox, iy, ix = rect
+                grad[i, j] = (d[oy, ox] * x[iy, ix]).sum(axis=(0, 1))
+    return _to_int32(grad)
+
+
+def bias_grad(dy: np.ndarray) -> np.ndarray:
+    """int32 ``[C]``: sum of dy over pixels."""
+    return _to_int32(dy.reshape(-1, dy.shape[-1]).astype(np.int64).sum(axis=0))
+
+
+def conv2d_input_grad(g: Geometry, dy: np.ndarray, dy_scale: float, w: np.ndarray,
+                      weight_scale: np.ndarray) -> np.ndarray:
+    """float32 ``[H_in, W_in, C_in]`` in the kernel's summation order (bit-exact)."""
+    c_out, _, _, c_in = w.shape
+    ws = np.asarray(weight_scale, F32)
+    dx = np.zeros((g.in_h, g.in_w, c_in), F32)
+    dyf = dy.astype(F32)
+    wf_all = w.astype(F32)
+    for i in range(g.kernel_h):
+        for j in range(g.kernel_w):
+            rect = g.tap_rect(i, j)
+            if rect is None:
+                continue
+            oy, ox, iy, ix = rect
+            acc = dx[iy, ix]  # a view: updated in place
+            for o in range(c_out):
+                wf = ws[o] * wf_all[o, i, j]  # float32 [C_in]
+                acc += wf[None, None, :] * dyf[oy, ox, o][:, :, None]
+    return (F32(dy_scale) * dx).astype(F32)
+
+
+def depthwise_input_grad(g: Geometry, dy: np.ndarray, dy_scale: float, w: np.ndarray,
+                         weight_scale: np.ndarray) -> np.ndarray:
+    """float32 ``[H_in, W_in, C]``: exact int32 sum, then dy_scale * (ws[c] * acc)."""
+    w = _dw_filter(w).astype(np.int64)
+    acc = np.zeros((g.in_h, g.in_w, dy.shape[-1]), np.int64)
+    d = dy.astype(np.int64)
+    for i in range(g.kernel_h):
+        for j in range(g.kernel_w):
+            rect = g.tap_rect(i, j)
+            if rect is not None:
+                oy, ox, iy, ix = rect
+                acc[iy, ix] += d[oy, ox] * w[i, j]
+    acc = _to_int32(acc)
+    return (F32(dy_scale) * (np.asarray(weight_scale, F32) * acc.astype(F32))).astype(F32)
+
+
+# ----------------------------------------------------------------------------- pointwise
+def build_mask(y: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """uint8 bit mask (little-endian bit order), set where lo < y < hi."""
+    y = np.asarray(y).reshape(-1).astype(np.int32)
+    return np.packbits((y > lo) & (y < hi), bitorder="little")
+
+
+def apply_mask(g: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    g = np.asarray(g, F32).reshape(-1)
+    bits = np.unpackbits(np.asarray(mask, np.uint8), bitorder="little")[: g.size].astype(bool)
+    return np.where(bits, g, F32(0.0)).astype(F32)
+
+
+def quantize_grad(g: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """(int8 codes, float32 scale): scale = max|g| / 127 (1 if all 0), round half away."""
+    g = np.asarray(g, F32).reshape(-1)
+    m = F32(np.abs(g).max()) if g.size else F32(0.0)
+    scale = F32(m / F32(127.0)) if m > 0 else F32(1.0)
+    q = np.clip(g / scale, F32(-127.0), F32(127.0))
+    return round_half_away(q).astype(np.int8), scale
+
+
+def softmax_xent_grad(logits: np.ndarray, scale: float, zero_point: int,
+                      label: int) -> tuple[float, np.ndarray]:
+    """(loss, grad) in float64 (compare C within float32 tolerance)."""
+    z = float(scale) * (np.asarray(logits, np.float64) - zero_point)
+    z -= z.max()
+    p = np.exp(z) / np.exp(z).sum()
+    grad = p.copy()
+    grad[label] -= 1.0
+    return float(-np.log(p[label])), grad
+
+
+def gather_channels(x: np.ndarray, kept) -> np.ndarray:
+    """int8 ``x[..., kept]``: the saved input of a sparsely updated layer."""
+    return np.ascontiguousarray(np.asarray(x)[..., np.asarray(kept, np.int64)])
+
+
+# ----------------------------------------------------------------------------- updates
+def _qas_step(factor: np.ndarray, grad: np.ndarray, limit: float) -> np.ndarray:
+    v = np.clip(F32(factor) * np.asarray(grad).astype(F32), F32(-limit), F32(limit))
+    return round_half_away(v.astype(F32)).astype(np.int64)
+
+
+def sgd_qas_update_conv(w: np.ndarray, kept, grad: np.ndarray, lr: float, x_scale: float,
+                        dy_scale: float, weight_scale: np.ndarray) -> np.ndarray:
+    """Updated copy of int8 OHWI ``w``; only ``w[:, :, :, kept]`` changes."""
+    w = np.array(w, np.int8)
+    kept = np.asarray(kept, np.int64)
+    base = F32(F32(lr) * F32(x_scale)) * F32(dy_scale)
+    factor = (base / np.asarray(weight_scale, F32)).astype(F32)  # [C_out]
+    step = _qas_step(factor[:, None, None, None], grad, 1024.0)
+    w[:, :, :, kept] = np.clip(w[:, :, :, kept].astype(np.int64) - step, -127, 127)
+    return w
+
+
+def sgd_qas_update_depthwise(w: np.ndarray, kept, grad: np.ndarray, lr: float,
+                             x_scale: float, dy_scale: float,
+                             weight_scale: np.ndarray) -> np.ndarray:
+    """Updated copy of the int8 depthwise filter (same shape as given)."""
+    shape = np.shape(w)
+    w = np.array(_dw_filter(w), np.int8)
+    kept = np.asarray(kept, np.int64)
+    base = F32(F32(lr) * F32(x_scale)) * F32(dy_scale)
+    factor = (base / np.asarray(weight_scale, F32)[kept]).astype(F32)  # [k]
+    step = _qas_step(factor[None, None, :], grad, 1024.0)
+    w[:, :, kept] = np.clip(w[:, :, kept].astype(np.int64) - step, -127, 127)
+    return w.reshape(shape)
+
+
+def sgd_qas_update_bias(b: np.ndarray, grad: np.ndarray, lr: float, x_scale: float,
+                        dy_scale: float, weight_scale: np.ndarray) -> np.ndarray:
+    b = np.asarray(b, np.int64)
+    base = F32(F32(lr) * F32(dy_scale))
+    den = (np.asarray(weight_scale, F32) * F32(x_scale)).astype(F32)
+    v = ((base * np.asarray(grad).astype(F32)).astype(F32) / den).astype(F32)
+    v = np.clip(v, F32(-4294967296.0), F32(4294967296.0))
+    step = round_half_away(v).astype(np.int64)
+    return np.clip(b - step, -2**31, 2**31 - 1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _to_int32(a: np.ndarray) -> np.ndarray:
+    if a.size and (a.max() > 2**31 - 1 or a.min() < -2**31):
+        raise OverflowError("int32 accumulator overflow")
+    return a.astype(np.int32)
+
+
+def top_k_channels(w: np.ndarray, k: int, depthwise: bool = False) -> np.ndarray:
+    """The k input channels with the largest L2 norm of ``W[:, :, c, :]`` (sorted)."""
+    w = np.asarray(w, np.float64)
+    norms = (np.sqrt((_dw_filter(w) ** 2).sum(axis=(0, 1))) if depthwise
+             else np.sqrt((w ** 2).sum(axis=(0, 1, 2))))
+    return np.sort(np.argsort(-norms, kind="stable")[:k]).astype(np.int32)
+
+
+def macs_weight_grad(g: Geometry, k: int, c_out: int, depthwise: bool = False) -> int:
+    """Multiply-accumulates of a weight gradient (taps inside the image only)."""
+    total = 0
+    for i in range(g.kernel_h):
+        for j in range(g.kernel_w):
+            rect = g.tap_rect(i, j)
+            if rect is not None:
+                oy, ox = rect[0], rect[1]
+                total += (oy.stop - oy.start) * (ox.stop - ox.start)
+    return total * k * (1 if depthwise else c_out)

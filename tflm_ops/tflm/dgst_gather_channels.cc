@@ -1,0 +1,80 @@
+// DGST_GATHER_CHANNELS: keep only the selected channels of an int8 activation (the saved
+// input of a layer whose weights are updated for k input channels), in the forward pass.
+//
+//   inputs:  0 x     int8  [..., channels]   channels last (e.g. [1, H, W, C])
+//            1 kept  int32 [k]               channel indices (runtime: a constant for a static
+//                                            selection, a variable for a dynamic one)
+//   outputs: 0 out   int8  [..., k]          same leading dimensions as x
+//   custom options: none, or the int32 array [1] (format version).
+// Calls dgst_gather_channels_s8 from tflm_ops/core.
+#include "../core/dgst_train_kernels.h"
+#include "dgst_tflm_abi.h"
+
+namespace {
+
+using namespace tflite::micro;
+using namespace dgst_tflm;
+
+constexpr const char* kOp = "DGST_GATHER_CHANNELS";
+
+struct OpData {
+  bool options_ok;
+  int32_t pixels, channels, k;
+};
+
+void* Init(TfLiteContext* context, const char* buffer, size_t length) {
+  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  if (data == nullptr) return nullptr;
+  int32_t options[1];
+  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
+  return data;
+}
+
+TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
+  auto* data = static_cast<OpData*>(node->user_data);
+  if (data == nullptr || !data->options_ok) return kTfLiteError;
+  if (!CheckArity(kOp, node, 2, 1)) return kTfLiteError;
+  const TfLiteEvalTensor* x = CheckedInput(kOp, "input 0 (x)", context, node, 0, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* kept =
+      CheckedInput(kOp, "input 1 (kept)", context, node, 1, kTfLiteInt32, 1);
+  const TfLiteEvalTensor* out =
+      CheckedOutput(kOp, "output 0 (out)", context, node, 0, kTfLiteInt8, -1);
+  if (x == nullptr || kept == nullptr || out == nullptr) return kTfLiteError;
+  data->channels = Dim(x, -1);
+  data->k = Dim(kept, 0);
+  bool ok = Rank(x) >= 1 && Rank(out) == Rank(x) && Dim(out, -1) == data->k &&
+            data->k >= 1 && data->k <= data->channels;
+  for (int i = 0; ok && i + 1 < Rank(x); ++i) ok = Dim(out, i) == Dim(x, i);
+  if (!ok) {
+    MicroPrintf("%s: output 0 (out) must have x's shape with the last dimension %d (the "
+                "length of kept, 1..%d); got rank %d with last dimension %d (x rank %d)",
+                kOp, static_cast<int>(data->k), static_cast<int>(data->channels), Rank(out),
+                Dim(out, -1), Rank(x));
+    return kTfLiteError;
+  }
+  data->pixels = data->channels > 0 ? NumElements(x) / data->channels : 0;
+  return kTfLiteOk;
+}
+
+TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
+  const auto* data = static_cast<const OpData*>(node->user_data);
+  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data);
+  for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before reading
+    if (kept[c] < 0 || kept[c] >= data->channels) {
+      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
+                  static_cast<int>(c), static_cast<int>(kept[c]),
+                  static_cast<int>(data->channels));
+      return kTfLiteError;
+    }
+  }
+  dgst_gather_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data),
+                          data->pixels, data->channels, kept, data->k,
+                          static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data));
+  return kTfLiteOk;
+}
+
+}  // namespace
+
+DGST_TFLM_EXPORT bool DgstRegister_DGST_GATHER_CHANNELS(void* resolver) {
+  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
+}

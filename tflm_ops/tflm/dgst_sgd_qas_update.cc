@@ -1,0 +1,192 @@
+// DGST_SGD_QAS_UPDATE: in-place SGD step with Quantization-Aware Scaling on a trainable
+// tensor held in the arena (a variable tensor, see DGST_VARIABLE_INIT).
+//
+//   inputs:  0 param         variable, updated in place:
+//                              kind 0 (conv):      int8  [c_out, kh, kw, c_in]  (OHWI),
+//                                                  or [c_out, c_in] (Dense; grad [c_out, k])
+//                              kind 1 (depthwise): int8  [1, kh, kw, channels]
+//                              kind 2 (bias):      int32 [channels]
+//            1 grad          int32: conv [c_out, kh, kw, k], depthwise [kh, kw, k],
+//                            bias [channels] (as from DGST_*_GRAD)
+//            2 kept          int32 [k]: the updated input channels, in range and
+//                            increasing by convention (a runtime tensor: the selection may
+//                            change every step); omitted (-1) for bias
+//            3 weight_scale  float32 [c_out] / [channels]: per-channel weight scales s_w
+//            4 dy_scale      float32 [1]: the step's output-gradient scale (runtime)
+//   outputs: none
+//   custom options (little-endian int32 x 4):
+//     [1 (format version), kind, lr (float32 bits), x_scale (float32 bits)]
+// Step (tflm_ops/core/sgd_qas_update.c): W_bar -= round(lr*x_scale*dy_scale/s_w[o] * grad),
+// clamped to [-127, 127]; b_bar -= round(lr*dy_scale*grad/(s_w[o]*x_scale)).
+#include "../core/dgst_train_kernels.h"
+#include "dgst_tflm_abi.h"
+
+namespace {
+
+using namespace tflite::micro;
+using namespace dgst_tflm;
+
+constexpr const char* kOp = "DGST_SGD_QAS_UPDATE";
+constexpr int32_t kOptionWords = 4;
+enum Kind { kConv = 0, kDepthwise = 1, kBias = 2 };
+
+struct OpData {
+  bool options_ok;
+  int32_t kind;
+  float lr, x_scale;
+  int32_t c_out, kernel_h, kernel_w, c_in, k;  // c_in: channels for depthwise and bias
+};
+
+void* Init(TfLiteContext* context, const char* buffer, size_t length) {
+  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  if (data == nullptr) return nullptr;
+  int32_t o[kOptionWords];
+  data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
+  if (!data->options_ok) return data;
+  data->kind = o[1];
+  data->lr = FloatFromBits(o[2]);
+  data->x_scale = FloatFromBits(o[3]);
+  if (data->kind < kConv || data->kind > kBias || !(data->x_scale > 0.0f) ||
+      !(data->lr >= 0.0f)) {
+    MicroPrintf("%s: invalid options: kind %d (0 conv, 1 depthwise, 2 bias), lr %f (must be "
+                ">= 0), x_scale %f (must be > 0)", kOp, static_cast<int>(o[1]),
+                static_cast<double>(data->lr), static_cast<double>(data->x_scale));
+    data->options_ok = false;
+  }
+  return data;
+}
+
+bool ShapeIs(const TfLiteEvalTensor* t, int rank, const int* dims) {
+  if (Rank(t) != rank) return false;
+  for (int i = 0; i < rank; ++i)
+    if (Dim(t, i) != dims[i]) return false;
+  return true;
+}
+
+TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
+  auto* data = static_cast<OpData*>(node->user_data);
+  if (data == nullptr || !data->options_ok) return kTfLiteError;
+  if (!CheckArity(kOp, node, 5, 0)) return kTfLiteError;
+  const bool bias = data->kind == kBias;
+  const TfLiteEvalTensor* param = CheckedInput(kOp, "input 0 (param)", context, node, 0,
+                                               bias ? kTfLiteInt32 : kTfLiteInt8,
+                                               -1);
+  const TfLiteEvalTensor* grad = CheckedInput(kOp, "input 1 (grad)", context, node, 1,
+                                              kTfLiteInt32, -1);
+  const TfLiteEvalTensor* scale = CheckedInput(kOp, "input 3 (weight_scale)", context, node,
+                                               3, kTfLiteFloat32, 1);
+  const TfLiteEvalTensor* dy_scale = CheckedInput(kOp, "input 4 (dy_scale)", context, node, 4,
+                                                  kTfLiteFloat32, -1);
+  if (param == nullptr || grad == nullptr || scale == nullptr || dy_scale == nullptr) {
+    return kTfLiteError;
+  }
+  // bias rank 1; depthwise rank 4; conv rank 4, or rank 2 for a Dense layer [c_out, c_in]
+  // (then grad is [c_out, k]: a 1x1 conv).
+  const int param_rank = Rank(param);
+  if ((bias && param_rank != 1) || (data->kind == kDepthwise && param_rank != 4) ||
+      (data->kind == kConv && param_rank != 4 && param_rank != 2)) {
+    MicroPrintf("%s: input 0 (param) has rank %d; kind %d needs rank %s", kOp, param_rank,
+                static_cast<int>(data->kind),
+                bias ? "1" : (data->kind == kConv ? "4 (or 2 for Dense)" : "4"));
+    return kTfLiteError;
+  }
+  if (NumElements(dy_scale) != 1) {
+    MicroPrintf("%s: input 4 (dy_scale) must hold one value, got %d", kOp,
+                NumElements(dy_scale));
+    return kTfLiteError;
+  }
+  const TfLiteEvalTensor* kept = GetEvalInput(context, node, 2);
+  if (bias) {
+    if (kept != nullptr) {
+      MicroPrintf("%s: input 2 (kept) must be omitted (-1) for a bias update", kOp);
+      return kTfLiteError;
+    }
+    data->c_out = data->c_in = Dim(param, 0);
+    data->k = data->c_in;
+    const int want[1] = {data->c_in};
+    if (!ShapeIs(grad, 1, want) || Dim(scale, 0) != data->c_in) {
+      MicroPrintf("%s: bias of %d channels needs grad [%d] and weight_scale [%d], got rank-%d "
+                  "grad and weight_scale [%d]", kOp, static_cast<int>(data->c_in),
+                  static_cast<int>(data->c_in), static_cast<int>(data->c_in), Rank(grad),
+                  Dim(scale, 0));
+      return kTfLiteError;
+    }
+    return kTfLiteOk;
+  }
+  kept = CheckedInput(kOp, "input 2 (kept)", context, node, 2, kTfLiteInt32, 1);
+  if (kept == nullptr) return kTfLiteError;
+  data->k = Dim(kept, 0);
+  data->kernel_h = param_rank == 4 ? Dim(param, 1) : 1;
+  data->kernel_w = param_rank == 4 ? Dim(param, 2) : 1;
+  if (data->kind == kConv) {
+    data->c_out = Dim(param, 0);
+    data->c_in = Dim(param, -1);
+    const int want4[4] = {data->c_out, data->kernel_h, data->kernel_w, data->k};
+    const int want2[2] = {data->c_out, data->k};
+    const int* want = want4;
+    if (param_rank == 4 ? !ShapeIs(grad, 4, want4) : !ShapeIs(grad, 2, want2)) {
+      MicroPrintf("%s: conv grad must have shape [%d, %d, %d, %d] (c_out, kh, kw, k), got "
+                  "rank %d [%d, %d, ...]", kOp, want[0], want[1], want[2], want[3], Rank(grad),
+                  Dim(grad, 0), Dim(grad, 1));
+      return kTfLiteError;
+    }
+  } else {
+    if (Dim(param, 0) != 1) {
+      MicroPrintf("%s: depthwise param must have shape [1, kh, kw, channels], got first "
+                  "dimension %d", kOp, Dim(param, 0));
+      return kTfLiteError;
+    }
+    data->c_in = Dim(param, 3);
+    data->c_out = data->c_in;
+    const int want[3] = {data->kernel_h, data->kernel_w, data->k};
+    if (!ShapeIs(grad, 3, want)) {
+      MicroPrintf("%s: depthwise grad must have shape [%d, %d, %d] (kh, kw, k), got rank %d",
+                  kOp, want[0], want[1], want[2], Rank(grad));
+      return kTfLiteError;
+    }
+  }
+  if (data->k > data->c_in || Dim(scale, 0) != data->c_out) {
+    MicroPrintf("%s: %d kept channels of %d, weight_scale [%d] for %d output channels", kOp,
+                static_cast<int>(data->k), static_cast<int>(data->c_in), Dim(scale, 0),
+                static_cast<int>(data->c_out));
+    return kTfLiteError;
+  }
+  return kTfLiteOk;
+}
+
+TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
+  const auto* data = static_cast<const OpData*>(node->user_data);
+  const TfLiteEvalTensor* param = GetEvalInput(context, node, 0);
+  const auto* grad = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data);
+  const auto* scale = static_cast<const float*>(GetEvalInput(context, node, 3)->data);
+  const float dy_scale = *static_cast<const float*>(GetEvalInput(context, node, 4)->data);
+  if (data->kind == kBias) {
+    dgst_sgd_qas_update_bias_s32(static_cast<int32_t*>(param->data), data->c_in, grad,
+                                 data->lr, data->x_scale, dy_scale, scale);
+    return kTfLiteOk;
+  }
+  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data);
+  for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before writing
+    if (kept[c] < 0 || kept[c] >= data->c_in) {
+      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
+                  static_cast<int>(c), static_cast<int>(kept[c]),
+                  static_cast<int>(data->c_in));
+      return kTfLiteError;
+    }
+  }
+  auto* w = static_cast<int8_t*>(param->data);
+  if (data->kind == kConv) {
+    dgst_sgd_qas_update_conv_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
+                                kept, data->k, grad, data->lr, data->x_scale, dy_scale, scale);
+  } else {
+    dgst_sgd_qas_update_depthwise_s8(w, data->kernel_h, data->kernel_w, data->c_in, kept,
+                                     data->k, grad, data->lr, data->x_scale, dy_scale, scale);
+  }
+  return kTfLiteOk;
+}
+
+}  // namespace
+
+DGST_TFLM_EXPORT bool DgstRegister_DGST_SGD_QAS_UPDATE(void* resolver) {
+  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
+}

@@ -1,0 +1,160 @@
+// =================================================================================
+//  ABI GLUE for the pip TFLM interpreter: tflite-micro==0.dev20261023182759, x86-64.
+// =================================================================================
+// The wheel ships no C/C++ headers, so the few TFLM types the kernels touch are declared
+// here with the layout of that build (see /work/shared/ENVIRONMENT.md, "TensorFlow Lite
+// Micro (host)"). Nothing is linked at build time: the functions below are resolved when
+// the library is loaded, from the wheel's `_runtime.so` (loaded RTLD_GLOBAL first).
+//
+// tests/test_tflm_abi.py checks every assumption of this file against the wheel (exported
+// symbols, the resolver's record array and count, the TFLMRegistration layout as written by
+// the wheel's own tflite::micro::RegisterOp, the TfLiteNode inputs/outputs offsets as read
+// by its GetEvalInput/GetEvalOutput) before any kernel test. Do not change a layout here
+// without rerunning it; a different TFLM build needs a new copy of this file.
+//
+// In this build the C types live in namespace tflite::micro (it matters for C++ name
+// mangling) and TfLiteContext's classic function pointers must not be called: use the
+// exported functions declared below.
+#ifndef DGST_TFLM_ABI_H_
+#define DGST_TFLM_ABI_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+namespace tflite {
+namespace micro {
+
+enum TfLiteStatus { kTfLiteOk = 0, kTfLiteError = 1 };
+
+// The values of TfLiteType used by the kernels (the enum is int-sized).
+enum TfLiteType {
+  kTfLiteNoType = 0,
+  kTfLiteFloat32 = 1,
+  kTfLiteInt32 = 2,
+  kTfLiteUInt8 = 3,
+  kTfLiteInt64 = 4,
+  kTfLiteBool = 6,
+  kTfLiteInt16 = 7,
+  kTfLiteInt8 = 9,
+};
+
+struct TfLiteContext;  // opaque: only passed back to exported functions
+
+struct TfLiteIntArray {
+  int size;
+  int data[];  // flexible array member (a GCC extension in C++; the layout of C)
+};
+
+// TF_LITE_STATIC_MEMORY build: no temporaries, no delegate fields.
+struct TfLiteNode {
+  TfLiteIntArray* inputs;         // offset 0
+  TfLiteIntArray* outputs;        // offset 8
+  TfLiteIntArray* intermediates;  // offset 16
+  void* user_data;                // offset 24: what init() returned
+  void* builtin_data;             // offset 32
+  const void* custom_initial_data;  // offset 40: the op's custom_options bytes
+  int custom_initial_data_size;     // offset 48
+};
+
+struct TfLiteEvalTensor {
+  void* data;  // TfLitePtrUnion
+  TfLiteIntArray* dims;
+  TfLiteType type;
+};
+
+// 56 bytes. builtin_code 32 = BuiltinOperator_CUSTOM.
+struct TFLMRegistration {
+  void* (*init)(TfLiteContext* context, const char* buffer, size_t length);
+  void (*free)(TfLiteContext* context, void* buffer);
+  TfLiteStatus (*prepare)(TfLiteContext* context, TfLiteNode* node);
+  TfLiteStatus (*invoke)(TfLiteContext* context, TfLiteNode* node);
+  void (*reset)(TfLiteContext* context, void* buffer);
+  int32_t builtin_code;
+  const char* custom_name;
+};
+
+// Exported by _runtime.so (`nm -D -C`). Optional inputs (index -1) give nullptr.
+const TfLiteEvalTensor* GetEvalInput(const TfLiteContext* context, const TfLiteNode* node,
+                                     int index);
+TfLiteEvalTensor* GetEvalOutput(const TfLiteContext* context, const TfLiteNode* node,
+                                int index);
+void* MicroContextAllocatePersistentBuffer(TfLiteContext* context, size_t bytes);
+TfLiteStatus MicroContextRequestScratchBufferInArena(TfLiteContext* context, size_t bytes,
+                                                     int* buffer_index);
+void* MicroContextGetScratchBuffer(TfLiteContext* context, int buffer_index);
+
+}  // namespace micro
+}  // namespace tflite
+
+// Exported by _runtime.so in the global namespace (C++ linkage); prints to stderr.
+void MicroPrintf(const char* format, ...);
+
+// ---------------------------------------------------------------------------------
+// The resolver: MicroMutableOpResolver<200> (the interpreter passes a PythonOpsResolver,
+// which derives from it): a vtable pointer, 200 TFLMRegistration records, then the
+// `unsigned int` record count. AddCustom is inline in TFLM and not exported, so
+// dgst_tflm::AddCustomOp appends the record itself (after checking the object's RTTI).
+// ---------------------------------------------------------------------------------
+namespace dgst_tflm {
+
+constexpr size_t kResolverOpCount = 200;
+constexpr size_t kResolverRecordsOffset = sizeof(void*);
+constexpr size_t kResolverCountOffset =
+    kResolverRecordsOffset + kResolverOpCount * sizeof(tflite::micro::TFLMRegistration);
+constexpr int32_t kBuiltinCustom = 32;
+
+static_assert(sizeof(tflite::micro::TFLMRegistration) == 56, "TFLMRegistration is 56 bytes");
+static_assert(offsetof(tflite::micro::TFLMRegistration, builtin_code) == 40, "builtin_code");
+static_assert(offsetof(tflite::micro::TFLMRegistration, custom_name) == 48, "custom_name");
+static_assert(offsetof(tflite::micro::TfLiteNode, user_data) == 24, "TfLiteNode::user_data");
+static_assert(sizeof(tflite::micro::TfLiteEvalTensor) == 24, "TfLiteEvalTensor");
+static_assert(kResolverCountOffset == 11208, "MicroMutableOpResolver<200> count offset");
+
+// The kernel functions of one custom op (reset and free may be null).
+struct Kernel {
+  void* (*init)(tflite::micro::TfLiteContext*, const char*, size_t);
+  tflite::micro::TfLiteStatus (*prepare)(tflite::micro::TfLiteContext*,
+                                         tflite::micro::TfLiteNode*);
+  tflite::micro::TfLiteStatus (*invoke)(tflite::micro::TfLiteContext*,
+                                        tflite::micro::TfLiteNode*);
+  void (*reset)(tflite::micro::TfLiteContext*, void*);
+};
+
+// Append `name` -> `kernel` to the resolver. Returns false (after MicroPrintf) if the object
+// is not a MicroMutableOpResolver<200>, the resolver is full, or `name` is already
+// registered with other functions. Registering the same op twice is a no-op.
+bool AddCustomOp(void* resolver, const char* name, const Kernel& kernel);
+
+// ----------------------------------------------------------------- kernel helpers
+// Custom options of every dgst op: a little-endian int32 array whose word 0 is the format
+// version (1); floats are stored as their IEEE-754 float32 bit patterns. Copies `count`
+// words into `out` and checks length and version; prints an error naming `op` otherwise.
+bool ReadOptions(const char* op, const char* buffer, size_t length, int32_t* out,
+                 int32_t count);
+float FloatFromBits(int32_t bits);
+
+const char* TypeName(int type);
+int NumElements(const tflite::micro::TfLiteEvalTensor* tensor);
+int Rank(const tflite::micro::TfLiteEvalTensor* tensor);
+int Dim(const tflite::micro::TfLiteEvalTensor* tensor, int i);  // i < 0 counts from the end
+
+// Node arity check with a message naming the op.
+bool CheckArity(const char* op, const tflite::micro::TfLiteNode* node, int inputs,
+                int outputs);
+// Fetch input/output `index`, require it to exist and have `type` and `rank` (-1: any).
+const tflite::micro::TfLiteEvalTensor* CheckedInput(const char* op, const char* what,
+                                                    tflite::micro::TfLiteContext* context,
+                                                    tflite::micro::TfLiteNode* node, int index,
+                                                    int type, int rank);
+tflite::micro::TfLiteEvalTensor* CheckedOutput(const char* op, const char* what,
+                                               tflite::micro::TfLiteContext* context,
+                                               tflite::micro::TfLiteNode* node, int index,
+                                               int type, int rank);
+
+}  // namespace dgst_tflm
+
+// Every op file defines `extern "C" bool DgstRegister_<OP NAME>(void* resolver)`; the
+// interpreter finds it by dlsym when its name is listed in custom_op_registerers.
+#define DGST_TFLM_EXPORT extern "C" __attribute__((visibility("default")))
+
+#endif  // DGST_TFLM_ABI_H_
