@@ -140,9 +140,11 @@ class MemoryBudget(keras.callbacks.Callback):
         optimizer = self.optimizer
         if optimizer is None:
             optimizer = getattr(model, "optimizer", None) or "sgd"
+        options = {"activation_patterns": getattr(model, "activation_patterns", None) or None,
+                   **self.memory_options}  # count what the train step really stores
         self.report = check_budget(model.base, model.scheme, self.input_shape,
                                    self.budget_bytes, self.accounting, optimizer=optimizer,
-                                   **self.memory_options)
+                                   **options)
         if self.verbose:
             print(f"MemoryBudget: {kb(report_value(self.report, self.accounting))} of "
                   f"{kb(self.budget_bytes)} ({self.accounting})")

@@ -53,6 +53,10 @@ Assumptions of the MCU runtime (state them when quoting a number):
 - ``full_weights_in_sram=True`` (dynamic channel selection, DGSU): the chosen channels
   change every step, so the whole kernel of a weight-updated layer is in SRAM (and has
   optimizer state); the saved input and the weight gradient stay the kept channels.
+- ``activation_patterns`` (a pattern name for every weight-updated conv, or a dict by
+  layer; `dgst_tf.pruning.activation_patterns`): the saved input is only the pixels the
+  pattern's output positions read (`layer_stored_bytes`), as `SparseUpdateModel` with the
+  same argument stores it. Lin et al.'s label is unchanged (it has no patterns).
 - Backward: activation gradients of ``gradient_bytes`` per element (4: float32, as
   tiny-training's compiler emits by default; 1 for int8 gradients); the gradient of a
   tensor is written by the backward of its last reader and freed after the backward of
@@ -299,6 +303,8 @@ class _Step:
     inputs: list               # value indices
     output: int                # value index
     fused: list = dataclasses.field(default_factory=list)  # activations applied on output
+    # zero padding of fused ZeroPadding2D layers between the input value and this op
+    explicit_padding: tuple = ((0, 0), (0, 0))
 
 
 def _shape_without_batch(shape) -> tuple:
@@ -335,7 +341,7 @@ class MemoryModel:
 
     def __init__(self, model: keras.Model, input_shape=None, gradient_bytes: int = 4,
                  optimizer: str | int = "sgd", inplace_depthwise: bool = False,
-                 full_weights_in_sram: bool = False):
+                 full_weights_in_sram: bool = False, activation_patterns=None):
         check_functional(model, "MemoryModel")
         if gradient_bytes not in (1, 2, 4):
             raise MemoryModelError(f"gradient_bytes must be 1, 2 or 4, got {gradient_bytes!r}")
@@ -344,6 +350,7 @@ class MemoryModel:
         self.optimizer_slots = optimizer_slots(optimizer)
         self.inplace_depthwise = bool(inplace_depthwise)
         self.full_weights_in_sram = bool(full_weights_in_sram)
+        self.activation_patterns = activation_patterns
         self.input_shape = self._input_shape(input_shape)
         self.classifier = classifier_layer(model)
         self.convs = conv_layers(model)
@@ -355,7 +362,8 @@ class MemoryModel:
     def settings(self) -> dict:
         return {"gradient_bytes": self.gradient_bytes, "optimizer_slots": self.optimizer_slots,
                 "inplace_depthwise": self.inplace_depthwise,
-                "full_weights_in_sram": self.full_weights_in_sram, "activation_bytes": 1,
+                "full_weights_in_sram": self.full_weights_in_sram,
+                "activation_patterns": self.activation_patterns, "activation_bytes": 1,
                 "weight_bytes": 1, "bias_bytes": 4}
 
     def _input_shape(self, input_shape) -> tuple:
@@ -390,6 +398,7 @@ class MemoryModel:
         tensor_shape = {str(id(model.inputs[0])): (1, *self.input_shape)}
         self.values, self.steps = [], []
         value_of = {}   # tensor id -> value index
+        padding_of = {}  # tensor id -> zero padding fused into it, ((top, bottom), (left, right))
         input_value = _Value(0, self.input_shape, -1, [])
         self.values.append(input_value)
         value_of[str(id(model.inputs[0]))] = 0
@@ -418,12 +427,18 @@ class MemoryModel:
                     and len(readers.get(in_ids[0], [])) == 1):
                 source = value_of[in_ids[0]]
                 value_of[out_id] = source
+                (t, b), (left, r) = padding_of.get(in_ids[0], ((0, 0), (0, 0)))
+                if isinstance(layer, keras.layers.ZeroPadding2D):
+                    (pt, pb), (pl, pr) = layer.padding
+                    t, b, left, r = t + pt, b + pb, left + pl, r + pr
+                padding_of[out_id] = ((t, b), (left, r))
                 producer = self.values[source].producer
                 if producer >= 0:
                     self.steps[producer].fused.append(layer)
                 continue
             step = _Step(len(self.steps), layer,
-                         [value_of[t] for t in in_ids], len(self.values))
+                         [value_of[t] for t in in_ids], len(self.values),
+                         explicit_padding=padding_of.get(in_ids[0], ((0, 0), (0, 0))))
             for v in step.inputs:
                 self.values[v].readers.append(step.index)
             shape = _shape_without_batch(tensor_shape[out_id])
@@ -646,6 +661,13 @@ class MemoryModel:
             if self.full_weights_in_sram:
                 sram_weights = int(kernel_of(layer).shape.num_elements())
             row.saved_input_bytes = inp.elements // inp.shape[-1] * k * ACTIVATION_BYTES
+            pattern = self._pattern_for(layer)
+            if pattern is not None:
+                from dgst_tf.pruning.activation_patterns import layer_stored_bytes
+
+                row.saved_input_bytes = ACTIVATION_BYTES * layer_stored_bytes(
+                    layer, inp.shape, pattern, kept_channels=k,
+                    explicit_padding=step.explicit_padding)
             row.extra_memory_bits = (self._lin_bias_bits[layer.name]
                                      + k * self._lin_channel_bits[layer.name])
         else:
@@ -656,6 +678,17 @@ class MemoryModel:
         row.bias_bytes = biases * BIAS_BYTES
         row.optimizer_bytes = self.optimizer_slots * 4 * (sram_weights + biases)
         row.weight_gradient_bytes = self.gradient_bytes * (weights + biases)
+
+
+    def _pattern_for(self, layer):
+        """The activation pattern stored for ``layer``'s weight gradient, or None (Dense
+        layers: spatial patterns change nothing)."""
+        patterns = self.activation_patterns
+        if patterns is None or isinstance(layer, keras.layers.Dense):
+            return None
+        if isinstance(patterns, str):
+            return patterns
+        return patterns.get(layer.name)
 
 
 def _bias_count(layer) -> int:

@@ -15,6 +15,11 @@ none). The channel selection of every weight-updated layer lives in tf.Variables
     sparse.fit(train_ds, callbacks=[DynamicChannelSelection(importance="weight_l2", seed=0)])
     trained = sparse.base   # the BN-folded model with the updated weights
 
+``activation_patterns`` ("stride2", or ``{"block_16_expand": "checker"}``) stores only a
+spatial pattern of each weight-updated conv's selected input and estimates its weight
+gradient from it (`dgst_tf.pruning.activation_patterns`); pass the same value to
+`dgst_tf.memory.training_memory` to count the saving.
+
 Per-step logs: ``updated_fraction`` (conv weights updated this step / all conv weights)
 and ``coverage`` (weights of the weight-updated layers visited at least once so far).
 """
@@ -97,11 +102,12 @@ class _SparseLayerCall(keras.layers.Layer):
     """Calls a Conv2D / DepthwiseConv2D / Dense with the sparse backward of `sparse_ops`."""
 
     def __init__(self, layer, selection=None, active=None, input_grad=True, bias_grad=False,
-                 full_weight_grad=False, **kwargs):
+                 full_weight_grad=False, pattern=None, **kwargs):
         super().__init__(name=f"{layer.name}_sparse", **kwargs)
         self.layer, self.selection, self.active = layer, selection, active
         self.flags = dict(input_grad=input_grad, bias_grad=bias_grad)
         self.full_weight_grad = full_weight_grad
+        self.pattern = pattern
 
     def call(self, x):
         layer = self.layer
@@ -117,7 +123,7 @@ class _SparseLayerCall(keras.layers.Layer):
                   if isinstance(layer, keras.layers.DepthwiseConv2D) else sparse_ops.sparse_conv2d)
             y = op(x, kernel_of(layer), bias, strides=layer.strides, padding=layer.padding.upper(),
                    dilations=layer.dilation_rate, selection=selection, active=active,
-                   **self.flags)
+                   pattern=self.pattern, **self.flags)
         return layer.activation(y)
 
 
@@ -135,6 +141,21 @@ def _plain_relu(layer) -> bool:
             and not float(layer.threshold))
 
 
+def _resolve_patterns(patterns, weight_layers) -> dict:
+    """Layer name -> activation pattern name for the weight-updated convolutions: ``patterns``
+    is None, one pattern name for all of them, or a dict naming some of them."""
+    if patterns is None:
+        return {}
+    convs = {l.name for l in weight_layers if not isinstance(l, keras.layers.Dense)}
+    if isinstance(patterns, str):
+        return {name: patterns for name in sorted(convs)}
+    unknown = sorted(set(patterns) - convs)
+    if unknown:
+        raise SchemeError(f"activation patterns name {unknown}, which are not weight-updated "
+                          f"Conv2D/DepthwiseConv2D layers of this scheme ({sorted(convs)})")
+    return dict(patterns)
+
+
 def _is_plain_sgd(optimizer) -> bool:
     """SGD without momentum or weight decay: zero gradients leave weights bit-identical."""
     sgd_types = (keras.optimizers.SGD, keras.optimizers.legacy.SGD)
@@ -147,7 +168,7 @@ class SparseUpdateModel(keras.Model):
     """A Keras model whose ``fit`` updates only what an `UpdateScheme` names."""
 
     def __init__(self, model: keras.Model, scheme: UpdateScheme, fold_bn: bool = True,
-                 name: str | None = None, **kwargs):
+                 activation_patterns=None, name: str | None = None, **kwargs):
         super().__init__(name=name or f"{model.name}_sparse", **kwargs)
         check_functional(model, "SparseUpdateModel")
         check_single_use(model, "SparseUpdateModel")
@@ -164,6 +185,7 @@ class SparseUpdateModel(keras.Model):
             if scheme.update_for(layer.name).updates_bias and not layer.use_bias:
                 raise SchemeError(f"layer {layer.name!r} has no bias to update (use_bias=False "
                                   "and no BatchNorm folded into it)")
+        self.activation_patterns = _resolve_patterns(activation_patterns, self._weight_layers)
         self.selection = SelectionState(
             {l.name: (input_channels(l), kept_channels(l, scheme.update_for(l.name).ratio))
              for l in self._weight_layers}, name="selection_state")
@@ -196,7 +218,8 @@ class SparseUpdateModel(keras.Model):
             call = _SparseLayerCall(
                 layer, selection=state and state["indices"], active=state and state["active"],
                 input_grad=needs_grad, bias_grad=update.updates_bias or is_classifier,
-                full_weight_grad=is_classifier)
+                full_weight_grad=is_classifier,
+                pattern=self.activation_patterns.get(layer.name))
             return call(*args)
         if needs_grad and _plain_relu(layer):
             return _MaskedReLU(layer)(*args)

@@ -7,7 +7,10 @@ Each op is an ordinary forward computation wrapped in ``tf.custom_gradient``; it
   selected slice of the input activation, which is the only activation the op keeps
   (it is scattered into a full-shape gradient so any optimizer can apply it, zeros elsewhere);
 - skips the weight gradient entirely when ``active`` is False (dynamic layer choice);
-- computes the bias gradient only if ``bias_grad``.
+- computes the bias gradient only if ``bias_grad``;
+- with an activation ``pattern`` (`dgst_tf.pruning.activation_patterns`, spatial patterns
+  only), keeps only the pattern's pixels of the selected slice and estimates the weight
+  gradient from them (``pattern=None`` or "full": exact).
 
 Nothing here knows Keras layers; `dgst_tf.sparse_model` binds these ops to them.
 
@@ -27,6 +30,35 @@ def _channel_scatter(values, indices, full_shape, axis):
     return tf.transpose(tf.scatter_nd(indices[:, None], moved, shape), inverse)
 
 
+def _stored_pattern(pattern, kernel_size, strides, padding, dilations):
+    """(pattern, geometry) for a non-trivial spatial pattern, else None."""
+    if pattern is None:
+        return None
+    from dgst_tf.pruning import activation_patterns as ap  # imports TF-MOT: only when used
+
+    pattern = ap.get_pattern(pattern)
+    if pattern.channel_block:
+        raise ValueError(f"activation pattern {pattern.name!r} drops channels; the sparse "
+                         "update chooses channels itself (use a spatial pattern)")
+    if pattern.is_full:
+        return None
+    return pattern, ap.ConvGeometry.of(kernel_size, strides, padding, dilations)
+
+
+def _pattern_weight_grad(stored, dy, stored_pattern, kernel_shape, depthwise=False):
+    from dgst_tf.pruning import activation_patterns as ap
+
+    pattern, geometry = stored_pattern
+    return ap.weight_gradient_from_stored(stored, dy, pattern, geometry, kernel_shape,
+                                          kernel_shape[2], depthwise=depthwise)
+
+
+def _store(kept, stored_pattern):
+    from dgst_tf.pruning import activation_patterns as ap
+
+    return ap.store_for_conv(kept, *stored_pattern)
+
+
 def _weight_grad(compute, active, full_shape, dtype):
     if active is None:
         return compute()
@@ -34,11 +66,13 @@ def _weight_grad(compute, active, full_shape, dtype):
 
 
 def sparse_conv2d(x, kernel, bias=None, *, strides, padding, dilations=(1, 1),
-                  selection=None, active=None, input_grad=True, bias_grad=False):
+                  selection=None, active=None, input_grad=True, bias_grad=False,
+                  pattern=None):
     """Conv2D (NHWC, HWIO kernel) with the sparse backward described in the module doc."""
     strides4 = [1, strides[0], strides[1], 1]
     dilations4 = [1, dilations[0], dilations[1], 1]
     full_shape = kernel.shape.as_list()
+    stored_pattern = _stored_pattern(pattern, full_shape[:2], strides, padding, dilations)
 
     @tf.custom_gradient
     def op(x, kernel, *bias):
@@ -47,6 +81,8 @@ def sparse_conv2d(x, kernel, bias=None, *, strides, padding, dilations=(1, 1),
         if bias is not None:
             y = tf.nn.bias_add(y, bias)
         kept = tf.gather(x, selection, axis=3) if selection is not None else None
+        if kept is not None and stored_pattern is not None:
+            kept = _store(kept, stored_pattern)  # only the pattern's pixels are kept
         x_shape = tf.shape(x)
 
         def grad(dy):
@@ -56,6 +92,10 @@ def sparse_conv2d(x, kernel, bias=None, *, strides, padding, dilations=(1, 1),
             dk = None
             if selection is not None:
                 def compute():
+                    if stored_pattern is not None:
+                        shape = [*full_shape[:2], int(selection.shape[0]), full_shape[3]]
+                        dk_kept = _pattern_weight_grad(kept, dy, stored_pattern, shape)
+                        return _channel_scatter(dk_kept, selection, full_shape, axis=2)
                     k = tf.shape(selection)[0]
                     sizes = tf.stack([full_shape[0], full_shape[1], k, full_shape[3]])
                     dk_kept = tf.raw_ops.Conv2DBackpropFilter(
@@ -72,11 +112,13 @@ def sparse_conv2d(x, kernel, bias=None, *, strides, padding, dilations=(1, 1),
 
 
 def sparse_depthwise_conv2d(x, kernel, bias=None, *, strides, padding, dilations=(1, 1),
-                            selection=None, active=None, input_grad=True, bias_grad=False):
+                            selection=None, active=None, input_grad=True, bias_grad=False,
+                            pattern=None):
     """DepthwiseConv2D (kernel [K, K, C, multiplier]); ``selection`` picks channels."""
     strides4 = [1, strides[0], strides[1], 1]
     full_shape = kernel.shape.as_list()
     multiplier = full_shape[3]
+    stored_pattern = _stored_pattern(pattern, full_shape[:2], strides, padding, dilations)
 
     @tf.custom_gradient
     def op(x, kernel, *bias):
@@ -85,19 +127,45 @@ def sparse_depthwise_conv2d(x, kernel, bias=None, *, strides, padding, dilations
         if bias is not None:
             y = tf.nn.bias_add(y, bias)
         kept = tf.gather(x, selection, axis=3) if selection is not None else None
+        if kept is not None and stored_pattern is not None:
+            kept = _store(kept, stored_pattern)
         x_shape = tf.shape(x)
 
         def grad(dy):
-            dx = (tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-                input_sizes=x_shape, filter=kernel, out_backprop=dy, strides=strides4,
-                padding=padding, dilations=[1, dilations[0], dilations[1], 1])
-                if input_grad else None)
+            dx = None
+            if input_grad and tuple(dilations) != (1, 1):
+                # TF's native depthwise input backprop ignores dilations on CPU:
+                # differentiate the (space-to-batch) forward op instead
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y_again = tf.nn.depthwise_conv2d(x, kernel, strides4, padding,
+                                                     dilations=dilations)
+                dx = tape.gradient(y_again, x, output_gradients=dy)
+            elif input_grad:
+                dx = tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+                    input_sizes=x_shape, filter=kernel, out_backprop=dy, strides=strides4,
+                    padding=padding, dilations=[1, dilations[0], dilations[1], 1])
             dk = None
             if selection is not None:
                 def compute():
                     k = tf.shape(selection)[0]
                     out_channels = tf.reshape(
                         selection[:, None] * multiplier + tf.range(multiplier)[None, :], [-1])
+                    if stored_pattern is not None:
+                        shape = [*full_shape[:2], int(selection.shape[0]), multiplier]
+                        dk_kept = _pattern_weight_grad(
+                            kept, tf.gather(dy, out_channels, axis=3), stored_pattern, shape,
+                            depthwise=True)
+                        return _channel_scatter(dk_kept, selection, full_shape, axis=2)
+                    if tuple(dilations) != (1, 1):  # native filter backprop ignores them
+                        chosen = tf.gather(kernel, selection, axis=2)
+                        with tf.GradientTape() as tape:
+                            tape.watch(chosen)
+                            y_kept = tf.nn.depthwise_conv2d(kept, chosen, strides4, padding,
+                                                            dilations=dilations)
+                        dk_kept = tape.gradient(y_kept, chosen, output_gradients=tf.gather(
+                            dy, out_channels, axis=3))
+                        return _channel_scatter(dk_kept, selection, full_shape, axis=2)
                     sizes = tf.stack([full_shape[0], full_shape[1], k, multiplier])
                     dk_kept = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
                         input=kept, filter_sizes=sizes,

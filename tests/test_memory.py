@@ -252,3 +252,29 @@ def test_memory_budget_callback_fails_before_the_first_step(model):
     with pytest.raises(TypeError, match="SparseUpdateModel"):
         model.compile(optimizer="sgd", loss="mse")
         model.fit(*batch(2), verbose=0, callbacks=[MemoryBudget("8KB")])
+
+
+def test_activation_patterns_shrink_the_saved_inputs_by_hand(model):
+    plain = training_memory(model, UpdateScheme(SCHEME))
+    patterned = training_memory(model, UpdateScheme(SCHEME),
+                                activation_patterns={"expand": "stride2", "head": "rows2"})
+    # expand: 1x1 conv on 8x8, k = 4: stride2 keeps 4x4 pixels -> 64 B instead of 256 B
+    assert plain.layer("expand").saved_input_bytes == 8 * 8 * 4
+    assert patterned.layer("expand").saved_input_bytes == 4 * 4 * 4
+    # head: 3x3/2 valid conv on the padded 10x10 (8x8 unpadded), k = 4; rows2 keeps output
+    # rows 0 and 2, which read padded rows 0-2 and 4-6 = unpadded rows 0-1 and 3-5 (5 rows)
+    assert patterned.layer("head").saved_input_bytes == 5 * 8 * 4
+    assert patterned.layer("depthwise").saved_input_bytes == plain.layer(
+        "depthwise").saved_input_bytes
+    assert patterned.extra_memory_bits == plain.extra_memory_bits  # Lin's label has none
+    assert patterned.training_peak_bytes <= plain.training_peak_bytes
+
+
+def test_memory_budget_counts_the_patterns_the_model_stores(model):
+    sparse = SparseUpdateModel(model, UpdateScheme(SCHEME), activation_patterns="stride2")
+    sparse.compile(optimizer=keras.optimizers.SGD(0.01),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    budget = MemoryBudget("1MB")
+    x, y = batch(1)
+    sparse.fit(x, y, epochs=1, verbose=0, callbacks=[budget])
+    assert budget.report.layer("expand").saved_input_bytes == 4 * 4 * 4

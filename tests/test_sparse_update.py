@@ -198,3 +198,104 @@ def test_layers_per_step_takes_layers_in_turn():
     assert active == [[True, False, False], [False, True, False], [False, False, True]]
     full = sparse.scheme.updated_weight_fraction(sparse.base)
     assert history.history["updated_fraction"][-1] < full
+
+
+class _MaskedWeightGradient(keras.layers.Layer):
+    """Oracle for activation patterns, by plain autodiff: the layer's output value, full input
+    gradient, and a kernel gradient taken only at the pattern's output positions, rescaled."""
+
+    def __init__(self, layer, mask, **kwargs):
+        super().__init__(name=f"{layer.name}_oracle", **kwargs)
+        self.layer, self.mask = layer, tf.constant(mask, tf.float32)[None, :, :, None]
+        self.scale = float(mask.size / mask.sum())
+
+    def call(self, x):
+        layer = self.layer
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        strides = [1, *layer.strides, 1]
+
+        def conv(inputs, kernel):
+            if depthwise:
+                return tf.nn.depthwise_conv2d(inputs, kernel, strides, layer.padding.upper())
+            return tf.nn.conv2d(inputs, kernel, strides, layer.padding.upper())
+
+        kernel = layer.depthwise_kernel if depthwise else layer.kernel
+        full = conv(x, tf.stop_gradient(kernel))
+        estimate = conv(tf.stop_gradient(x), kernel)
+        y = full + self.scale * self.mask * (estimate - tf.stop_gradient(estimate))
+        return layer.activation(tf.nn.bias_add(y, layer.bias))
+
+
+def test_activation_patterns_estimate_the_weight_gradient_from_the_pattern_only():
+    from dgst_tf.graph import rebuild
+
+    scheme, lr = {"expand": 1.0, "depthwise": 1.0, "head": 0.5}, 0.1
+    patterns = {"expand": "stride2", "depthwise": "rows2"}
+    sparse = SparseUpdateModel(residual_cnn(), UpdateScheme(scheme),
+                               activation_patterns=patterns)
+    sparse.compile(optimizer=keras.optimizers.SGD(lr), loss=LOSS)
+    sparse.selection.assign("head", [0, 2, 4, 7])
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    masks = {"expand": (rows % 2 == 0) & (cols % 2 == 0), "depthwise": rows % 2 == 0}
+
+    def call(layer, args, kwargs):
+        if layer.name in masks:
+            return _MaskedWeightGradient(layer, masks[layer.name])(*args)
+        return layer(*args, **kwargs)
+
+    oracle = rebuild(sparse.base, call)
+    x, y = batch(1)
+    before = {v.name: v.numpy() for v in sparse.base.weights}
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, oracle(x))
+    kernels = [sparse.base.get_layer(n).weights[0] for n in ("expand", "depthwise", "head")]
+    expected = dict(zip(("expand", "depthwise", "head"), tape.gradient(loss, kernels)))
+    sparse.fit(x, y, batch_size=1, epochs=1, verbose=0, shuffle=False)
+    for name, kernel in zip(expected, kernels):
+        step = before[kernel.name] - kernel.numpy()
+        want = lr * expected[name].numpy()
+        if name == "head":  # no pattern: the selection only
+            keep = np.zeros_like(want)
+            keep[:, :, [0, 2, 4, 7], :] = want[:, :, [0, 2, 4, 7], :]
+            want = keep
+        np.testing.assert_allclose(step, want, atol=1e-5, err_msg=name)
+
+
+def test_activation_patterns_must_name_weight_updated_convs():
+    from dgst_tf.scheme import SchemeError
+
+    with pytest.raises(SchemeError, match="'project'"):
+        SparseUpdateModel(residual_cnn(), UpdateScheme(SCHEME),
+                          activation_patterns={"project": "stride2"})
+    with pytest.raises(ValueError, match="drops channels"):
+        SparseUpdateModel(residual_cnn(), UpdateScheme(SCHEME), activation_patterns="cblock4/2")
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_dilated_convolutions_get_exact_sparse_gradients(depthwise):
+    from dgst_tf import sparse_ops
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(1, 9, 9, 4)), tf.float32)
+    shape = (3, 3, 4, 2) if depthwise else (3, 3, 4, 5)
+    kernel = tf.constant(rng.normal(size=shape), tf.float32)
+    selection = tf.constant([0, 2])
+    op = sparse_ops.sparse_depthwise_conv2d if depthwise else sparse_ops.sparse_conv2d
+
+    def dense(inputs, k):
+        if depthwise:
+            return tf.nn.depthwise_conv2d(inputs, k, [1, 1, 1, 1], "SAME", dilations=(2, 2))
+        return tf.nn.conv2d(inputs, k, [1, 1, 1, 1], "SAME", dilations=[1, 2, 2, 1])
+
+    weights = tf.sin(tf.range(shape[2] * shape[3] if depthwise else shape[3], dtype=tf.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, kernel])
+        sparse_loss = tf.reduce_sum(op(x, kernel, strides=(1, 1), padding="SAME",
+                                       dilations=(2, 2), selection=selection) * weights)
+        dense_loss = tf.reduce_sum(dense(x, kernel) * weights)
+    dx, dk = tape.gradient(sparse_loss, [x, kernel])
+    rx, rk = tape.gradient(dense_loss, [x, kernel])
+    np.testing.assert_allclose(dx, rx, atol=1e-5)
+    np.testing.assert_allclose(tf.gather(dk, selection, axis=2),
+                               tf.gather(rk, selection, axis=2), atol=1e-5)
+    assert not np.any(np.delete(dk.numpy(), [0, 2], axis=2))

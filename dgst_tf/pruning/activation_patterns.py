@@ -358,24 +358,28 @@ def pattern_depthwise_conv2d(x, kernel, bias=None, *, strides=(1, 1), padding="S
 # ----------------------------------------------------------------------- memory count
 def stored_bytes(pattern, input_shape, kernel_size=(1, 1), strides=(1, 1), padding="SAME",
                  dilations=(1, 1), kept_channels: int | None = None,
-                 bytes_per_element: int = 1) -> int:
+                 bytes_per_element: int = 1, explicit_padding=((0, 0), (0, 0))) -> int:
     """Bytes a layer keeps for its weight gradient under ``pattern``: the distinct input
     pixels (inside the unpadded input) read by the kept output positions, times the kept
     channels (``kept_channels``: the sparse update's selection; the pattern's channel
     blocks apply on top, proportionally), times ``bytes_per_element`` (int8: 1).
+    ``explicit_padding`` ``((top, bottom), (left, right))``: a ZeroPadding2D between
+    ``input_shape`` and the conv (zeros are not stored).
 
         stored_bytes("stride2", (12, 12, 96))          # 3456
         stored_bytes("full", (12, 12, 96), kept_channels=24)   # 3456
     """
     pattern = get_pattern(pattern)
     h, w, c = (int(d) for d in input_shape)
+    (et, eb), (el, er) = explicit_padding
+    hp, wp = h + et + eb, w + el + er   # what the conv reads
     geometry = ConvGeometry.of(kernel_size, strides, padding, dilations)
-    out_h, out_w = geometry.output_size(h, 0), geometry.output_size(w, 1)
-    pt, pl = geometry.pad_before(h, 0), geometry.pad_before(w, 1)
+    out_h, out_w = geometry.output_size(hp, 0), geometry.output_size(wp, 1)
+    pt, pl = geometry.pad_before(hp, 0) + et, geometry.pad_before(wp, 1) + el
     pixels = np.zeros((h, w), bool)
     for rows, cols in pattern.output_grids(out_h, out_w):
-        r = geometry.input_rows(rows, h, 0) - pt
-        q = geometry.input_rows(cols, w, 1) - pl
+        r = geometry.input_rows(rows, hp, 0) - pt
+        q = geometry.input_rows(cols, wp, 1) - pl
         r, q = r[(r >= 0) & (r < h)], q[(q >= 0) & (q < w)]
         pixels[np.ix_(r, q)] = True
     channels = c if kept_channels is None else int(kept_channels)
@@ -384,14 +388,16 @@ def stored_bytes(pattern, input_shape, kernel_size=(1, 1), strides=(1, 1), paddi
     return int(pixels.sum()) * channels * int(bytes_per_element)
 
 
-def layer_stored_bytes(layer, input_shape, pattern, kept_channels: int | None = None) -> int:
+def layer_stored_bytes(layer, input_shape, pattern, kept_channels: int | None = None,
+                       explicit_padding=((0, 0), (0, 0))) -> int:
     """`stored_bytes` for a Keras Conv2D / DepthwiseConv2D / Dense layer (Dense: a 1x1
     conv on a 1x1 map, so spatial patterns change nothing)."""
     if isinstance(layer, keras.layers.Dense):
         features = int(input_shape[-1])
         return stored_bytes(pattern, (1, 1, features), kept_channels=kept_channels)
     return stored_bytes(pattern, input_shape, layer.kernel_size, layer.strides,
-                        layer.padding, layer.dilation_rate, kept_channels)
+                        layer.padding, layer.dilation_rate, kept_channels,
+                        explicit_padding=explicit_padding)
 
 
 # ----------------------------------------------------------- Keras binding (benchmarks)
