@@ -2,8 +2,9 @@
 
 Batch size 1, plain SGD, only what the training method updates (`dgst_tf.methods`: by
 default DGSU at 2% of conv weights per step), then held-out accuracy, the fraction of conv
-weights updated per step, their coverage, and the SRAM the trained parameters take as int8.
-(Later issues add the memory model, pruning and export to the same job.)
+weights updated per step, their coverage, the SRAM the trained parameters take as int8,
+and the analytic int8 memory of one training step (`dgst_tf.memory`; with ``budget`` the
+run stops before the first step if the step would not fit).
 
     from dgst_tf.adapt import AdaptConfig, run
     result = run(AdaptConfig(dataset="fashion_mnist", train_examples=500, epochs=1))
@@ -17,7 +18,9 @@ import tempfile
 import time
 
 from dgst_tf import data, models, runtime
+from dgst_tf.budget import MemoryBudget
 from dgst_tf.keras_compat import keras
+from dgst_tf.memory import training_memory
 from dgst_tf.methods import METHODS, build_method
 from dgst_tf.scheme import UpdateScheme, kernel_of
 from dgst_tf.selection_callbacks import DynamicChannelSelection, StaticChannelSelection
@@ -44,6 +47,8 @@ class AdaptConfig:
     epochs: int = 2
     batch_size: int = 1
     learning_rate: float = 0.001  # batch-1 SGD on backbone layers diverges at 0.01
+    activation_pattern: str | None = None  # e.g. "stride2": store a pattern of the inputs
+    budget: str | None = None  # e.g. "256KB": refuse to train a step that needs more SRAM
     seed: int = 0
     output_dir: str | None = None
 
@@ -97,7 +102,27 @@ def build_model(config: AdaptConfig, num_classes: int):
     else:
         scheme, callbacks = build_method(config.method, model, config.target_fraction,
                                          seed=config.seed)
-    return SparseUpdateModel(model, scheme), callbacks
+    sparse = SparseUpdateModel(model, scheme, activation_patterns=config.activation_pattern)
+    if config.budget:  # checked before the first step, with the breakdown in the error
+        callbacks = [MemoryBudget(config.budget, full_weights_in_sram=_dynamic(callbacks)),
+                     *callbacks]
+    return sparse, callbacks
+
+
+def _dynamic(callbacks) -> bool:
+    """Channels change every step: the whole kernel of an updated layer sits in SRAM."""
+    return any(isinstance(c, DynamicChannelSelection) for c in callbacks)
+
+
+def training_memory_summary(sparse: SparseUpdateModel, callbacks, image_size: int) -> dict:
+    """The analytic int8 memory of one training step at batch 1 (`dgst_tf.memory`)."""
+    report = training_memory(sparse.base, sparse.scheme, (image_size, image_size, 3),
+                             full_weights_in_sram=_dynamic(callbacks),
+                             activation_patterns=sparse.activation_patterns or None)
+    return {"training_peak_bytes": report.training_peak_bytes,
+            "extra_memory_bytes": report.extra_memory_bytes,
+            "inference_peak_bytes": report.forward_peak_bytes,
+            "dense_training_bytes": report.dense_training_bytes}
 
 
 def trained_parameter_sram(sparse: SparseUpdateModel) -> dict:
@@ -142,6 +167,7 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
         "test_accuracy": float(test_accuracy),
         "train_seconds": round(train_seconds, 1),
         **trained_parameter_sram(model),
+        "memory": training_memory_summary(model, callbacks, config.image_size),
     }
     if config.output_dir:
         write_json_atomically(pathlib.Path(config.output_dir) / "result.json", result)

@@ -41,6 +41,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--activation-pattern", default=None,
+                        help="store only this spatial pattern of each weight-updated conv's "
+                             "input (stride2, checker, rows2, ...; dgst_tf.pruning)")
+    parser.add_argument("--budget", default=None,
+                        help="SRAM budget of one training step, e.g. 256KB: fail before "
+                             "training if the scheme needs more")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output-dir", default=None, help="write result.json here")
 
@@ -75,6 +81,11 @@ def _cmd_train(args) -> int:
     print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
     print(f"SRAM for updated parameters (int8 weights, int32 biases): "
           f"{result['sram_bytes'] / 1024:.1f} KB ({result['trainable_parameters']} parameters)")
+    memory = result["memory"]
+    print(f"training step  {memory['training_peak_bytes'] / 1024:.1f} KB peak SRAM at batch 1 "
+          f"(int8; inference alone {memory['inference_peak_bytes'] / 1024:.1f} KB, dense "
+          f"training {memory['dense_training_bytes'] / 1024:.1f} KB, Lin et al.'s extra-memory "
+          f"label {memory['extra_memory_bytes'] / 1024:.1f} KB; dgst_tf.memory)")
     return 0
 
 

@@ -48,6 +48,9 @@ def add_export_parsers(subparsers) -> None:
     what.add_argument("--learning-rate", type=float, default=0.05)
     what.add_argument("--selection", default="magnitude", choices=("magnitude", "first"),
                       help="kept input channels of weight-updated layers (static)")
+    what.add_argument("--policy", default=None, choices=("traversal", "magnitude"),
+                      help="dynamic selection evaluated on device each step (DGSU-style) "
+                           "instead of the static --selection")
     what.add_argument("--no-fold-pads", dest="fold_pads", action="store_false",
                       help="keep explicit PAD ops (default: exact SAME convs instead)")
     data = export.add_argument_group("calibration data")
@@ -152,13 +155,15 @@ def run_export(args) -> int:
     scheme = _scheme(args, model)
     output = args.output or "train.tflite"
     info = export_training(model, scheme, images, output, learning_rate=args.learning_rate,
-                           selection=args.selection, fold_pads=args.fold_pads)
+                           selection=args.selection, policy=args.policy,
+                           fold_pads=args.fold_pads)
     m = info.manifest
     print(f"wrote {info.path} ({m['size_bytes']} bytes) and {info.manifest_path}")
     print(f"one Invoke = one training step: image {m['inputs'][0]['shape']} int8 + label; "
           f"learning rate {m['learning_rate']}")
     for layer in m["layers"]:
         kept = "" if layer["kept"] is None else f", {len(layer['kept'])} input channels"
+        kept = f", channels chosen on device ({layer['policy']})" if layer["policy"] else kept
         print(f"  {layer['name']:<24} {layer['kind']:<9} {layer['update']}{kept}")
     print(f"ops: {m['ops']}")
     return 0

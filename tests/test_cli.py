@@ -42,6 +42,38 @@ def test_train_on_an_image_folder_writes_results(tmp_path, capsys, method):
     assert result["train_examples"] == 12 and result["test_examples"] == 12
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert (result["updated_fraction"] > 0) == (method == "dgsu")
+    memory = result["memory"]
+    assert 0 < memory["inference_peak_bytes"] <= memory["training_peak_bytes"]
+    assert memory["training_peak_bytes"] < memory["dense_training_bytes"]
+    assert "training step" in out and "KB peak SRAM" in out
+
+
+def test_train_refuses_a_budget_the_step_exceeds_before_training(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    code = cli.main(["train", "--dataset", "folder", "--data", str(data), "--weights", "none",
+                     "--width", "0.35", "--image-size", "32", "--verbose", "0",
+                     "--budget", "4KB", "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "4.0 KB" in err and "block_" in err  # the budget and the largest contributors
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_with_an_activation_pattern_counts_its_memory(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    results = {}
+    for pattern in (None, "stride2"):
+        out = tmp_path / f"out-{pattern}"
+        extra = ["--activation-pattern", pattern] if pattern else []
+        code = cli.main(["train", "--dataset", "folder", "--data", str(data), "--weights",
+                         "none", "--width", "0.35", "--image-size", "32", "--verbose", "0",
+                         "--epochs", "1", "--output-dir", str(out), *extra])
+        assert code == 0, capsys.readouterr().err
+        results[pattern] = json.loads((out / "result.json").read_text())
+    assert results["stride2"]["config"]["activation_pattern"] == "stride2"
+    assert 0.0 <= results["stride2"]["test_accuracy"] <= 1.0
+    peak = {k: r["memory"]["training_peak_bytes"] for k, r in results.items()}
+    assert peak["stride2"] <= peak[None]
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
