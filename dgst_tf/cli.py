@@ -4,6 +4,8 @@
     dgst train [options]      adapt the pretrained model to a dataset (the main job)
     dgst plan [options]       choose an update scheme that fits a memory budget
     dgst prune [options]      structured channel pruning to a flash budget (TF-MOT)
+    dgst export [options]     write the model as a TFLM training step (.tflite + .json) or int8 model
+    dgst tflm-train MODEL     run N training steps in TFLM: loss, accuracy, arena bytes
 """
 import argparse
 import dataclasses
@@ -98,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
     train.set_defaults(func=_cmd_train)
+    from dgst_tf.cli_export import add_export_parsers
     from dgst_tf.cli_plan import add_plan_parser
     from dgst_tf.cli_prune import add_prune_parser
 
     add_plan_parser(sub)
     add_prune_parser(sub)
+    add_export_parsers(sub)
     return parser
 
 

@@ -137,7 +137,19 @@ def _scheme(args, model):
 
 
 def run_export(args) -> int:
-    """Run ``dgst export`` from parsed arguments (0 on success)."""
+    """Run ``dgst export`` from parsed arguments (0 on success, 2 if conversion fails)."""
+    import sys
+
+    from dgst_tf.export.inference import Int8ExportError
+
+    try:
+        return _export(args)
+    except Int8ExportError as err:  # a RuntimeError: dgst's main only reports ValueError...
+        print(f"dgst export: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _export(args) -> int:
     from dgst_tf import runtime
     from dgst_tf.export.inference import export_int8
     from dgst_tf.export.training import export_training
@@ -170,7 +182,19 @@ def run_export(args) -> int:
 
 
 def run_tflm_train(args) -> int:
-    """Run ``dgst tflm-train`` from parsed arguments (0 on success)."""
+    """Run ``dgst tflm-train`` from parsed arguments (0 on success, 2 if TFLM fails)."""
+    import sys
+
+    from dgst_tf.export.tflm_runner import TflmError
+
+    try:
+        return _tflm_train(args)
+    except TflmError as err:  # a RuntimeError: dgst's main only reports ValueError/OSError
+        print(f"dgst tflm-train: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _tflm_train(args) -> int:
     import numpy as np
 
     from dgst_tf import runtime

@@ -56,7 +56,7 @@ MANIFEST_VERSION = 1
 _OPS = schema.BuiltinOperator
 _WEIGHT_KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise",
                  "FULLY_CONNECTED": "dense"}
-_PASS_THROUGH = {"QUANTIZE", "DEQUANTIZE_NO"}  # int8 requantization: straight-through
+_PASS_THROUGH = {"QUANTIZE"}  # int8 -> int8 requantization: straight-through gradient
 _RELU, _RELU6 = 1, 3
 
 
@@ -93,7 +93,8 @@ class _Layer:
     kind: str  # conv, depthwise, dense
     update: object  # LayerUpdate
     kept: np.ndarray | None = None  # input channels whose weights are updated
-    kept_tensor: int = -1  # the constant int32 tensor holding them
+    kept_tensor: int = -1  # the int32 tensor holding them (constant, or chosen on device)
+    policy: str | None = None  # dynamic selection policy evaluated on device, or None
 
 
 def _sha256(data: bytes) -> str:
@@ -232,8 +233,9 @@ def _fold_pads(ed: ModelEditor, keep_layers=()) -> int:
 
 
 def export_training(model, scheme, representative_images, path, *, learning_rate: float = 0.05,
-                    selection="magnitude", num_samples: int = 100,
-                    fold_pads: bool = True) -> TrainingExport:
+                    selection="magnitude", policy: str | None = None,
+                    num_samples: int = 100, fold_pads: bool = True,
+                    output_params: bool = True) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
     ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
@@ -241,11 +243,17 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     full); ``representative_images``: float images for int8 calibration (as `export_int8`);
     ``selection``: how the kept input channels of weight-updated layers are chosen once at
     export: ``"magnitude"`` (top-k L2 norm, like Lin et al.), ``"first"``, or a dict
-    ``{layer: channel indices}``. ``fold_pads``: replace explicit PAD + VALID convs by
+    ``{layer: channel indices}``. ``policy``: a dynamic selection evaluated on device at the
+    start of every step instead (``DGST_SELECT_CHANNELS``): ``"traversal"`` (a window of k
+    channels moving by k each step, so all are visited) or ``"magnitude"`` (top-k L2 norm of
+    the current weights); the kept channels of each step are then extra outputs
+    (``"<layer>/kept"``). ``fold_pads``: replace explicit PAD + VALID convs by
     exact SAME convs with zero-padded kernels (saves the padded activation copies; not for
-    weight-updated layers). Both files are written atomically; the manifest goes to
-    ``path`` with suffix ``.json``. Raises `TrainingExportError` naming the layer for an
-    unsupported layer or scheme. Example::
+    weight-updated layers). ``output_params``: make the trainable tensors graph outputs
+    (needed to read them back on the host; False gives the firmware's graph, whose arena
+    lacks the per-channel quantization copies TFLM makes for graph outputs). Both files are
+    written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
+    `TrainingExportError` naming the layer for an unsupported layer or scheme. Example::
 
         info = export_training(model, scheme, x_train[:64], "train.tflite")
         info.manifest["params"], info.ops
@@ -318,9 +326,12 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     f"(global average pooling), PAD and QUANTIZE there")
 
     lr = float(learning_rate)
+    if policy not in (None, "traversal", "magnitude"):
+        raise TrainingExportError(f"{where}: policy must be None, 'traversal' or 'magnitude', "
+                                  f"got {policy!r}")
     init_ops, before, after, backward = [], collections.defaultdict(list), \
         collections.defaultdict(list), []
-    layers, params, masks, kept_inputs = {}, [], {}, {}
+    layers, params, masks, kept_inputs, selections = {}, [], {}, {}, []
     for name, update in updated.items():
         i = layer_ops[name]
         op = ops[i]
@@ -342,8 +353,12 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
             channels = ed.shape(op.inputs[1])[-1]
             k = channels if name == classifier else kept_channels(model.get_layer(name),
                                                                   update.ratio)
-            layer.kept = _select(ed, op, name, kind, k, selection, where) if k < channels \
-                else np.arange(channels, dtype=np.int32)
+            if k == channels:
+                layer.kept = np.arange(channels, dtype=np.int32)
+            elif policy is not None:
+                layer.kept, layer.policy = np.arange(k, dtype=np.int32), policy
+            else:
+                layer.kept = _select(ed, op, name, kind, k, selection, where)
             params.append({"layer": name, "param": "weights",
                            **_make_variable(ed, op.inputs[1], init_ops, label)})
 
@@ -369,6 +384,24 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
             masks[i] = mask
         layer = layers.get(i)
         if layer is not None and layer.kept is not None:
+            k = len(layer.kept)
+            if layer.policy is not None:  # chosen on device at the start of each step
+                layer.kept_tensor = ed.add_tensor(f"{layer.name}/kept", (k,), np.int32)
+                step = -1
+                if layer.policy == "traversal":
+                    step = ed.add_tensor(f"{layer.name}/selection_step", (1,), np.int32,
+                                         variable=True)
+                w_scales, _ = ed.quantization(op.inputs[1])
+                select_scale = ed.add_tensor(f"{layer.name}/selection_weight_scale",
+                                             w_scales.shape, np.float32, data=w_scales)
+                selections.append(ed.custom_op(
+                    "DGST_SELECT_CHANNELS", [int(op.inputs[1]), select_scale, step],
+                    [layer.kept_tensor], int32_options(
+                        0 if layer.policy == "traversal" else 1,
+                        1 if layer.kind == "depthwise" else 0)))
+            else:
+                layer.kept_tensor = ed.add_tensor(f"{layer.name}/kept", (k,), np.int32,
+                                                  data=layer.kept)
             x = int(op.inputs[0])
             channels = ed.shape(x)[-1]
             if len(layer.kept) == channels:
@@ -378,12 +411,9 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                 s, z = ed.quantization(x)
                 xk = ed.add_tensor(f"{layer.name}/input_kept", shape, np.int8, scale=s,
                                    zero_point=z)
-                kept = ed.add_tensor(f"{layer.name}/kept", (len(layer.kept),), np.int32,
-                                     data=layer.kept)
-                before[i].append(ed.custom_op("DGST_GATHER_CHANNELS", [x, kept], [xk]))
+                before[i].append(ed.custom_op("DGST_GATHER_CHANNELS", [x, layer.kept_tensor],
+                                              [xk]))
                 kept_inputs[i] = xk
-            layer.kept_tensor = ed.add_tensor(f"{layer.name}/kept_update", (len(layer.kept),),
-                                              np.int32, data=layer.kept)
 
     # backward pass
     label_t = ed.add_tensor("label", (1,), np.int32)
@@ -531,9 +561,12 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     for i, op in enumerate(ops):
         forward += before[i] + [op] + after[i]
     image = int(sg.inputs[0])
-    sg.operators = init_ops + forward + backward
+    sg.operators = init_ops + selections + forward + backward
+    dynamic = [l for l in sorted(layers.values(), key=lambda l: l.op_index) if l.policy]
     sg.inputs = [image, label_t]
-    sg.outputs = [loss_t, logits] + [p["tensor"] for p in params]
+    outputs_params = params if output_params else []
+    sg.outputs = ([loss_t, logits] + [p["tensor"] for p in outputs_params]
+                  + [l.kept_tensor for l in dynamic])
     ed.model.signatureDefs = None
     ed.model.description = b"dgst-tf training step"
     data = ed.pack()
@@ -554,17 +587,22 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     "scale": image_d.scale, "zero_point": image_d.zero_point},
                    {"name": "label", "shape": [1], "dtype": "int32",
                     "classes": int(logits_shape[-1])}],
-        "outputs": ["loss", "logits"] + [f"{p['layer']}/{p['param']}" for p in params],
+        "outputs": (["loss", "logits"]
+                    + [f"{p['layer']}/{p['param']}" for p in outputs_params]
+                    + [f"{l.name}/kept" for l in dynamic]),
         "logits": {"scale": float(l_scale[0]), "zero_point": int(l_zp[0])},
         "learning_rate": lr,
         "selection": selection if isinstance(selection, str) else "given",
+        "policy": policy,
         "scheme": scheme.get_config(),
         "classifier": classifier,
         "layers": [{"name": l.name, "kind": l.kind, "update": l.update.mode,
                     "ratio": l.update.ratio,
-                    "kept": None if l.kept is None else [int(c) for c in l.kept]}
+                    "policy": l.policy,
+                    "kept": None if l.kept is None or l.policy else [int(c) for c in l.kept]}
                    for l in sorted(layers.values(), key=lambda l: l.op_index)],
-        "params": [{**p, "output": 2 + n, "shape": list(ed.shape(p["tensor"])),
+        "params": [{**p, "output": 2 + n if output_params else None,
+                    "shape": list(ed.shape(p["tensor"])),
                     "dtype": np.dtype(tensor_details(parsed, p["tensor"]).dtype).name}
                    for n, p in enumerate(params)],
         "forward_ops": forward_ops,
@@ -618,7 +656,7 @@ def load_manifest(path, manifest=None) -> dict:
     outputs = [int(t) for t in sg.outputs]
     for p in content["params"]:
         try:
-            ok = (outputs[p["output"]] == p["tensor"]
+            ok = ((p["output"] is None or outputs[p["output"]] == p["tensor"])
                   and list(tensor_details(model, p["tensor"]).shape) == p["shape"])
         except (KeyError, IndexError, TypeError):
             ok = False
@@ -636,6 +674,7 @@ class TrainingRun:
     losses: np.ndarray  # float32 [steps]
     logits: np.ndarray  # int8 [steps, classes] (forward pass of each step, before its update)
     params: dict  # "layer/param" -> final array
+    kept: dict  # "layer/kept" -> [steps, k] channels chosen on device (dynamic policies)
     arena_bytes: int
     manifest: dict
     result: object  # the TflmResult
@@ -666,7 +705,8 @@ def train_tflm(path, images, labels, *, manifest=None, arena_size=None,
     if images.shape[1:] == shape[1:]:
         images = images[:, None]
     if images.ndim != len(shape) + 1 or images.shape[1:] != shape:
-        raise ValueError(f"train_tflm({path}): images must have shape (N, {', '.join(map(str, shape[1:]))}), "
+        want = ", ".join(map(str, shape[1:]))
+        raise ValueError(f"train_tflm({path}): images must have shape (N, {want}), "
                          f"got {images.shape}")
     if images.dtype != np.int8:
         q = np.round(images.astype(np.float32) / np.float32(spec["scale"])) + spec["zero_point"]
@@ -680,10 +720,12 @@ def train_tflm(path, images, labels, *, manifest=None, arena_size=None,
     ops = host_ops()
     result = run_tflm(path, [images, labels], libraries=[ops.library],
                       registerers=ops.registerers, arena_size=arena_size, timeout=timeout)
-    params = {name: result.outputs[2 + n][-1]
-              for n, name in enumerate(content["outputs"][2:])}
+    names = content["outputs"]
+    params = {name: result.outputs[j][-1] for j, name in enumerate(names)
+              if j >= 2 and not name.endswith("/kept")}
+    kept = {name: result.outputs[j] for j, name in enumerate(names) if name.endswith("/kept")}
     return TrainingRun(result.outputs[0][:, 0], result.outputs[1].reshape(len(images), -1),
-                       params, result.arena_bytes, content, result)
+                       params, kept, result.arena_bytes, content, result)
 
 
 def initial_params(path, *, manifest=None) -> dict:
@@ -710,6 +752,9 @@ def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pat
     ed = ModelEditor(model)
     for p in content["params"]:
         key = f"{p['layer']}/{p['param']}"
+        if p["output"] is None and key not in params:
+            raise ValueError(f"write_inference_model({path}): the model was exported with "
+                             f"output_params=False, so TFLM cannot return {key!r}")
         if key not in params:
             raise ValueError(f"write_inference_model({path}): params lack {key!r}")
         value = np.asarray(params[key])

@@ -13,7 +13,8 @@ from dgst_tf.export.inference import reference_outputs
 from dgst_tf.export.tflite_file import TfliteFileError
 from dgst_tf.export.tflm_runner import run_tflm
 from dgst_tf.export.training import (TrainingExportError, TrainingManifestError,
-                                     export_training, load_manifest, train_tflm,
+                                     export_training, initial_params, load_manifest,
+                                     train_tflm,
                                      write_inference_model)
 from dgst_tf.keras_compat import keras
 from dgst_tf.qas import QuantizationAwareScalingSGD, int8_training_graph
@@ -95,6 +96,11 @@ def test_a_few_steps_reduce_the_loss_and_write_back(exported, tmp_path):
     logits = run_tflm(out, [q]).outputs[0]
     np.testing.assert_array_equal(logits[0], after.logits[-1])
     np.testing.assert_array_equal(logits, reference_outputs(out, [q])[0])
+    # and the initial values give the first step's forward pass
+    before = write_inference_model(info.path, initial_params(info.path), tmp_path / "b.tflite")
+    q0 = np.clip(np.round(x[:1] / spec["scale"]) + spec["zero_point"], -128, 127)
+    first = run_tflm(before, [q0.astype(np.int8)]).outputs[0]
+    np.testing.assert_array_equal(first[0], run.logits[0])
 
 
 def test_bad_files_and_manifests_give_clear_errors(exported, tmp_path):
@@ -156,3 +162,51 @@ def test_folding_pads_into_same_convs_is_exact(exported, tmp_path):
     for key in a.params:
         np.testing.assert_array_equal(a.params[key], b.params[key])
     assert a.arena_bytes < b.arena_bytes
+
+
+@pytest.mark.parametrize("policy", ["traversal", "magnitude"])
+def test_dynamic_selection_on_device(exported, tmp_path, policy):
+    model, x, y, _ = exported
+    info = export_training(model, UpdateScheme(SCHEME), x, tmp_path / "dyn.tflite",
+                           learning_rate=LR, policy=policy)
+    assert info.manifest["policy"] == policy
+    assert "project/kept" in info.manifest["outputs"]
+    assert info.ops["CUSTOM:DGST_SELECT_CHANNELS"] == 1
+    start = initial_params(info.path)
+    one = train_tflm(info.path, x[:1], y[:1])
+    three = train_tflm(info.path, x[:3], y[:3])
+    kept = three.kept["project/kept"]
+    assert kept.shape == (3, 6)
+    if policy == "traversal":
+        np.testing.assert_array_equal(kept, [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11],
+                                             [0, 1, 2, 3, 4, 5]])
+    # one step changes only the input channels chosen for it
+    moved = np.abs(one.params["project/weights"].astype(int)
+                   - start["project/weights"].astype(int)).reshape(-1, 12).max(axis=0)
+    assert set(np.flatnonzero(moved).tolist()) <= set(one.kept["project/kept"][0].tolist())
+    assert moved.any()
+
+
+def test_depthwise_stride2_pad_folding_is_exact(tmp_path):
+    """PAD(1) + 3x3 stride-2 VALID depthwise (MobileNetV2's downsampling) becomes a 4x4 SAME
+    depthwise with zero taps: same losses and updates, no PAD op, smaller arena."""
+    inp = keras.Input((10, 10, 3))
+    h = keras.layers.Conv2D(8, 1, activation="relu6", name="pw")(inp)
+    h = keras.layers.ZeroPadding2D(1, name="pad")(h)
+    h = keras.layers.DepthwiseConv2D(3, strides=2, activation="relu6", name="dw")(h)
+    h = keras.layers.Conv2D(6, 1, name="project")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    model = keras.Model(inp, keras.layers.Dense(3, name="fc")(h))
+    x = np.random.default_rng(1).normal(size=(12, 10, 10, 3)).astype(np.float32)
+    y = np.arange(12) % 3
+    scheme = UpdateScheme({"dw": "bias", "project": 0.5, "pw": "bias"})
+    runs = []
+    for fold in (True, False):
+        info = export_training(model, scheme, x, tmp_path / f"f{fold}.tflite", learning_rate=LR,
+                               fold_pads=fold)
+        assert ("PAD" in info.ops) != fold
+        runs.append(train_tflm(info.path, x[:4], y[:4]))
+    np.testing.assert_array_equal(runs[0].losses, runs[1].losses)
+    for key in runs[0].params:
+        np.testing.assert_array_equal(runs[0].params[key], runs[1].params[key])
+    assert runs[0].arena_bytes < runs[1].arena_bytes

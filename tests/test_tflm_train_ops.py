@@ -328,3 +328,32 @@ def test_input_grad_prepare_errors(ops, tmp_path):
     with pytest.raises(TflmError, match=r"DGST_CONV2D_INPUT_GRAD: height sizes are not a "
                                         r"convolution: input 9, output 4"):
         run_graph(ops, tmp_path, "badgeo", build)
+
+
+@pytest.mark.parametrize("policy", ["traversal", "magnitude"])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_select_channels_on_device(ops, tmp_path, policy, depthwise):
+    rng = np.random.default_rng(6)
+    c_in, k, steps = 10, 4, 5
+    shape = (1, 3, 3, c_in) if depthwise else (6, 1, 1, c_in)
+    w = rng.integers(-127, 128, shape).astype(np.int8)
+    ws = rng.uniform(0.001, 0.02, c_in if depthwise else 6).astype(np.float32)
+
+    def build(b):
+        t_x = b.add_tensor("x", (1,), np.float32)  # a dummy input: one Invoke per step
+        t_w = b.add_tensor("w", shape, np.int8, data=w)
+        t_ws = b.add_tensor("ws", ws.shape, np.float32, data=ws)
+        step = (b.add_tensor("step", (1,), np.int32, variable=True)
+                if policy == "traversal" else -1)
+        kept = b.add_tensor("kept", (k,), np.int32)
+        b.add_custom_op("DGST_SELECT_CHANNELS", [t_w, t_ws, step], [kept],
+                        int32_options(0 if policy == "traversal" else 1, int(depthwise)))
+        return {t_x: np.zeros((steps, 1), np.float32)}, [kept]
+
+    kept = run_graph(ops, tmp_path, f"select_{policy}", build)[0]
+    for s in range(steps):
+        want = (R.select_traversal(s, c_in, k) if policy == "traversal"
+                else R.select_magnitude(w, ws, k, depthwise))
+        np.testing.assert_array_equal(kept[s], want)
+    if policy == "traversal":  # every channel is visited within ceil(c_in / k) steps
+        assert set(kept[:3].ravel().tolist()) == set(range(c_in))

@@ -216,6 +216,29 @@ def gather_channels(x: np.ndarray, kept) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x)[..., np.asarray(kept, np.int64)])
 
 
+def select_traversal(step: int, c_in: int, k: int) -> np.ndarray:
+    """int32 [k]: the window of k channels from (step * k) mod c_in, wrapping, sorted."""
+    start = (int(step) * int(k)) % int(c_in)
+    return np.sort((start + np.arange(k)) % c_in).astype(np.int32)
+
+
+def select_magnitude(w: np.ndarray, weight_scale, k: int, depthwise: bool = False):
+    """int32 [k]: top-k channels by float32 sum of (scale * w)^2 in the core's order."""
+    ws = np.asarray(weight_scale, F32)
+    if depthwise:
+        taps = _dw_filter(w).reshape(-1, np.shape(w)[-1]).astype(F32)
+        real = taps * ws[None, :]
+    else:
+        c_out = np.shape(w)[0]
+        real = (np.asarray(w).reshape(c_out, -1, np.shape(w)[-1]).astype(F32)
+                * ws[:, None, None]).reshape(-1, np.shape(w)[-1])
+    norms = np.zeros(real.shape[-1], F32)
+    for row in real:  # the core's accumulation order
+        norms = (norms + (row * row).astype(F32)).astype(F32)
+    order = np.lexsort((np.arange(len(norms)), -norms))
+    return np.sort(order[:k]).astype(np.int32)
+
+
 # ----------------------------------------------------------------------------- updates
 def _qas_step(factor: np.ndarray, grad: np.ndarray, limit: float) -> np.ndarray:
     v = np.clip(F32(factor) * np.asarray(grad).astype(F32), F32(-limit), F32(limit))

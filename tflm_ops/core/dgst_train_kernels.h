@@ -87,6 +87,16 @@ void dgst_build_mask_s8(const int8_t* y, int32_t n, int8_t lo, int8_t hi, uint8_
 void dgst_gather_channels_s8(const int8_t* x, int32_t pixels, int32_t channels,
                              const int32_t* kept, int32_t k, int8_t* out);
 
+/* Dynamic channel selection, evaluated on device at the start of each step; kept[0..k) is
+ * written in increasing order. Traversal: the window of k channels starting at
+ * (step * k) mod c_in, wrapping. Magnitude: the k channels with the largest
+ * sum_o (weight_scale[o] * w[o][t][c])^2 (depthwise: w [taps][c_in], scale per channel);
+ * norms: caller scratch of c_in floats. */
+void dgst_select_traversal(int32_t step, int32_t c_in, int32_t k, int32_t* kept);
+void dgst_select_magnitude_s8(const int8_t* w, const float* weight_scale, int32_t c_out,
+                              int32_t taps, int32_t c_in, int32_t depthwise, int32_t k,
+                              float* norms, int32_t* kept);
+
 /* In-place SGD update with Quantization-Aware Scaling of int8 weights of the kept input
  * channels. For output channel o: factor_o = lr * x_scale * dy_scale / weight_scale[o];
  * w[o][i][j][kept[c]] = clamp(w - round(factor_o * grad[o][i][j][c]), -127, 127).

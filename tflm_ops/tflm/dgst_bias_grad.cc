@@ -54,13 +54,11 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const TfLiteEvalTensor* dy = GetEvalInput(context, node, 0);
   TfLiteEvalTensor* grad = GetEvalOutput(context, node, 0);
-  dgst_bias_grad_s8(static_cast<const int8_t*>(dy->data), data->pixels, data->channels,
-                    static_cast<int32_t*>(grad->data));
+  dgst_bias_grad_s8(static_cast<const int8_t*>(dy->data.data), data->pixels, data->channels,
+                    static_cast<int32_t*>(grad->data.data));
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_BIAS_GRAD(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_BIAS_GRAD, Init, Prepare, Eval, nullptr);

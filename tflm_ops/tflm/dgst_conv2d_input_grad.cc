@@ -84,16 +84,14 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const TfLiteEvalTensor* w = GetEvalInput(context, node, 2);
   const TfLiteEvalTensor* ws = GetEvalInput(context, node, 3);
   TfLiteEvalTensor* dx = GetEvalOutput(context, node, 0);
-  dgst_conv2d_input_grad_s8(&data->geometry, static_cast<const int8_t*>(dy->data),
-                            *static_cast<const float*>(dy_scale->data),
-                            static_cast<const int8_t*>(w->data),
-                            static_cast<const float*>(ws->data), data->c_in, data->c_out,
-                            static_cast<float*>(dx->data));
+  dgst_conv2d_input_grad_s8(&data->geometry, static_cast<const int8_t*>(dy->data.data),
+                            *static_cast<const float*>(dy_scale->data.data),
+                            static_cast<const int8_t*>(w->data.data),
+                            static_cast<const float*>(ws->data.data), data->c_in, data->c_out,
+                            static_cast<float*>(dx->data.data));
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_CONV2D_INPUT_GRAD(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_CONV2D_INPUT_GRAD, Init, Prepare, Eval, nullptr);

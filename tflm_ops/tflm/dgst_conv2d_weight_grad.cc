@@ -1,7 +1,7 @@
 // DGST_CONV2D_WEIGHT_GRAD: weight gradient of a Conv2D for the kept input channels only.
 //
 //   inputs:  0 x_kept int8  [1, in_h, in_w, k]     saved input, kept channels only
-//                                                    (Dense: x [1, k], dy [1, c_out], grad [c_out, k])
+//            (Dense layers: x_kept [1, k], dy [1, c_out], grad [c_out, k])
 //            1 dy     int8  [1, out_h, out_w, c_out]
 //   outputs: 0 grad   int32 [c_out, kernel_h, kernel_w, k]   (OHWI, like TFLite filters)
 //   custom options (little-endian int32 x 8):
@@ -86,8 +86,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
                 Dim(grad, 0), Dim(grad, 1), Dim(grad, 2), Dim(grad, 3));
     return kTfLiteError;
   }
-  if (!CheckConvAxis(kOp, "height", g.in_h, g.out_h, g.kernel_h, g.stride_h, g.dilation_h, g.pad_top) ||
-      !CheckConvAxis(kOp, "width", g.in_w, g.out_w, g.kernel_w, g.stride_w, g.dilation_w, g.pad_left)) {
+  if (!CheckGeometry(kOp, g)) {
     return kTfLiteError;
   }
   return kTfLiteOk;
@@ -98,14 +97,12 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const TfLiteEvalTensor* x = GetEvalInput(context, node, 0);
   const TfLiteEvalTensor* dy = GetEvalInput(context, node, 1);
   TfLiteEvalTensor* grad = GetEvalOutput(context, node, 0);
-  dgst_conv2d_weight_grad_s8(&data->geometry, static_cast<const int8_t*>(x->data), data->k,
-                             data->x_zero_point, static_cast<const int8_t*>(dy->data),
-                             data->c_out, static_cast<int32_t*>(grad->data));
+  dgst_conv2d_weight_grad_s8(&data->geometry, static_cast<const int8_t*>(x->data.data), data->k,
+                             data->x_zero_point, static_cast<const int8_t*>(dy->data.data),
+                             data->c_out, static_cast<int32_t*>(grad->data.data));
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_CONV2D_WEIGHT_GRAD(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_CONV2D_WEIGHT_GRAD, Init, Prepare, Eval, nullptr);

@@ -78,7 +78,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const TfLiteEvalTensor* x = GetEvalInput(context, node, 0);
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data);
+  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
   const TfLiteEvalTensor* dy = GetEvalInput(context, node, 2);
   TfLiteEvalTensor* grad = GetEvalOutput(context, node, 0);
   for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before reading
@@ -89,15 +89,13 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
       return kTfLiteError;
     }
   }
-  dgst_depthwise_weight_grad_s8(&data->geometry, static_cast<const int8_t*>(x->data), kept,
+  dgst_depthwise_weight_grad_s8(&data->geometry, static_cast<const int8_t*>(x->data.data), kept,
                                 data->k, data->x_zero_point,
-                                static_cast<const int8_t*>(dy->data), data->channels,
-                                static_cast<int32_t*>(grad->data));
+                                static_cast<const int8_t*>(dy->data.data), data->channels,
+                                static_cast<int32_t*>(grad->data.data));
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_DEPTHWISE_WEIGHT_GRAD(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_DEPTHWISE_WEIGHT_GRAD, Init, Prepare, Eval, nullptr);

@@ -58,7 +58,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data);
+  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
   for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before reading
     if (kept[c] < 0 || kept[c] >= data->channels) {
       MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
@@ -67,14 +67,12 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
       return kTfLiteError;
     }
   }
-  dgst_gather_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data),
+  dgst_gather_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
                           data->pixels, data->channels, kept, data->k,
-                          static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data));
+                          static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data));
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_GATHER_CHANNELS(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_GATHER_CHANNELS, Init, Prepare, Eval, nullptr);

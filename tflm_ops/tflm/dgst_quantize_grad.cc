@@ -37,7 +37,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   auto* data = static_cast<OpData*>(node->user_data);
   if (data == nullptr || !data->options_ok) return kTfLiteError;
   if (!CheckArity(kOp, node, 2, 2)) return kTfLiteError;
-  const TfLiteEvalTensor* g = CheckedInput(kOp, "input 0 (g)", context, node, 0, kTfLiteFloat32, -1);
+  const TfLiteEvalTensor* g =
+      CheckedInput(kOp, "input 0 (g)", context, node, 0, kTfLiteFloat32, -1);
   const TfLiteEvalTensor* dy =
       CheckedOutput(kOp, "output 0 (dy)", context, node, 0, kTfLiteInt8, -1);
   const TfLiteEvalTensor* scale =
@@ -65,16 +66,14 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  auto* g = static_cast<float*>(GetEvalInput(context, node, 0)->data);
+  auto* g = static_cast<float*>(GetEvalInput(context, node, 0)->data.data);
   const TfLiteEvalTensor* mask = GetEvalInput(context, node, 1);
-  if (mask != nullptr) dgst_apply_mask_f32(g, static_cast<const uint8_t*>(mask->data), data->n);
-  dgst_quantize_grad_s8(g, data->n, static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data),
-                        static_cast<float*>(GetEvalOutput(context, node, 1)->data));
+  if (mask != nullptr) dgst_apply_mask_f32(g, static_cast<const uint8_t*>(mask->data.data), data->n);
+  dgst_quantize_grad_s8(g, data->n, static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data),
+                        static_cast<float*>(GetEvalOutput(context, node, 1)->data.data));
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_QUANTIZE_GRAD(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_QUANTIZE_GRAD, Init, Prepare, Eval, nullptr);

@@ -58,8 +58,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const auto* y = static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data);
-  auto* mask = static_cast<uint8_t*>(GetEvalOutput(context, node, 0)->data);
+  const auto* y = static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data);
+  auto* mask = static_cast<uint8_t*>(GetEvalOutput(context, node, 0)->data.data);
   dgst_build_mask_s8(y, data->n, static_cast<int8_t>(data->lo), static_cast<int8_t>(data->hi),
                      mask);
   return kTfLiteOk;
@@ -67,6 +67,4 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_RELU_MASK(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_RELU_MASK, Init, Prepare, Eval, nullptr);

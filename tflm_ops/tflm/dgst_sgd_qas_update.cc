@@ -157,15 +157,15 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const TfLiteEvalTensor* param = GetEvalInput(context, node, 0);
-  const auto* grad = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data);
-  const auto* scale = static_cast<const float*>(GetEvalInput(context, node, 3)->data);
-  const float dy_scale = *static_cast<const float*>(GetEvalInput(context, node, 4)->data);
+  const auto* grad = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
+  const auto* scale = static_cast<const float*>(GetEvalInput(context, node, 3)->data.data);
+  const float dy_scale = *static_cast<const float*>(GetEvalInput(context, node, 4)->data.data);
   if (data->kind == kBias) {
-    dgst_sgd_qas_update_bias_s32(static_cast<int32_t*>(param->data), data->c_in, grad,
+    dgst_sgd_qas_update_bias_s32(static_cast<int32_t*>(param->data.data), data->c_in, grad,
                                  data->lr, data->x_scale, dy_scale, scale);
     return kTfLiteOk;
   }
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data);
+  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data.data);
   for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before writing
     if (kept[c] < 0 || kept[c] >= data->c_in) {
       MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
@@ -174,7 +174,7 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
       return kTfLiteError;
     }
   }
-  auto* w = static_cast<int8_t*>(param->data);
+  auto* w = static_cast<int8_t*>(param->data.data);
   if (data->kind == kConv) {
     dgst_sgd_qas_update_conv_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
                                 kept, data->k, grad, data->lr, data->x_scale, dy_scale, scale);
@@ -187,6 +187,4 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_SGD_QAS_UPDATE(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_SGD_QAS_UPDATE, Init, Prepare, Eval, nullptr);

@@ -69,21 +69,19 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const TfLiteEvalTensor* logits = GetEvalInput(context, node, 0);
-  const int32_t label = *static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data);
+  const int32_t label = *static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
   if (label < 0 || label >= data->classes) {
     MicroPrintf("%s: label %d is not a class index in [0, %d)", kOp, static_cast<int>(label),
                 static_cast<int>(data->classes));
     return kTfLiteError;
   }
-  auto* grad = static_cast<float*>(GetEvalOutput(context, node, 0)->data);
-  auto* loss = static_cast<float*>(GetEvalOutput(context, node, 1)->data);
-  *loss = dgst_softmax_xent_grad(static_cast<const int8_t*>(logits->data), data->classes,
+  auto* grad = static_cast<float*>(GetEvalOutput(context, node, 0)->data.data);
+  auto* loss = static_cast<float*>(GetEvalOutput(context, node, 1)->data.data);
+  *loss = dgst_softmax_xent_grad(static_cast<const int8_t*>(logits->data.data), data->classes,
                                  data->scale, data->zero_point, label, grad);
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_SOFTMAX_XENT_GRAD(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, nullptr});
-}
+DGST_REGISTER_OP(DGST_SOFTMAX_XENT_GRAD, Init, Prepare, Eval, nullptr);

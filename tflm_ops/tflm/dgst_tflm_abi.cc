@@ -1,19 +1,24 @@
 // =================================================================================
 //  ABI GLUE for the pip TFLM interpreter (see dgst_tflm_abi.h): appending a custom op to
 //  the interpreter's MicroMutableOpResolver<200>, plus the small checks every kernel uses.
+//  With -DDGST_TFLM_TREE (inside a TFLM source tree) only the kernel helpers are compiled:
+//  the resolver surgery and the layout probe are pip-mode only.
 // =================================================================================
 #include "dgst_tflm_abi.h"
 
+#include <cstring>
+
+#if !defined(DGST_TFLM_TREE)
 #include <cxxabi.h>
 
-#include <cstring>
 #include <typeinfo>
+#endif
 
-using tflite::micro::TfLiteContext;
-using tflite::micro::TfLiteEvalTensor;
-using tflite::micro::TfLiteNode;
-using tflite::micro::TFLMRegistration;
+// Pip mode: the redeclared types of namespace tflite::micro; tree mode: TFLM's global C
+// types (tflite::micro then only holds GetEvalInput/GetEvalOutput).
+using namespace tflite::micro;
 
+#if !defined(DGST_TFLM_TREE)
 namespace dgst_tflm {
 namespace {
 
@@ -77,6 +82,11 @@ bool AddCustomOp(void* resolver, const char* name, const Kernel& kernel) {
   return true;
 }
 
+}  // namespace dgst_tflm
+#endif  // !DGST_TFLM_TREE
+
+namespace dgst_tflm {
+
 bool ReadOptions(const char* op, const char* buffer, size_t length, int32_t* out,
                  int32_t count) {
   const size_t expected = static_cast<size_t>(count) * sizeof(int32_t);
@@ -103,13 +113,13 @@ float FloatFromBits(int32_t bits) {
 
 const char* TypeName(int type) {
   switch (type) {
-    case tflite::micro::kTfLiteFloat32: return "float32";
-    case tflite::micro::kTfLiteInt32: return "int32";
-    case tflite::micro::kTfLiteUInt8: return "uint8";
-    case tflite::micro::kTfLiteInt64: return "int64";
-    case tflite::micro::kTfLiteBool: return "bool";
-    case tflite::micro::kTfLiteInt16: return "int16";
-    case tflite::micro::kTfLiteInt8: return "int8";
+    case kTfLiteFloat32: return "float32";
+    case kTfLiteInt32: return "int32";
+    case kTfLiteUInt8: return "uint8";
+    case kTfLiteInt64: return "int64";
+    case kTfLiteBool: return "bool";
+    case kTfLiteInt16: return "int16";
+    case kTfLiteInt8: return "int8";
     default: return "other";
   }
 }
@@ -177,6 +187,7 @@ TfLiteEvalTensor* CheckedOutput(const char* op, const char* what, TfLiteContext*
 
 }  // namespace dgst_tflm
 
+#if !defined(DGST_TFLM_TREE)
 // Compile-time layout facts, exported for tests/test_tflm_abi.py to compare with the wheel,
 // in this order: sizeof(TFLMRegistration), its free, prepare, invoke, reset, builtin_code and
 // custom_name offsets, the resolver's records and count offsets, TfLiteNode's inputs,
@@ -204,3 +215,4 @@ DGST_TFLM_EXPORT void DgstTflmAbiLayout(int64_t* out, int32_t n) {
   for (int32_t i = 0; i < n && i < static_cast<int32_t>(sizeof(facts) / sizeof(facts[0])); ++i)
     out[i] = facts[i];
 }
+#endif  // !DGST_TFLM_TREE

@@ -15,12 +15,39 @@
 // In this build the C types live in namespace tflite::micro (it matters for C++ name
 // mangling) and TfLiteContext's classic function pointers must not be called: use the
 // exported functions declared below.
+//
+// TFLM SOURCE-TREE MODE: compiled with -DDGST_TFLM_TREE inside a TensorFlow Lite Micro tree,
+// this header includes TFLM's own headers instead of the redeclarations below, the kernel
+// helpers of namespace dgst_tflm work on the real types, and DGST_REGISTER_OP defines
+// `TFLMRegistration* tflite::Register_<OP>()` (declared in dgst_train_ops.h) for
+// MicroMutableOpResolver::AddCustom. The resolver surgery and the layout probe of
+// dgst_tflm_abi.cc exist only in the pip mode.
 #ifndef DGST_TFLM_ABI_H_
 #define DGST_TFLM_ABI_H_
 
 #include <stddef.h>
 #include <stdint.h>
 
+#if defined(DGST_TFLM_TREE)
+// =================================================================== TFLM source-tree mode
+#include "tensorflow/lite/c/common.h"
+#include "tensorflow/lite/micro/kernels/kernel_util.h"
+#include "tensorflow/lite/micro/micro_common.h"
+#include "tensorflow/lite/micro/micro_context.h"
+#include "tensorflow/lite/micro/micro_log.h"
+
+// The kernels say `using namespace tflite::micro; using namespace dgst_tflm;` and then use
+// TfLiteContext, TfLiteNode, TfLiteEvalTensor, kTfLite* (global C types in TFLM),
+// GetEvalInput/GetEvalOutput (tflite::micro), MicroPrintf (global) and the MicroContext*
+// wrappers (namespace tflite), made visible here.
+namespace dgst_tflm {
+using ::tflite::MicroContextAllocatePersistentBuffer;
+using ::tflite::MicroContextGetScratchBuffer;
+using ::tflite::MicroContextRequestScratchBufferInArena;
+}  // namespace dgst_tflm
+
+#else  // !DGST_TFLM_TREE
+// =================================================================== pip-wheel ABI mode
 namespace tflite {
 namespace micro {
 
@@ -56,8 +83,13 @@ struct TfLiteNode {
   int custom_initial_data_size;     // offset 48
 };
 
+// TFLM's TfLitePtrUnion has one pointer member per type; the kernels use only `.data`.
+union TfLitePtrUnion {
+  void* data;
+};
+
 struct TfLiteEvalTensor {
-  void* data;  // TfLitePtrUnion
+  TfLitePtrUnion data;
   TfLiteIntArray* dims;
   TfLiteType type;
 };
@@ -125,7 +157,19 @@ struct Kernel {
 // registered with other functions. Registering the same op twice is a no-op.
 bool AddCustomOp(void* resolver, const char* name, const Kernel& kernel);
 
-// ----------------------------------------------------------------- kernel helpers
+}  // namespace dgst_tflm
+
+#endif  // DGST_TFLM_TREE
+
+#if defined(DGST_TFLM_TREE)
+#define DGST_TFLM_TYPE(name) ::name
+#else
+#define DGST_TFLM_TYPE(name) ::tflite::micro::name
+#endif
+
+namespace dgst_tflm {
+
+// ----------------------------------------------------------------- kernel helpers (both modes)
 // Custom options of every dgst op: a little-endian int32 array whose word 0 is the format
 // version (1); floats are stored as their IEEE-754 float32 bit patterns. Copies `count`
 // words into `out` and checks length and version; prints an error naming `op` otherwise.
@@ -134,27 +178,54 @@ bool ReadOptions(const char* op, const char* buffer, size_t length, int32_t* out
 float FloatFromBits(int32_t bits);
 
 const char* TypeName(int type);
-int NumElements(const tflite::micro::TfLiteEvalTensor* tensor);
-int Rank(const tflite::micro::TfLiteEvalTensor* tensor);
-int Dim(const tflite::micro::TfLiteEvalTensor* tensor, int i);  // i < 0 counts from the end
+int NumElements(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor);
+int Rank(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor);
+int Dim(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor, int i);  // i < 0 counts from the end
 
 // Node arity check with a message naming the op.
-bool CheckArity(const char* op, const tflite::micro::TfLiteNode* node, int inputs,
+bool CheckArity(const char* op, const DGST_TFLM_TYPE(TfLiteNode)* node, int inputs,
                 int outputs);
 // Fetch input/output `index`, require it to exist and have `type` and `rank` (-1: any).
-const tflite::micro::TfLiteEvalTensor* CheckedInput(const char* op, const char* what,
-                                                    tflite::micro::TfLiteContext* context,
-                                                    tflite::micro::TfLiteNode* node, int index,
+const DGST_TFLM_TYPE(TfLiteEvalTensor)* CheckedInput(const char* op, const char* what,
+                                                    DGST_TFLM_TYPE(TfLiteContext)* context,
+                                                    DGST_TFLM_TYPE(TfLiteNode)* node, int index,
                                                     int type, int rank);
-tflite::micro::TfLiteEvalTensor* CheckedOutput(const char* op, const char* what,
-                                               tflite::micro::TfLiteContext* context,
-                                               tflite::micro::TfLiteNode* node, int index,
+DGST_TFLM_TYPE(TfLiteEvalTensor)* CheckedOutput(const char* op, const char* what,
+                                               DGST_TFLM_TYPE(TfLiteContext)* context,
+                                               DGST_TFLM_TYPE(TfLiteNode)* node, int index,
                                                int type, int rank);
 
 }  // namespace dgst_tflm
 
-// Every op file defines `extern "C" bool DgstRegister_<OP NAME>(void* resolver)`; the
-// interpreter finds it by dlsym when its name is listed in custom_op_registerers.
+// Every op file ends with DGST_REGISTER_OP(<OP NAME>, Init, Prepare, Eval, Reset) (Reset
+// may be nullptr), after its anonymous namespace, where kOp is the op name string.
+//   pip mode:  extern "C" bool DgstRegister_<OP NAME>(void* resolver), exported; the
+//              interpreter finds it by dlsym when listed in custom_op_registerers.
+//   tree mode: TFLMRegistration* tflite::Register_<OP NAME>(), for
+//              resolver.AddCustom("<OP NAME>", tflite::Register_<OP NAME>()).
 #define DGST_TFLM_EXPORT extern "C" __attribute__((visibility("default")))
+
+#if defined(DGST_TFLM_TREE)
+// The registration is built at file scope (where Init/Prepare/Eval/Reset of the op's
+// anonymous namespace are found) and kept in a function-local static.
+#define DGST_REGISTER_OP(OP_NAME, INIT, PREPARE, EVAL, RESET)                          \
+  static TFLMRegistration DgstMakeRegistration_##OP_NAME() {                           \
+    return ::tflite::micro::RegisterOp(INIT, PREPARE, EVAL, /*free=*/nullptr, RESET); \
+  }                                                                                    \
+  namespace tflite {                                                                   \
+  TFLMRegistration* Register_##OP_NAME() {                                             \
+    static TFLMRegistration registration = DgstMakeRegistration_##OP_NAME();           \
+    return &registration;                                                              \
+  }                                                                                    \
+  }  /* namespace tflite */                                                            \
+  static_assert(true, "DGST_REGISTER_OP takes a trailing semicolon")
+#else
+#define DGST_REGISTER_OP(OP_NAME, INIT, PREPARE, EVAL, RESET)                            \
+  DGST_TFLM_EXPORT bool DgstRegister_##OP_NAME(void* resolver) {                         \
+    return ::dgst_tflm::AddCustomOp(resolver, kOp,                                       \
+                                    ::dgst_tflm::Kernel{INIT, PREPARE, EVAL, RESET});    \
+  }                                                                                      \
+  static_assert(true, "DGST_REGISTER_OP takes a trailing semicolon")
+#endif
 
 #endif  // DGST_TFLM_ABI_H_

@@ -59,7 +59,7 @@ inline bool CheckGeometry(const char* op, const dgst_conv_geometry& g) {
 // Spatial view of a batch-1 activation: rank 4 [1, H, W, C] or rank 2 [1, C] (a Dense
 // layer's vector, H = W = 1). Returns false (after an error naming `what`) otherwise.
 inline bool ActivationView(const char* op, const char* what,
-                           const tflite::micro::TfLiteEvalTensor* t, int32_t* h, int32_t* w,
+                           const DGST_TFLM_TYPE(TfLiteEvalTensor)* t, int32_t* h, int32_t* w,
                            int32_t* c) {
   const int rank = Rank(t);
   if ((rank != 4 && rank != 2) || Dim(t, 0) != 1) {

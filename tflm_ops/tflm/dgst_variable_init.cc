@@ -77,13 +77,11 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   if (data->done) return kTfLiteOk;
   const TfLiteEvalTensor* variable = GetEvalInput(context, node, 0);
   const TfLiteEvalTensor* initial = GetEvalInput(context, node, 1);
-  memcpy(variable->data, initial->data, data->bytes);
+  memcpy(variable->data.data, initial->data.data, data->bytes);
   data->done = true;
   return kTfLiteOk;
 }
 
 }  // namespace
 
-DGST_TFLM_EXPORT bool DgstRegister_DGST_VARIABLE_INIT(void* resolver) {
-  return AddCustomOp(resolver, kOp, Kernel{Init, Prepare, Eval, Reset});
-}
+DGST_REGISTER_OP(DGST_VARIABLE_INIT, Init, Prepare, Eval, Reset);

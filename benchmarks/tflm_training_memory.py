@@ -1,0 +1,190 @@
+"""TFLM arena of the exported training step, and 100 training steps in TFLM on CIFAR-10.
+
+    python benchmarks/tflm_training_memory.py --learning-rates 0.001 0.002   # ~4 min
+    python benchmarks/tflm_training_memory.py --skip-cifar     # memory only, ~1 min
+
+1. Memory: MobileNetV2 width 0.35 at 128x128 with tiny-training's published 49 KB scheme
+   (Lin et al.), exported by `dgst_tf.export.export_training` and run for one step in the
+   pip TFLM interpreter: TFLM's arena report (activations/scratch "head", persistent
+   "tail" with its categories) against the analytic memory model (`dgst_tf.memory`,
+   compared with `memory_report.compare_with_tflm`), TinyEngine's 141 KB and the 256 KB
+   budget; with and without folding explicit PADs into exact SAME convolutions, and the
+   inference-only model for reference; also at 96x96 (--sizes). Weights do not change
+   memory: random init.
+2. CIFAR-10: ImageNet MobileNetV2 (width 1.0, the pretrained width offline) with the same
+   scheme, N steps in TFLM (batch 1, int8, QAS) on real CIFAR-10 training images: loss of
+   the first and last tenth of the steps, held-out accuracy before and after (updated
+   weights written back into an inference model and run in TFLM).
+
+Writes benchmarks/results/tflm_training_memory.{json,md} and tflm_training_cifar10.*.
+"""
+import argparse
+import pathlib
+import tempfile
+import time
+
+import _report
+import numpy as np
+
+from dgst_tf import runtime
+from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.cli_export import load_arrays
+from dgst_tf.export.inference import export_int8
+from dgst_tf.export.tflm_runner import run_tflm
+from dgst_tf.export.training import (export_training, initial_params, train_tflm,
+                                     write_inference_model)
+from dgst_tf.memory import KB, MemoryModel
+from dgst_tf.memory_report import compare_with_tflm
+from dgst_tf.models import mobilenet_v2
+from dgst_tf.scheme import UpdateScheme
+
+# mit-han-lab/tiny-training, compilation/mcu_ir_gen.py, sparse_update_config["mbv2"] (49 KB)
+LIN_49KB = (16, [36, 39, 40, 41, 42, 45, 48, 49], [1, 1, 0, 0.25, 0.125, 0.125, 0.125, 0.125])
+TINYENGINE_KB = 141
+BUDGET_KB = 256
+
+
+def _kb(n):
+    return round(n / KB, 1)
+
+
+def memory_rows(args, tmp):
+    rows, settings = [], {}
+    for n, size in enumerate(args.sizes):
+        settings[size], more = _memory_rows(args, tmp, size, full=n == 0)
+        rows += more
+    return {"model": "mobilenet_v2 w0.35, 10 classes, random init (memory does not depend "
+                     "on the weights)",
+            "scheme": "tiny-training 49KB: n_bias 16, idx 36-39-40-41-42-45-48-49, ratios "
+                      "1-1-0-0.25-0.125-0.125-0.125-0.125",
+            "analytic": settings,
+            "note": "head = activations + scratch (TFLM's planner); tail = persistent: the "
+                    "trainable tensors (whole weight tensors of weight-updated layers: TFLM "
+                    "convs read one contiguous tensor) + TFLM's per-op data (per-channel "
+                    "multipliers/shifts), per-channel quantization arrays, node and tensor "
+                    "structs, which TinyEngine compiles into flash"}, rows
+
+
+def _memory_rows(args, tmp, size, full):
+    model = fold_batchnorm(mobilenet_v2(0.35, (size, size, 3), classes=10, weights=None,
+                                        seed=args.seed))
+    scheme = UpdateScheme.from_backward_config(model, *LIN_49KB)
+    report = MemoryModel(model).report(scheme)
+    images, labels = load_arrays("cifar10", args.data, "train", (size, size), 32, args.seed)
+    rows = []
+    inference = export_int8(model, images, tmp / "inference.tflite")
+    result = run_tflm(inference.path, [np.clip(np.round(images[:1] / inference.input.scale)
+                                               + inference.input.zero_point, -128, 127)
+                                       .astype(np.int8)])
+    rows.append({"model": f"{size}x{size} inference (export_int8, explicit PAD)", "arena_kb":
+                 _kb(result.arena_bytes), "head_kb": _kb(result.arena_head_bytes),
+                 "tail_kb": _kb(result.arena_tail_bytes),
+                 "analytic_kb": _kb(report.forward_peak_bytes), "analytic_what": "inference peak"})
+    bias_only = UpdateScheme.from_backward_config(model, LIN_49KB[0], "", "")
+    variants = ([(False, True, scheme), (True, True, scheme), (True, False, scheme)] if full
+                else [(True, False, scheme)]) + [(True, False, bias_only)]
+    for fold, outputs, chosen in variants:
+        report = MemoryModel(model).report(chosen)
+        info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
+                               learning_rate=0.001, fold_pads=fold, output_params=outputs)
+        run = train_tflm(info.path, images[:2], labels[:2])
+        cats = run.result.allocations
+        compare = compare_with_tflm(report, run.arena_bytes, what="training_peak")
+        rows.append({
+            "model": f"{size}x{size} training step"
+                     + (", bias-only last 16 + classifier" if chosen is bias_only else "") + (
+                ", PADs folded into SAME convs" if fold else ", explicit PAD") + (
+                ", trainable tensors as outputs (host read-back)" if outputs
+                else " (firmware graph: loss + logits out)"),
+            "arena_kb": _kb(run.arena_bytes), "head_kb": _kb(run.result.arena_head_bytes),
+            "tail_kb": _kb(run.result.arena_tail_bytes),
+            "variables_kb": _kb(cats.get("TfLiteTensor variable buffer data", 0)),
+            "op_data_kb": _kb(cats.get("Persistent buffer data", 0)),
+            "quant_params_kb": _kb(cats.get("Persistent TfLiteTensor quantization data", 0)),
+            "analytic_kb": _kb(report.training_peak_bytes), "analytic_what": "training peak",
+            "tflm_minus_analytic_kb": _kb(compare["difference_bytes"]),
+            "lin_label_kb": round(report.extra_memory_kb, 1), "tinyengine_kb": TINYENGINE_KB,
+            "fits_256kb": run.arena_bytes <= BUDGET_KB * KB,
+            "trainable_params_kb": _kb(sum(
+                int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                for p in info.manifest["params"])),
+            "file_kb": _kb(info.manifest["size_bytes"])})
+    lin = MemoryModel(model).report(scheme)
+    settings = {"inference_peak_kb": _kb(lin.forward_peak_bytes),
+                "training_peak_kb": _kb(lin.training_peak_bytes),
+                "peak_at": f"{lin.peak_phase} {lin.peak_layer}"}
+    return settings, rows
+
+
+def cifar_rows(args, tmp):
+    size = (args.cifar_image_size, args.cifar_image_size)
+    model = mobilenet_v2(1.0, (*size, 3), classes=10, weights="imagenet", seed=args.seed)
+    scheme = UpdateScheme.from_backward_config(fold_batchnorm(model), *LIN_49KB)
+    calib, _ = load_arrays("cifar10", args.data, "train", size, 64, args.seed + 1)
+    x, y = load_arrays("cifar10", args.data, "train", size, args.steps, args.seed)
+    xt, yt = load_arrays("cifar10", args.data, "test", size, args.test_examples, args.seed)
+    rows = []
+    for policy, lr in [(p, lr) for p in args.policies for lr in args.learning_rates]:
+        info = export_training(model, scheme, calib, tmp / "cifar.tflite", learning_rate=lr,
+                               policy=None if policy == "static" else policy)
+        start = time.time()
+        run = train_tflm(info.path, x, y)
+        seconds = time.time() - start
+        spec = info.manifest["inputs"][0]
+        q = np.clip(np.round(xt / spec["scale"]) + spec["zero_point"], -128, 127).astype(
+            np.int8)[:, None]
+        accuracy = {}
+        for key, params in (("before", initial_params(info.path)), ("after", run.params)):
+            path = write_inference_model(info.path, params, tmp / f"{key}.tflite")
+            logits = run_tflm(path, [q]).outputs[0].reshape(len(q), -1)
+            accuracy[key] = float((logits.argmax(-1) == yt).mean())
+        tenth = max(1, args.steps // 10)
+        rows.append({"selection": policy, "learning_rate": lr, "steps": args.steps,
+                     "loss_first_tenth": round(float(run.losses[:tenth].mean()), 4),
+                     "loss_last_tenth": round(float(run.losses[-tenth:].mean()), 4),
+                     "train_accuracy": round(float((run.predictions == y).mean()), 4),
+                     "test_accuracy_before": accuracy["before"],
+                     "test_accuracy_after": accuracy["after"],
+                     "test_examples": len(yt), "arena_kb": _kb(run.arena_bytes),
+                     "seconds": round(seconds, 1)})
+    settings = {"model": f"mobilenet_v2 w1.0 ImageNet, {size[0]}x{size[1]}, new 10-class head",
+                "scheme": "tiny-training 49KB backward_config (same conv indices)",
+                "data": "CIFAR-10 JPEG copy, class-balanced subsets, torch preprocessing",
+                "selection": "static: top-k weight magnitude at export; traversal / "
+                             "magnitude: chosen on device every step (DGST_SELECT_CHANNELS)"}
+    return settings, rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=None, help="CIFAR-10 folder or archive (default: "
+                                               "$DGST_CIFAR10 / ../shared/datasets)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 96],
+                   help="input sizes of the memory part (the first also without PAD folding)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--test-examples", type=int, default=200)
+    p.add_argument("--cifar-image-size", type=int, default=96)
+    p.add_argument("--learning-rates", type=float, nargs="+", default=[0.001])
+    p.add_argument("--policies", nargs="+", default=["static", "traversal"],
+                   choices=("static", "traversal", "magnitude"))
+    p.add_argument("--skip-cifar", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    runtime.limit_threads(1)
+    with tempfile.TemporaryDirectory(prefix="dgst-bench-") as tmp:
+        tmp = pathlib.Path(tmp)
+        settings, rows = memory_rows(args, tmp)
+        print(_report.write("tflm_training_memory", settings, rows, [
+            "model", "arena_kb", "head_kb", "tail_kb", "variables_kb", "op_data_kb",
+            "quant_params_kb", "analytic_kb", "analytic_what", "tflm_minus_analytic_kb",
+            "lin_label_kb", "tinyengine_kb", "fits_256kb", "trainable_params_kb", "file_kb"]))
+        if not args.skip_cifar:
+            settings, rows = cifar_rows(args, tmp)
+            print(_report.write("tflm_training_cifar10", settings, rows, [
+                "selection", "learning_rate", "steps", "loss_first_tenth", "loss_last_tenth",
+                "train_accuracy", "test_accuracy_before", "test_accuracy_after",
+                "test_examples", "arena_kb", "seconds"]))
+
+
+if __name__ == "__main__":
+    main()
