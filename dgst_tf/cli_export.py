@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
+
+from dgst_tf.cli_model import model_from_args
 
 
 def add_export_parsers(subparsers) -> None:
@@ -77,25 +78,6 @@ def add_export_parsers(subparsers) -> None:
     train.set_defaults(func=run_tflm_train)
 
 
-def _build_model(args):
-    from dgst_tf import models
-    from dgst_tf.keras_compat import keras
-
-    if args.model != "mobilenet_v2":
-        if not os.path.exists(args.model):
-            raise ValueError(f"--model {args.model!r}: neither mobilenet_v2 nor a saved "
-                             "model file")
-        return keras.models.load_model(args.model, compile=False)
-    weights = args.weights
-    if weights == "auto":
-        weights = "imagenet" if (args.width == 1.0 and models.imagenet_weights_available()) \
-            else None
-    elif weights == "none":
-        weights = None
-    return models.mobilenet_v2(args.width, (args.image_size, args.image_size, 3),
-                               classes=args.classes, weights=weights, seed=args.seed)
-
-
 def load_arrays(dataset: str, data_path, split: str, image_size, limit: int, seed: int = 0,
                 subset: str | None = None):
     """``limit`` class-balanced images and labels of a dataset split as NumPy arrays
@@ -155,7 +137,7 @@ def _export(args) -> int:
     from dgst_tf.export.training import export_training
 
     runtime.limit_threads()
-    model = _build_model(args)
+    model = model_from_args(args)[0]
     size = tuple(int(d) for d in model.input_shape[1:3])
     images, _ = load_arrays(args.dataset, args.data_path, "train", size,
                             args.calibration_examples, args.seed)

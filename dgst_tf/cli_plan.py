@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+
+from dgst_tf.cli_model import model_from_args
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -72,25 +73,6 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     return plan
 
 
-def _build_model(args):
-    from dgst_tf import models
-    from dgst_tf.keras_compat import keras
-
-    if args.model != "mobilenet_v2":
-        if not os.path.exists(args.model):
-            raise ValueError(f"--model {args.model!r}: neither mobilenet_v2 nor a saved "
-                             "model file")
-        return keras.models.load_model(args.model, compile=False)
-    weights = args.weights
-    if weights == "auto":
-        weights = "imagenet" if (args.width == 1.0 and models.imagenet_weights_available()) \
-            else None
-    elif weights == "none":
-        weights = None
-    return models.mobilenet_v2(args.width, (args.image_size, args.image_size, 3),
-                               classes=args.classes, weights=weights, seed=args.seed)
-
-
 def _measured_table(args, model):
     from dgst_tf import data, runtime
     from dgst_tf.contribution import FineTuneSettings, measure_contributions
@@ -116,7 +98,7 @@ def run_plan(args) -> int:
     from dgst_tf.search import search_scheme
 
     budget = parse_budget(args.budget)
-    model = _build_model(args)
+    model = model_from_args(args)[0]
     memory_model = MemoryModel(model, (args.image_size, args.image_size, 3),
                                gradient_bytes=args.gradient_bytes, optimizer=args.optimizer,
                                inplace_depthwise=args.inplace_depthwise,

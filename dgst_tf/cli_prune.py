@@ -18,6 +18,8 @@ import pathlib
 import tempfile
 import time
 
+from dgst_tf.cli_model import model_from_args
+
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``prune`` sub-command to ``dgst``'s sub-parsers; returns its parser.
@@ -77,26 +79,6 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     return prune
 
 
-def _build_model(args, classes: int):
-    from dgst_tf import models
-    from dgst_tf.keras_compat import keras
-
-    if args.model != "mobilenet_v2":
-        if not os.path.exists(args.model):
-            raise ValueError(f"--model {args.model!r}: neither mobilenet_v2 nor a saved "
-                             "model file")
-        return keras.models.load_model(args.model, compile=False), args.model
-    weights = args.weights
-    if weights == "auto":
-        weights = ("imagenet" if args.width == 1.0 and models.imagenet_weights_available()
-                   else None)
-    elif weights == "none":
-        weights = None
-    model = models.mobilenet_v2(args.width, (args.image_size, args.image_size, 3),
-                                classes=classes, weights=weights, seed=args.seed)
-    return model, f"MobileNetV2-{args.width:g} ({weights or 'random init'})"
-
-
 def _load_data(args):
     from dgst_tf.adapt import AdaptConfig, load_splits
 
@@ -153,7 +135,7 @@ def run_prune(args) -> int:
     if args.dataset != "none":
         train, test = _load_data(args)
     classes = train.num_classes if train is not None else args.classes
-    model, description = _build_model(args, classes)
+    model, description = model_from_args(args, classes=classes)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     graph = DependencyGraph(model)
     before = footprint(model)
