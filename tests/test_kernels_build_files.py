@@ -1,5 +1,8 @@
 """BUILD (Bazel) and tflm_ops/dgst_train_kernels.inc (TFLM's Makefile build) name exactly
-the training-kernel sources that exist, and every core under tflm_ops/core is in both."""
+the training-kernel sources that exist, and every core under tflm_ops/core is in both; their
+TFLM source-tree-mode kernel lists name every tflm_ops/tflm kernel, and dgst_train_ops.h
+declares and registers every op those kernels define."""
+import ast
 import glob
 import os
 import re
@@ -11,6 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INC = os.path.join(ROOT, "tflm_ops", "dgst_train_kernels.inc")
 CORE = os.path.join(ROOT, "tflm_ops", "core")
+TFLM = os.path.join(ROOT, "tflm_ops", "tflm")
 
 
 def build_file_sources():
@@ -40,7 +44,11 @@ def inc_variables(tmp_path):
                   "\t@echo SRCS=$(DGST_TRAIN_KERNEL_SRCS)\n"
                   "\t@echo REF=$(DGST_TRAIN_KERNEL_REF_SRCS)\n"
                   "\t@echo HDRS=$(DGST_TRAIN_KERNEL_HDRS)\n"
-                  "\t@echo INCLUDES=$(DGST_TRAIN_KERNEL_INCLUDES)\n")
+                  "\t@echo INCLUDES=$(DGST_TRAIN_KERNEL_INCLUDES)\n"
+                  "\t@echo TFLM_SRCS=$(DGST_TRAIN_TFLM_SRCS)\n"
+                  "\t@echo TFLM_HDRS=$(DGST_TRAIN_TFLM_HDRS)\n"
+                  "\t@echo TFLM_INCLUDES=$(DGST_TRAIN_TFLM_INCLUDES)\n"
+                  "\t@echo TFLM_CXXFLAGS=$(DGST_TRAIN_TFLM_CXXFLAGS)\n")
     proc = subprocess.run(["make", "-s", "-f", str(mk), "print"], cwd=tmp_path,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -97,3 +105,53 @@ def test_inc_sources_compile_as_c99(tmp_path):
     header = open(os.path.join(CORE, "dgst_train_kernels.h")).read()
     for name in re.findall(r"\b(dgst_\w+)\(", header):
         assert re.search(rf"\bT {name}\b", symbols), f"{name} is not defined by the .inc sources"
+
+
+def tflm_files(ext):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(TFLM, f"*.{ext}")))
+
+
+def test_inc_names_every_tflm_kernel_for_tree_mode(tmp_path):
+    if shutil.which("make") is None:
+        pytest.fail("make is required")
+    v = inc_variables(tmp_path)
+    srcs = sorted(os.path.relpath(os.path.realpath(p), ROOT) for p in v["TFLM_SRCS"])
+    hdrs = sorted(os.path.relpath(os.path.realpath(p), ROOT) for p in v["TFLM_HDRS"])
+    assert srcs == tflm_files("cc")
+    assert hdrs == tflm_files("h")
+    assert v["TFLM_INCLUDES"] and "-DDGST_TFLM_TREE" in v["TFLM_CXXFLAGS"]
+
+
+def test_build_tree_mode_library_names_every_tflm_kernel():
+    text, _ = build_file_sources()
+    match = re.search(r'cc_library\(\s*name = "dgst_tflm_train_ops",(.*?)\n\)', text, re.S)
+    assert match, "BUILD has no cc_library dgst_tflm_train_ops"
+    block = match.group(1)
+    named = set(re.findall(r'"(tflm_ops/tflm/[^"]+)"', block))
+    assert named == set(tflm_files("cc") + tflm_files("h"))
+    assert re.search(r'defines = \["DGST_TFLM_TREE"\]', block)
+    assert '"//tensorflow/lite/micro/kernels:kernel_util"' in block
+    assert '":dgst_train_kernels_core"' in block
+
+
+def test_train_ops_header_registers_every_op():
+    """Every kernel file ends with one DGST_REGISTER_OP; dgst_train_ops.h declares its
+    Register_<OP> and AddDgstTrainOps adds it under its name; the ops are the loader's OPS."""
+    ops = []
+    for path in tflm_files("cc"):
+        if path.endswith("dgst_tflm_abi.cc"):
+            continue
+        found = re.findall(r"^DGST_REGISTER_OP\((\w+),", open(os.path.join(ROOT, path)).read(),
+                           re.M)
+        assert len(found) == 1, f"{path}: expected one DGST_REGISTER_OP, got {found}"
+        ops += found
+    header = open(os.path.join(TFLM, "dgst_train_ops.h")).read()
+    for op in ops:
+        assert f"TFLMRegistration* Register_{op}();" in header, op
+        assert f'{{"{op}", tflite::Register_{op}}}' in header, op
+    assert f"kNumDgstTrainOps = {len(ops)};" in header
+    loader = ast.parse(open(os.path.join(ROOT, "export", "tflm_ops_loader.py")).read())
+    loader_ops = next(ast.literal_eval(node.value) for node in loader.body
+                      if isinstance(node, ast.Assign)
+                      and any(getattr(t, "id", None) == "OPS" for t in node.targets))
+    assert sorted(ops) == sorted(loader_ops)

@@ -170,6 +170,11 @@ bool AddCustomOp(void* resolver, const char* name, const Kernel& kernel);
 namespace dgst_tflm {
 
 // ----------------------------------------------------------------- kernel helpers (both modes)
+// Compile-time string equality: DGST_REGISTER_OP checks that the op's kOp is its OP_NAME.
+constexpr bool SameName(const char* a, const char* b) {
+  return *a == *b && (*a == '\0' || SameName(a + 1, b + 1));
+}
+
 // Custom options of every dgst op: a little-endian int32 array whose word 0 is the format
 // version (1); floats are stored as their IEEE-754 float32 bit patterns. Copies `count`
 // words into `out` and checks length and version; prints an error naming `op` otherwise.
@@ -213,19 +218,20 @@ DGST_TFLM_TYPE(TfLiteEvalTensor)* CheckedOutput(const char* op, const char* what
     return ::tflite::micro::RegisterOp(INIT, PREPARE, EVAL, /*free=*/nullptr, RESET); \
   }                                                                                    \
   namespace tflite {                                                                   \
+  TFLMRegistration* Register_##OP_NAME();                                              \
   TFLMRegistration* Register_##OP_NAME() {                                             \
     static TFLMRegistration registration = DgstMakeRegistration_##OP_NAME();           \
     return &registration;                                                              \
   }                                                                                    \
   }  /* namespace tflite */                                                            \
-  static_assert(true, "DGST_REGISTER_OP takes a trailing semicolon")
+  static_assert(::dgst_tflm::SameName(kOp, #OP_NAME), "kOp must be " #OP_NAME)
 #else
 #define DGST_REGISTER_OP(OP_NAME, INIT, PREPARE, EVAL, RESET)                            \
   DGST_TFLM_EXPORT bool DgstRegister_##OP_NAME(void* resolver) {                         \
     return ::dgst_tflm::AddCustomOp(resolver, kOp,                                       \
                                     ::dgst_tflm::Kernel{INIT, PREPARE, EVAL, RESET});    \
   }                                                                                      \
-  static_assert(true, "DGST_REGISTER_OP takes a trailing semicolon")
+  static_assert(::dgst_tflm::SameName(kOp, #OP_NAME), "kOp must be " #OP_NAME)
 #endif
 
 #endif  // DGST_TFLM_ABI_H_
