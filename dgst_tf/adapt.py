@@ -119,7 +119,8 @@ def training_memory_summary(sparse: SparseUpdateModel, callbacks, image_size: in
     report = training_memory(sparse.base, sparse.scheme, (image_size, image_size, 3),
                              full_weights_in_sram=_dynamic(callbacks),
                              activation_patterns=sparse.activation_patterns or None)
-    return {"training_peak_bytes": report.training_peak_bytes,
+    return {"whole_kernels_in_sram": _dynamic(callbacks),
+            "training_peak_bytes": report.training_peak_bytes,
             "extra_memory_bytes": report.extra_memory_bytes,
             "inference_peak_bytes": report.forward_peak_bytes,
             "dense_training_bytes": report.dense_training_bytes}

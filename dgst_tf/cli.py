@@ -88,6 +88,9 @@ def _cmd_train(args) -> int:
           f"(int8; inference alone {memory['inference_peak_bytes'] / 1024:.1f} KB, dense "
           f"training {memory['dense_training_bytes'] / 1024:.1f} KB, Lin et al.'s extra-memory "
           f"label {memory['extra_memory_bytes'] / 1024:.1f} KB; dgst_tf.memory)")
+    if memory["whole_kernels_in_sram"]:
+        print("               dynamic selection: the whole kernels of the updated layers sit in "
+              "SRAM (the chosen channels change every step); `dgst plan` finds schemes that fit")
     return 0
 
 
