@@ -43,13 +43,14 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--target-fraction", type=float, default=0.02)
+    p.add_argument("--name", default="host_step_speed")
     args = p.parse_args()
     runtime.limit_threads()
     times = {m: step_seconds(m, args) for m in args.methods}
     full = times.get("full", (None,))[0]
     rows = [{"method": m, "ms_per_step": 1000 * t, "updated_fraction": f,
              "ratio_vs_full": (t / full) if full else ""} for m, (t, f) in times.items()]
-    print(_report.write("host_step_speed", vars(args), rows,
+    print(_report.write(args.name, vars(args), rows,
                         ["method", "ms_per_step", "ratio_vs_full", "updated_fraction"]))
 
 
