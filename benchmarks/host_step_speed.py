@@ -17,6 +17,7 @@ from dgst_tf.sparse_model import SparseUpdateModel
 
 
 def step_seconds(method, args):
+    keras.backend.clear_session()  # each method starts from a clean graph (no slowdown by order)
     runtime.seed_everything(0)
     model = models.mobilenet_v2(args.width, (args.image_size, args.image_size, 3), classes=10,
                                 weights="imagenet" if args.width == 1.0 else None)

@@ -13,7 +13,8 @@ They only move the model's `SelectionState`; the training loop stays Keras' own.
 
 Both are deterministic given the seed and the model's step counter, which is saved with
 the model's weights, so a run resumed from a checkpoint continues with the same choices.
-The dynamic choice for all layers runs as one compiled TensorFlow function per step.
+The dynamic choice for all layers runs inside the compiled train step (the callback installs
+it with `SparseUpdateModel.set_selection_hook`), so no Python runs between steps.
 """
 from dgst_tf.channel_importance import WeightL2, get_importance, top_k_channels
 from dgst_tf.keras_compat import keras, tf
@@ -49,6 +50,7 @@ class StaticChannelSelection(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = _sparse_model(self)
+        model.set_selection_hook(None)  # a static choice: no per-step reselection
         if int(model.selection.step.numpy()) > 0:
             return
         for i, layer in enumerate(model.weight_layers):
@@ -78,7 +80,7 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         super().__init__()
         self.importance = get_importance(importance, seed)
         self.traversal, self.layers_per_step, self.seed = traversal, layers_per_step, seed
-        self._select = None
+        self._select = self._select_model = None
 
     def get_config(self):
         return {"importance": self.importance.get_config(), "traversal": self.traversal,
@@ -104,12 +106,12 @@ class DynamicChannelSelection(keras.callbacks.Callback):
                 offset = (i - start) % count
                 state["active"].assign(offset < per_step)
 
-        return tf.function(select)
+        return select
 
     def on_train_begin(self, logs=None):
-        self._select = self._build(_sparse_model(self))
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self._select is None:
-            self._select = self._build(_sparse_model(self))
-        self._select()
+        model = _sparse_model(self)
+        if self._select is None or self._select_model is not model:
+            self._select, self._select_model = self._build(model), model
+        # runs inside every compiled train step; stays installed for later fits of this
+        # model (same function: no retrace) until another selection callback replaces it
+        model.set_selection_hook(self._select)

@@ -193,6 +193,7 @@ class SparseUpdateModel(keras.Model):
         self._per_channel = {l.name: weights_per_channel(l) for l in self._weight_layers}
         self.sparse_graph = rebuild(model, self._call_layer, name=f"{model.name}_train_graph")
         self._trained = self._trained_variables()
+        self._selection_hook = None
 
     # -- graph construction --------------------------------------------------------------
     def _needs_input_grad(self) -> dict:
@@ -244,8 +245,23 @@ class SparseUpdateModel(keras.Model):
     def get_config(self):
         return {"name": self.name, "scheme": self.scheme.get_config()}
 
+    def set_selection_hook(self, hook) -> None:
+        """Run ``hook()`` (TensorFlow ops that move `selection`) at the start of every train
+        step, inside the compiled step, so a per-step reselection needs no Python callback
+        between steps. `DynamicChannelSelection` installs it in ``on_train_begin`` (it stays
+        for later fits until replaced; `StaticChannelSelection` clears it); the train
+        function is rebuilt when the hook changes.
+        """
+        if hook is self._selection_hook:
+            return
+        self._selection_hook = hook
+        if self.train_function is not None:
+            self.train_function = self.make_train_function(force=True)
+
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self._selection_hook is not None:
+            self._selection_hook()  # ordered before the reads below (same variables)
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self._trained)
             y_pred = self.sparse_graph(x, training=True)
