@@ -16,7 +16,7 @@ import argparse
 import json
 import pathlib
 
-from dgst_tf.cli_model import model_from_args
+from dgst_tf.cli_model import add_model_arguments, model_from_args
 
 
 def add_export_parsers(subparsers) -> None:
@@ -28,15 +28,7 @@ def add_export_parsers(subparsers) -> None:
     export = subparsers.add_parser(
         "export", help="write the model as a TFLite Micro training step (or inference model)",
         description=__doc__.splitlines()[0])
-    model = export.add_argument_group("model")
-    model.add_argument("--model", default="mobilenet_v2",
-                       help="mobilenet_v2 (built here) or a saved tf-keras model (.keras/.h5)")
-    model.add_argument("--width", type=float, default=0.35)
-    model.add_argument("--image-size", type=int, default=128)
-    model.add_argument("--classes", type=int, default=10)
-    model.add_argument("--weights", default="auto",
-                       help="auto (imagenet for width 1.0, else none), imagenet, none, or a "
-                            ".pth/.npz path")
+    model = add_model_arguments(export, width=0.35, image_size=128)
     model.add_argument("--seed", type=int, default=0)
     what = export.add_argument_group("training step")
     what.add_argument("--inference", action="store_true",

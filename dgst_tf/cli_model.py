@@ -33,3 +33,22 @@ def model_from_args(args, classes: int | None = None):
                                 classes=args.classes if classes is None else classes,
                                 weights=weights, seed=args.seed)
     return model, f"MobileNetV2-{args.width:g} ({weights or 'random init'})"
+
+
+def add_model_arguments(parser, width: float = 0.35, image_size: int = 128):
+    """Add the "model" argument group that `model_from_args` reads (``--model --width
+    --image-size --classes --weights``); returns the group so a command can add to it.
+
+        model = add_model_arguments(sub.add_parser("plan"), width=0.35, image_size=128)
+    """
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="mobilenet_v2",
+                       help="mobilenet_v2 (built here) or a saved tf-keras model (.keras/.h5)")
+    model.add_argument("--width", type=float, default=width)
+    model.add_argument("--image-size", type=int, default=image_size)
+    model.add_argument("--classes", type=int, default=10,
+                       help="classifier outputs (when no dataset gives them)")
+    model.add_argument("--weights", default="auto",
+                       help="auto (imagenet for width 1.0 if installed, else none), imagenet, "
+                            "none, or a .pth/.npz path")
+    return model

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dgst_tf.cli_model import model_from_args
+from dgst_tf.cli_model import add_model_arguments, model_from_args
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,15 +24,7 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     plan = subparsers.add_parser(
         "plan", help="choose an update scheme that fits a memory budget",
         description=__doc__.splitlines()[0])
-    model = plan.add_argument_group("model")
-    model.add_argument("--model", default="mobilenet_v2",
-                       help="mobilenet_v2 (built here) or a saved tf-keras model (.keras/.h5)")
-    model.add_argument("--width", type=float, default=0.35)
-    model.add_argument("--image-size", type=int, default=128)
-    model.add_argument("--classes", type=int, default=10)
-    model.add_argument("--weights", default="auto",
-                       help="auto (imagenet for width 1.0, else none), imagenet, none, or a "
-                            ".pth/.npz path")
+    add_model_arguments(plan, width=0.35, image_size=128)
     memory = plan.add_argument_group("memory")
     memory.add_argument("--budget", default="256KB",
                         help="bytes or a size: 256KB, 1MB (KB = 1024 bytes)")

@@ -18,7 +18,7 @@ import pathlib
 import tempfile
 import time
 
-from dgst_tf.cli_model import model_from_args
+from dgst_tf.cli_model import add_model_arguments, model_from_args
 
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,16 +30,7 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     prune = subparsers.add_parser(
         "prune", help="channel-prune a model to fit a flash budget",
         description=__doc__.splitlines()[0])
-    model = prune.add_argument_group("model")
-    model.add_argument("--model", default="mobilenet_v2",
-                       help="mobilenet_v2 (built here) or a saved tf-keras model (.h5/.keras)")
-    model.add_argument("--width", type=float, default=1.0)
-    model.add_argument("--image-size", type=int, default=96)
-    model.add_argument("--classes", type=int, default=10,
-                       help="classifier outputs when no dataset gives them")
-    model.add_argument("--weights", default="auto",
-                       help="auto (imagenet for width 1.0 if installed, else none), imagenet, "
-                            "none, or a .pth/.npz path")
+    add_model_arguments(prune, width=1.0, image_size=96)
     target = prune.add_argument_group("target")
     target.add_argument("--flash-budget", default="1MB",
                         help="int8 weights + int32 biases must fit this (bytes, 900KB, 1MB; "
