@@ -30,12 +30,19 @@ def _channel_scatter(values, indices, full_shape, axis):
     return tf.transpose(tf.scatter_nd(indices[:, None], moved, shape), inverse)
 
 
+def _activation_patterns():
+    """`dgst_tf.pruning.activation_patterns`, imported only when a pattern is used (the
+    pruning package imports TF-MOT)."""
+    from dgst_tf.pruning import activation_patterns
+
+    return activation_patterns
+
+
 def _stored_pattern(pattern, kernel_size, strides, padding, dilations):
     """(pattern, geometry) for a non-trivial spatial pattern, else None."""
     if pattern is None:
         return None
-    from dgst_tf.pruning import activation_patterns as ap  # imports TF-MOT: only when used
-
+    ap = _activation_patterns()
     pattern = ap.get_pattern(pattern)
     if pattern.channel_block:
         raise ValueError(f"activation pattern {pattern.name!r} drops channels; the sparse "
@@ -46,17 +53,9 @@ def _stored_pattern(pattern, kernel_size, strides, padding, dilations):
 
 
 def _pattern_weight_grad(stored, dy, stored_pattern, kernel_shape, depthwise=False):
-    from dgst_tf.pruning import activation_patterns as ap
-
     pattern, geometry = stored_pattern
-    return ap.weight_gradient_from_stored(stored, dy, pattern, geometry, kernel_shape,
-                                          kernel_shape[2], depthwise=depthwise)
-
-
-def _store(kept, stored_pattern):
-    from dgst_tf.pruning import activation_patterns as ap
-
-    return ap.store_for_conv(kept, *stored_pattern)
+    return _activation_patterns().weight_gradient_from_stored(
+        stored, dy, pattern, geometry, kernel_shape, kernel_shape[2], depthwise=depthwise)
 
 
 def _weight_grad(compute, active, full_shape, dtype):
@@ -82,7 +81,7 @@ def sparse_conv2d(x, kernel, bias=None, *, strides, padding, dilations=(1, 1),
             y = tf.nn.bias_add(y, bias)
         kept = tf.gather(x, selection, axis=3) if selection is not None else None
         if kept is not None and stored_pattern is not None:
-            kept = _store(kept, stored_pattern)  # only the pattern's pixels are kept
+            kept = _activation_patterns().store_for_conv(kept, *stored_pattern)  # pixels kept
         x_shape = tf.shape(x)
 
         def grad(dy):
@@ -128,7 +127,7 @@ def sparse_depthwise_conv2d(x, kernel, bias=None, *, strides, padding, dilations
             y = tf.nn.bias_add(y, bias)
         kept = tf.gather(x, selection, axis=3) if selection is not None else None
         if kept is not None and stored_pattern is not None:
-            kept = _store(kept, stored_pattern)
+            kept = _activation_patterns().store_for_conv(kept, *stored_pattern)
         x_shape = tf.shape(x)
 
         def grad(dy):
