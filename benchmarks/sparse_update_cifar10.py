@@ -30,6 +30,8 @@ def main():
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--learning-rates", type=float, nargs="+", default=[0.01],
                    help="tried in turn; the best on the validation split is reported")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay the learning rate to 0 over all training steps")
     p.add_argument("--target-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="sparse_update_cifar10")
@@ -52,17 +54,23 @@ def main():
             scheme, callbacks = build_method(method, model, args.target_fraction,
                                              seed=args.seed)
             sparse = SparseUpdateModel(model, scheme)
-            sparse.compile(optimizer=keras.optimizers.SGD(lr),
+            learning_rate = lr
+            if args.lr_schedule == "cosine":
+                learning_rate = keras.optimizers.schedules.CosineDecay(
+                    lr, decay_steps=train.num_examples * args.epochs)
+            sparse.compile(optimizer=keras.optimizers.SGD(learning_rate),
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                            metrics=["accuracy"])
             start = time.time()
             history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=callbacks,
-                                 verbose=0)
+                                 validation_data=val.dataset, verbose=0)
             seconds = time.time() - start
-            _, val_acc = sparse.evaluate(val.dataset, verbose=0)
+            val_acc = history.history["val_accuracy"][-1]
             row = {"method": method, "learning_rate": lr, "val_top1": float(val_acc),
                    "updated_fraction": float(history.history["updated_fraction"][-1]),
                    "coverage": float(history.history["coverage"][-1]),
+                   "val_top1_per_epoch": [round(float(a), 4)
+                                          for a in history.history["val_accuracy"]],
                    "images_per_s": train.num_examples * args.epochs / seconds,
                    "sparse": sparse}
             if best is None or row["val_top1"] > best["val_top1"]:
