@@ -8,9 +8,10 @@
    pip TFLM interpreter: TFLM's arena report (activations/scratch "head", persistent
    "tail" with its categories) against the analytic memory model (`dgst_tf.memory`,
    compared with `memory_report.compare_with_tflm`), TinyEngine's 141 KB and the 256 KB
-   budget; with and without folding explicit PADs into exact SAME convolutions, and the
-   inference-only model for reference; also at 96x96 (--sizes). Weights do not change
-   memory: random init.
+   budget; with and without folding explicit PADs into exact SAME convolutions and fusing
+   the frozen blocks in front of the first updated layer (`DGST_FUSED_BLOCK`, the default
+   of `export_training`), and the inference-only model for reference; also at 96x96
+   (--sizes). Weights do not change memory: random init.
 2. CIFAR-10: ImageNet MobileNetV2 (width 1.0, the pretrained width offline) with the same
    scheme, N steps in TFLM (batch 1, int8, QAS) on real CIFAR-10 training images: loss of
    the first and last tenth of the steps, held-out accuracy before and after (updated
@@ -31,8 +32,8 @@ from dgst_tf.bn_folding import fold_batchnorm
 from dgst_tf.cli_export import load_arrays
 from dgst_tf.export.inference import export_int8
 from dgst_tf.export.tflm_runner import run_tflm
-from dgst_tf.export.training import (export_training, initial_params, train_tflm,
-                                     write_inference_model)
+from dgst_tf.export.training import (export_training, initial_params, run_inference_tflm,
+                                     train_tflm, write_inference_model)
 from dgst_tf.memory import KB, MemoryModel
 from dgst_tf.memory_report import compare_with_tflm
 from dgst_tf.models import mobilenet_v2
@@ -81,12 +82,15 @@ def _memory_rows(args, tmp, size, full):
                  "tail_kb": _kb(result.arena_tail_bytes),
                  "analytic_kb": _kb(report.forward_peak_bytes), "analytic_what": "inference peak"})
     bias_only = UpdateScheme.from_backward_config(model, LIN_49KB[0], "", "")
-    variants = ([(False, True, scheme), (True, True, scheme), (True, False, scheme)] if full
-                else [(True, False, scheme)]) + [(True, False, bias_only)]
-    for fold, outputs, chosen in variants:
+    # (fold PADs, trainable tensors as outputs, scheme, fuse frozen blocks)
+    variants = ([(False, True, scheme, False), (True, True, scheme, False),
+                 (True, False, scheme, False)] if full else []) + [
+        (True, False, scheme, True), (True, False, bias_only, True)]
+    for fold, outputs, chosen, fuse in variants:
         report = MemoryModel(model).report(chosen)
         info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
-                               learning_rate=0.001, fold_pads=fold, output_params=outputs)
+                               learning_rate=0.001, fold_pads=fold, output_params=outputs,
+                               fuse_blocks=fuse)
         run = train_tflm(info.path, images[:2], labels[:2])
         cats = run.result.allocations
         compare = compare_with_tflm(report, run.arena_bytes, what="training_peak")
@@ -94,6 +98,7 @@ def _memory_rows(args, tmp, size, full):
             "model": f"{size}x{size} training step"
                      + (", bias-only last 16 + classifier" if chosen is bias_only else "") + (
                 ", PADs folded into SAME convs" if fold else ", explicit PAD") + (
+                f", {info.manifest['fused_blocks']} frozen blocks fused" if fuse else "") + (
                 ", trainable tensors as outputs (host read-back)" if outputs
                 else " (firmware graph: loss + logits out)"),
             "arena_kb": _kb(run.arena_bytes), "head_kb": _kb(run.result.arena_head_bytes),
@@ -136,7 +141,7 @@ def cifar_rows(args, tmp):
         accuracy = {}
         for key, params in (("before", initial_params(info.path)), ("after", run.params)):
             path = write_inference_model(info.path, params, tmp / f"{key}.tflite")
-            logits = run_tflm(path, [q]).outputs[0].reshape(len(q), -1)
+            logits = run_inference_tflm(path, q).outputs[0].reshape(len(q), -1)
             accuracy[key] = float((logits.argmax(-1) == yt).mean())
         tenth = max(1, args.steps // 10)
         rows.append({"selection": policy, "learning_rate": lr, "steps": args.steps,

@@ -172,9 +172,8 @@ def _tflm_train(args) -> int:
     import numpy as np
 
     from dgst_tf import runtime
-    from dgst_tf.export.tflm_runner import run_tflm
-    from dgst_tf.export.training import (initial_params, load_manifest, train_tflm,
-                                         write_inference_model)
+    from dgst_tf.export.training import (initial_params, load_manifest, run_inference_tflm,
+                                         train_tflm, write_inference_model)
 
     runtime.limit_threads()
     manifest = load_manifest(args.model)
@@ -205,7 +204,7 @@ def _tflm_train(args) -> int:
             folder = out_dir or pathlib.Path(tmp)
             for key, params in (("before", initial_params(args.model)), ("after", run.params)):
                 path = write_inference_model(args.model, params, folder / f"{key}.tflite")
-                logits = run_tflm(path, [q]).outputs[0].reshape(len(q), -1)
+                logits = run_inference_tflm(path, q).outputs[0].reshape(len(q), -1)
                 result[f"test_accuracy_{key}"] = float((logits.argmax(-1) == yt).mean())
     print(f"TFLM training: {result['steps']} steps of {args.model} on {args.dataset}")
     print(f"loss            {result['loss_first']:.4f} (first {tenth} steps) -> "

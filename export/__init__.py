@@ -14,7 +14,8 @@ Modules: `inference` (int8 export), `tflm_runner` (TFLM in a subprocess), `tflit
 `tflm_ops_loader` (the dgst custom-op library for the pip interpreter), `tflm_abi_check`
 (the wheel ABI the custom-op glue relies on), `training` (the training-step export, its
 manifest, running N steps in TFLM, writing updated weights back), `tflite_editor` (editing
-a converted graph).
+a converted graph), `block_fusion` (frozen conv -> depthwise -> 1x1 chains as one
+row-by-row ``DGST_FUSED_BLOCK`` op).
 
     info = export_training(model, scheme, calibration_images, "train.tflite")
     run = train_tflm("train.tflite", images, labels)      # N steps, one interpreter
@@ -48,6 +49,8 @@ _PUBLIC = {
     "load_manifest": "training",
     "initial_params": "training",
     "write_inference_model": "training",
+    "run_inference_tflm": "training",
+    "fuse_blocks_file": "block_fusion",
     "ModelEditor": "tflite_editor",
 }
 

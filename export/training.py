@@ -41,6 +41,7 @@ import tempfile
 
 import numpy as np
 
+from dgst_tf.export import block_fusion
 from dgst_tf.export.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import (TfliteFileError, read_tflite, schema, tensor_details,
@@ -48,7 +49,7 @@ from dgst_tf.export.tflite_file import (TfliteFileError, read_tflite, schema, te
 
 __all__ = ["export_training", "TrainingExport", "TrainingExportError", "TrainingManifestError",
            "train_tflm", "TrainingRun", "load_manifest", "write_inference_model",
-           "initial_params",
+           "initial_params", "run_inference_tflm",
            "manifest_path_for", "MANIFEST_FORMAT"]
 
 MANIFEST_FORMAT = "dgst-tf-training-step"
@@ -235,7 +236,7 @@ def _fold_pads(ed: ModelEditor, keep_layers=()) -> int:
 def export_training(model, scheme, representative_images, path, *, learning_rate: float = 0.05,
                     selection="magnitude", policy: str | None = None,
                     num_samples: int = 100, fold_pads: bool = True,
-                    output_params: bool = True) -> TrainingExport:
+                    fuse_blocks: bool = True, output_params: bool = True) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
     ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
@@ -249,7 +250,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     the current weights); the kept channels of each step are then extra outputs
     (``"<layer>/kept"``). ``fold_pads``: replace explicit PAD + VALID convs by
     exact SAME convs with zero-padded kernels (saves the padded activation copies; not for
-    weight-updated layers). ``output_params``: make the trainable tensors graph outputs
+    weight-updated layers). ``fuse_blocks``: compute each frozen conv -> depthwise -> 1x1
+    chain in front of the first updated layer as one ``DGST_FUSED_BLOCK`` (bit-identical,
+    holds a few rows of the expanded activation instead of all of it; see
+    `dgst_tf.export.block_fusion`). ``output_params``: make the trainable tensors graph outputs
     (needed to read them back on the host; False gives the firmware's graph, whose arena
     lacks the per-channel quantization copies TFLM makes for graph outputs). Both files are
     written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
@@ -284,6 +288,11 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     weight_layers = [name for name in (l.name for l in model.layers)
                      if scheme.update_for(name).updates_weights]
     folded_pads = _fold_pads(ed, weight_layers) if fold_pads else 0
+    fused_blocks = 0
+    if fuse_blocks:
+        trained = [i for i, name in _find_layers(ed, model, where).items()
+                   if name == classifier or scheme.update_for(name).mode != "frozen"]
+        fused_blocks = block_fusion.fuse_blocks(ed, stop=min(trained))
     ops = list(sg.operators)
     op_layer = _find_layers(ed, model, where)
     layer_ops = {name: i for i, name in op_layer.items()}
@@ -425,6 +434,7 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                                  [g_logits, loss_t], int32_options(float(l_scale[0]),
                                                                    int(l_zp[0]))))
     grads, readers = {logits: g_logits}, collections.Counter({g_logits: 1})
+    pooled = {}  # gradient of a MEAN input -> (pooled gradient, its MUL op, 1 / pixels)
 
     def give(tensor, g):
         if tensor in grads:  # gradients meeting at a fork: sum them
@@ -470,8 +480,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
             inv = ed.add_tensor(f"{ed.name(out)}/inverse_area", (1, h, w, 1), np.float32,
                                 data=np.full((1, h, w, 1), 1.0 / (h * w), np.float32))
             dx = ed.add_tensor(f"{ed.name(x)}/grad", shape, np.float32)
-            backward.append(ed.builtin_op(_OPS.MUL, [g, inv], [dx],
-                                          schema.BuiltinOptions.MulOptions, schema.MulOptionsT()))
+            mul = ed.builtin_op(_OPS.MUL, [g, inv], [dx], schema.BuiltinOptions.MulOptions,
+                                schema.MulOptionsT())
+            backward.append(mul)
+            pooled[dx] = (g, mul, 1.0 / (h * w))
             give(x, dx)
             continue
         # conv / depthwise / dense
@@ -482,7 +494,20 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
         w_scales, _ = ed.quantization(w_t)
         x_scale, x_zp = ed.quantization(x)
         mask = masks.get(i, -1)
-        if mask >= 0 and readers[g] > 0:  # g is also another tensor's gradient: copy it
+        dy = ed.add_tensor(f"{name}/dy", ed.shape(out), np.int8)
+        dy_scale = ed.add_tensor(f"{name}/dy_scale", (1,), np.float32)
+        if g in pooled and readers[g] == 0:
+            # the gradient of a global average pooling's input, quantized straight from the
+            # pooled gradient: the float [1, H, W, C] copy (80 KB at MobileNetV2's head
+            # conv) is never materialized
+            g_pool, mul, factor = pooled[g]
+            backward.remove(mul)
+            factor_t = ed.add_tensor(f"{name}/pool_factor", (1,), np.float32,
+                                     data=np.array([factor], np.float32))
+            backward.append(ed.custom_op("DGST_QUANTIZE_GRAD", [g_pool, mask, factor_t],
+                                         [dy, dy_scale]))
+            g = None
+        elif mask >= 0 and readers[g] > 0:  # g is also another tensor's gradient: copy it
             copy = ed.add_tensor(f"{ed.name(out)}/grad_copy", ed.shape(out), np.float32)
             shape_t = ed.add_tensor(f"{ed.name(out)}/grad_shape", (len(ed.shape(out)),),
                                     np.int32, data=np.array(ed.shape(out), np.int32))
@@ -491,9 +516,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
             backward.append(ed.builtin_op(_OPS.RESHAPE, [g, shape_t], [copy],
                                           schema.BuiltinOptions.ReshapeOptions, options))
             g = copy
-        dy = ed.add_tensor(f"{name}/dy", ed.shape(out), np.int8)
-        dy_scale = ed.add_tensor(f"{name}/dy_scale", (1,), np.float32)
-        backward.append(ed.custom_op("DGST_QUANTIZE_GRAD", [g, mask], [dy, dy_scale]))
+        if g is not None:
+            backward.append(ed.custom_op("DGST_QUANTIZE_GRAD", [g, mask], [dy, dy_scale]))
         ws = ed.add_tensor(f"{name}/weight_scale", w_scales.shape, np.float32, data=w_scales)
         geometry = (1, 1, 1, 1, 0, 0)
         grad_in, grad_in_shape = x, ed.shape(x)
@@ -579,7 +603,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                                     for o in parsed.subgraphs[0].operators)
     image_d = tensor_details(parsed, image)
     forward_ops = [n for n, o in enumerate(sg.operators)
-                   if o in forward and not ed.builtin(o).startswith("CUSTOM:")]
+                   if o in forward and (not ed.builtin(o).startswith("CUSTOM:")
+                                        or ed.builtin(o) == "CUSTOM:DGST_FUSED_BLOCK")]
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "tflite": path.name, "sha256": _sha256(data), "size_bytes": len(data),
@@ -607,6 +632,7 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                    for n, p in enumerate(params)],
         "forward_ops": forward_ops,
         "folded_pads": folded_pads,
+        "fused_blocks": fused_blocks,
         "ops": dict(sorted(op_counts.items())),
         "custom_ops": sorted(k[len("CUSTOM:"):] for k in op_counts if k.startswith("CUSTOM:")),
     }
@@ -741,9 +767,25 @@ def initial_params(path, *, manifest=None) -> dict:
             for p in content["params"]}
 
 
+def run_inference_tflm(path, images_q, **kwargs):
+    """Run an inference model from `write_inference_model` in TFLM (child process) with the
+    dgst ops registered (it may hold ``DGST_FUSED_BLOCK``); ``images_q``: int8 inputs as for
+    `run_tflm`, ``kwargs`` go to it. Returns the `TflmResult`. Example::
+
+        logits = run_inference_tflm("updated.tflite", q[:, None]).outputs[0]
+    """
+    from dgst_tf.export.tflm_ops_loader import host_ops
+    from dgst_tf.export.tflm_runner import run_tflm
+
+    ops = host_ops()
+    return run_tflm(path, [images_q], libraries=[ops.library], registerers=ops.registerers,
+                    **kwargs)
+
+
 def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pathlib.Path:
-    """Write an inference `.tflite` (image -> int8 logits, builtin ops only) whose trainable
-    tensors hold ``params`` (as `TrainingRun.params`: "layer/param" -> array). Example::
+    """Write an inference `.tflite` (image -> int8 logits: builtin ops, plus
+    ``DGST_FUSED_BLOCK`` if the training model has fused blocks) whose trainable tensors hold
+    ``params`` (as `TrainingRun.params`: "layer/param" -> array). Example::
 
         write_inference_model("train.tflite", run.params, "updated.tflite")
     """

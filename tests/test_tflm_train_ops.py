@@ -357,3 +357,44 @@ def test_select_channels_on_device(ops, tmp_path, policy, depthwise):
         np.testing.assert_array_equal(kept[s], want)
     if policy == "traversal":  # every channel is visited within ceil(c_in / k) steps
         assert set(kept[:3].ravel().tolist()) == set(range(c_in))
+
+
+def test_quantize_grad_broadcast_mode_equals_the_materialized_pooling_gradient(ops, tmp_path):
+    """With a factor input, DGST_QUANTIZE_GRAD quantizes g[c] * factor broadcast over the
+    pixels (the gradient of a global average pooling's input) without the float tensor:
+    bit-identical to MUL by 1/pixels, mask, then quantize."""
+    rng = np.random.default_rng(8)
+    shape = (1, 3, 4, 5)
+    g = rng.normal(size=(1, 5)).astype(np.float32)
+    y = rng.integers(-128, 128, shape).astype(np.int8)
+    factor = np.float32(1.0 / 12)
+    n = y.size
+
+    def build(b):
+        t_y = b.add_tensor("y", shape, np.int8)
+        t_g = b.add_tensor("g", g.shape, np.float32)
+        t_f = b.add_tensor("factor", (1,), np.float32, data=np.array([factor]))
+        mask = b.add_tensor("mask", ((n + 7) // 8,), np.uint8)
+        q = b.add_tensor("dy", shape, np.int8)
+        s = b.add_tensor("dy_scale", (1,), np.float32)
+        b.add_custom_op("DGST_RELU_MASK", [t_y], [mask], int32_options(-100, 100))
+        b.add_custom_op("DGST_QUANTIZE_GRAD", [t_g, mask, t_f], [q, s])
+        return {t_y: y, t_g: g}, [mask, q, s]
+
+    mask, q, s = run_graph(ops, tmp_path, "broadcast", build)
+    dense = (np.broadcast_to(g.reshape(1, 1, 1, 5), shape) * factor).astype(np.float32)
+    want_q, want_s = R.quantize_grad(R.apply_mask(dense, mask))
+    np.testing.assert_array_equal(q.reshape(-1), want_q)
+    assert s[0] == want_s and np.count_nonzero(q) > 0
+
+    def bad_factor(b):
+        t_g = b.add_tensor("g", (1, 4), np.float32)
+        t_f = b.add_tensor("factor", (2,), np.float32, data=np.ones(2, np.float32))
+        q = b.add_tensor("dy", (1, 2, 2, 4), np.int8)
+        s = b.add_tensor("s", (1,), np.float32)
+        b.add_custom_op("DGST_QUANTIZE_GRAD", [t_g, -1, t_f], [q, s])
+        return {t_g: np.zeros((1, 4), np.float32)}, [q]
+
+    with pytest.raises(TflmError, match=r"DGST_QUANTIZE_GRAD: broadcast mode needs input 2 "
+                                        r"\(factor\) with one element"):
+        run_graph(ops, tmp_path, "badfactor", bad_factor)

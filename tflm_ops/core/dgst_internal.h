@@ -128,6 +128,26 @@ static inline dgst_tap_walk dgst_walk_taps(int32_t in_idx, int32_t pad, int32_t 
   return w;
 }
 
+/* TFLite's fixed-point requantization (reference kernels, double rounding):
+ * RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x << left, multiplier), right). */
+static inline int32_t dgst_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier,
+                                                            int32_t shift) {
+  const int32_t left = shift > 0 ? shift : 0, right = shift > 0 ? 0 : -shift;
+  const int32_t a = (int32_t)((uint32_t)x << left);
+  int32_t high, mask, remainder, threshold;
+  if (a == INT32_MIN && multiplier == INT32_MIN) {
+    high = INT32_MAX;
+  } else {
+    const int64_t ab = (int64_t)a * (int64_t)multiplier;
+    const int64_t nudge = ab >= 0 ? (1 << 30) : (1 - (1 << 30));
+    high = (int32_t)((ab + nudge) / ((int64_t)1 << 31));
+  }
+  mask = (int32_t)(((int64_t)1 << right) - 1);
+  remainder = high & mask;
+  threshold = (mask >> 1) + (high < 0 ? 1 : 0);
+  return (high >> right) + (remainder > threshold ? 1 : 0);
+}
+
 /* Round half away from zero (C99 roundf) to int32, exact for |x| < 2^31. Callers clamp x
  * into range first. */
 static inline int32_t dgst_round_to_i32(float x) {

@@ -42,6 +42,13 @@ float dgst_softmax_xent_grad(const int8_t* logits, int32_t classes, float scale,
  * *scale = max|g| / 127 (1.0f if all zero); out[i] = clamp(round(g[i] / *scale), -127, 127). */
 void dgst_quantize_grad_s8(const float* g, int32_t n, int8_t* out, float* scale);
 
+/* dgst_quantize_grad_s8 of the [pixels][channels] tensor x[p][c] = g[c] * factor masked by
+ * mask (1 bit per element, NULL for none), without materializing x: the gradient of a
+ * global average pooling's input (factor = 1 / pixels). */
+void dgst_quantize_broadcast_grad_s8(const float* g, int32_t pixels, int32_t channels,
+                                     float factor, const uint8_t* mask, int8_t* out,
+                                     float* scale);
+
 /* Weight gradient of a Conv2D for the kept input channels only.
  * x_kept: the saved input activation, only the k kept channels, [in_h][in_w][k].
  * dy: [out_h][out_w][c_out]. grad (int32, overwritten): [c_out][kernel_h][kernel_w][k],
@@ -116,6 +123,41 @@ void dgst_sgd_qas_update_depthwise_s8(int8_t* w, int32_t kernel_h, int32_t kerne
 /* Bias update with QAS: b[o] -= round(lr * dy_scale * grad[o] / (weight_scale[o] * x_scale)). */
 void dgst_sgd_qas_update_bias_s32(int32_t* b, int32_t channels, const int32_t* grad, float lr,
                                   float x_scale, float dy_scale, const float* weight_scale);
+
+/* ---- Forward: a frozen block computed row by row (dgst_fused_block_s8) ---------------- */
+
+/* One int8 convolution stage with TFLite's per-channel requantization:
+ * out[c] = clamp(MultiplyByQuantizedMultiplier(acc + bias[c], multiplier[c], shift[c])
+ *                + output_offset, act_min, act_max), acc = sum (x + input_offset) * w. */
+typedef struct {
+  const int8_t* weights;      /* conv OHWI [C_out][K_h][K_w][C_in]; depthwise [1][K_h][K_w][C] */
+  const int32_t* bias;        /* [C_out] */
+  const int32_t* multiplier;  /* [C_out], as TFLite's QuantizeMultiplier */
+  const int32_t* shift;       /* [C_out], positive = left shift */
+  int32_t input_offset;       /* minus the input zero point */
+  int32_t output_offset;      /* the output zero point */
+  int32_t act_min, act_max;   /* fused activation range in output codes */
+} dgst_requant_params;
+
+/* conv (K_h x K_w, any stride, pad top/left) -> depthwise (multiplier 1) -> 1x1 projection,
+ * batch 1, no dilation. in: [in_h][in_w][in_c]; conv output ("mid"): [mid_h][mid_w][mid_c];
+ * out: [out_h][out_w][out_c]. */
+typedef struct {
+  int32_t in_h, in_w, in_c;
+  int32_t mid_h, mid_w, mid_c;
+  int32_t out_h, out_w, out_c;
+  int32_t conv_h, conv_w, conv_stride_h, conv_stride_w, conv_pad_top, conv_pad_left;
+  int32_t dw_h, dw_w, dw_stride_h, dw_stride_w, dw_pad_top, dw_pad_left;
+} dgst_fused_block_geometry;
+
+/* Bytes of caller scratch (4-byte aligned) dgst_fused_block_s8 needs:
+ * dw_h rows of the conv output, one row of the depthwise output and dw_h row tags. */
+int32_t dgst_fused_block_scratch_bytes(const dgst_fused_block_geometry* g);
+
+/* y = project(depthwise(conv(x))), each stage requantized to int8 as TFLite does. */
+void dgst_fused_block_s8(const dgst_fused_block_geometry* g, const dgst_requant_params* conv,
+                         const dgst_requant_params* dw, const dgst_requant_params* project,
+                         const int8_t* x, int8_t* y, void* scratch);
 
 #ifdef __cplusplus
 }

@@ -27,6 +27,7 @@ TFLMRegistration* Register_DGST_CONV2D_INPUT_GRAD();
 TFLMRegistration* Register_DGST_CONV2D_WEIGHT_GRAD();
 TFLMRegistration* Register_DGST_DEPTHWISE_INPUT_GRAD();
 TFLMRegistration* Register_DGST_DEPTHWISE_WEIGHT_GRAD();
+TFLMRegistration* Register_DGST_FUSED_BLOCK();
 TFLMRegistration* Register_DGST_GATHER_CHANNELS();
 TFLMRegistration* Register_DGST_QUANTIZE_GRAD();
 TFLMRegistration* Register_DGST_RELU_MASK();
@@ -40,9 +41,9 @@ TFLMRegistration* Register_DGST_VARIABLE_INIT();
 namespace dgst_tflm {
 
 // Resolver slots AddDgstTrainOps uses.
-constexpr unsigned int kNumDgstTrainOps = 12;
+constexpr unsigned int kNumDgstTrainOps = 13;
 
-// AddCustom's all 12 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
+// AddCustom's all 13 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
 // so that this header needs no resolver header). Stops at, and returns, the first error
 // (resolver full, or an op already added: AddCustom accepts each name once).
 template <typename Resolver>
@@ -54,6 +55,7 @@ inline TfLiteStatus AddDgstTrainOps(Resolver& resolver) {
   const Op ops[kNumDgstTrainOps] = {
       {"DGST_VARIABLE_INIT", tflite::Register_DGST_VARIABLE_INIT},
       {"DGST_SELECT_CHANNELS", tflite::Register_DGST_SELECT_CHANNELS},
+      {"DGST_FUSED_BLOCK", tflite::Register_DGST_FUSED_BLOCK},
       {"DGST_RELU_MASK", tflite::Register_DGST_RELU_MASK},
       {"DGST_GATHER_CHANNELS", tflite::Register_DGST_GATHER_CHANNELS},
       {"DGST_SOFTMAX_XENT_GRAD", tflite::Register_DGST_SOFTMAX_XENT_GRAD},

@@ -1,0 +1,189 @@
+"""Fusing frozen conv -> depthwise -> 1x1 blocks into one ``DGST_FUSED_BLOCK`` op.
+
+In an int8 MobileNetV2 the largest activations are the expanded ones of the first blocks
+(64x64x48 int8 = 192 KB for width 0.35 at 128x128): TFLM's builtin ops must hold the whole
+expansion and the whole depthwise output at once. ``DGST_FUSED_BLOCK``
+(`tflm_ops/tflm/dgst_fused_block.cc`) computes the three ops row by row and keeps only a few
+rows; its output equals the builtin ops' output bit for bit. The requantization multipliers
+and shifts that TFLM would compute into arena per-op data become constant tensors (flash),
+as TinyEngine does.
+
+`fuse_blocks` rewrites a `ModelEditor` graph (the training export calls it for the ops in
+front of the first updated layer); `fuse_blocks_file` rewrites an int8 inference `.tflite`::
+
+    from dgst_tf.export.block_fusion import fuse_blocks_file
+    fuse_blocks_file("model_int8.tflite", "model_int8_fused.tflite")   # -> number fused
+
+Weights must be per-channel symmetric int8 (what `export_int8` writes), dilation 1, depth
+multiplier 1; chains that do not match are left as they are.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import numpy as np
+
+from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.export.tflite_editor import ModelEditor
+from dgst_tf.export.tflite_file import read_tflite, schema, write_atomically
+
+__all__ = ["quantize_multiplier", "activation_range", "fuse_blocks", "fuse_blocks_file"]
+
+_NONE, _RELU, _RELU6 = 0, 1, 3
+
+
+def _round_half_away(x: float) -> int:
+    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """TFLite's ``QuantizeMultiplier``: ``real ~= multiplier * 2**(shift - 31)`` with an int32
+    ``multiplier`` in [2**30, 2**31) (0 for 0). ``quantize_multiplier(0.75) == (1610612736, 0)``."""
+    if real == 0.0:
+        return 0, 0
+    fraction, shift = math.frexp(real)
+    fixed = _round_half_away(fraction * (1 << 31))
+    if fixed == 1 << 31:
+        fixed //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    return int(fixed), int(shift)
+
+
+def activation_range(activation: int, scale: float, zero_point: int) -> tuple[int, int]:
+    """TFLite's ``CalculateActivationRangeQuantized`` for an int8 output (float32 division,
+    round half away from zero): the codes a fused NONE / RELU / RELU6 output is clamped to."""
+    def code(value):
+        return int(zero_point) + _round_half_away(float(np.float32(value) / np.float32(scale)))
+    if activation == _NONE:
+        return -128, 127
+    if activation == _RELU:
+        return max(-128, code(0.0)), 127
+    if activation == _RELU6:
+        return max(-128, code(0.0)), min(127, code(6.0))
+    raise ValueError(f"activation_range: fused activation {activation} is not NONE, RELU or "
+                     f"RELU6")
+
+
+def _padding(op, in_size, out_size, kernel, stride):
+    if op.builtinOptions.padding == schema.Padding.VALID:
+        return 0
+    return max((out_size - 1) * stride + kernel - in_size, 0) // 2
+
+
+class _Stage:
+    """One conv of a fusable chain: its tensors, geometry and requantization constants."""
+
+    def __init__(self, ed: ModelEditor, op):
+        self.op = op
+        o = op.builtinOptions
+        self.x, self.w, self.y = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
+        self.bias = int(op.inputs[2]) if len(op.inputs) > 2 else -1
+        self.stride = (int(o.strideH), int(o.strideW))
+        self.dilated = int(o.dilationHFactor) != 1 or int(o.dilationWFactor) != 1
+        self.activation = int(o.fusedActivationFunction)
+        self.w_shape = ed.shape(self.w)
+
+    def int8_ok(self, ed) -> bool:
+        types = [ed.tensor(t).type for t in (self.x, self.w, self.y)]
+        return all(t == schema.TensorType.INT8 for t in types) and \
+            ed.data(self.w) is not None and \
+            (self.bias < 0 or ed.data(self.bias) is not None) and \
+            self.activation in (_NONE, _RELU, _RELU6)
+
+    def constants(self, ed: ModelEditor, channels: int, label: str) -> list:
+        """[weights, requant]: the weight tensor and a new int32 [3, channels] constant whose
+        rows are the bias, the multiplier and the shift."""
+        x_scale = float(ed.quantization(self.x)[0][0])
+        y_scale = float(ed.quantization(self.y)[0][0])
+        w_scales = np.broadcast_to(ed.quantization(self.w)[0], (channels,))
+        pairs = [quantize_multiplier(x_scale * float(s) / y_scale) for s in w_scales]
+        bias = np.zeros(channels, np.int32) if self.bias < 0 else ed.data(self.bias)
+        requant = np.stack([bias.reshape(channels), [m for m, _ in pairs],
+                            [s for _, s in pairs]]).astype(np.int32)
+        return [self.w, ed.add_tensor(f"{label}/requant", (3, channels), np.int32,
+                                      data=requant)]
+
+    def act_range(self, ed) -> tuple[int, int]:
+        scale, zp = ed.quantization(self.y)
+        return activation_range(self.activation, float(scale[0]), int(zp[0]))
+
+
+def fuse_blocks(ed: ModelEditor, stop: int | None = None) -> int:
+    """Replace every CONV_2D -> DEPTHWISE_CONV_2D -> 1x1 CONV_2D chain among the first
+    ``stop`` ops (all by default) whose intermediate tensors feed nothing else by one
+    ``DGST_FUSED_BLOCK``. Returns how many chains were fused. The caller must not hold op
+    indices across the call (the operator list shrinks)."""
+    sg = ed.subgraph
+    ops = list(sg.operators)
+    stop = len(ops) if stop is None else int(stop)
+    graph_io = {int(t) for t in list(sg.inputs) + list(sg.outputs)}
+    readers: dict[int, list] = {}
+    for i, op in enumerate(ops):
+        for t in op.inputs:
+            if t >= 0:
+                readers.setdefault(int(t), []).append(i)
+
+    def only_reader(tensor, kind):
+        users = readers.get(tensor, [])
+        if tensor in graph_io or len(users) != 1 or users[0] >= stop:
+            return None
+        j = users[0]
+        if ed.builtin(ops[j]) != kind or int(ops[j].inputs[0]) != tensor:
+            return None
+        return j
+
+    fused, replaced, dropped = 0, {}, set()
+    for a in range(stop):
+        if a in dropped or ed.builtin(ops[a]) != "CONV_2D":
+            continue
+        conv = _Stage(ed, ops[a])
+        b = only_reader(conv.y, "DEPTHWISE_CONV_2D")
+        if b is None:
+            continue
+        dw = _Stage(ed, ops[b])
+        c = only_reader(dw.y, "CONV_2D")
+        if c is None:
+            continue
+        proj = _Stage(ed, ops[c])
+        stages = (conv, dw, proj)
+        if any(s.dilated or not s.int8_ok(ed) for s in stages) or \
+                proj.w_shape[1:3] != (1, 1) or proj.stride != (1, 1) or \
+                dw.w_shape[0] != 1 or dw.w_shape[3] != conv.w_shape[0]:
+            continue
+        in_shape, mid_shape = ed.shape(conv.x), ed.shape(conv.y)
+        out_shape = ed.shape(dw.y)
+        label = ed.name(proj.y)
+        pads = [_padding(conv.op, in_shape[1 + k], mid_shape[1 + k], conv.w_shape[1 + k],
+                         conv.stride[k]) for k in range(2)]
+        dw_pads = [_padding(dw.op, mid_shape[1 + k], out_shape[1 + k], dw.w_shape[1 + k],
+                            dw.stride[k]) for k in range(2)]
+        zps = [int(ed.quantization(t)[1][0]) for t in (conv.x, conv.y, dw.y, proj.y)]
+        ranges = [v for s in stages for v in s.act_range(ed)]
+        inputs = [conv.x]
+        for stage, channels, name in ((conv, mid_shape[3], "conv"), (dw, mid_shape[3], "dw"),
+                                      (proj, ed.shape(proj.y)[3], "project")):
+            inputs += stage.constants(ed, channels, f"{label}/fused_{name}")
+        options = int32_options(mid_shape[1], mid_shape[2], *conv.stride, *pads, *dw.stride,
+                                *dw_pads, *zps, *ranges)
+        replaced[a] = ed.custom_op("DGST_FUSED_BLOCK", inputs, [proj.y], options)
+        dropped |= {b, c}
+        fused += 1
+    if fused:
+        sg.operators = [replaced.get(i, op) for i, op in enumerate(ops) if i not in dropped]
+        ed.prune()
+    return fused
+
+
+def fuse_blocks_file(path, out_path) -> int:
+    """`fuse_blocks` on the int8 `.tflite` at ``path``, written atomically to ``out_path``
+    (run it with the dgst custom ops registered, e.g. `dgst_tf.export.tflm_runner`).
+    Returns the number of fused chains."""
+    _, model = read_tflite(pathlib.Path(path))
+    ed = ModelEditor(model)
+    count = fuse_blocks(ed)
+    write_atomically(pathlib.Path(os.fspath(out_path)), ed.pack())
+    return count

@@ -1,0 +1,121 @@
+"""DGST_FUSED_BLOCK and dgst_tf.export.block_fusion: frozen conv -> depthwise -> 1x1 chains
+computed row by row in one op. Oracle: the same graph with TFLM's builtin int8 ops (and
+TFLite's reference kernels), bit for bit."""
+import numpy as np
+import pytest
+
+from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.export.block_fusion import activation_range, fuse_blocks_file, quantize_multiplier
+from dgst_tf.export.inference import export_int8, reference_outputs
+from dgst_tf.export.tflite_builder import ModelBuilder
+from dgst_tf.export.tflite_file import read_tflite
+from dgst_tf.export.tflm_ops_loader import host_ops
+from dgst_tf.export.tflm_runner import TflmError, run_tflm
+from dgst_tf.export.training import export_training, train_tflm
+from dgst_tf.keras_compat import keras
+from dgst_tf.scheme import UpdateScheme
+
+L = keras.layers
+
+
+def _run(path, x):
+    ops = host_ops()
+    return run_tflm(path, [x], libraries=[ops.library], registerers=ops.registerers)
+
+
+def test_quantize_multiplier_is_tflites():
+    assert quantize_multiplier(0.75) == (1610612736, 0)
+    assert quantize_multiplier(1.0) == (1 << 30, 1)
+    assert quantize_multiplier(0.0) == (0, 0)
+    assert quantize_multiplier(2.0 ** -40) == (0, 0)  # below TFLite's shift range
+    m, s = quantize_multiplier(0.0123)
+    assert abs(m * 2.0 ** (s - 31) - 0.0123) < 1e-10 and 2 ** 30 <= m < 2 ** 31
+    # ReLU6 on an output with scale 6/255 and zero point -128 spans all codes
+    assert activation_range(3, 6 / 255, -128) == (-128, 127)
+    assert activation_range(1, 0.1, -10) == (-10, 127)
+    with pytest.raises(ValueError, match="fused activation 2"):
+        activation_range(2, 0.1, 0)
+
+
+def _blocks(size):
+    """Stem conv + block 0 (SAME, stride 2 conv), a stride-2 SAME depthwise block (odd
+    sizes: asymmetric padding), a residual block, whose last tensor is the output."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, 3))
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu6")(inp)
+    x = L.DepthwiseConv2D(3, padding="same", activation="relu6")(x)
+    x = L.Conv2D(4, 1)(x)
+    y = L.Conv2D(24, 1, activation="relu6")(x)
+    y = L.DepthwiseConv2D(3, strides=2, padding="same", activation="relu")(y)
+    y = L.Conv2D(6, 1)(y)
+    z = L.Conv2D(18, 1, activation="relu6")(y)
+    z = L.DepthwiseConv2D(5, padding="same", activation="relu6")(z)
+    z = L.Conv2D(6, 1)(z)
+    return keras.Model(inp, L.Add()([y, z]))
+
+
+@pytest.mark.parametrize("size", [17, 16])
+def test_fused_inference_is_bit_exact_and_smaller(tmp_path, size):
+    model = _blocks(size)
+    rng = np.random.default_rng(0)
+    export_int8(model, rng.uniform(-1, 1, (32, size, size, 3)).astype(np.float32),
+                tmp_path / "a.tflite")
+    assert fuse_blocks_file(tmp_path / "a.tflite", tmp_path / "b.tflite") == 3
+    _, fused = read_tflite(tmp_path / "b.tflite")
+    assert len(fused.subgraphs[0].operators) == 4  # three fused blocks and the ADD
+    x = rng.integers(-128, 128, (5, 1, size, size, 3)).astype(np.int8)
+    plain, rows = _run(tmp_path / "a.tflite", x), _run(tmp_path / "b.tflite", x)
+    np.testing.assert_array_equal(rows.outputs[0], plain.outputs[0])
+    np.testing.assert_array_equal(plain.outputs[0][0], reference_outputs(tmp_path / "a.tflite",
+                                                                         [x[0]])[0])
+    assert len(np.unique(plain.outputs[0])) > 20  # not a saturated, trivially equal output
+    assert rows.arena_head_bytes < plain.arena_head_bytes
+
+
+def test_training_export_fuses_the_frozen_front_exactly(tmp_path):
+    """Same losses and updated parameters with and without fusion, over a few steps."""
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((12, 12, 3))
+    h = L.Conv2D(8, 3, strides=2, padding="same", activation="relu6", name="stem")(inp)
+    h = L.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw0")(h)
+    h = L.Conv2D(6, 1, name="proj0")(h)
+    h = L.Conv2D(12, 1, activation="relu6", name="expand")(h)
+    h = L.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw1")(h)
+    h = L.Conv2D(8, 1, name="proj1")(h)
+    h = L.Conv2D(16, 1, activation="relu6", name="head")(h)
+    h = L.GlobalAveragePooling2D()(h)
+    model = fold_batchnorm(keras.Model(inp, L.Dense(3, name="fc")(h)))
+    x = np.random.default_rng(2).normal(size=(16, 12, 12, 3)).astype(np.float32)
+    y = np.arange(16) % 3
+    scheme = UpdateScheme({"proj1": 0.5, "head": "bias"})
+    runs, infos = [], []
+    for fuse in (True, False):
+        info = export_training(model, scheme, x, tmp_path / f"t{fuse}.tflite",
+                               learning_rate=0.05, fuse_blocks=fuse)
+        infos.append(info)
+        runs.append(train_tflm(info.path, x[:6], y[:6]))
+    assert infos[0].manifest["fused_blocks"] == 1 and infos[1].manifest["fused_blocks"] == 0
+    assert "CUSTOM:DGST_FUSED_BLOCK" in infos[0].ops and "MUL" not in infos[0].ops
+    np.testing.assert_array_equal(runs[0].losses, runs[1].losses)
+    for key in runs[1].params:
+        np.testing.assert_array_equal(runs[0].params[key], runs[1].params[key])
+    assert runs[0].arena_bytes < runs[1].arena_bytes
+
+
+def test_fused_block_prepare_names_a_bad_requant_tensor(tmp_path):
+    b = ModelBuilder()
+    x = b.add_tensor("x", (1, 4, 4, 2), np.int8)
+    y = b.add_tensor("y", (1, 4, 4, 3), np.int8)
+    w1 = b.add_tensor("w1", (5, 1, 1, 2), np.int8, data=np.ones((5, 1, 1, 2), np.int8))
+    q1 = b.add_tensor("q1", (2, 5), np.int32, data=np.zeros((2, 5), np.int32))  # not [3, 5]
+    w2 = b.add_tensor("w2", (1, 3, 3, 5), np.int8, data=np.ones((1, 3, 3, 5), np.int8))
+    q2 = b.add_tensor("q2", (3, 5), np.int32, data=np.zeros((3, 5), np.int32))
+    w3 = b.add_tensor("w3", (3, 1, 1, 5), np.int8, data=np.ones((3, 1, 1, 5), np.int8))
+    q3 = b.add_tensor("q3", (3, 3), np.int32, data=np.zeros((3, 3), np.int32))
+    options = np.array([1, 4, 4, 1, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0,
+                        -128, 127, -128, 127, -128, 127], "<i4").tobytes()
+    b.add_custom_op("DGST_FUSED_BLOCK", [x, w1, q1, w2, q2, w3, q3], [y], options)
+    (tmp_path / "bad.tflite").write_bytes(b.build([x], [y]))
+    with pytest.raises(TflmError, match=r"DGST_FUSED_BLOCK: input 2 \(conv requant: bias, "
+                                        r"multiplier, shift\) must have shape \[3, 5\]"):
+        _run(tmp_path / "bad.tflite", np.zeros((1, 4, 4, 2), np.int8))

@@ -1,0 +1,93 @@
+/* A frozen inverted-residual block, conv -> depthwise -> 1x1 projection, computed row by
+ * row: only dw_h rows of the conv output and one row of the depthwise output exist at a
+ * time, never the whole expanded activation (e.g. 64x64x48 int8 = 192 KB in MobileNetV2-0.35
+ * at 128x128). Each stage is TFLite's int8 per-channel convolution arithmetic (reference
+ * kernels), so the block's output equals the three builtin ops' output bit for bit. */
+#include "dgst_internal.h"
+
+int32_t dgst_fused_block_scratch_bytes(const dgst_fused_block_geometry* g) {
+  return (int32_t)sizeof(int32_t) * g->dw_h + g->dw_h * g->mid_w * g->mid_c +
+         g->out_w * g->mid_c;
+}
+
+static inline int8_t dgst_requantize_s8(int32_t acc, const dgst_requant_params* p, int32_t c) {
+  int32_t v = dgst_multiply_by_quantized_multiplier(acc + p->bias[c], p->multiplier[c],
+                                                    p->shift[c]) + p->output_offset;
+  v = dgst_max_i32(v, p->act_min);
+  return (int8_t)dgst_min_i32(v, p->act_max);
+}
+
+/* Row `r` of the first stage (a KxK convolution of x) into `row` [mid_w][mid_c]. */
+static void conv_row(const dgst_fused_block_geometry* g, const dgst_requant_params* p,
+                     const int8_t* x, int32_t r, int8_t* row) {
+  const int32_t iy0 = r * g->conv_stride_h - g->conv_pad_top;
+  const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g->conv_h, g->in_h - iy0);
+  int32_t ox, oc, ky, kx, ic;
+  for (ox = 0; ox < g->mid_w; ++ox) {
+    const int32_t ix0 = ox * g->conv_stride_w - g->conv_pad_left;
+    const int32_t kx_lo = dgst_max_i32(0, -ix0);
+    const int32_t kx_hi = dgst_min_i32(g->conv_w, g->in_w - ix0);
+    for (oc = 0; oc < g->mid_c; ++oc) {
+      const int8_t* w = p->weights + (int32_t)oc * g->conv_h * g->conv_w * g->in_c;
+      int32_t acc = 0;
+      for (ky = ky_lo; ky < ky_hi; ++ky) {
+        for (kx = kx_lo; kx < kx_hi; ++kx) {
+          const int8_t* xp = x + ((iy0 + ky) * g->in_w + ix0 + kx) * g->in_c;
+          const int8_t* wp = w + (ky * g->conv_w + kx) * g->in_c;
+          for (ic = 0; ic < g->in_c; ++ic) acc += (xp[ic] + p->input_offset) * wp[ic];
+        }
+      }
+      row[ox * g->mid_c + oc] = dgst_requantize_s8(acc, p, oc);
+    }
+  }
+}
+
+void dgst_fused_block_s8(const dgst_fused_block_geometry* g, const dgst_requant_params* conv,
+                         const dgst_requant_params* dw, const dgst_requant_params* project,
+                         const int8_t* x, int8_t* y, void* scratch) {
+  int32_t* row_of_slot = (int32_t*)scratch; /* which conv-output row each ring slot holds */
+  int8_t* ring = (int8_t*)(row_of_slot + g->dw_h);
+  int8_t* dw_row = ring + g->dw_h * g->mid_w * g->mid_c;
+  const int32_t row_bytes = g->mid_w * g->mid_c;
+  int32_t s, oy, ox, c, ky, kx, oc;
+  for (s = 0; s < g->dw_h; ++s) row_of_slot[s] = -1;
+  for (oy = 0; oy < g->out_h; ++oy) {
+    const int32_t iy0 = oy * g->dw_stride_h - g->dw_pad_top;
+    const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g->dw_h, g->mid_h - iy0);
+    /* the rows this output row reads are consecutive, so slot r % dw_h never holds a row
+     * still needed when it is overwritten */
+    for (ky = ky_lo; ky < ky_hi; ++ky) {
+      const int32_t r = iy0 + ky, slot = r % g->dw_h;
+      if (row_of_slot[slot] != r) {
+        conv_row(g, conv, x, r, ring + slot * row_bytes);
+        row_of_slot[slot] = r;
+      }
+    }
+    for (ox = 0; ox < g->out_w; ++ox) {
+      const int32_t ix0 = ox * g->dw_stride_w - g->dw_pad_left;
+      const int32_t kx_lo = dgst_max_i32(0, -ix0);
+      const int32_t kx_hi = dgst_min_i32(g->dw_w, g->mid_w - ix0);
+      for (c = 0; c < g->mid_c; ++c) {
+        int32_t acc = 0;
+        for (ky = ky_lo; ky < ky_hi; ++ky) {
+          const int8_t* in = ring + ((iy0 + ky) % g->dw_h) * row_bytes;
+          for (kx = kx_lo; kx < kx_hi; ++kx) {
+            acc += (in[(ix0 + kx) * g->mid_c + c] + dw->input_offset) *
+                   dw->weights[(ky * g->dw_w + kx) * g->mid_c + c];
+          }
+        }
+        dw_row[ox * g->mid_c + c] = dgst_requantize_s8(acc, dw, c);
+      }
+    }
+    for (ox = 0; ox < g->out_w; ++ox) {
+      const int8_t* in = dw_row + ox * g->mid_c;
+      int8_t* out = y + (oy * g->out_w + ox) * g->out_c;
+      for (oc = 0; oc < g->out_c; ++oc) {
+        const int8_t* w = project->weights + oc * g->mid_c;
+        int32_t acc = 0;
+        for (c = 0; c < g->mid_c; ++c) acc += (in[c] + project->input_offset) * w[c];
+        out[oc] = dgst_requantize_s8(acc, project, oc);
+      }
+    }
+  }
+}
