@@ -96,6 +96,8 @@ class _Layer:
     kept: np.ndarray | None = None  # input channels whose weights are updated
     kept_tensor: int = -1  # the int32 tensor holding them (constant, or chosen on device)
     policy: str | None = None  # dynamic selection policy evaluated on device, or None
+    compact: int = -1  # RAM variable with the kept input channels' weights only (static)
+    flash: int = -1  # then: the read-only full kernel the other channels are read from
 
 
 def _sha256(data: bytes) -> str:
@@ -178,6 +180,32 @@ def _make_variable(ed, index, init_ops, label):
     return {"tensor": int(index), "initial": int(init)}
 
 
+def _compact_weights(ed: ModelEditor, flash: int, layer) -> tuple[int, int]:
+    """(flash, compact): a new int8 constant with the weights of ``layer.kept`` only (last
+    axis), to become the layer's RAM variable; the full kernel stays read-only."""
+    w = ed.data(flash)
+    scales, zero_points = ed.quantization(flash)
+    dimension = int(ed.tensor(flash).quantization.quantizedDimension)
+    if dimension == len(w.shape) - 1:  # depthwise: one scale per (kept) channel
+        scales, zero_points = scales[layer.kept], zero_points[layer.kept]
+    compact = ed.add_tensor(f"{layer.name}/kept_weights", w.shape[:-1] + (len(layer.kept),),
+                            np.int8, data=w[..., layer.kept], scale=scales,
+                            zero_point=zero_points, quantized_dimension=dimension)
+    return flash, compact
+
+
+def _merged_weights(ed: ModelEditor, layer, when: str):
+    """(tensor, op): a temporary full kernel of ``layer``, the flash tensor with the kept
+    channels taken from the RAM variable (``DGST_SCATTER_CHANNELS``)."""
+    scales, zero_points = ed.quantization(layer.flash)
+    merged = ed.add_tensor(f"{layer.name}/weights_{when}", ed.shape(layer.flash), np.int8,
+                           scale=scales, zero_point=zero_points,
+                           quantized_dimension=int(
+                               ed.tensor(layer.flash).quantization.quantizedDimension))
+    return merged, ed.custom_op("DGST_SCATTER_CHANNELS",
+                                [layer.flash, layer.compact, layer.kept_tensor], [merged])
+
+
 def _fold_pads(ed: ModelEditor, keep_layers=()) -> int:
     """Replace ``PAD`` + VALID conv/depthwise by one SAME conv whose kernel gets trailing zero
     taps where that is exact (stride-2 3x3 after a symmetric 1-pixel pad -> 4x4 SAME): the
@@ -236,7 +264,8 @@ def _fold_pads(ed: ModelEditor, keep_layers=()) -> int:
 def export_training(model, scheme, representative_images, path, *, learning_rate: float = 0.05,
                     selection="magnitude", policy: str | None = None,
                     num_samples: int = 100, fold_pads: bool = True,
-                    fuse_blocks: bool = True, output_params: bool = True) -> TrainingExport:
+                    fuse_blocks: bool = True, kept_weights_in_ram: bool = True,
+                    output_params: bool = True) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
     ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
@@ -253,7 +282,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     weight-updated layers). ``fuse_blocks``: compute each frozen conv -> depthwise -> 1x1
     chain in front of the first updated layer as one ``DGST_FUSED_BLOCK`` (bit-identical,
     holds a few rows of the expanded activation instead of all of it; see
-    `dgst_tf.export.block_fusion`). ``output_params``: make the trainable tensors graph outputs
+    `dgst_tf.export.block_fusion`). ``kept_weights_in_ram``: with a static selection, a
+    weight-updated conv keeps only its kept input channels' weights as a RAM variable; the
+    full kernel it reads is assembled in a temporary from the read-only one just before the
+    forward conv and the input gradient (``DGST_SCATTER_CHANNELS``). ``output_params``: make the trainable tensors graph outputs
     (needed to read them back on the host; False gives the firmware's graph, whose arena
     lacks the per-channel quantization copies TFLM makes for graph outputs). Both files are
     written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
@@ -368,8 +400,15 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                 layer.kept, layer.policy = np.arange(k, dtype=np.int32), policy
             else:
                 layer.kept = _select(ed, op, name, kind, k, selection, where)
-            params.append({"layer": name, "param": "weights",
-                           **_make_variable(ed, op.inputs[1], init_ops, label)})
+            if kept_weights_in_ram and layer.policy is None and k < channels and \
+                    kind in ("conv", "depthwise"):
+                layer.flash, layer.compact = _compact_weights(ed, int(op.inputs[1]), layer)
+                params.append({"layer": name, "param": "weights", "flash": layer.flash,
+                               "kept": [int(c) for c in layer.kept], "merged": [],
+                               **_make_variable(ed, layer.compact, init_ops, label)})
+            else:
+                params.append({"layer": name, "param": "weights",
+                               **_make_variable(ed, op.inputs[1], init_ops, label)})
 
     # forward-pass additions: masks after ReLU ops, kept-channel copies before updated ops
     for i in range(first, len(ops)):
@@ -411,6 +450,11 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
             else:
                 layer.kept_tensor = ed.add_tensor(f"{layer.name}/kept", (k,), np.int32,
                                                   data=layer.kept)
+            if layer.compact >= 0:  # the conv reads a full kernel assembled just before it
+                merged, scatter = _merged_weights(ed, layer, "forward")
+                before[i].append(scatter)
+                op.inputs = [int(op.inputs[0]), merged] + [int(t) for t in op.inputs[2:]]
+                next(p for p in params if p.get("flash") == layer.flash)["merged"].append(merged)
             x = int(op.inputs[0])
             channels = ed.shape(x)[-1]
             if len(layer.kept) == channels:
@@ -547,6 +591,9 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
         else:
             input_geometry = geometry
         if grad_in in depends:
+            if layer is not None and layer.compact >= 0:  # weights before this step's update
+                w_t, scatter = _merged_weights(ed, layer, "backward")
+                backward.append(scatter)
             dx = ed.add_tensor(f"{ed.name(grad_in)}/grad", grad_in_shape, np.float32)
             op_name = ("DGST_DEPTHWISE_INPUT_GRAD" if kind == "DEPTHWISE_CONV_2D"
                        else "DGST_CONV2D_INPUT_GRAD")
@@ -576,8 +623,16 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                 backward.append(ed.custom_op("DGST_CONV2D_WEIGHT_GRAD", [xk, dy], [gw],
                                              int32_options(*geometry, int(x_zp[0]))))
                 sgd_kind = 0
+            target, kept_t, scales_t = w_t, layer.kept_tensor, ws
+            if layer.compact >= 0:  # update the RAM copy of the kept channels only
+                target = layer.compact
+                kept_t = ed.add_tensor(f"{name}/compact_channels", (k,), np.int32,
+                                       data=np.arange(k, dtype=np.int32))
+                if kind == "DEPTHWISE_CONV_2D":  # its scales are per (kept) channel
+                    scales_t = ed.add_tensor(f"{name}/kept_weight_scale", (k,), np.float32,
+                                             data=w_scales[layer.kept].astype(np.float32))
             updates_ops.append(ed.custom_op("DGST_SGD_QAS_UPDATE",
-                                            [w_t, gw, layer.kept_tensor, ws, dy_scale], [],
+                                            [target, gw, kept_t, scales_t, dy_scale], [],
                                             int32_options(sgd_kind, lr, float(x_scale[0]))))
         backward.extend(updates_ops)
 
@@ -628,6 +683,7 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                    for l in sorted(layers.values(), key=lambda l: l.op_index)],
         "params": [{**p, "output": 2 + n if output_params else None,
                     "shape": list(ed.shape(p["tensor"])),
+                    **({"full_shape": list(ed.shape(p["flash"]))} if "flash" in p else {}),
                     "dtype": np.dtype(tensor_details(parsed, p["tensor"]).dtype).name}
                    for n, p in enumerate(params)],
         "forward_ops": forward_ops,
@@ -749,6 +805,7 @@ def train_tflm(path, images, labels, *, manifest=None, arena_size=None,
     names = content["outputs"]
     params = {name: result.outputs[j][-1] for j, name in enumerate(names)
               if j >= 2 and not name.endswith("/kept")}
+    params = _full_params(path, content, params)
     kept = {name: result.outputs[j] for j, name in enumerate(names) if name.endswith("/kept")}
     return TrainingRun(result.outputs[0][:, 0], result.outputs[1].reshape(len(images), -1),
                        params, kept, result.arena_bytes, content, result)
@@ -763,8 +820,26 @@ def initial_params(path, *, manifest=None) -> dict:
     content = load_manifest(path, manifest)
     _, model = read_tflite(path)
     ed = ModelEditor(model)
-    return {f"{p['layer']}/{p['param']}": np.array(ed.data(p["initial"]))
-            for p in content["params"]}
+    return _full_params(path, content, {f"{p['layer']}/{p['param']}": np.array(
+        ed.data(p["initial"])) for p in content["params"]})
+
+
+def _full_params(path, content, params: dict) -> dict:
+    """Params with the RAM copies of kept channels (``kept_weights_in_ram``) put back into
+    their full kernels (the read-only tensor for the other channels)."""
+    split = [p for p in content["params"] if "flash" in p
+             and f"{p['layer']}/{p['param']}" in params]
+    if not split:
+        return params
+    _, model = read_tflite(path)
+    ed = ModelEditor(model)
+    params = dict(params)
+    for p in split:
+        key = f"{p['layer']}/{p['param']}"
+        full = np.array(ed.data(p["flash"]))
+        full[..., p["kept"]] = params[key]
+        params[key] = full
+    return params
 
 
 def run_inference_tflm(path, images_q, **kwargs):
@@ -800,12 +875,16 @@ def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pat
         if key not in params:
             raise ValueError(f"write_inference_model({path}): params lack {key!r}")
         value = np.asarray(params[key])
-        if list(value.shape) != p["shape"]:
+        shape = p.get("full_shape", p["shape"])
+        if list(value.shape) != shape:
             raise ValueError(f"write_inference_model({path}): {key!r} has shape {value.shape}, "
-                             f"the model {tuple(p['shape'])}")
-        ed.set_data(p["tensor"], value)
+                             f"the model {tuple(shape)}")
+        ed.set_data(p.get("flash", p["tensor"]), value)
     sg = ed.subgraph
     sg.operators = [sg.operators[i] for i in content["forward_ops"]]
+    to_flash = {m: p["flash"] for p in content["params"] for m in p.get("merged", [])}
+    for op in sg.operators:  # convs read the (updated) full kernels again
+        op.inputs = [to_flash.get(int(t), int(t)) for t in op.inputs]
     logits = int(sg.outputs[1])
     sg.inputs = [int(sg.inputs[0])]
     sg.outputs = [logits]

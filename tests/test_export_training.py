@@ -210,3 +210,39 @@ def test_depthwise_stride2_pad_folding_is_exact(tmp_path):
     for key in runs[0].params:
         np.testing.assert_array_equal(runs[0].params[key], runs[1].params[key])
     assert runs[0].arena_bytes < runs[1].arena_bytes
+
+
+def test_kept_weights_in_ram_is_exact_and_smaller(tmp_path):
+    """Only the kept input channels' weights as RAM variables (conv and depthwise, the
+    full kernels assembled by DGST_SCATTER_CHANNELS before the forward conv and the input
+    gradient) trains exactly as whole-kernel variables, in less arena."""
+    model = fold_batchnorm(residual_cnn())
+    x, y = batch(16)
+    scheme = UpdateScheme({"expand": "bias", "depthwise": 0.5, "project": 0.5, "head": 0.25})
+    infos, runs = [], []
+    for compact in (True, False):
+        info = export_training(model, scheme, x, tmp_path / f"k{compact}.tflite",
+                               learning_rate=LR, kept_weights_in_ram=compact)
+        infos.append(info)
+        runs.append(train_tflm(info.path, x[:6], y[:6]))
+    shapes = {f"{p['layer']}/{p['param']}": p["shape"] for p in infos[0].manifest["params"]}
+    assert shapes["head/weights"] == [16, 3, 3, 2] and shapes["depthwise/weights"] == [1, 3, 3, 6]
+    # before each forward conv and each input gradient (all three pass the gradient on)
+    assert infos[0].ops["CUSTOM:DGST_SCATTER_CHANNELS"] == 3 + 3
+    assert "CUSTOM:DGST_SCATTER_CHANNELS" not in infos[1].ops
+    np.testing.assert_array_equal(runs[0].losses, runs[1].losses)
+    for key in runs[1].params:
+        np.testing.assert_array_equal(runs[0].params[key], runs[1].params[key], err_msg=key)
+    kept = next(p["kept"] for p in infos[0].manifest["params"] if p["layer"] == "head"
+                and p["param"] == "weights")
+    moved = runs[0].params["head/weights"] != initial_params(infos[0].path)["head/weights"]
+    assert moved[..., kept].any() and not np.delete(moved, kept, axis=-1).any()
+    assert runs[0].result.allocations["TfLiteTensor variable buffer data"] < \
+        runs[1].result.allocations["TfLiteTensor variable buffer data"]
+    out = [write_inference_model(info.path, run.params, tmp_path / f"u{n}.tflite")
+           for n, (info, run) in enumerate(zip(infos, runs))]
+    spec = infos[0].manifest["inputs"][0]
+    q = np.clip(np.round(x[8:10] / spec["scale"]) + spec["zero_point"], -128, 127)
+    q = q.astype(np.int8)[:, None]
+    np.testing.assert_array_equal(run_tflm(out[0], [q]).outputs[0],
+                                  run_tflm(out[1], [q]).outputs[0])

@@ -94,6 +94,12 @@ void dgst_build_mask_s8(const int8_t* y, int32_t n, int8_t lo, int8_t hi, uint8_
 void dgst_gather_channels_s8(const int8_t* x, int32_t pixels, int32_t channels,
                              const int32_t* kept, int32_t k, int8_t* out);
 
+/* Its inverse over rows of a channels-last tensor: out[r][c] = base[r][c], then
+ * out[r][kept[j]] = src[r][j] (src [rows][k]). Assembles the full kernel of a layer whose RAM
+ * holds only the weights of its kept input channels (kept in range). */
+void dgst_scatter_channels_s8(const int8_t* base, const int8_t* src, int32_t rows,
+                              int32_t channels, const int32_t* kept, int32_t k, int8_t* out);
+
 /* Dynamic channel selection, evaluated on device at the start of each step; kept[0..k) is
  * written in increasing order. Traversal: the window of k channels starting at
  * (step * k) mod c_in, wrapping. Magnitude: the k channels with the largest

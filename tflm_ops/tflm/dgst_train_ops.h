@@ -31,6 +31,7 @@ TFLMRegistration* Register_DGST_FUSED_BLOCK();
 TFLMRegistration* Register_DGST_GATHER_CHANNELS();
 TFLMRegistration* Register_DGST_QUANTIZE_GRAD();
 TFLMRegistration* Register_DGST_RELU_MASK();
+TFLMRegistration* Register_DGST_SCATTER_CHANNELS();
 TFLMRegistration* Register_DGST_SELECT_CHANNELS();
 TFLMRegistration* Register_DGST_SGD_QAS_UPDATE();
 TFLMRegistration* Register_DGST_SOFTMAX_XENT_GRAD();
@@ -41,9 +42,9 @@ TFLMRegistration* Register_DGST_VARIABLE_INIT();
 namespace dgst_tflm {
 
 // Resolver slots AddDgstTrainOps uses.
-constexpr unsigned int kNumDgstTrainOps = 13;
+constexpr unsigned int kNumDgstTrainOps = 14;
 
-// AddCustom's all 13 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
+// AddCustom's all 14 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
 // so that this header needs no resolver header). Stops at, and returns, the first error
 // (resolver full, or an op already added: AddCustom accepts each name once).
 template <typename Resolver>
@@ -58,6 +59,7 @@ inline TfLiteStatus AddDgstTrainOps(Resolver& resolver) {
       {"DGST_FUSED_BLOCK", tflite::Register_DGST_FUSED_BLOCK},
       {"DGST_RELU_MASK", tflite::Register_DGST_RELU_MASK},
       {"DGST_GATHER_CHANNELS", tflite::Register_DGST_GATHER_CHANNELS},
+      {"DGST_SCATTER_CHANNELS", tflite::Register_DGST_SCATTER_CHANNELS},
       {"DGST_SOFTMAX_XENT_GRAD", tflite::Register_DGST_SOFTMAX_XENT_GRAD},
       {"DGST_QUANTIZE_GRAD", tflite::Register_DGST_QUANTIZE_GRAD},
       {"DGST_CONV2D_INPUT_GRAD", tflite::Register_DGST_CONV2D_INPUT_GRAD},

@@ -1,0 +1,86 @@
+// DGST_SCATTER_CHANNELS: a full weight tensor assembled from the read-only one (flash) and the
+// trained weights of the kept input channels (RAM), just before a conv or an input gradient
+// reads it; the result is a temporary the TFLM planner reuses. The inverse of
+// DGST_GATHER_CHANNELS.
+//
+//   inputs:  0 base  int8  [..., channels]   e.g. a conv kernel OHWI [C_out, KH, KW, C_in]
+//            1 src   int8  [..., k]          same leading dimensions (the kept channels' values)
+//            2 kept  int32 [k]               channel indices (range-checked in Eval)
+//   outputs: 0 out   int8  shape of base: base with out[..., kept[j]] = src[..., j]
+//   custom options: none, or the int32 array [1] (format version).
+// Calls dgst_scatter_channels_s8 from tflm_ops/core.
+#include "../core/dgst_train_kernels.h"
+#include "dgst_tflm_abi.h"
+
+namespace {
+
+using namespace tflite::micro;
+using namespace dgst_tflm;
+
+constexpr const char* kOp = "DGST_SCATTER_CHANNELS";
+
+struct OpData {
+  bool options_ok;
+  int32_t rows, channels, k;
+};
+
+void* Init(TfLiteContext* context, const char* buffer, size_t length) {
+  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  if (data == nullptr) return nullptr;
+  int32_t options[1];
+  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
+  return data;
+}
+
+TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
+  auto* data = static_cast<OpData*>(node->user_data);
+  if (data == nullptr || !data->options_ok) return kTfLiteError;
+  if (!CheckArity(kOp, node, 3, 1)) return kTfLiteError;
+  const TfLiteEvalTensor* base =
+      CheckedInput(kOp, "input 0 (base)", context, node, 0, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* src = CheckedInput(kOp, "input 1 (src)", context, node, 1, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* kept =
+      CheckedInput(kOp, "input 2 (kept)", context, node, 2, kTfLiteInt32, 1);
+  const TfLiteEvalTensor* out =
+      CheckedOutput(kOp, "output 0 (out)", context, node, 0, kTfLiteInt8, -1);
+  if (base == nullptr || src == nullptr || kept == nullptr || out == nullptr) return kTfLiteError;
+  data->channels = Dim(base, -1);
+  data->k = Dim(kept, 0);
+  bool ok = Rank(base) >= 1 && Rank(src) == Rank(base) && Rank(out) == Rank(base) &&
+            Dim(src, -1) == data->k && data->k >= 1 && data->k <= data->channels;
+  for (int i = 0; ok && i < Rank(base); ++i) {
+    ok = Dim(out, i) == Dim(base, i) && (i + 1 == Rank(base) || Dim(src, i) == Dim(base, i));
+  }
+  if (!ok) {
+    MicroPrintf("%s: input 1 (src) must have base's shape with the last dimension %d (the "
+                "length of kept, 1..%d) and output 0 base's shape; got ranks %d, %d, %d and "
+                "last dimensions %d, %d, %d", kOp, static_cast<int>(data->k),
+                static_cast<int>(data->channels), Rank(base), Rank(src), Rank(out),
+                Dim(base, -1), Dim(src, -1), Dim(out, -1));
+    return kTfLiteError;
+  }
+  data->rows = data->channels > 0 ? NumElements(base) / data->channels : 0;
+  return kTfLiteOk;
+}
+
+TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
+  const auto* data = static_cast<const OpData*>(node->user_data);
+  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data.data);
+  for (int32_t c = 0; c < data->k; ++c) {
+    if (kept[c] < 0 || kept[c] >= data->channels) {
+      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
+                  static_cast<int>(c), static_cast<int>(kept[c]),
+                  static_cast<int>(data->channels));
+      return kTfLiteError;
+    }
+  }
+  dgst_scatter_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
+                           static_cast<const int8_t*>(GetEvalInput(context, node, 1)->data.data),
+                           data->rows, data->channels, kept, data->k,
+                           static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data));
+  return kTfLiteOk;
+}
+
+}  // namespace
+
+DGST_REGISTER_OP(DGST_SCATTER_CHANNELS, Init, Prepare, Eval, nullptr);
