@@ -87,7 +87,7 @@ def _memory_rows(args, tmp, size, full):
                  (True, False, scheme, False)] if full else []) + [
         (True, False, scheme, True), (True, False, bias_only, True)]
     for fold, outputs, chosen, fuse in variants:
-        report = MemoryModel(model).report(chosen)
+        report = MemoryModel(model, fused_blocks=fuse).report(chosen)
         info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
                                learning_rate=0.001, fold_pads=fold, output_params=outputs,
                                fuse_blocks=fuse)
@@ -114,10 +114,12 @@ def _memory_rows(args, tmp, size, full):
                 int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
                 for p in info.manifest["params"])),
             "file_kb": _kb(info.manifest["size_bytes"])})
-    lin = MemoryModel(model).report(scheme)
-    settings = {"inference_peak_kb": _kb(lin.forward_peak_bytes),
-                "training_peak_kb": _kb(lin.training_peak_bytes),
-                "peak_at": f"{lin.peak_phase} {lin.peak_layer}"}
+    settings = {}
+    for label, fuse in (("", False), ("fused_", True)):
+        lin = MemoryModel(model, fused_blocks=fuse).report(scheme)
+        settings |= {f"{label}inference_peak_kb": _kb(lin.forward_peak_bytes),
+                     f"{label}training_peak_kb": _kb(lin.training_peak_bytes),
+                     f"{label}peak_at": f"{lin.peak_phase} {lin.peak_layer}"}
     return settings, rows
 
 

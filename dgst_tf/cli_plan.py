@@ -37,6 +37,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     memory.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"))
     memory.add_argument("--inplace-depthwise", action="store_true",
                         help="the runtime computes depthwise convs in place (tinyengine)")
+    memory.add_argument("--fused-blocks", action="store_true",
+                        help="frozen conv -> depthwise -> 1x1 chains run row by row (the "
+                             "training export's DGST_FUSED_BLOCK)")
     memory.add_argument("--dynamic-selection", action="store_true",
                         help="channels change every step (DGSU): whole kernels in SRAM")
     search = plan.add_argument_group("search")
@@ -94,7 +97,8 @@ def run_plan(args) -> int:
     memory_model = MemoryModel(model, (args.image_size, args.image_size, 3),
                                gradient_bytes=args.gradient_bytes, optimizer=args.optimizer,
                                inplace_depthwise=args.inplace_depthwise,
-                               full_weights_in_sram=args.dynamic_selection)
+                               full_weights_in_sram=args.dynamic_selection,
+                               fused_blocks=args.fused_blocks)
     if args.contributions == "measured":
         table = _measured_table(args, model)
     else:

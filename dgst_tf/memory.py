@@ -307,6 +307,14 @@ class _Step:
     explicit_padding: tuple = ((0, 0), (0, 0))
 
 
+def _conv_kind(layer) -> str | None:
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        return "depthwise"
+    if type(layer) is keras.layers.Conv2D:
+        return "conv"
+    return None
+
+
 def _shape_without_batch(shape) -> tuple:
     dims = tuple(tf.TensorShape(shape).as_list()[1:])
     if any(d is None for d in dims):
@@ -341,7 +349,8 @@ class MemoryModel:
 
     def __init__(self, model: keras.Model, input_shape=None, gradient_bytes: int = 4,
                  optimizer: str | int = "sgd", inplace_depthwise: bool = False,
-                 full_weights_in_sram: bool = False, activation_patterns=None):
+                 full_weights_in_sram: bool = False, activation_patterns=None,
+                 fused_blocks: bool = False):
         check_functional(model, "MemoryModel")
         if gradient_bytes not in (1, 2, 4):
             raise MemoryModelError(f"gradient_bytes must be 1, 2 or 4, got {gradient_bytes!r}")
@@ -351,6 +360,7 @@ class MemoryModel:
         self.inplace_depthwise = bool(inplace_depthwise)
         self.full_weights_in_sram = bool(full_weights_in_sram)
         self.activation_patterns = activation_patterns
+        self.fused_blocks = bool(fused_blocks)
         self.input_shape = self._input_shape(input_shape)
         self.classifier = classifier_layer(model)
         self.convs = conv_layers(model)
@@ -363,7 +373,8 @@ class MemoryModel:
         return {"gradient_bytes": self.gradient_bytes, "optimizer_slots": self.optimizer_slots,
                 "inplace_depthwise": self.inplace_depthwise,
                 "full_weights_in_sram": self.full_weights_in_sram,
-                "activation_patterns": self.activation_patterns, "activation_bytes": 1,
+                "activation_patterns": self.activation_patterns,
+                "fused_blocks": self.fused_blocks, "activation_bytes": 1,
                 "weight_bytes": 1, "bias_bytes": 4}
 
     def _input_shape(self, input_shape) -> tuple:
@@ -493,6 +504,46 @@ class MemoryModel:
                 live[step.index] += inp.elements // inp.shape[-1] * ACTIVATION_BYTES
         return live
 
+    def _fused_chains(self, stop: int) -> list:
+        """(conv, depthwise, 1x1 conv) steps before step ``stop`` whose intermediate values
+        have no other reader: what the training export runs as one ``DGST_FUSED_BLOCK``."""
+        def only_reader(step, kind):
+            readers = self.values[step.output].readers
+            if len(readers) != 1 or readers[0] >= stop:
+                return None
+            nxt = self.steps[readers[0]]
+            return nxt if _conv_kind(nxt.layer) == kind and nxt.inputs[0] == step.output \
+                else None
+        chains, used = [], set()
+        for a in self.steps[:stop]:
+            if a.index in used or _conv_kind(a.layer) != "conv" or \
+                    tuple(a.layer.dilation_rate) != (1, 1):
+                continue
+            b = only_reader(a, "depthwise")
+            c = only_reader(b, "conv") if b is not None else None
+            if c is None or int(b.layer.depth_multiplier) != 1 or \
+                    tuple(b.layer.dilation_rate) != (1, 1) or \
+                    tuple(c.layer.kernel_size) != (1, 1) or tuple(c.layer.strides) != (1, 1):
+                continue
+            chains.append((a, b, c))
+            used |= {a.index, b.index, c.index}
+        return chains
+
+    def _fused_liveness(self, stop: int) -> list:
+        """Forward activation bytes per step when the chains before ``stop`` are fused: the
+        chain holds its input, its output and a few rows, never the expanded tensors."""
+        live = list(self._forward_activation_live)
+        for a, b, c in self._fused_chains(stop):
+            mid, dw = self.values[a.output], self.values[b.output]
+            rows = (int(b.layer.kernel_size[0]) * mid.shape[1] * mid.shape[2]
+                    + dw.shape[1] * dw.shape[2]) * ACTIVATION_BYTES + 4 * int(
+                        b.layer.kernel_size[0])
+            fused = live[a.index] - self.buffers[mid.buffer][0] \
+                + self.values[c.output].elements * ACTIVATION_BYTES + rows
+            for s in (a.index, b.index, c.index):
+                live[s] = fused
+        return live
+
     def _lin_tables(self) -> None:
         """Per layer: Lin's mask+bias bits and saved-input+weight bits per kept channel."""
         self._lin_bias_bits, self._lin_channel_bits = {}, {}
@@ -598,9 +649,12 @@ class MemoryModel:
             total += h
             prefix.append(total)
         # forward: live activations + what earlier layers saved + SRAM parameters
+        forward_live = self._forward_activation_live
+        if self.fused_blocks and updated:
+            forward_live = self._fused_liveness(min(updated))
         best = (-1, "forward", "", {})
         for step, row in zip(steps, rows):
-            act = self._forward_activation_live[step.index]
+            act = forward_live[step.index]
             row.forward_live_bytes = act + prefix[step.index] + constant
             if row.forward_live_bytes > best[0]:
                 best = (row.forward_live_bytes, "forward", row.name, {
@@ -631,7 +685,7 @@ class MemoryModel:
         return MemoryReport(
             model_name=self.model.name, scheme_name=scheme.name,
             input_shape=self.input_shape, layers=rows, extra_memory_bits=extra_bits,
-            forward_peak_bytes=max(self._forward_activation_live),
+            forward_peak_bytes=max(forward_live),
             training_peak_bytes=best[0], peak_phase=best[1], peak_layer=best[2],
             peak_breakdown=best[3], settings=self.settings, notes=sorted(set(notes)))
 

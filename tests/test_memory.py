@@ -278,3 +278,24 @@ def test_memory_budget_counts_the_patterns_the_model_stores(model):
     x, y = batch(1)
     sparse.fit(x, y, epochs=1, verbose=0, callbacks=[budget])
     assert budget.report.layer("expand").saved_input_bytes == 4 * 4 * 4
+
+
+def test_fused_blocks_by_hand():
+    """fused_blocks=True: a frozen conv -> depthwise -> 1x1 chain holds its input, its output
+    and dw_h + 1 rows (as DGST_FUSED_BLOCK), never the 8x8x8 expansion twice."""
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
+    h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
+    h = keras.layers.Conv2D(4, 1, name="project")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    model = keras.Model(inp, keras.layers.Dense(2, name="fc")(h))
+    scheme = UpdateScheme({})  # classifier only: the whole chain is frozen
+    plain = MemoryModel(model).report(scheme, dense=False)
+    fused = MemoryModel(model, fused_blocks=True).report(scheme, dense=False)
+    assert plain.forward_peak_bytes == 8 * 8 * 8 * 2  # conv output + depthwise output
+    rows = 3 * 8 * 8 + 8 * 8 + 4 * 3  # 3 conv-output rows, 1 depthwise row, 3 row tags
+    assert fused.forward_peak_bytes == 8 * 8 * 3 + 8 * 8 * 4 + rows
+    # a chain with an updated layer in it is not fused
+    inside = MemoryModel(model, fused_blocks=True).report(UpdateScheme({"dw": "bias"}),
+                                                          dense=False)
+    assert inside.forward_peak_bytes == plain.forward_peak_bytes
