@@ -536,8 +536,8 @@ class MemoryModel:
         for a, b, c in self._fused_chains(stop):
             mid, dw = self.values[a.output], self.values[b.output]
             rows = (int(b.layer.kernel_size[0]) * mid.shape[1] * mid.shape[2]
-                    + dw.shape[1] * dw.shape[2]) * ACTIVATION_BYTES + 4 * int(
-                        b.layer.kernel_size[0])
+                    + dw.shape[1] * dw.shape[2]) * ACTIVATION_BYTES + 4 * (int(
+                        b.layer.kernel_size[0]) + mid.shape[2])
             fused = live[a.index] - self.buffers[mid.buffer][0] \
                 + self.values[c.output].elements * ACTIVATION_BYTES + rows
             for s in (a.index, b.index, c.index):

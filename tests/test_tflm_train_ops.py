@@ -398,3 +398,60 @@ def test_quantize_grad_broadcast_mode_equals_the_materialized_pooling_gradient(o
     with pytest.raises(TflmError, match=r"DGST_QUANTIZE_GRAD: broadcast mode needs input 2 "
                                         r"\(factor\) with one element"):
         run_graph(ops, tmp_path, "badfactor", bad_factor)
+
+
+FUSED_CASES = [  # x (H, W, C), conv (C_mid, K, stride), dw (K, stride), C_out
+    ((9, 7, 3), (10, 3, 2), (3, 1), 5),
+    ((8, 8, 4), (12, 1, 1), (3, 2), 6),   # MobileNetV2 block with stride-2 depthwise
+    ((6, 5, 5), (7, 1, 1), (5, 1), 3),    # 5x5 depthwise, odd sizes
+]
+
+
+def fused_block_options(stages, g):
+    """DGST_FUSED_BLOCK's custom options for R.fused_block_case's stages and geometry."""
+    return int32_options(*g["mid_hw"], *g["conv_stride"], *g["conv_pad"], *g["dw_stride"],
+                         *g["dw_pad"], -stages[0].input_offset,
+                         *[s.output_offset for s in stages],
+                         *[v for s in stages for v in (s.act_min, s.act_max)])
+
+
+@pytest.mark.parametrize("x_shape,conv_spec,dw_spec,c_out", FUSED_CASES)
+def test_fused_block_matches_reference(ops, tmp_path, x_shape, conv_spec, dw_spec, c_out):
+    rng = np.random.default_rng(11)
+    x, stages, geometry = R.fused_block_case(rng, x_shape, conv_spec, dw_spec, c_out)
+    options = fused_block_options(stages, geometry)
+    want = R.fused_block(x, *stages, **geometry)
+    assert len(np.unique(want)) > 10  # requantization leaves a spread of codes
+
+    def build(b):
+        t_x = b.add_tensor("x", (1, *x.shape), np.int8)
+        inputs = [t_x]
+        for n, s in enumerate(stages):
+            inputs.append(b.add_tensor(f"w{n}", s.weights.shape, np.int8, data=s.weights))
+            requant = np.stack([s.bias, s.multiplier, s.shift]).astype(np.int32)
+            inputs.append(b.add_tensor(f"q{n}", requant.shape, np.int32, data=requant))
+        y = b.add_tensor("y", (1, *want.shape), np.int8)
+        b.add_custom_op("DGST_FUSED_BLOCK", inputs, [y], options)
+        return {t_x: x[None]}, [y]
+
+    (got,) = run_graph(ops, tmp_path, "fused", build)
+    np.testing.assert_array_equal(got[0], want)
+
+
+def test_scatter_channels_matches_reference(ops, tmp_path):
+    rng = np.random.default_rng(12)
+    base = rng.integers(-127, 128, (4, 3, 3, 9)).astype(np.int8)
+    src = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    kept = np.array([7, 0, 4], np.int32)
+
+    def build(b):
+        t_b = b.add_tensor("base", base.shape, np.int8, data=base)
+        t_s = b.add_tensor("src", src.shape, np.int8)
+        t_k = b.add_tensor("kept", (3,), np.int32, data=kept)
+        out = b.add_tensor("out", base.shape, np.int8)
+        b.add_custom_op("DGST_SCATTER_CHANNELS", [t_b, t_s, t_k], [out])
+        return {t_s: src}, [out]
+
+    (got,) = run_graph(ops, tmp_path, "scatter", build)
+    np.testing.assert_array_equal(got, R.scatter_channels(base, src, kept))
+    assert np.array_equal(got[..., kept], src) and np.array_equal(got[..., 1], base[..., 1])

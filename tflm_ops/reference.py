@@ -216,6 +216,109 @@ def gather_channels(x: np.ndarray, kept) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x)[..., np.asarray(kept, np.int64)])
 
 
+def scatter_channels(base: np.ndarray, src: np.ndarray, kept) -> np.ndarray:
+    """``base`` with ``out[..., kept[j]] = src[..., j]`` (int8)."""
+    out = np.array(base, np.int8)
+    out[..., np.asarray(kept, np.int64)] = src
+    return out
+
+
+# --------------------------------------------------------------- forward: fused block
+def multiply_by_quantized_multiplier(x: np.ndarray, multiplier, shift) -> np.ndarray:
+    """TFLite's reference requantization (double rounding), elementwise over int64 arrays;
+    ``multiplier``/``shift`` broadcast (per channel on the last axis)."""
+    x = np.asarray(x, np.int64)
+    m = np.asarray(multiplier, np.int64)
+    shift = np.asarray(shift, np.int64)
+    left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+    a = ((x << left) + 2**31) % 2**32 - 2**31  # int32 wrap of x * 2^left
+    ab = a * m
+    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    total = ab + nudge
+    high = np.where(total >= 0, total >> 31, -((-total) >> 31))  # C division: toward zero
+    high = np.where((a == -2**31) & (m == -2**31), 2**31 - 1, high)
+    mask = (np.int64(1) << right) - 1
+    remainder = high & mask
+    threshold = (mask >> 1) + (high < 0)
+    return (high >> right) + (remainder > threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequantStage:
+    """One stage of ``dgst_fused_block_s8`` (``dgst_requant_params``)."""
+
+    weights: np.ndarray  # conv OHWI, depthwise [1, KH, KW, C]
+    bias: np.ndarray
+    multiplier: np.ndarray
+    shift: np.ndarray
+    input_offset: int
+    output_offset: int
+    act_min: int = -128
+    act_max: int = 127
+
+
+def _int8_conv(x, w, stage: RequantStage, stride, pad, out_hw, depthwise: bool):
+    """TFLite's int8 per-channel conv / depthwise conv (reference kernels), batch 1."""
+    kh, kw = w.shape[1], w.shape[2]
+    h, wd = x.shape[0], x.shape[1]
+    xs = x.astype(np.int64) + stage.input_offset
+    acc = np.zeros((*out_hw, w.shape[3] if depthwise else w.shape[0]), np.int64)
+    for i in range(kh):
+        for j in range(kw):
+            for oy in range(out_hw[0]):
+                iy = oy * stride[0] - pad[0] + i
+                if not 0 <= iy < h:
+                    continue
+                ox = np.arange(out_hw[1])
+                ix = ox * stride[1] - pad[1] + j
+                ok = (ix >= 0) & (ix < wd)
+                patch = xs[iy, ix[ok]]  # [n, C_in]
+                if depthwise:
+                    acc[oy, ox[ok]] += patch * w[0, i, j].astype(np.int64)
+                else:
+                    acc[oy, ox[ok]] += patch @ w[:, i, j, :].astype(np.int64).T
+    out = multiply_by_quantized_multiplier(acc + stage.bias, stage.multiplier, stage.shift)
+    return np.clip(out + stage.output_offset, stage.act_min, stage.act_max).astype(np.int8)
+
+
+def fused_block(x: np.ndarray, conv: RequantStage, dw: RequantStage, project: RequantStage,
+                conv_stride, conv_pad, mid_hw, dw_stride, dw_pad, out_hw) -> np.ndarray:
+    """What ``dgst_fused_block_s8`` computes: three TFLite int8 convolutions in a row (conv,
+    depthwise, 1x1 projection), here materialized whole. ``x``: ``[H, W, C]``; strides and
+    (top, left) paddings as pairs; ``mid_hw``/``out_hw``: the conv / depthwise output sizes."""
+    mid = _int8_conv(x, conv.weights, conv, conv_stride, conv_pad, mid_hw, False)
+    d = _int8_conv(mid, dw.weights, dw, dw_stride, dw_pad, out_hw, True)
+    return _int8_conv(d, project.weights, project, (1, 1), (0, 0), out_hw, False)
+
+
+def fused_block_case(rng, x_shape, conv_spec, dw_spec, c_out):
+    """Random tensors for `fused_block` (tests and MCU vectors): ``x_shape`` (H, W, C_in),
+    ``conv_spec`` (C_mid, K, stride), ``dw_spec`` (K, stride), SAME padding. Returns
+    (x, [conv, dw, project] stages, keyword arguments of `fused_block`)."""
+    h, w, c_in = x_shape
+    c_mid, k1, s1 = conv_spec
+    k2, s2 = dw_spec
+    g1 = Geometry.conv(h, w, k1, stride=s1)
+    g2 = Geometry.conv(g1.out_h, g1.out_w, k2, stride=s2)
+    zps = [int(z) for z in rng.integers(-20, 20, 4)]
+    shapes = [(c_mid, k1, k1, c_in), (1, k2, k2, c_mid), (c_out, 1, 1, c_mid)]
+    stages = []
+    for n, shape in enumerate(shapes):
+        channels = shape[3] if n == 1 else shape[0]
+        fan_in = shape[1] * shape[2] * (1 if n == 1 else shape[3])
+        shift = -(6 + int(np.ceil(np.log2(np.sqrt(fan_in)))))  # a spread of ~50 codes
+        stages.append(RequantStage(
+            rng.integers(-127, 128, shape).astype(np.int8),
+            rng.integers(-3000, 3000, channels).astype(np.int32),
+            rng.integers(2**30, 2**31, channels).astype(np.int32),
+            np.full(channels, shift, np.int32),
+            -zps[n], zps[n + 1], -128 if n == 2 else zps[n + 1], 127 if n == 2 else 110))
+    geometry = dict(conv_stride=(s1, s1), conv_pad=(g1.pad_top, g1.pad_left),
+                    mid_hw=(g1.out_h, g1.out_w), dw_stride=(s2, s2),
+                    dw_pad=(g2.pad_top, g2.pad_left), out_hw=(g2.out_h, g2.out_w))
+    return rng.integers(-128, 128, x_shape).astype(np.int8), stages, geometry
+
+
 def select_traversal(step: int, c_in: int, k: int) -> np.ndarray:
     """int32 [k]: the window of k channels from (step * k) mod c_in, wrapping, sorted."""
     start = (int(step) * int(k)) % int(c_in)

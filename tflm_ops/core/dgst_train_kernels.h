@@ -157,7 +157,8 @@ typedef struct {
 } dgst_fused_block_geometry;
 
 /* Bytes of caller scratch (4-byte aligned) dgst_fused_block_s8 needs:
- * dw_h rows of the conv output, one row of the depthwise output and dw_h row tags. */
+ * dw_h rows of the conv output, one row of the depthwise output, dw_h row tags and mid_c
+ * int32 accumulators. */
 int32_t dgst_fused_block_scratch_bytes(const dgst_fused_block_geometry* g);
 
 /* y = project(depthwise(conv(x))), each stage requantized to int8 as TFLite does. */

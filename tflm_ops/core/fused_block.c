@@ -2,11 +2,12 @@
  * row: only dw_h rows of the conv output and one row of the depthwise output exist at a
  * time, never the whole expanded activation (e.g. 64x64x48 int8 = 192 KB in MobileNetV2-0.35
  * at 128x128). Each stage is TFLite's int8 per-channel convolution arithmetic (reference
- * kernels), so the block's output equals the three builtin ops' output bit for bit. */
+ * kernels), so the block's output equals the three builtin ops' output bit for bit.
+ * Plain C loops (no DSP intrinsics yet). */
 #include "dgst_internal.h"
 
 int32_t dgst_fused_block_scratch_bytes(const dgst_fused_block_geometry* g) {
-  return (int32_t)sizeof(int32_t) * g->dw_h + g->dw_h * g->mid_w * g->mid_c +
+  return (int32_t)sizeof(int32_t) * (g->dw_h + g->mid_c) + g->dw_h * g->mid_w * g->mid_c +
          g->out_w * g->mid_c;
 }
 
@@ -46,7 +47,8 @@ void dgst_fused_block_s8(const dgst_fused_block_geometry* g, const dgst_requant_
                          const dgst_requant_params* dw, const dgst_requant_params* project,
                          const int8_t* x, int8_t* y, void* scratch) {
   int32_t* row_of_slot = (int32_t*)scratch; /* which conv-output row each ring slot holds */
-  int8_t* ring = (int8_t*)(row_of_slot + g->dw_h);
+  int32_t* acc = row_of_slot + g->dw_h;      /* depthwise accumulators of one pixel */
+  int8_t* ring = (int8_t*)(acc + g->mid_c);
   int8_t* dw_row = ring + g->dw_h * g->mid_w * g->mid_c;
   const int32_t row_bytes = g->mid_w * g->mid_c;
   int32_t s, oy, ox, c, ky, kx, oc;
@@ -67,17 +69,17 @@ void dgst_fused_block_s8(const dgst_fused_block_geometry* g, const dgst_requant_
       const int32_t ix0 = ox * g->dw_stride_w - g->dw_pad_left;
       const int32_t kx_lo = dgst_max_i32(0, -ix0);
       const int32_t kx_hi = dgst_min_i32(g->dw_w, g->mid_w - ix0);
-      for (c = 0; c < g->mid_c; ++c) {
-        int32_t acc = 0;
-        for (ky = ky_lo; ky < ky_hi; ++ky) {
-          const int8_t* in = ring + ((iy0 + ky) % g->dw_h) * row_bytes;
-          for (kx = kx_lo; kx < kx_hi; ++kx) {
-            acc += (in[(ix0 + kx) * g->mid_c + c] + dw->input_offset) *
-                   dw->weights[(ky * g->dw_w + kx) * g->mid_c + c];
-          }
+      for (c = 0; c < g->mid_c; ++c) acc[c] = 0;
+      for (ky = ky_lo; ky < ky_hi; ++ky) {
+        const int8_t* in = ring + ((iy0 + ky) % g->dw_h) * row_bytes + ix0 * g->mid_c;
+        const int8_t* w = dw->weights + ky * g->dw_w * g->mid_c;
+        for (kx = kx_lo; kx < kx_hi; ++kx) {
+          const int8_t* ip = in + kx * g->mid_c;
+          const int8_t* wp = w + kx * g->mid_c;
+          for (c = 0; c < g->mid_c; ++c) acc[c] += (ip[c] + dw->input_offset) * wp[c];
         }
-        dw_row[ox * g->mid_c + c] = dgst_requantize_s8(acc, dw, c);
       }
+      for (c = 0; c < g->mid_c; ++c) dw_row[ox * g->mid_c + c] = dgst_requantize_s8(acc[c], dw, c);
     }
     for (ox = 0; ox < g->out_w; ++ox) {
       const int8_t* in = dw_row + ox * g->mid_c;

@@ -425,6 +425,16 @@ def build(tensors: Tensors) -> Emitter:
             b.weight_grad(L, dy, k, ref_loop=L["kind"] == "conv")
         b.bias_grad(L, dy)
         igrad(L, dy, float(rng.uniform(0.001, 0.01)))
+    # forward: fused frozen blocks (MobileNetV2-0.35 block_1 at 128x128, odd sizes)
+    for name, spec in (("fused_b1", ((64, 64, 8), (48, 1, 1), (3, 2), 8)),
+                       ("fused_odd", ((9, 7, 3), (10, 3, 2), (5, 1), 5))):
+        fused_block(e, rng, name, *spec)
+    base = rng.integers(-127, 128, (56, 1, 1, 336)).astype(np.int8)
+    kept = R.top_k_channels(base, 42)
+    src = rng.integers(-127, 128, (56, 1, 1, 42)).astype(np.int8)
+    e.call(f'check_scatter("b15_expand_scatter", {e.array("scatter_base", base)}, '
+           f'{e.array("scatter_src", src)}, 56, 336, {e.array("scatter_kept", kept)}, 42, '
+           f'{e.expect("scatter_out", R.scatter_channels(base, src, kept))});')
     # masks with other bounds and a length that is not a multiple of 8, quantization of it
     n = 1001
     y = rng.integers(-128, 128, n).astype(np.int8)
@@ -441,6 +451,32 @@ def build(tensors: Tensors) -> Emitter:
     e.call(f'check_quantize("odd_quantize", {e.array("odd_gq_in", masked)}, {n}, '
            f'{e.expect("odd_gq", q)}, {_f(scale)});')
     return e
+
+
+def fused_block(e: Emitter, rng, name, x_shape, conv_spec, dw_spec, c_out):
+    """A check_fused_block case: random tensors (R.fused_block_case) and the reference."""
+    x, stages, g = R.fused_block_case(rng, x_shape, conv_spec, dw_spec, c_out)
+    y = R.fused_block(x, *stages, **g)
+    params = []
+    for label, s in zip(("conv", "dw", "project"), stages):
+        pname = e._name(f"{name}_{label}")
+        e.arrays.append(
+            f"static const dgst_requant_params {pname} = {{"
+            f"{e.array(pname + '_w', s.weights)}, {e.array(pname + '_b', s.bias)}, "
+            f"{e.array(pname + '_m', s.multiplier)}, {e.array(pname + '_s', s.shift)}, "
+            f"{s.input_offset}, {s.output_offset}, {s.act_min}, {s.act_max}}};\n")
+        params.append("&" + pname)
+    w1, w2 = stages[0].weights.shape, stages[1].weights.shape
+    geometry = (*x_shape, *g["mid_hw"], w1[0], *y.shape, w1[1], w1[2], *g["conv_stride"],
+                *g["conv_pad"], w2[1], w2[2], *g["dw_stride"], *g["dw_pad"])
+    gname = e._name(f"{name}_geometry")
+    e.arrays.append(f"static const dgst_fused_block_geometry {gname} = {{"
+                    + ", ".join(str(int(v)) for v in geometry) + "};\n")
+    mid = g["mid_hw"][0] * g["mid_hw"][1] * w1[0]
+    macs = mid * w1[1] * w1[2] * w1[3] + y.shape[0] * y.shape[1] * w1[0] * (
+        w2[1] * w2[2] + y.shape[2])
+    e.call(f'check_fused_block("{name}", &{gname}, {", ".join(params)}, '
+           f'{e.array(name + "_x", x)}, {e.expect(name + "_y", y)}, {macs}u);')
 
 
 # ----------------------------------------------------------------------------- real step

@@ -333,6 +333,30 @@ DGST_CHECK check_sgd_bias(const char* name, const int32_t* b, int32_t channels,
   report(name, "sgd_qas_update_bias_s32", instr, 0, stack, out, expect, (uint32_t)channels, 4);
 }
 
+DGST_CHECK check_fused_block(const char* name, const dgst_fused_block_geometry* g,
+                             const dgst_requant_params* conv, const dgst_requant_params* dw,
+                             const dgst_requant_params* project, const int8_t* x,
+                             const dgst_expect* expect, uint32_t macs) {
+  const uint32_t n = (uint32_t)(g->out_h * g->out_w * g->out_c);
+  const uint32_t rows_at = (n + 3u) & ~3u; /* the kernel's row buffers after the output */
+  uint8_t* out = (uint8_t*)scratch(rows_at + (uint32_t)dgst_fused_block_scratch_bytes(g));
+  uint32_t instr = 0, stack = 0;
+  if (out)
+    MEASURE(dgst_fused_block_s8(g, conv, dw, project, x, (int8_t*)out, out + rows_at), instr,
+            stack);
+  report(name, "fused_block", instr, macs, stack, out, expect, n, 1);
+}
+
+DGST_CHECK check_scatter(const char* name, const int8_t* base, const int8_t* src, int32_t rows,
+                         int32_t channels, const int32_t* kept, int32_t k,
+                         const dgst_expect* expect) {
+  const uint32_t n = (uint32_t)(rows * channels);
+  int8_t* out = (int8_t*)scratch(n);
+  uint32_t instr = 0, stack = 0;
+  if (out) MEASURE(dgst_scatter_channels_s8(base, src, rows, channels, kept, k, out), instr, stack);
+  report(name, "scatter_channels", instr, 0u, stack, out, expect, n, 1);
+}
+
 #ifdef DGST_SELFTEST
 /* `make mcu-selftest`: proves that a wrong result fails the firmware (exit status 1). */
 static void dgst_run_cases(void) {
