@@ -46,6 +46,13 @@ def add_export_parsers(subparsers) -> None:
                            "instead of the static --selection")
     what.add_argument("--no-fold-pads", dest="fold_pads", action="store_false",
                       help="keep explicit PAD ops (default: exact SAME convs instead)")
+    what.add_argument("--no-fuse-blocks", dest="fuse_blocks", action="store_false",
+                      help="keep the frozen front as builtin ops (default: DGST_FUSED_BLOCK, "
+                           "a few rows of each expanded activation instead of all of it)")
+    what.add_argument("--whole-kernels-in-ram", dest="kept_weights_in_ram",
+                      action="store_false",
+                      help="whole kernels of weight-updated layers as RAM variables "
+                           "(default: only the kept channels' weights)")
     data = export.add_argument_group("calibration data")
     data.add_argument("--dataset", default="cifar10", choices=("cifar10", "fashion_mnist"))
     data.add_argument("--data", dest="data_path", default=None)
@@ -124,6 +131,8 @@ def run_export(args) -> int:
 
 
 def _export(args) -> int:
+    import numpy as np
+
     from dgst_tf import runtime
     from dgst_tf.export.inference import export_int8
     from dgst_tf.export.training import export_training
@@ -142,7 +151,8 @@ def _export(args) -> int:
     output = args.output or "train.tflite"
     info = export_training(model, scheme, images, output, learning_rate=args.learning_rate,
                            selection=args.selection, policy=args.policy,
-                           fold_pads=args.fold_pads)
+                           fold_pads=args.fold_pads, fuse_blocks=args.fuse_blocks,
+                           kept_weights_in_ram=args.kept_weights_in_ram)
     m = info.manifest
     print(f"wrote {info.path} ({m['size_bytes']} bytes) and {info.manifest_path}")
     print(f"one Invoke = one training step: image {m['inputs'][0]['shape']} int8 + label; "
@@ -151,6 +161,8 @@ def _export(args) -> int:
         kept = "" if layer["kept"] is None else f", {len(layer['kept'])} input channels"
         kept = f", channels chosen on device ({layer['policy']})" if layer["policy"] else kept
         print(f"  {layer['name']:<24} {layer['kind']:<9} {layer['update']}{kept}")
+    ram = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in m["params"])
+    print(f"trainable tensors in RAM: {ram} bytes; {m['fused_blocks']} frozen blocks fused")
     print(f"ops: {m['ops']}")
     return 0
 

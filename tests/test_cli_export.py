@@ -2,6 +2,7 @@
 CIFAR-10 images."""
 import argparse
 import json
+import re
 
 import pytest
 
@@ -22,6 +23,7 @@ def test_export_then_tflm_train(tmp_path, capsys):
                 "--policy", "traversal", "--output", str(model)]) == 0
     out = capsys.readouterr().out
     assert "train.json" in out and "chosen on device (traversal)" in out
+    assert re.search(r"trainable tensors in RAM: \d+ bytes; [1-9]\d* frozen blocks fused", out)
     assert run(["tflm-train", str(model), "--steps", "6", "--test-examples", "10",
                 "--output-dir", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
