@@ -81,14 +81,7 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
   const TfLiteEvalTensor* dy = GetEvalInput(context, node, 2);
   TfLiteEvalTensor* grad = GetEvalOutput(context, node, 0);
-  for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before reading
-    if (kept[c] < 0 || kept[c] >= data->channels) {
-      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
-                  static_cast<int>(c), static_cast<int>(kept[c]),
-                  static_cast<int>(data->channels));
-      return kTfLiteError;
-    }
-  }
+  if (!KeptInRange(kOp, kept, data->k, data->channels)) return kTfLiteError;
   dgst_depthwise_weight_grad_s8(&data->geometry, static_cast<const int8_t*>(x->data.data), kept,
                                 data->k, data->x_zero_point,
                                 static_cast<const int8_t*>(dy->data.data), data->channels,

@@ -59,14 +59,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
-  for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before reading
-    if (kept[c] < 0 || kept[c] >= data->channels) {
-      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
-                  static_cast<int>(c), static_cast<int>(kept[c]),
-                  static_cast<int>(data->channels));
-      return kTfLiteError;
-    }
-  }
+  if (!KeptInRange(kOp, kept, data->k, data->channels)) return kTfLiteError;
   dgst_gather_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
                           data->pixels, data->channels, kept, data->k,
                           static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data));

@@ -66,14 +66,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data.data);
-  for (int32_t c = 0; c < data->k; ++c) {
-    if (kept[c] < 0 || kept[c] >= data->channels) {
-      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
-                  static_cast<int>(c), static_cast<int>(kept[c]),
-                  static_cast<int>(data->channels));
-      return kTfLiteError;
-    }
-  }
+  if (!KeptInRange(kOp, kept, data->k, data->channels)) return kTfLiteError;
   dgst_scatter_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
                            static_cast<const int8_t*>(GetEvalInput(context, node, 1)->data.data),
                            data->rows, data->channels, kept, data->k,

@@ -166,14 +166,7 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
     return kTfLiteOk;
   }
   const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data.data);
-  for (int32_t c = 0; c < data->k; ++c) {  // runtime selection: check before writing
-    if (kept[c] < 0 || kept[c] >= data->c_in) {
-      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", kOp,
-                  static_cast<int>(c), static_cast<int>(kept[c]),
-                  static_cast<int>(data->c_in));
-      return kTfLiteError;
-    }
-  }
+  if (!KeptInRange(kOp, kept, data->k, data->c_in)) return kTfLiteError;
   auto* w = static_cast<int8_t*>(param->data.data);
   if (data->kind == kConv) {
     dgst_sgd_qas_update_conv_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,

@@ -134,6 +134,17 @@ int Dim(const TfLiteEvalTensor* tensor, int i) {
   return (i < 0 || i >= rank) ? 0 : tensor->dims->data[i];
 }
 
+bool KeptInRange(const char* op, const int32_t* kept, int32_t k, int32_t channels) {
+  for (int32_t c = 0; c < k; ++c) {
+    if (kept[c] < 0 || kept[c] >= channels) {
+      MicroPrintf("%s: kept[%d] = %d is not a channel index in [0, %d)", op,
+                  static_cast<int>(c), static_cast<int>(kept[c]), static_cast<int>(channels));
+      return false;
+    }
+  }
+  return true;
+}
+
 int NumElements(const TfLiteEvalTensor* tensor) {
   int n = 1;
   for (int i = 0; i < Rank(tensor); ++i) n *= tensor->dims->data[i];

@@ -183,6 +183,9 @@ bool ReadOptions(const char* op, const char* buffer, size_t length, int32_t* out
 float FloatFromBits(int32_t bits);
 
 const char* TypeName(int type);
+// Runtime channel selections are checked in Eval before any read or write: every kept[c]
+// must be in [0, channels); prints the first bad entry naming `op` otherwise.
+bool KeptInRange(const char* op, const int32_t* kept, int32_t k, int32_t channels);
 int NumElements(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor);
 int Rank(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor);
 int Dim(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor, int i);  // i < 0 counts from the end
