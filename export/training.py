@@ -180,9 +180,9 @@ def _make_variable(ed, index, init_ops, label):
     return {"tensor": int(index), "initial": int(init)}
 
 
-def _compact_weights(ed: ModelEditor, flash: int, layer) -> tuple[int, int]:
-    """(flash, compact): a new int8 constant with the weights of ``layer.kept`` only (last
-    axis), to become the layer's RAM variable; the full kernel stays read-only."""
+def _compact_weights(ed: ModelEditor, flash: int, layer) -> int:
+    """A new int8 constant with the weights of ``layer.kept`` only (last axis) of the kernel
+    ``flash``, to become the layer's RAM variable; the full kernel stays read-only."""
     w = ed.data(flash)
     scales, zero_points = ed.quantization(flash)
     dimension = int(ed.tensor(flash).quantization.quantizedDimension)
@@ -191,7 +191,7 @@ def _compact_weights(ed: ModelEditor, flash: int, layer) -> tuple[int, int]:
     compact = ed.add_tensor(f"{layer.name}/kept_weights", w.shape[:-1] + (len(layer.kept),),
                             np.int8, data=w[..., layer.kept], scale=scales,
                             zero_point=zero_points, quantized_dimension=dimension)
-    return flash, compact
+    return compact
 
 
 def _merged_weights(ed: ModelEditor, layer, when: str):
@@ -285,7 +285,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     `dgst_tf.export.block_fusion`). ``kept_weights_in_ram``: with a static selection, a
     weight-updated conv keeps only its kept input channels' weights as a RAM variable; the
     full kernel it reads is assembled in a temporary from the read-only one just before the
-    forward conv and the input gradient (``DGST_SCATTER_CHANNELS``). ``output_params``: make the trainable tensors graph outputs
+    forward conv and the input gradient (``DGST_SCATTER_CHANNELS``). ``output_params``: make
+    the trainable tensors graph outputs
     (needed to read them back on the host; False gives the firmware's graph, whose arena
     lacks the per-channel quantization copies TFLM makes for graph outputs). Both files are
     written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
@@ -402,7 +403,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                 layer.kept = _select(ed, op, name, kind, k, selection, where)
             if kept_weights_in_ram and layer.policy is None and k < channels and \
                     kind in ("conv", "depthwise"):
-                layer.flash, layer.compact = _compact_weights(ed, int(op.inputs[1]), layer)
+                layer.flash = int(op.inputs[1])
+                layer.compact = _compact_weights(ed, layer.flash, layer)
                 params.append({"layer": name, "param": "weights", "flash": layer.flash,
                                "kept": [int(c) for c in layer.kept], "merged": [],
                                **_make_variable(ed, layer.compact, init_ops, label)})
@@ -742,6 +744,15 @@ def load_manifest(path, manifest=None) -> dict:
                   and list(tensor_details(model, p["tensor"]).shape) == p["shape"])
         except (KeyError, IndexError, TypeError):
             ok = False
+        if ok and "flash" in p:  # kept channels' weights in RAM, the rest in this kernel
+            try:
+                full = list(tensor_details(model, p["flash"]).shape)
+                ok = (full == p["full_shape"] and len(p["kept"]) == p["shape"][-1]
+                      and all(isinstance(c, int) and 0 <= c < full[-1] for c in p["kept"])
+                      and all(isinstance(m, int) and 0 <= m < len(sg.tensors)
+                              for m in p["merged"]))
+            except (KeyError, IndexError, TypeError):
+                ok = False
         if not ok:
             raise TrainingManifestError(f"{where}: parameter entry {p!r} does not match the "
                                         f"model's outputs")

@@ -246,3 +246,11 @@ def test_kept_weights_in_ram_is_exact_and_smaller(tmp_path):
     q = q.astype(np.int8)[:, None]
     np.testing.assert_array_equal(run_tflm(out[0], [q]).outputs[0],
                                   run_tflm(out[1], [q]).outputs[0])
+    # a manifest whose kept channels do not fit the kernel is refused, naming the entry
+    manifest = json.loads(infos[0].manifest_path.read_text())
+    entry = next(p for p in manifest["params"] if "flash" in p)
+    entry["kept"] = entry["kept"][:-1] + [999]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(manifest))
+    with pytest.raises(TrainingManifestError, match=r"parameter entry .*'kept'"):
+        initial_params(infos[0].path, manifest=bad)
