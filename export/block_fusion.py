@@ -32,6 +32,7 @@ from dgst_tf.export.tflite_file import read_tflite, schema, write_atomically
 __all__ = ["quantize_multiplier", "activation_range", "fuse_blocks", "fuse_blocks_file"]
 
 _NONE, _RELU, _RELU6 = 0, 1, 3
+_MAX_DW_H = 16  # DGST_FUSED_BLOCK_MAX_DW_H in tflm_ops/core/dgst_train_kernels.h
 
 
 def _round_half_away(x: float) -> int:
@@ -152,7 +153,8 @@ def fuse_blocks(ed: ModelEditor, stop: int | None = None) -> int:
         stages = (conv, dw, proj)
         if any(s.dilated or not s.int8_ok(ed) for s in stages) or \
                 proj.w_shape[1:3] != (1, 1) or proj.stride != (1, 1) or \
-                dw.w_shape[0] != 1 or dw.w_shape[3] != conv.w_shape[0]:
+                dw.w_shape[0] != 1 or dw.w_shape[3] != conv.w_shape[0] or \
+                dw.w_shape[1] > _MAX_DW_H:
             continue
         in_shape, mid_shape = ed.shape(conv.x), ed.shape(conv.y)
         out_shape = ed.shape(dw.y)

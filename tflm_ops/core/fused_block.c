@@ -37,75 +37,88 @@ static inline int8_t dgst_requantize_s8(int32_t acc, const dgst_requant_params* 
   return (int8_t)dgst_min_i32(v, p->act_max);
 }
 
-/* Row `r` of the first stage (a KxK convolution of x) into `row` [mid_w][mid_c]. */
-static void conv_row(const dgst_fused_block_geometry* g, const dgst_requant_params* p,
-                     const int8_t* x, int32_t r, int8_t* row) {
-  const int32_t iy0 = r * g->conv_stride_h - g->conv_pad_top;
-  const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g->conv_h, g->in_h - iy0);
+/* Row `r` of the first stage (a KxK convolution of x) into `row` [mid_w][mid_c]. The
+ * geometry and parameters are copied into locals: int8 stores may alias any object, so
+ * fields read through the pointers would be reloaded after every store. */
+static void conv_row(const dgst_fused_block_geometry* geometry,
+                     const dgst_requant_params* params, const int8_t* x, int32_t r,
+                     int8_t* row) {
+  const dgst_fused_block_geometry g = *geometry;
+  const dgst_requant_params p = *params;
+  const int32_t iy0 = r * g.conv_stride_h - g.conv_pad_top;
+  const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g.conv_h, g.in_h - iy0);
+  const int32_t filter = g.conv_h * g.conv_w * g.in_c;
   int32_t ox, oc, ky, kx;
-  for (ox = 0; ox < g->mid_w; ++ox) {
-    const int32_t ix0 = ox * g->conv_stride_w - g->conv_pad_left;
+  for (ox = 0; ox < g.mid_w; ++ox) {
+    const int32_t ix0 = ox * g.conv_stride_w - g.conv_pad_left;
     const int32_t kx_lo = dgst_max_i32(0, -ix0);
-    const int32_t kx_hi = dgst_min_i32(g->conv_w, g->in_w - ix0);
-    for (oc = 0; oc < g->mid_c; ++oc) {
-      const int8_t* w = p->weights + (int32_t)oc * g->conv_h * g->conv_w * g->in_c;
+    const int32_t kx_hi = dgst_min_i32(g.conv_w, g.in_w - ix0);
+    int8_t* out = row + ox * g.mid_c;
+    for (oc = 0; oc < g.mid_c; ++oc) {
+      const int8_t* w = p.weights + oc * filter;
       int32_t acc = 0;
       for (ky = ky_lo; ky < ky_hi; ++ky) {
         for (kx = kx_lo; kx < kx_hi; ++kx) {
-          acc += dot_s8(x + ((iy0 + ky) * g->in_w + ix0 + kx) * g->in_c, p->input_offset,
-                        w + (ky * g->conv_w + kx) * g->in_c, g->in_c);
+          acc += dot_s8(x + ((iy0 + ky) * g.in_w + ix0 + kx) * g.in_c, p.input_offset,
+                        w + (ky * g.conv_w + kx) * g.in_c, g.in_c);
         }
       }
-      row[ox * g->mid_c + oc] = dgst_requantize_s8(acc, p, oc);
+      out[oc] = dgst_requantize_s8(acc, &p, oc);
     }
   }
 }
 
-void dgst_fused_block_s8(const dgst_fused_block_geometry* g, const dgst_requant_params* conv,
-                         const dgst_requant_params* dw, const dgst_requant_params* project,
-                         const int8_t* x, int8_t* y, void* scratch) {
+void dgst_fused_block_s8(const dgst_fused_block_geometry* geometry,
+                         const dgst_requant_params* conv, const dgst_requant_params* dw_params,
+                         const dgst_requant_params* project_params, const int8_t* x, int8_t* y,
+                         void* scratch) {
+  const dgst_fused_block_geometry g = *geometry;
+  const dgst_requant_params dw = *dw_params, project = *project_params;
+  const int32_t row_bytes = g.mid_w * g.mid_c;
   int32_t* row_of_slot = (int32_t*)scratch; /* which conv-output row each ring slot holds */
-  int32_t* acc = row_of_slot + g->dw_h;      /* depthwise accumulators of one pixel */
-  int8_t* ring = (int8_t*)(acc + g->mid_c);
-  int8_t* dw_row = ring + g->dw_h * g->mid_w * g->mid_c;
-  const int32_t row_bytes = g->mid_w * g->mid_c;
+  int32_t* acc = row_of_slot + g.dw_h;       /* depthwise accumulators of one pixel */
+  int8_t* ring = (int8_t*)(acc + g.mid_c);
+  int8_t* dw_row = ring + g.dw_h * row_bytes;
   int32_t s, oy, ox, c, ky, kx, oc;
-  for (s = 0; s < g->dw_h; ++s) row_of_slot[s] = -1;
-  for (oy = 0; oy < g->out_h; ++oy) {
-    const int32_t iy0 = oy * g->dw_stride_h - g->dw_pad_top;
-    const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g->dw_h, g->mid_h - iy0);
+  for (s = 0; s < g.dw_h; ++s) row_of_slot[s] = -1;
+  for (oy = 0; oy < g.out_h; ++oy) {
+    const int32_t iy0 = oy * g.dw_stride_h - g.dw_pad_top;
+    const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g.dw_h, g.mid_h - iy0);
+    const int8_t* rows[DGST_FUSED_BLOCK_MAX_DW_H]; /* conv-output row of each tap row */
     /* the rows this output row reads are consecutive, so slot r % dw_h never holds a row
      * still needed when it is overwritten */
     for (ky = ky_lo; ky < ky_hi; ++ky) {
-      const int32_t r = iy0 + ky, slot = r % g->dw_h;
+      const int32_t r = iy0 + ky, slot = r % g.dw_h;
       if (row_of_slot[slot] != r) {
-        conv_row(g, conv, x, r, ring + slot * row_bytes);
+        conv_row(geometry, conv, x, r, ring + slot * row_bytes);
         row_of_slot[slot] = r;
       }
+      rows[ky] = ring + slot * row_bytes;
     }
-    for (ox = 0; ox < g->out_w; ++ox) {
-      const int32_t ix0 = ox * g->dw_stride_w - g->dw_pad_left;
+    for (ox = 0; ox < g.out_w; ++ox) {
+      const int32_t ix0 = ox * g.dw_stride_w - g.dw_pad_left;
       const int32_t kx_lo = dgst_max_i32(0, -ix0);
-      const int32_t kx_hi = dgst_min_i32(g->dw_w, g->mid_w - ix0);
-      for (c = 0; c < g->mid_c; ++c) acc[c] = 0;
+      const int32_t kx_hi = dgst_min_i32(g.dw_w, g.mid_w - ix0);
+      int8_t* out = dw_row + ox * g.mid_c;
+      for (c = 0; c < g.mid_c; ++c) acc[c] = 0;
       for (ky = ky_lo; ky < ky_hi; ++ky) {
-        const int8_t* in = ring + ((iy0 + ky) % g->dw_h) * row_bytes + ix0 * g->mid_c;
-        const int8_t* w = dw->weights + ky * g->dw_w * g->mid_c;
+        const int8_t* in = rows[ky] + ix0 * g.mid_c;
+        const int8_t* w = dw.weights + ky * g.dw_w * g.mid_c;
         for (kx = kx_lo; kx < kx_hi; ++kx) {
-          const int8_t* ip = in + kx * g->mid_c;
-          const int8_t* wp = w + kx * g->mid_c;
-          for (c = 0; c < g->mid_c; ++c) acc[c] += (ip[c] + dw->input_offset) * wp[c];
+          const int8_t* ip = in + kx * g.mid_c;
+          const int8_t* wp = w + kx * g.mid_c;
+          for (c = 0; c < g.mid_c; ++c) acc[c] += (ip[c] + dw.input_offset) * wp[c];
         }
       }
-      for (c = 0; c < g->mid_c; ++c) dw_row[ox * g->mid_c + c] = dgst_requantize_s8(acc[c], dw, c);
+      for (c = 0; c < g.mid_c; ++c) out[c] = dgst_requantize_s8(acc[c], &dw, c);
     }
-    for (ox = 0; ox < g->out_w; ++ox) {
-      const int8_t* in = dw_row + ox * g->mid_c;
-      int8_t* out = y + (oy * g->out_w + ox) * g->out_c;
-      for (oc = 0; oc < g->out_c; ++oc) {
+    for (ox = 0; ox < g.out_w; ++ox) {
+      const int8_t* in = dw_row + ox * g.mid_c;
+      int8_t* out = y + (oy * g.out_w + ox) * g.out_c;
+      for (oc = 0; oc < g.out_c; ++oc) {
         out[oc] = dgst_requantize_s8(
-            dot_s8(in, project->input_offset, project->weights + oc * g->mid_c, g->mid_c),
-            project, oc);
+            dot_s8(in, project.input_offset, project.weights + oc * g.mid_c, g.mid_c),
+            &project, oc);
       }
     }
   }

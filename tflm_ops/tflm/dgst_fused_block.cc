@@ -135,6 +135,11 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
                 Dim(w3, 3), static_cast<int>(g.out_c), static_cast<int>(g.mid_c));
     return kTfLiteError;
   }
+  if (g.dw_h > DGST_FUSED_BLOCK_MAX_DW_H) {
+    MicroPrintf("%s: depthwise kernel height %d is above the supported %d", kOp,
+                static_cast<int>(g.dw_h), DGST_FUSED_BLOCK_MAX_DW_H);
+    return kTfLiteError;
+  }
   if (!CheckStage(context, node, 0, g.mid_c) || !CheckStage(context, node, 1, g.mid_c) ||
       !CheckStage(context, node, 2, g.out_c))
     return kTfLiteError;
