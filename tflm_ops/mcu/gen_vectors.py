@@ -429,6 +429,16 @@ def build(tensors: Tensors) -> Emitter:
     for name, spec in (("fused_b1", ((64, 64, 8), (48, 1, 1), (3, 2), 8)),
                        ("fused_odd", ((9, 7, 3), (10, 3, 2), (5, 1), 5))):
         fused_block(e, rng, name, *spec)
+    # the head conv's dy straight from the pooled gradient (MobileNetV2 head at 4x4x1280)
+    g_pool = (rng.standard_normal(1280) * 1e-3).astype(np.float32)
+    y_head = rng.integers(-128, 128, (4, 4, 1280)).astype(np.int8)
+    mask = R.build_mask(y_head, -128, 127)
+    factor = np.float32(1.0 / 16)
+    dense = (np.broadcast_to(g_pool, (16, 1280)) * factor).astype(np.float32)
+    q, scale = R.quantize_grad(R.apply_mask(dense, mask))
+    e.call(f'check_quantize_broadcast("head_pool", {e.array("head_pool_g", g_pool)}, 16, 1280, '
+           f'{_f(factor)}, {e.array("head_pool_mask", mask)}, {e.expect("head_pool_dy", q)}, '
+           f'{_f(scale)});')
     base = rng.integers(-127, 128, (56, 1, 1, 336)).astype(np.int8)
     kept = R.top_k_channels(base, 42)
     src = rng.integers(-127, 128, (56, 1, 1, 42)).astype(np.int8)

@@ -333,6 +333,27 @@ DGST_CHECK check_sgd_bias(const char* name, const int32_t* b, int32_t channels,
   report(name, "sgd_qas_update_bias_s32", instr, 0, stack, out, expect, (uint32_t)channels, 4);
 }
 
+/* The global average pooling's input gradient, masked and quantized without the float
+ * tensor (DGST_QUANTIZE_GRAD's broadcast mode). */
+DGST_CHECK check_quantize_broadcast(const char* name, const float* g, int32_t pixels,
+                                    int32_t channels, float factor, const uint8_t* mask,
+                                    const dgst_expect* expect, float expect_scale) {
+  const int32_t n = pixels * channels;
+  int8_t* out = (int8_t*)scratch((uint32_t)n + 8);
+  float scale = 0.0f;
+  uint32_t instr = 0, stack = 0;
+  if (out) {
+    MEASURE(dgst_quantize_broadcast_grad_s8(g, pixels, channels, factor, mask, out, &scale),
+            instr, stack);
+  }
+  report(name, "quantize_broadcast_grad_s8", instr, 0, stack, out, expect, (uint32_t)n, 1);
+  {
+    const dgst_expect want_scale = {&expect_scale, 0u, NULL, 0u};
+    report(name, "quantize_broadcast_grad_s8/scale", 0, 0, 0, out ? &scale : NULL, &want_scale,
+           1, 4);
+  }
+}
+
 DGST_CHECK check_fused_block(const char* name, const dgst_fused_block_geometry* g,
                              const dgst_requant_params* conv, const dgst_requant_params* dw,
                              const dgst_requant_params* project, const int8_t* x,
