@@ -98,6 +98,7 @@ class _Layer:
     policy: str | None = None  # dynamic selection policy evaluated on device, or None
     compact: int = -1  # RAM variable with the kept input channels' weights only (static)
     flash: int = -1  # then: the read-only full kernel the other channels are read from
+    weights_entry: dict | None = None  # then: its manifest "params" entry
 
 
 def _sha256(data: bytes) -> str:
@@ -405,9 +406,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     kind in ("conv", "depthwise"):
                 layer.flash = int(op.inputs[1])
                 layer.compact = _compact_weights(ed, layer.flash, layer)
-                params.append({"layer": name, "param": "weights", "flash": layer.flash,
-                               "kept": [int(c) for c in layer.kept], "merged": [],
-                               **_make_variable(ed, layer.compact, init_ops, label)})
+                layer.weights_entry = {"layer": name, "param": "weights", "flash": layer.flash,
+                                       "kept": [int(c) for c in layer.kept], "merged": [],
+                                       **_make_variable(ed, layer.compact, init_ops, label)}
+                params.append(layer.weights_entry)
             else:
                 params.append({"layer": name, "param": "weights",
                                **_make_variable(ed, op.inputs[1], init_ops, label)})
@@ -426,11 +428,11 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
         out = int(op.outputs[0])
         if act:
             scale, zp = ed.quantization(out)
-            hi = 127 if act == _RELU else int(min(127, round(6.0 / float(scale[0])) + zp[0]))
+            lo, hi = block_fusion.activation_range(act, float(scale[0]), int(zp[0]))
             n = int(np.prod(ed.shape(out)))
             mask = ed.add_tensor(f"{op_layer[i]}/relu_mask", ((n + 7) // 8,), np.uint8)
             after[i].append(ed.custom_op("DGST_RELU_MASK", [out], [mask],
-                                         int32_options(int(zp[0]), hi)))
+                                         int32_options(lo, hi)))
             masks[i] = mask
         layer = layers.get(i)
         if layer is not None and layer.kept is not None:
@@ -456,7 +458,7 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                 merged, scatter = _merged_weights(ed, layer, "forward")
                 before[i].append(scatter)
                 op.inputs = [int(op.inputs[0]), merged] + [int(t) for t in op.inputs[2:]]
-                next(p for p in params if p.get("flash") == layer.flash)["merged"].append(merged)
+                layer.weights_entry["merged"].append(merged)
             x = int(op.inputs[0])
             channels = ed.shape(x)[-1]
             if len(layer.kept) == channels:
@@ -816,7 +818,8 @@ def train_tflm(path, images, labels, *, manifest=None, arena_size=None,
     names = content["outputs"]
     params = {name: result.outputs[j][-1] for j, name in enumerate(names)
               if j >= 2 and not name.endswith("/kept")}
-    params = _full_params(path, content, params)
+    if any("flash" in p for p in content["params"]):
+        params = _full_params(ModelEditor(read_tflite(path)[1]), content, params)
     kept = {name: result.outputs[j] for j, name in enumerate(names) if name.endswith("/kept")}
     return TrainingRun(result.outputs[0][:, 0], result.outputs[1].reshape(len(images), -1),
                        params, kept, result.arena_bytes, content, result)
@@ -831,19 +834,15 @@ def initial_params(path, *, manifest=None) -> dict:
     content = load_manifest(path, manifest)
     _, model = read_tflite(path)
     ed = ModelEditor(model)
-    return _full_params(path, content, {f"{p['layer']}/{p['param']}": np.array(
+    return _full_params(ed, content, {f"{p['layer']}/{p['param']}": np.array(
         ed.data(p["initial"])) for p in content["params"]})
 
 
-def _full_params(path, content, params: dict) -> dict:
+def _full_params(ed: ModelEditor, content, params: dict) -> dict:
     """Params with the RAM copies of kept channels (``kept_weights_in_ram``) put back into
-    their full kernels (the read-only tensor for the other channels)."""
+    their full kernels (the read-only tensor of the training model ``ed`` for the others)."""
     split = [p for p in content["params"] if "flash" in p
              and f"{p['layer']}/{p['param']}" in params]
-    if not split:
-        return params
-    _, model = read_tflite(path)
-    ed = ModelEditor(model)
     params = dict(params)
     for p in split:
         key = f"{p['layer']}/{p['param']}"
