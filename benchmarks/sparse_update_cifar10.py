@@ -6,8 +6,15 @@
 Learning rate and epochs are chosen on a validation split carved from the training set
 (--validation-split); the test set is only evaluated at the end. Writes
 benchmarks/results/sparse_update_cifar10.{json,md}.
+
+Long runs: ``--backup-dir DIR`` saves model, optimizer (and so the learning-rate schedule's
+step) and selection state after every epoch with Keras' ``BackupAndRestore``; rerunning the
+same command continues from the last finished epoch (the resumed epochs see a fresh
+shuffle of the data). Per-epoch metrics go to ``DIR/<method>_lr<lr>.csv``.
 """
 import argparse
+import csv
+import os
 import time
 
 import _report
@@ -16,6 +23,30 @@ from dgst_tf import data, models, runtime
 from dgst_tf.keras_compat import keras
 from dgst_tf.methods import METHODS, build_method
 from dgst_tf.sparse_model import SparseUpdateModel
+
+
+class Progress(keras.callbacks.Callback):
+    """Print images/s and the running loss every ``every`` steps (batch size 1)."""
+
+    def __init__(self, every: int):
+        super().__init__()
+        self.every = every
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.start = epoch, time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (batch + 1) % self.every == 0:
+            rate = (batch + 1) / (time.time() - self.start)
+            print(f"epoch {self.epoch + 1} step {batch + 1}: {rate:.1f} img/s, "
+                  f"loss {logs['loss']:.3f}, accuracy {logs['accuracy']:.3f}", flush=True)
+
+
+def _read_csv(path: str) -> dict:
+    """CSVLogger's file as {column: [value per epoch]}."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {k: [float(r[k]) for r in rows] for k in rows[0]}
 
 
 def main():
@@ -35,6 +66,9 @@ def main():
     p.add_argument("--target-fraction", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="sparse_update_cifar10")
+    p.add_argument("--backup-dir", help="resume an interrupted run from its last finished epoch")
+    p.add_argument("--progress-every", type=int, default=0,
+                   help="print images/s every N training steps (0: never)")
     args = p.parse_args()
     runtime.limit_threads()
     size = (args.image_size, args.image_size)
@@ -61,17 +95,29 @@ def main():
             sparse.compile(optimizer=keras.optimizers.SGD(learning_rate),
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                            metrics=["accuracy"])
+            run_callbacks = list(callbacks)
+            if args.progress_every:
+                run_callbacks.append(Progress(args.progress_every))
+            if args.backup_dir:
+                run_dir = os.path.join(args.backup_dir, f"{method}_lr{lr:g}")
+                fresh = not (os.path.isdir(run_dir) and os.listdir(run_dir))
+                if fresh and os.path.exists(run_dir + ".csv"):
+                    os.remove(run_dir + ".csv")  # a finished run's log: this run starts anew
+                run_callbacks += [keras.callbacks.BackupAndRestore(run_dir),
+                                  keras.callbacks.CSVLogger(run_dir + ".csv", append=True)]
             start = time.time()
-            history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=callbacks,
+            history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=run_callbacks,
                                  validation_data=val.dataset, verbose=0)
             seconds = time.time() - start
-            val_acc = history.history["val_accuracy"][-1]
+            epochs = history.history
+            if args.backup_dir:  # a resumed run's history lacks the epochs done before
+                epochs = _read_csv(run_dir + ".csv")
+            val_acc = epochs["val_accuracy"][-1]
             row = {"method": method, "learning_rate": lr, "val_top1": float(val_acc),
-                   "updated_fraction": float(history.history["updated_fraction"][-1]),
-                   "coverage": float(history.history["coverage"][-1]),
-                   "val_top1_per_epoch": [round(float(a), 4)
-                                          for a in history.history["val_accuracy"]],
-                   "images_per_s": train.num_examples * args.epochs / seconds,
+                   "updated_fraction": float(epochs["updated_fraction"][-1]),
+                   "coverage": float(epochs["coverage"][-1]),
+                   "val_top1_per_epoch": [round(float(a), 4) for a in epochs["val_accuracy"]],
+                   "images_per_s": train.num_examples * len(history.epoch) / seconds,
                    "sparse": sparse}
             if best is None or row["val_top1"] > best["val_top1"]:
                 best = row

@@ -51,6 +51,7 @@ class AdaptConfig:
     budget: str | None = None  # e.g. "256KB": refuse to train a step that needs more SRAM
     seed: int = 0
     output_dir: str | None = None
+    backup_dir: str | None = None  # save after every epoch; a rerun resumes from the last one
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -153,6 +154,8 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
+    if config.backup_dir:  # weights, optimizer step and selection state, after every epoch
+        callbacks = [*callbacks, keras.callbacks.BackupAndRestore(config.backup_dir)]
     start = time.time()
     history = model.fit(train.dataset, epochs=config.epochs, verbose=verbose,
                         callbacks=callbacks)

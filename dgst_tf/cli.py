@@ -51,6 +51,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "training if the scheme needs more")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output-dir", default=None, help="write result.json here")
+    parser.add_argument("--backup-dir", default=None,
+                        help="save model, optimizer and selection state after every epoch; "
+                             "rerunning the same command resumes from the last finished one")
 
 
 def _cmd_info(args) -> int:

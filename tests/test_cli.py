@@ -48,6 +48,35 @@ def test_train_on_an_image_folder_writes_results(tmp_path, capsys, method):
     assert "training step" in out and "KB peak SRAM" in out
 
 
+def test_an_interrupted_train_resumes_from_its_backup(tmp_path, capsys, monkeypatch):
+    from dgst_tf import adapt
+    from dgst_tf.keras_compat import keras
+
+    class Killed(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    data = _image_folder(tmp_path / "data")
+    argv = ["train", "--dataset", "folder", "--data", str(data), "--weights", "none",
+            "--width", "0.35", "--image-size", "32", "--epochs", "2", "--verbose", "2",
+            "--backup-dir", str(tmp_path / "backup")]
+    build = adapt.build_model
+
+    def build_and_kill_after_epoch_1(*args):
+        model, callbacks = build(*args)
+        return model, [*callbacks, Killed()]
+
+    monkeypatch.setattr(adapt, "build_model", build_and_kill_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert "Epoch 1/2" in capsys.readouterr().out
+    monkeypatch.setattr(adapt, "build_model", build)
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 2/2" in out and "Epoch 1/2" not in out  # epoch 1 came from the backup
+
+
 def test_train_refuses_a_budget_the_step_exceeds_before_training(tmp_path, capsys):
     data = _image_folder(tmp_path / "data")
     code = cli.main(["train", "--dataset", "folder", "--data", str(data), "--weights", "none",

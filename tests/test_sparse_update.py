@@ -167,6 +167,43 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
     assert int(resumed.selection.step.numpy()) == 8
 
 
+class _StopAfterEpoch(keras.callbacks.Callback):
+    """Simulate a killed job: raise once ``epoch`` is done (after the backup was written)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_backup_and_restore_resumes_an_interrupted_fit_identically(tmp_path):
+    """Keras' BackupAndRestore (the benchmarks' --backup-dir) restores weights, selection
+    state and the optimizer's step, so a cosine schedule and DGSU continue where they were."""
+    x, y = batch(4)
+
+    def run(model, extra):
+        schedule = keras.optimizers.schedules.CosineDecay(0.1, decay_steps=12)
+        model.compile(optimizer=keras.optimizers.SGD(schedule), loss=LOSS)
+        model.fit(x, y, batch_size=1, epochs=3, verbose=0, shuffle=False,
+                  callbacks=[DynamicChannelSelection(importance="random", seed=7), *extra])
+
+    straight = make()
+    run(straight, [])
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+    interrupted = make()
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted, [backup, _StopAfterEpoch(2)])
+    resumed = make(seed=1)  # different initial weights: everything must come from the backup
+    run(resumed, [keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))])
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    assert int(resumed.selection.step.numpy()) == 12
+    assert int(resumed.optimizer.iterations.numpy()) == 12
+
+
 def test_nan_loss_fails_with_a_clear_error():
     sparse = make()
     x, y = batch(1)
