@@ -150,8 +150,8 @@ typedef struct {
 #define DGST_FUSED_BLOCK_MAX_DW_H 16
 
 /* conv (K_h x K_w, any stride, pad top/left) -> depthwise (multiplier 1, kernel height at
- * most DGST_FUSED_BLOCK_MAX_DW_H) -> 1x1 projection, batch 1, no dilation. in: [in_h][in_w][in_c]; conv output ("mid"): [mid_h][mid_w][mid_c];
- * out: [out_h][out_w][out_c]. */
+ * most DGST_FUSED_BLOCK_MAX_DW_H) -> 1x1 projection, batch 1, no dilation.
+ * in: [in_h][in_w][in_c]; conv output ("mid"): [mid_h][mid_w][mid_c]; out: [out_h][out_w][out_c]. */
 typedef struct {
   int32_t in_h, in_w, in_c;
   int32_t mid_h, mid_w, mid_c;
