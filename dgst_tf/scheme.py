@@ -17,6 +17,7 @@ channels (depthwise: of its channels; weights always come with the bias). The cl
 """
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from typing import Mapping
@@ -298,9 +299,12 @@ class UpdateScheme:
     @classmethod
     def for_target_fraction(cls, model: keras.Model, layers, target: float,
                             bias_layers=None, name: str = "target_fraction") -> "UpdateScheme":
-        """Weight-update ``layers`` at one ratio so ~``target`` of conv weights update per step.
+        """Weight-update ``layers`` at about one ratio so at most ``target`` of conv weights
+        update per step (``target`` itself up to whole channels).
 
-        ``bias_layers`` (default: every conv from the first of ``layers`` on) get biases.
+        Each layer keeps ``floor(ratio * C_in)`` channels; channels left over in the budget
+        go one at a time to the layers nearest the output. ``bias_layers`` (default: every
+        conv from the first of ``layers`` on) get biases.
         """
         convs = conv_layers(model)
         by_name = {l.name: l for l in convs}
@@ -310,11 +314,17 @@ class UpdateScheme:
         total = sum(int(kernel_of(l).shape.num_elements()) for l in convs)
         selected = sum(int(kernel_of(by_name[n]).shape.num_elements()) for n in layers)
         ratio = min(1.0, target * total / selected)
+        kept = {n: max(1, math.floor(ratio * input_channels(by_name[n]))) for n in layers}
+        budget = target * total - sum(kept[n] * weights_per_channel(by_name[n]) for n in layers)
+        for n in reversed(list(layers)):
+            if kept[n] < input_channels(by_name[n]) and weights_per_channel(by_name[n]) <= budget:
+                kept[n] += 1
+                budget -= weights_per_channel(by_name[n])
         if bias_layers is None:
             first = min(convs.index(by_name[n]) for n in layers)
             bias_layers = [l.name for l in convs[first:]]
         spec = {n: "bias" for n in bias_layers}
-        spec.update({n: ratio for n in layers})
+        spec.update({n: kept[n] / input_channels(by_name[n]) for n in layers})
         return cls(spec, name=name)
 
     @classmethod

@@ -194,6 +194,7 @@ class SparseUpdateModel(keras.Model):
         self.sparse_graph = rebuild(model, self._call_layer, name=f"{model.name}_train_graph")
         self._trained = self._trained_variables()
         self._selection_hook = None
+        self.built = True  # every variable lives in the built base model; nothing is lazy
 
     # -- graph construction --------------------------------------------------------------
     def _needs_input_grad(self) -> dict:

@@ -63,7 +63,7 @@ def test_baselines_and_target_fraction(mbv2):
     assert all(u.mode == "bias" for u in UpdateScheme.bias_only(model).layers.values())
     expands = [l.name for l in conv_layers(model) if l.name.endswith("_expand")][-8:]
     scheme = UpdateScheme.for_target_fraction(model, expands, target=0.02)
-    assert scheme.updated_weight_fraction(model) == pytest.approx(0.02, rel=0.1)
+    assert 0.0195 <= scheme.updated_weight_fraction(model) <= 0.02
 
 
 def test_stage_aware_scheme_freezes_front_stages(mbv2):
