@@ -312,19 +312,21 @@ class UpdateScheme:
         if missing:
             raise SchemeError(f"layers {missing} are not convs of model {model.name!r}")
         total = sum(int(kernel_of(l).shape.num_elements()) for l in convs)
-        selected = sum(int(kernel_of(by_name[n]).shape.num_elements()) for n in layers)
+        channels = {n: input_channels(by_name[n]) for n in layers}
+        per_channel = {n: weights_per_channel(by_name[n]) for n in layers}
+        selected = sum(channels[n] * per_channel[n] for n in layers)
         ratio = min(1.0, target * total / selected)
-        kept = {n: max(1, math.floor(ratio * input_channels(by_name[n]))) for n in layers}
-        budget = target * total - sum(kept[n] * weights_per_channel(by_name[n]) for n in layers)
+        kept = {n: max(1, math.floor(ratio * channels[n])) for n in layers}
+        budget = target * total - sum(kept[n] * per_channel[n] for n in layers)
         for n in reversed(list(layers)):
-            if kept[n] < input_channels(by_name[n]) and weights_per_channel(by_name[n]) <= budget:
+            if kept[n] < channels[n] and per_channel[n] <= budget:
                 kept[n] += 1
-                budget -= weights_per_channel(by_name[n])
+                budget -= per_channel[n]
         if bias_layers is None:
             first = min(convs.index(by_name[n]) for n in layers)
             bias_layers = [l.name for l in convs[first:]]
         spec = {n: "bias" for n in bias_layers}
-        spec.update({n: kept[n] / input_channels(by_name[n]) for n in layers})
+        spec.update({n: kept[n] / channels[n] for n in layers})
         return cls(spec, name=name)
 
     @classmethod
