@@ -2,7 +2,7 @@
 
 All metadata is in setup.cfg. A regular `pip install .` runs `make -C tflm_ops/tflm` and
 installs `libdgst_tflm_ops.so` as `dgst_tf/export/_lib/`, where
-`dgst_tf.export.tflm_ops_loader` finds it. An editable install skips this: the loader builds
+`dgst_tf.export.tflm.ops_loader` finds it. An editable install skips this: the loader builds
 the library in `tflm_ops/build/host/` on first use. Set DGST_SKIP_TFLM_OPS=1 to skip it too
 (a machine without g++; TFLM training then needs $DGST_TFLM_OPS_LIB).
 """

@@ -5,7 +5,7 @@ import platform
 import sys
 import time
 
-from dgst_tf.adapt import write_json_atomically
+from dgst_tf.jobs.adapt import write_json_atomically
 
 
 def machine() -> dict:

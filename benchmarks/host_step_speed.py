@@ -10,10 +10,11 @@ import time
 import _report
 import numpy as np
 
-from dgst_tf import models, runtime
-from dgst_tf.keras_compat import keras, tf
-from dgst_tf.methods import METHODS, build_method
-from dgst_tf.sparse_model import SparseUpdateModel
+from dgst_tf import models
+from dgst_tf.core import runtime
+from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.training.methods import METHODS, build_method
+from dgst_tf.training.sparse_model import SparseUpdateModel
 
 
 def step_seconds(method, args):

@@ -25,12 +25,12 @@ import time
 import _report
 import numpy as np
 
-from dgst_tf import runtime
-from dgst_tf.keras_compat import keras
-from dgst_tf.memory import KB, MemoryModel
-from dgst_tf.memory_report import plot_memory
+from dgst_tf.core import runtime
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.planning.memory import KB, MemoryModel
+from dgst_tf.planning.memory_report import plot_memory
 from dgst_tf.models import mobilenet_v2
-from dgst_tf.scheme import UpdateScheme
+from dgst_tf.training.scheme import UpdateScheme
 
 # mit-han-lab/tiny-training, compilation/mcu_ir_gen.py, sparse_update_config["mbv2"]
 PUBLISHED = {
@@ -71,7 +71,7 @@ def published_rows(ours, theirs):
 
 
 def search_rows(model, table, budgets, evaluations, seeds, memory_model, part="search"):
-    from dgst_tf.search import search_scheme
+    from dgst_tf.planning.search import search_scheme
 
     rows, best = [], {}
     for budget in budgets:
@@ -103,9 +103,9 @@ def search_rows(model, table, budgets, evaluations, seeds, memory_model, part="s
 
 def measured_part(args):
     from dgst_tf import data
-    from dgst_tf.contribution import FineTuneSettings, candidate_layers, measure_contributions
-    from dgst_tf.selection_callbacks import StaticChannelSelection
-    from dgst_tf.sparse_model import SparseUpdateModel
+    from dgst_tf.planning.contribution import FineTuneSettings, candidate_layers, measure_contributions
+    from dgst_tf.training.selection import StaticChannelSelection
+    from dgst_tf.training.sparse_model import SparseUpdateModel
 
     size = (args.measure_image_size, args.measure_image_size)
     common = dict(image_size=size, preprocessing="torch", seed=args.seed)
@@ -193,7 +193,7 @@ def main():
     p.add_argument("--name", default="memory_schemes")
     args = p.parse_args()
     runtime.limit_threads()
-    from dgst_tf.contribution import analytic_contributions
+    from dgst_tf.planning.contribution import analytic_contributions
 
     ours = mobilenet_v2(0.35, (128, 128, 3), classes=10, weights=None)
     rows = published_rows(ours, nomix(ours))
@@ -210,7 +210,7 @@ def main():
     full = memory_model.report(UpdateScheme.full(ours))
     settings = {
         "model": "MobileNetV2-0.35 (torchvision graph, random init), 128x128x3, 10 classes",
-        "contributions": "analytic proxy (dgst_tf.contribution.analytic_contributions)",
+        "contributions": "analytic proxy (dgst_tf.planning.contribution.analytic_contributions)",
         "candidate_layers": table.layers, "evaluations": args.evaluations,
         "seeds": args.seeds, "memory_settings": memory_model.settings,
         "inference_peak_kb": round(full.forward_peak_bytes / KB, 1),

@@ -14,7 +14,7 @@ of epochs on the same images:
    channels removed physically (checked against the masked model), and the smaller model
    is fine-tuned for the remaining epochs.
 
-Then the accuracy cost of activation patterns (`dgst_tf.pruning.activation_patterns`):
+Then the accuracy cost of activation patterns (`dgst_tf.training.activation_patterns`):
 the BN-folded ImageNet model's tail (blocks 6-16, head, classifier) is fine-tuned with
 every 1x1 conv's weight gradient computed from the pattern-subsampled input, and the
 int8 bytes those layers store for their weight gradients (batch 1) are counted. The
@@ -30,11 +30,12 @@ import time
 import _report
 import numpy as np
 
-from dgst_tf import data, models, runtime
-from dgst_tf.bn_folding import fold_batchnorm
-from dgst_tf.budget import parse_budget
-from dgst_tf.graph import nodes_in_order
-from dgst_tf.keras_compat import keras, tf
+from dgst_tf import data, models
+from dgst_tf.core import runtime
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.planning.budget import parse_budget
+from dgst_tf.core.graph import nodes_in_order
+from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.pruning import (DependencyGraph, footprint, get_pattern, layer_stored_bytes,
                              prune_while_training, sparsity_for_budget,
                              with_activation_patterns)
@@ -283,7 +284,7 @@ def main():
                 "recovered on CIFAR-10 itself",
         "augment": "pad-crop + flip (pruning rows)",
         "flash": "int8 weights + int32 biases, BatchNorm folded",
-        "activation_peak": "int8 inference peak, batch 1 (dgst_tf.memory.MemoryModel)"}
+        "activation_peak": "int8 inference peak, batch 1 (dgst_tf.planning.memory.MemoryModel)"}
     total = time.time()
     if not args.skip_pruning:
         common = dict(image_size=size, preprocessing="torch", seed=args.seed,

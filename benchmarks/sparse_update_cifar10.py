@@ -19,10 +19,11 @@ import time
 
 import _report
 
-from dgst_tf import data, models, runtime
-from dgst_tf.keras_compat import keras
-from dgst_tf.methods import METHODS, build_method
-from dgst_tf.sparse_model import SparseUpdateModel
+from dgst_tf import data, models
+from dgst_tf.core import runtime
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.training.methods import METHODS, build_method
+from dgst_tf.training.sparse_model import SparseUpdateModel
 
 
 class Progress(keras.callbacks.Callback):

@@ -6,7 +6,7 @@
 1. Memory: MobileNetV2 width 0.35 at 128x128 with tiny-training's published 49 KB scheme
    (Lin et al.), exported by `dgst_tf.export.export_training` and run for one step in the
    pip TFLM interpreter: TFLM's arena report (activations/scratch "head", persistent
-   "tail" with its categories) against the analytic memory model (`dgst_tf.memory`,
+   "tail" with its categories) against the analytic memory model (`dgst_tf.planning.memory`,
    compared with `memory_report.compare_with_tflm`), TinyEngine's 141 KB and the 256 KB
    budget; with and without folding explicit PADs into exact SAME convolutions and fusing
    the frozen blocks in front of the first updated layer (`DGST_FUSED_BLOCK`, the default
@@ -27,17 +27,17 @@ import time
 import _report
 import numpy as np
 
-from dgst_tf import runtime
-from dgst_tf.bn_folding import fold_batchnorm
-from dgst_tf.cli_export import load_arrays
+from dgst_tf.core import runtime
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.cli.export import load_arrays
 from dgst_tf.export.inference import export_int8
-from dgst_tf.export.tflm_runner import run_tflm
+from dgst_tf.export.tflm.runner import run_tflm
 from dgst_tf.export.training import (export_training, initial_params, run_inference_tflm,
                                      train_tflm, write_inference_model)
-from dgst_tf.memory import KB, MemoryModel
-from dgst_tf.memory_report import compare_with_tflm
+from dgst_tf.planning.memory import KB, MemoryModel
+from dgst_tf.planning.memory_report import compare_with_tflm
 from dgst_tf.models import mobilenet_v2
-from dgst_tf.scheme import UpdateScheme
+from dgst_tf.training.scheme import UpdateScheme
 
 # mit-han-lab/tiny-training, compilation/mcu_ir_gen.py, sparse_update_config["mbv2"] (49 KB)
 LIN_49KB = (16, [36, 39, 40, 41, 42, 45, 48, 49], [1, 1, 0, 0.25, 0.125, 0.125, 0.125, 0.125])

@@ -9,10 +9,10 @@ This folder is installed as the `dgst_tf.export` package (see `package_dir` in s
     result = run_tflm("model.tflite", [x])          # TFLM in a child process
     result.outputs[0], result.arena_bytes           # == reference_outputs(...) bit for bit
 
-Modules: `inference` (int8 export), `tflm_runner` (TFLM in a subprocess), `tflite_file`
-(checked reading, atomic writing), `tflite_builder` (hand-built graphs with custom ops),
-`tflm_ops_loader` (the dgst custom-op library for the pip interpreter), `tflm_abi_check`
-(the wheel ABI the custom-op glue relies on), `training` (the training-step export, its
+Modules: `inference` (int8 export), `tflite_file` (checked reading, atomic writing),
+`tflite_builder` (hand-built graphs with custom ops), `tflm/` (running TFLM: `tflm.runner` in a
+subprocess, `tflm.ops_loader` the dgst custom-op library for the pip interpreter,
+`tflm.abi_check` the wheel ABI the custom-op glue relies on), `training` (the training-step export, its
 manifest, running N steps in TFLM, writing updated weights back), `tflite_editor` (editing
 a converted graph), `block_fusion` (frozen conv -> depthwise -> 1x1 chains as one
 row-by-row ``DGST_FUSED_BLOCK`` op).
@@ -30,16 +30,16 @@ _PUBLIC = {
     "quantize": "inference",
     "dequantize": "inference",
     "reference_outputs": "inference",
-    "run_tflm": "tflm_runner",
-    "TflmResult": "tflm_runner",
-    "TflmError": "tflm_runner",
-    "TflmCrashError": "tflm_runner",
+    "run_tflm": "tflm.runner",
+    "TflmResult": "tflm.runner",
+    "TflmError": "tflm.runner",
+    "TflmCrashError": "tflm.runner",
     "read_tflite": "tflite_file",
     "TfliteFileError": "tflite_file",
     "ModelBuilder": "tflite_builder",
     "int32_options": "tflite_builder",
-    "host_ops": "tflm_ops_loader",
-    "check_abi": "tflm_abi_check",
+    "host_ops": "tflm.ops_loader",
+    "check_abi": "tflm.abi_check",
     "export_training": "training",
     "TrainingExport": "training",
     "TrainingExportError": "training",

@@ -182,7 +182,7 @@ def fuse_blocks(ed: ModelEditor, stop: int | None = None) -> int:
 
 def fuse_blocks_file(path, out_path) -> int:
     """`fuse_blocks` on the int8 `.tflite` at ``path``, written atomically to ``out_path``
-    (run it with the dgst custom ops registered, e.g. `dgst_tf.export.tflm_runner`).
+    (run it with the dgst custom ops registered, e.g. `dgst_tf.export.tflm.runner`).
     Returns the number of fused chains."""
     _, model = read_tflite(pathlib.Path(path))
     ed = ModelEditor(model)

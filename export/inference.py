@@ -24,7 +24,7 @@ import numpy as np
 
 from dgst_tf.export.tflite_file import (TensorDetails, TfliteFileError, read_tflite, schema,
                                         tensor_details, write_atomically)
-from dgst_tf.keras_compat import require_keras2, tf
+from dgst_tf.core.keras_compat import require_keras2, tf
 
 __all__ = ["export_int8", "Int8Export", "Int8ExportError", "quantize", "dequantize",
            "reference_outputs", "DEFAULT_NUM_SAMPLES"]

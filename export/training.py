@@ -107,7 +107,7 @@ def _sha256(data: bytes) -> str:
 
 def _find_layers(ed: ModelEditor, model, where) -> dict:
     """{op index: keras layer name} for conv/depthwise/dense ops, from the weight names."""
-    from dgst_tf.scheme import updatable_layers
+    from dgst_tf.training.scheme import updatable_layers
 
     names = [layer.name for layer in updatable_layers(model)]
     found = {}
@@ -296,10 +296,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
         info = export_training(model, scheme, x_train[:64], "train.tflite")
         info.manifest["params"], info.ops
     """
-    from dgst_tf.bn_folding import fold_batchnorm
+    from dgst_tf.core.bn_folding import fold_batchnorm
     from dgst_tf.export.inference import export_int8
-    from dgst_tf.keras_compat import keras, require_keras2
-    from dgst_tf.scheme import LayerUpdate, classifier_layer, kept_channels
+    from dgst_tf.core.keras_compat import keras, require_keras2
+    from dgst_tf.training.scheme import LayerUpdate, classifier_layer, kept_channels
 
     path = pathlib.Path(path)
     where = f"export_training({os.fspath(path)})"
@@ -790,8 +790,8 @@ def train_tflm(path, images, labels, *, manifest=None, arena_size=None,
         run = train_tflm("train.tflite", x[:100], y[:100])
         run.losses.mean(), (run.predictions == y[:100]).mean(), run.arena_bytes
     """
-    from dgst_tf.export.tflm_ops_loader import host_ops
-    from dgst_tf.export.tflm_runner import run_tflm
+    from dgst_tf.export.tflm.ops_loader import host_ops
+    from dgst_tf.export.tflm.runner import run_tflm
 
     content = load_manifest(path, manifest)
     spec = content["inputs"][0]
@@ -859,8 +859,8 @@ def run_inference_tflm(path, images_q, **kwargs):
 
         logits = run_inference_tflm("updated.tflite", q[:, None]).outputs[0]
     """
-    from dgst_tf.export.tflm_ops_loader import host_ops
-    from dgst_tf.export.tflm_runner import run_tflm
+    from dgst_tf.export.tflm.ops_loader import host_ops
+    from dgst_tf.export.tflm.runner import run_tflm
 
     ops = host_ops()
     return run_tflm(path, [images_q], libraries=[ops.library], registerers=ops.registerers,

@@ -1,7 +1,7 @@
 """Tiny tf-keras CNNs for fast tests (conv, BN, depthwise, residual add, dense)."""
 import numpy as np
 
-from dgst_tf.keras_compat import keras
+from dgst_tf.core.keras_compat import keras
 
 
 def residual_cnn(seed: int = 0, input_shape=(8, 8, 3), classes: int = 4) -> keras.Model:

@@ -4,16 +4,16 @@ TFLite's reference kernels), bit for bit."""
 import numpy as np
 import pytest
 
-from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.export.block_fusion import activation_range, fuse_blocks_file, quantize_multiplier
 from dgst_tf.export.inference import export_int8, reference_outputs
 from dgst_tf.export.tflite_builder import ModelBuilder
 from dgst_tf.export.tflite_file import read_tflite
-from dgst_tf.export.tflm_ops_loader import host_ops
-from dgst_tf.export.tflm_runner import TflmError, run_tflm
+from dgst_tf.export.tflm.ops_loader import host_ops
+from dgst_tf.export.tflm.runner import TflmError, run_tflm
 from dgst_tf.export.training import export_training, train_tflm
-from dgst_tf.keras_compat import keras
-from dgst_tf.scheme import UpdateScheme
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.training.scheme import UpdateScheme
 
 L = keras.layers
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dgst_tf import cli
-from dgst_tf.keras_compat import tf
+from dgst_tf.core.keras_compat import tf
 
 
 def _image_folder(root, classes=("cat", "dog"), per_class=6, size=16):
@@ -49,8 +49,8 @@ def test_train_on_an_image_folder_writes_results(tmp_path, capsys, method):
 
 
 def test_an_interrupted_train_resumes_from_its_backup(tmp_path, capsys, monkeypatch):
-    from dgst_tf import adapt
-    from dgst_tf.keras_compat import keras
+    from dgst_tf.jobs import adapt
+    from dgst_tf.core.keras_compat import keras
 
     class Killed(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -115,7 +115,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 
 def test_train_with_a_scheme_file(tmp_path, capsys):
-    from dgst_tf.scheme import UpdateScheme
+    from dgst_tf.training.scheme import UpdateScheme
 
     data = _image_folder(tmp_path / "data")
     UpdateScheme({"block_16_expand": 0.25, "block_16_project": "bias"}).save(

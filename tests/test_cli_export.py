@@ -1,4 +1,4 @@
-"""`dgst export` and `dgst tflm-train` (dgst_tf.cli_export) on a tiny MobileNetV2 and real
+"""`dgst export` and `dgst tflm-train` (dgst_tf.cli.export) on a tiny MobileNetV2 and real
 CIFAR-10 images."""
 import argparse
 import json
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dgst_tf.cli_export import add_export_parsers
+from dgst_tf.cli.export import add_export_parsers
 
 
 def run(argv):

@@ -10,7 +10,7 @@ import pytest
 
 from dgst_tf import data
 from dgst_tf.data import _cifar10, _fashion_mnist
-from dgst_tf.keras_compat import keras, tf
+from dgst_tf.core.keras_compat import keras, tf
 
 CLASSES = data.CIFAR10_CLASSES
 SHARED_ARCHIVE = pathlib.Path("/work/shared/datasets/cifar10-jpeg.tar.gz")

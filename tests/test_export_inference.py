@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from small_models import residual_cnn
 
-from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.export import (Int8ExportError, dequantize, export_int8, quantize,
                             reference_outputs, run_tflm)
 from dgst_tf.export.tflite_file import read_tflite, schema
-from dgst_tf.keras_compat import Keras3ModelError, keras, tf
+from dgst_tf.core.keras_compat import Keras3ModelError, keras, tf
 from dgst_tf.models import mobilenet_v2
 
 

@@ -8,18 +8,18 @@ import pytest
 
 from small_models import batch, residual_cnn
 
-from dgst_tf.bn_folding import fold_batchnorm
+from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.export.inference import reference_outputs
 from dgst_tf.export.tflite_file import TfliteFileError
-from dgst_tf.export.tflm_runner import run_tflm
+from dgst_tf.export.tflm.runner import run_tflm
 from dgst_tf.export.training import (TrainingExportError, TrainingManifestError,
                                      export_training, initial_params, load_manifest,
                                      train_tflm,
                                      write_inference_model)
-from dgst_tf.keras_compat import keras
-from dgst_tf.qas import QuantizationAwareScalingSGD, int8_training_graph
-from dgst_tf.scheme import UpdateScheme
-from dgst_tf.sparse_model import SparseUpdateModel
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.training.qas import QuantizationAwareScalingSGD, int8_training_graph
+from dgst_tf.training.scheme import UpdateScheme
+from dgst_tf.training.sparse_model import SparseUpdateModel
 
 LR = 0.05
 SCHEME = {"head": "bias", "project": 0.5, "depthwise": "bias"}

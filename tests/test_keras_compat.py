@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from dgst_tf.keras_compat import Keras3ModelError, keras, require_keras2
+from dgst_tf.core.keras_compat import Keras3ModelError, keras, require_keras2
 
 
 def test_tf_keras_model_is_accepted():

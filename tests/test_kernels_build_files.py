@@ -150,7 +150,7 @@ def test_train_ops_header_registers_every_op():
         assert f"TFLMRegistration* Register_{op}();" in header, op
         assert f'{{"{op}", tflite::Register_{op}}}' in header, op
     assert f"kNumDgstTrainOps = {len(ops)};" in header
-    loader = ast.parse(open(os.path.join(ROOT, "export", "tflm_ops_loader.py")).read())
+    loader = ast.parse(open(os.path.join(ROOT, "export", "tflm", "ops_loader.py")).read())
     loader_ops = next(ast.literal_eval(node.value) for node in loader.body
                       if isinstance(node, ast.Assign)
                       and any(getattr(t, "id", None) == "OPS" for t in node.targets))

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from dgst_tf.keras_compat import tf
+from dgst_tf.core.keras_compat import tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFLM_OPS = os.path.join(ROOT, "tflm_ops")

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from small_models import batch, residual_cnn
 
-from dgst_tf.budget import MemoryBudget, MemoryBudgetError, check_budget, parse_budget
-from dgst_tf.keras_compat import keras
-from dgst_tf.memory import MemoryModel, MemoryModelError, optimizer_slots, training_memory
-from dgst_tf.memory_report import compare_with_tflm, plot_memory
+from dgst_tf.planning.budget import MemoryBudget, MemoryBudgetError, check_budget, parse_budget
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.planning.memory import MemoryModel, MemoryModelError, optimizer_slots, training_memory
+from dgst_tf.planning.memory_report import compare_with_tflm, plot_memory
 from dgst_tf.models import mobilenet_v2
-from dgst_tf.scheme import UpdateScheme, kernel_of
-from dgst_tf.sparse_model import SparseUpdateModel
+from dgst_tf.training.scheme import UpdateScheme, kernel_of
+from dgst_tf.training.sparse_model import SparseUpdateModel
 
 SCHEME = {"expand": 0.5, "depthwise": 0.25, "project": "bias", "head": 0.5}
 STEPS = ["stem", "expand", "depthwise", "project", "add", "head", "pool", "classifier"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from dgst_tf.keras_compat import keras, tf
+from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.models import (
     IMAGENET_CAT_CLASSES,
     imagenet_class_id,

@@ -37,7 +37,7 @@ def test_installed_copy_imports_outside_the_checkout_and_finds_its_library(wheel
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                            "--target", str(site), str(wheel)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    script = ("import dgst_tf.export.tflm_ops_loader as l, dgst_tf.export.inference, "
+    script = ("import dgst_tf.export.tflm.ops_loader as l, dgst_tf.export.inference, "
               "dgst_tf.pruning, pathlib; "
               "print(pathlib.Path(l.__file__).parent); print(l.host_ops(build=False).library)")
     env = dict(os.environ, PYTHONPATH=str(site))

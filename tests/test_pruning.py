@@ -7,7 +7,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
     PruneLowMagnitude)
 
 from dgst_tf import models
-from dgst_tf.keras_compat import keras, tf
+from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.pruning import (ActivationPattern, BatchNormScale, DependencyGraph,
                              UnsupportedLayerError, channel_pruner, flash_bytes, footprint,
                              get_pattern, groups_to_prune, mask_groups, pattern_conv2d,
@@ -369,7 +369,7 @@ def test_cli_prune_writes_a_model_that_fits_the_budget(tmp_path, capsys):
     import argparse
     import json
 
-    from dgst_tf.cli_prune import add_prune_parser
+    from dgst_tf.cli.prune import add_prune_parser
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 from small_models import residual_cnn
 
-from dgst_tf.bn_folding import fold_batchnorm
-from dgst_tf.keras_compat import keras, tf
-from dgst_tf.qas import (QuantizationAwareScalingSGD, activation_qparams, int8_training_graph,
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.training.qas import (QuantizationAwareScalingSGD, activation_qparams, int8_training_graph,
                          weight_scales)
-from dgst_tf.scheme import UpdateScheme, kernel_of
-from dgst_tf.sparse_model import SparseUpdateModel
+from dgst_tf.training.scheme import UpdateScheme, kernel_of
+from dgst_tf.training.sparse_model import SparseUpdateModel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 

@@ -4,8 +4,8 @@ import pytest
 from small_models import residual_cnn
 
 from dgst_tf import models
-from dgst_tf.bn_folding import fold_batchnorm
-from dgst_tf.scheme import LayerUpdate, SchemeError, UpdateScheme, conv_layers
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.training.scheme import LayerUpdate, SchemeError, UpdateScheme, conv_layers
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_baselines_and_target_fraction(mbv2):
 
 
 def test_stage_aware_scheme_freezes_front_stages(mbv2):
-    from dgst_tf.scheme import conv_stages
+    from dgst_tf.training.scheme import conv_stages
 
     stages = conv_stages(mbv2)
     assert [tuple(s[0].output_shape[1:3]) for s in stages] == [

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from small_models import batch, residual_cnn
 
-from dgst_tf import contribution
-from dgst_tf.budget import MemoryBudgetError, check_budget
-from dgst_tf.cli_plan import add_plan_parser
-from dgst_tf.contribution import (ContributionTable, FineTuneSettings, analytic_contributions,
+from dgst_tf.planning import contribution
+from dgst_tf.planning.budget import MemoryBudgetError, check_budget
+from dgst_tf.cli.plan import add_plan_parser
+from dgst_tf.planning.contribution import (ContributionTable, FineTuneSettings, analytic_contributions,
                                   measure_contributions)
-from dgst_tf.memory import MemoryModel, training_memory
-from dgst_tf.scheme import UpdateScheme
-from dgst_tf.search import (NoSchemeFitsError, evolutionary_search, random_search,
+from dgst_tf.planning.memory import MemoryModel, training_memory
+from dgst_tf.training.scheme import UpdateScheme
+from dgst_tf.planning.search import (NoSchemeFitsError, evolutionary_search, random_search,
                             search_scheme)
 
 

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from small_models import batch, residual_cnn
 
-from dgst_tf.bn_folding import fold_batchnorm
-from dgst_tf.keras_compat import keras, tf
-from dgst_tf.scheme import UpdateScheme, kernel_of
-from dgst_tf.selection_callbacks import DynamicChannelSelection, StaticChannelSelection
-from dgst_tf.sparse_model import SparseUpdateModel
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.training.scheme import UpdateScheme, kernel_of
+from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
+from dgst_tf.training.sparse_model import SparseUpdateModel
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 SCHEME = {"expand": 0.5, "depthwise": 0.25, "project": "bias", "head": 0.5}
@@ -214,7 +214,7 @@ def test_nan_loss_fails_with_a_clear_error():
 
 
 def test_conv_without_bias_cannot_be_bias_updated():
-    from dgst_tf.scheme import SchemeError
+    from dgst_tf.training.scheme import SchemeError
 
     with pytest.raises(SchemeError, match="'expand' has no bias"):
         SparseUpdateModel(residual_cnn(), UpdateScheme({"expand": "bias"}), fold_bn=False)
@@ -264,7 +264,7 @@ class _MaskedWeightGradient(keras.layers.Layer):
 
 
 def test_activation_patterns_estimate_the_weight_gradient_from_the_pattern_only():
-    from dgst_tf.graph import rebuild
+    from dgst_tf.core.graph import rebuild
 
     scheme, lr = {"expand": 1.0, "depthwise": 1.0, "head": 0.5}, 0.1
     patterns = {"expand": "stride2", "depthwise": "rows2"}
@@ -299,7 +299,7 @@ def test_activation_patterns_estimate_the_weight_gradient_from_the_pattern_only(
 
 
 def test_activation_patterns_must_name_weight_updated_convs():
-    from dgst_tf.scheme import SchemeError
+    from dgst_tf.training.scheme import SchemeError
 
     with pytest.raises(SchemeError, match="'project'"):
         SparseUpdateModel(residual_cnn(), UpdateScheme(SCHEME),
@@ -310,7 +310,7 @@ def test_activation_patterns_must_name_weight_updated_convs():
 
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_dilated_convolutions_get_exact_sparse_gradients(depthwise):
-    from dgst_tf import sparse_ops
+    from dgst_tf.training import sparse_ops
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(1, 9, 9, 4)), tf.float32)

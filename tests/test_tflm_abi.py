@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from dgst_tf.export import tflm_ops_loader
-from dgst_tf.export.tflm_abi_check import (LAYOUT_FIELDS, check_abi, exported_symbols,
+from dgst_tf.export.tflm import ops_loader as tflm_ops_loader
+from dgst_tf.export.tflm.abi_check import (LAYOUT_FIELDS, check_abi, exported_symbols,
                                            undefined_tflm_symbols)
 
 # What dgst_tflm_abi.h declares (ENVIRONMENT.md, "TensorFlow Lite Micro (host)").
@@ -79,7 +79,7 @@ def test_layout_matches_the_wheel(library):
 
 
 def test_registering_into_a_non_resolver_is_refused(library):
-    code = ("import ctypes, sys; sys.path.insert(0, sys.argv[1]); import tflm_ops_loader as l; "
+    code = ("import ctypes, sys; sys.path.insert(0, sys.argv[1]); import ops_loader as l; "
             "lib = l.load_library_global(sys.argv[2]); f = lib.DgstRegister_DGST_BIAS_GRAD; "
             "f.restype = ctypes.c_bool; print(f(ctypes.create_string_buffer(1 << 15)))")
     out = subprocess.run([sys.executable, "-c", code,

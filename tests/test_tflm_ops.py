@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from dgst_tf.export.tflite_builder import ModelBuilder, int32_options
-from dgst_tf.export.tflm_abi_check import check_abi
-from dgst_tf.export.tflm_ops_loader import host_ops
-from dgst_tf.export.tflm_runner import TflmError, run_tflm
-from dgst_tf.keras_compat import tf
+from dgst_tf.export.tflm.abi_check import check_abi
+from dgst_tf.export.tflm.ops_loader import host_ops
+from dgst_tf.export.tflm.runner import TflmError, run_tflm
+from dgst_tf.core.keras_compat import tf
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +291,8 @@ def test_training_step_updates_weights_in_place_across_invocations(ops, tmp_path
 
 
 def test_sgd_step_agrees_with_the_qas_optimizer(ops, tmp_path):
-    """The on-device step is dgst_tf.qas.QuantizationAwareScalingSGD rounded to int8."""
-    from dgst_tf.qas import QuantizationAwareScalingSGD
+    """The on-device step is dgst_tf.training.qas.QuantizationAwareScalingSGD rounded to int8."""
+    from dgst_tf.training.qas import QuantizationAwareScalingSGD
 
     rng = np.random.default_rng(11)
     c_out, kh, kw, c_in = 8, 1, 1, 16

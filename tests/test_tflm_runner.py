@@ -4,7 +4,7 @@ import pytest
 
 from dgst_tf.export.tflite_builder import ModelBuilder
 from dgst_tf.export.tflite_file import TfliteFileError, pack_model, read_tflite, schema
-from dgst_tf.export.tflm_runner import TflmCrashError, TflmError, parse_allocations, run_tflm
+from dgst_tf.export.tflm.runner import TflmCrashError, TflmError, parse_allocations, run_tflm
 
 
 def add_model(scale=0.1, shape=(1, 4, 4, 2)):

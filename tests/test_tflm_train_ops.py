@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from dgst_tf.export.tflite_builder import ModelBuilder, int32_options
-from dgst_tf.export.tflm_abi_check import check_abi
-from dgst_tf.export.tflm_ops_loader import OPS, host_ops
-from dgst_tf.export.tflm_runner import TflmError, run_tflm
-from dgst_tf.keras_compat import tf
+from dgst_tf.export.tflm.abi_check import check_abi
+from dgst_tf.export.tflm.ops_loader import OPS, host_ops
+from dgst_tf.export.tflm.runner import TflmError, run_tflm
+from dgst_tf.core.keras_compat import tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(

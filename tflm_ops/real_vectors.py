@@ -5,7 +5,7 @@
 
 Takes the ImageNet-pretrained MobileNetV2-1.0 of ``dgst_tf.models.mobilenet_v2`` (torchvision
 weights, offline; 10 classes: the classifier is newly initialised, seeded), folds its
-BatchNorms (``dgst_tf.bn_folding.fold_batchnorm``), runs one real image through it
+BatchNorms (``dgst_tf.core.bn_folding.fold_batchnorm``), runs one real image through it
 (``skimage.data.chelsea()``, a cat, label 3 = CIFAR-10 "cat"; or the first cat of the
 CIFAR-10 test split with ``--image cifar10``, the default when ``DGST_CIFAR10`` is set) and
 quantizes the tail of the network per the kernels' int8 scheme (``core/dgst_train_kernels.h``):
@@ -136,7 +136,7 @@ def load_image(size: int, cifar10: bool = False) -> tuple[np.ndarray, int, str]:
 
 
 def build_model(size: int, seed: int = 0):
-    from dgst_tf.bn_folding import fold_batchnorm
+    from dgst_tf.core.bn_folding import fold_batchnorm
     from dgst_tf.models import mobilenet_v2
     model = mobilenet_v2(width=1.0, input_shape=(size, size, 3), classes=10,
                          weights="imagenet", seed=seed)
@@ -163,7 +163,7 @@ def export(size: int = 96, ratio: float = 0.02, lr: float = 0.05, cifar10: bool 
     x_in = preprocess_input(image[None])
     names = sorted({t for _, i, o, _ in TAIL for t in (i, o)} | {"block_16_expand",
                                                                   "block_16_depthwise"})
-    from dgst_tf.keras_compat import keras
+    from dgst_tf.core.keras_compat import keras
     probe = keras.Model(folded.input, [folded.get_layer(n).output for n in names])
     acts = dict(zip(names, (np.asarray(a)[0] for a in probe(x_in, training=False))))
 

@@ -12,10 +12,10 @@ import tarfile
 import tempfile
 import warnings
 
-from dgst_tf import runtime
+from dgst_tf.core import runtime
 from dgst_tf.data import _folder, _pipeline
 from dgst_tf.data._pipeline import DatasetFormatError, DatasetNotFoundError, DatasetSplit
-from dgst_tf.keras_compat import keras
+from dgst_tf.core.keras_compat import keras
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from dgst_tf.data import _pipeline
 from dgst_tf.data._pipeline import DatasetFormatError, DatasetNotFoundError, DatasetSplit
-from dgst_tf.keras_compat import keras
+from dgst_tf.core.keras_compat import keras
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")

@@ -15,7 +15,7 @@ from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from dgst_tf.keras_compat import tf
+from dgst_tf.core.keras_compat import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 #: torchvision's ImageNet statistics (our pretrained MobileNetV2 expects them).

@@ -28,8 +28,8 @@ import tempfile
 
 import numpy as np
 
-from dgst_tf import runtime
-from dgst_tf.keras_compat import keras, tf
+from dgst_tf.core import runtime
+from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.models.torch_checkpoint import load_state_dict
 
 __all__ = [

@@ -19,7 +19,7 @@ pattern pruning: DGSU's offline step before on-device training.
     pattern = pruning.get_pattern("stride2")                # activation pattern pruning
     pruning.stored_bytes(pattern, (12, 12, 96))             # what the layer keeps (int8)
 """
-from dgst_tf.pruning.activation_patterns import (
+from dgst_tf.training.activation_patterns import (
     PATTERNS,
     ActivationPattern,
     ConvGeometry,

@@ -20,7 +20,7 @@ Sizes (`footprint`) assume the deployed int8 graph of REFERENCE section 1: Batch
 folded into the conv before it, int8 weights (1 byte) and int32 biases (4 bytes; every
 conv/dense followed by a folded BatchNorm gets one); an unfolded BatchNorm costs a
 per-channel int32 scale and shift. The activation peak is the int8 inference peak of
-`dgst_tf.memory.MemoryModel` at batch 1 (perfect buffer packing).
+`dgst_tf.planning.memory.MemoryModel` at batch 1 (perfect buffer packing).
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import math
 
 import numpy as np
 
-from dgst_tf.bn_folding import foldable_pairs
-from dgst_tf.graph import check_functional, nodes_in_order, rebuild
-from dgst_tf.keras_compat import keras
+from dgst_tf.core.bn_folding import foldable_pairs
+from dgst_tf.core.graph import check_functional, nodes_in_order, rebuild
+from dgst_tf.core.keras_compat import keras
 from dgst_tf.pruning.dependency_graph import DependencyGraph
 from dgst_tf.pruning.structured import (ChannelGroupPruner, GroupL2, groups_to_prune,
                                         masked_weights)
@@ -262,8 +262,8 @@ def footprint(model: keras.Model, input_shape=None) -> Footprint:
 
         fp = footprint(small); fp.flash_bytes, fp.activation_peak_bytes
     """
-    from dgst_tf.memory import MemoryModel, MemoryModelError
-    from dgst_tf.scheme import SchemeError, UpdateScheme
+    from dgst_tf.planning.memory import MemoryModel, MemoryModelError
+    from dgst_tf.training.scheme import SchemeError, UpdateScheme
 
     weights, biases = _deployed(model)
     peak = None

@@ -39,8 +39,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from dgst_tf.graph import UnsupportedModelError, check_functional, check_single_use, nodes_in_order
-from dgst_tf.keras_compat import keras
+from dgst_tf.core.graph import UnsupportedModelError, check_functional, check_single_use, nodes_in_order
+from dgst_tf.core.keras_compat import keras
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "Family", "UnsupportedLayerError",
            "SUPPORTED_LAYERS"]

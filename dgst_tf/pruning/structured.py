@@ -47,8 +47,8 @@ from tensorflow_model_optimization.python.core.sparsity.keras import (
     pruning_schedule as tfmot_schedule)
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_wrapper
 
-from dgst_tf.graph import check_functional, rebuild
-from dgst_tf.keras_compat import keras, require_keras2, tf
+from dgst_tf.core.graph import check_functional, rebuild
+from dgst_tf.core.keras_compat import keras, require_keras2, tf
 from dgst_tf.pruning.dependency_graph import DependencyGraph
 
 __all__ = ["PruneChannelGroups", "ChannelGroupPruner", "prune_channel_groups",

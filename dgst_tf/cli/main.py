@@ -1,0 +1,129 @@
+"""The `dgst` command line.
+
+    dgst info                 versions, data, weights, TFLM and QEMU availability
+    dgst train [options]      adapt the pretrained model to a dataset (the main job)
+    dgst plan [options]       choose an update scheme that fits a memory budget
+    dgst prune [options]      structured channel pruning to a flash budget (TF-MOT)
+    dgst export [options]     write the model as a TFLM training step (.tflite + .json) or int8 model
+    dgst tflm-train MODEL     run N training steps in TFLM: loss, accuracy, arena bytes
+"""
+import argparse
+import dataclasses
+import sys
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from dgst_tf.jobs.adapt import DATASETS, AdaptConfig
+    from dgst_tf.training.methods import METHODS
+
+    defaults = AdaptConfig()
+    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
+                        help="fashion_mnist (offline default, Debian dataset-fashion-mnist), "
+                             "cifar10 (../shared/datasets, $DGST_CIFAR10 or --data), or an "
+                             "image folder with train/ and test/ (--data)")
+    parser.add_argument("--data", dest="data_path", default=None,
+                        help="dataset location (folder or cifar10-jpeg.tar.gz)")
+    parser.add_argument("--width", type=float, default=defaults.width)
+    parser.add_argument("--image-size", type=int, default=defaults.image_size)
+    parser.add_argument("--weights", default=defaults.weights,
+                        help="imagenet (offline torchvision checkpoint), keras-imagenet "
+                             "(downloads), none, or a .pth/.npz path")
+    parser.add_argument("--method", choices=METHODS, default=defaults.method,
+                        help="what a step updates (see dgst_tf.training.methods)")
+    parser.add_argument("--target-fraction", type=float, default=defaults.target_fraction,
+                        help="fraction of conv weights updated per step (sparse methods)")
+    parser.add_argument("--scheme", dest="scheme_path", default=None,
+                        help="an UpdateScheme JSON file (from `dgst plan`); overrides --method")
+    parser.add_argument("--selection", choices=("dynamic", "static"), default="dynamic",
+                        help="channel choice with --scheme: DGSU (dynamic) or Lin (static)")
+    parser.add_argument("--train-examples", type=int, default=defaults.train_examples,
+                        help="use this many training images (0 = all)")
+    parser.add_argument("--test-examples", type=int, default=defaults.test_examples,
+                        help="evaluate on this many test images (0 = all)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--activation-pattern", default=None,
+                        help="store only this spatial pattern of each weight-updated conv's "
+                             "input (stride2, checker, rows2, ...; dgst_tf.pruning)")
+    parser.add_argument("--budget", default=None,
+                        help="SRAM budget of one training step, e.g. 256KB: fail before "
+                             "training if the scheme needs more")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--output-dir", default=None, help="write result.json here")
+    parser.add_argument("--backup-dir", default=None,
+                        help="save model, optimizer and selection state after every epoch; "
+                             "rerunning the same command resumes from the last finished one")
+
+
+def _cmd_info(args) -> int:
+    from dgst_tf.cli.info import collect, format_report
+
+    print(format_report(collect()))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from dgst_tf.core import runtime
+    from dgst_tf.jobs.adapt import AdaptConfig, run
+
+    runtime.limit_threads()
+    fields = {f.name for f in dataclasses.fields(AdaptConfig)}
+    options = {k: v for k, v in vars(args).items() if k in fields}
+    for key in ("train_examples", "test_examples"):
+        options[key] = options[key] or None
+    if options["weights"] == "none":
+        options["weights"] = None
+    result = run(AdaptConfig(**options), verbose=args.verbose)
+    print(f"dataset        {args.dataset}: {result['train_examples']} train / "
+          f"{result['test_examples']} test images at {args.image_size}x{args.image_size}")
+    what = f"scheme {args.scheme_path} ({args.selection})" if args.scheme_path else (
+        f"method {args.method}")
+    print(f"trained        {what}, batch {args.batch_size}, SGD lr "
+          f"{args.learning_rate}, {args.epochs} epochs, {result['train_seconds']} s")
+    print(f"conv weights   {100 * result['updated_fraction']:.2f}% updated per step, "
+          f"{100 * result['coverage']:.1f}% of the updated layers' weights visited")
+    print(f"test accuracy  {100 * result['test_accuracy']:.2f}%")
+    print(f"SRAM for updated parameters (int8 weights, int32 biases): "
+          f"{result['sram_bytes'] / 1024:.1f} KB ({result['trainable_parameters']} parameters)")
+    memory = result["memory"]
+    print(f"training step  {memory['training_peak_bytes'] / 1024:.1f} KB peak SRAM at batch 1 "
+          f"(int8; inference alone {memory['inference_peak_bytes'] / 1024:.1f} KB, dense "
+          f"training {memory['dense_training_bytes'] / 1024:.1f} KB, Lin et al.'s extra-memory "
+          f"label {memory['extra_memory_bytes'] / 1024:.1f} KB; dgst_tf.planning.memory)")
+    if memory["whole_kernels_in_sram"]:
+        print("               dynamic selection: the whole kernels of the updated layers sit in "
+              "SRAM (the chosen channels change every step); `dgst plan` finds schemes that fit")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgst", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions and what this machine has").set_defaults(
+        func=_cmd_info)
+    train = sub.add_parser("train", help="adapt the pretrained model to a dataset")
+    _add_train_arguments(train)
+    train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
+    train.set_defaults(func=_cmd_train)
+    from dgst_tf.cli.export import add_export_parsers
+    from dgst_tf.cli.plan import add_plan_parser
+    from dgst_tf.cli.prune import add_prune_parser
+
+    add_plan_parser(sub)
+    add_prune_parser(sub)
+    add_export_parsers(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, TypeError) as err:
+        print(f"dgst {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""`dgst plan`: choose an update scheme that fits a memory budget, before training.
+
+    dgst plan --model mobilenet_v2 --width 0.35 --image-size 128 --budget 256KB
+    dgst plan --width 1.0 --image-size 96 --budget 99KB --memory extra_memory \
+        --contributions measured --dataset cifar10 --output scheme.json
+
+Prints the chosen scheme, its memory breakdown and dense vs sparse; writes the scheme
+JSON (`UpdateScheme.save`) that ``dgst train --scheme`` and `SparseUpdateModel` take.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from dgst_tf.cli.model_args import add_model_arguments, model_from_args
+
+
+def add_plan_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``plan`` sub-command to ``dgst``'s sub-parsers; returns its parser.
+
+        sub = parser.add_subparsers(dest="command")
+        add_plan_parser(sub)
+    """
+    plan = subparsers.add_parser(
+        "plan", help="choose an update scheme that fits a memory budget",
+        description=__doc__.splitlines()[0])
+    add_model_arguments(plan, width=0.35, image_size=128)
+    memory = plan.add_argument_group("memory")
+    memory.add_argument("--budget", default="256KB",
+                        help="bytes or a size: 256KB, 1MB (KB = 1024 bytes)")
+    memory.add_argument("--memory", dest="accounting", default="training_peak",
+                        choices=("training_peak", "extra_memory"),
+                        help="what the budget limits: the whole training step (default) or "
+                             "Lin et al.'s extra-memory label")
+    memory.add_argument("--gradient-bytes", type=int, default=4, choices=(1, 2, 4),
+                        help="bytes per activation-gradient element (4: float32)")
+    memory.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"))
+    memory.add_argument("--inplace-depthwise", action="store_true",
+                        help="the runtime computes depthwise convs in place (tinyengine)")
+    memory.add_argument("--fused-blocks", action="store_true",
+                        help="frozen conv -> depthwise -> 1x1 chains run row by row (the "
+                             "training export's DGST_FUSED_BLOCK)")
+    memory.add_argument("--dynamic-selection", action="store_true",
+                        help="channels change every step (DGSU): whole kernels in SRAM")
+    search = plan.add_argument_group("search")
+    search.add_argument("--contributions", default="analytic",
+                        choices=("analytic", "measured"),
+                        help="analytic: instant proxy (later layers gain more); measured: "
+                             "short fine-tuning runs on --dataset (cached)")
+    search.add_argument("--method", default="evolutionary", choices=("evolutionary", "random"))
+    search.add_argument("--evaluations", type=int, default=2000)
+    search.add_argument("--seed", type=int, default=0)
+    data = plan.add_argument_group("data (measured contributions)")
+    data.add_argument("--dataset", default="cifar10", choices=("cifar10", "fashion_mnist"))
+    data.add_argument("--data", dest="data_path", default=None,
+                      help="dataset folder or archive (default: the offline locations)")
+    data.add_argument("--train-examples", type=int, default=400)
+    data.add_argument("--validation-examples", type=int, default=200)
+    data.add_argument("--steps", type=int, default=50, help="SGD steps per fine-tuning run")
+    data.add_argument("--batch-size", type=int, default=8)
+    data.add_argument("--learning-rate", type=float, default=0.01)
+    out = plan.add_argument_group("output")
+    out.add_argument("--output", default="scheme.json", help="scheme JSON to write")
+    out.add_argument("--chart", default=None, help="also write a PNG memory chart here")
+    out.add_argument("--report", default=None,
+                     help="also write the search result and memory report as JSON here")
+    plan.set_defaults(func=run_plan)
+    return plan
+
+
+def _measured_table(args, model):
+    from dgst_tf import data
+    from dgst_tf.core import runtime
+    from dgst_tf.planning.contribution import FineTuneSettings, measure_contributions
+
+    runtime.limit_threads()
+    load = data.cifar10 if args.dataset == "cifar10" else data.fashion_mnist
+    common = dict(path=args.data_path, image_size=(args.image_size, args.image_size),
+                  preprocessing="torch", seed=args.seed, validation_split=0.2)
+    train = load("train", batch_size=args.batch_size, limit=args.train_examples,
+                 subset="training", **common)
+    val = load("train", batch_size=64, limit=args.validation_examples, subset="validation",
+               **common)
+    settings = FineTuneSettings(steps=args.steps, batch_size=args.batch_size,
+                                learning_rate=args.learning_rate, seed=args.seed)
+    return measure_contributions(model, train, val, settings=settings)
+
+
+def run_plan(args) -> int:
+    """Run ``dgst plan`` from parsed arguments (0 on success)."""
+    from dgst_tf.planning.budget import parse_budget
+    from dgst_tf.planning.contribution import analytic_contributions
+    from dgst_tf.planning.memory import MemoryModel, kb
+    from dgst_tf.planning.search import search_scheme
+
+    budget = parse_budget(args.budget)
+    model = model_from_args(args)[0]
+    memory_model = MemoryModel(model, (args.image_size, args.image_size, 3),
+                               gradient_bytes=args.gradient_bytes, optimizer=args.optimizer,
+                               inplace_depthwise=args.inplace_depthwise,
+                               full_weights_in_sram=args.dynamic_selection,
+                               fused_blocks=args.fused_blocks)
+    if args.contributions == "measured":
+        table = _measured_table(args, model)
+    else:
+        table = analytic_contributions(model)
+    print(f"model     {model.name}: {len(memory_model.convs)} convs, input "
+          f"{args.image_size}x{args.image_size}x3, {args.classes} classes")
+    print(f"budget    {kb(budget)} ({budget} bytes) on the {args.accounting.replace('_', ' ')}"
+          f"; contributions {table.source}"
+          + (" (proxy: later layers gain more)" if table.source == "analytic" else ""))
+    result = search_scheme(model, table, budget, accounting=args.accounting,
+                           method=args.method, evaluations=args.evaluations, seed=args.seed,
+                           memory_model=memory_model)
+    result.scheme.name = f"plan_{args.budget}"
+    print(f"scheme    {result.describe()}")
+    config = result.backward_config()
+    print(f"tiny-training backward_config: n_bias_update={config['n_bias_update']} "
+          f"manual_weight_idx={config['manual_weight_idx'] or '-'} "
+          f"weight_update_ratio={config['weight_update_ratio'] or '-'}")
+    report = memory_model.report(result.scheme)
+    print(report.table())
+    result.scheme.save(args.output)
+    print(f"wrote     {args.output}  (train with: dgst train --scheme {args.output} "
+          f"--width {args.width:g} --image-size {args.image_size})")
+    if args.chart:
+        from dgst_tf.planning.memory_report import plot_memory
+
+        print(f"wrote     {plot_memory(report, args.chart)}")
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump({"search": result.to_dict(), "memory": report.to_dict(),
+                       "contributions": table.to_dict()}, f, indent=2, default=str)
+        print(f"wrote     {args.report}")
+    return 0
+
+
+__all__ = ["add_plan_parser", "run_plan"]

@@ -1,0 +1,1 @@
+"""The Cortex-M harness of the kernel cores: test vectors (`gen_vectors`) and firmware sources."""
