@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from dgst_tf.core.geometry import channels_for_ratio  # noqa: F401  (re-exported)
 from dgst_tf.core.keras_compat import keras
 
 __all__ = ["LayerKind", "KINDS", "CONV2D", "DEPTHWISE", "DENSE", "CONV_TYPES",
@@ -107,11 +108,3 @@ def weights_per_channel(layer) -> int:
     for d in shape:
         total *= d
     return total // shape[kind.channel_axis]
-
-
-def channels_for_ratio(ratio: float, channels: int) -> int:
-    """How many of ``channels`` a ratio keeps: round(ratio * channels), at least 1, at most all.
-
-        channels_for_ratio(0.25, 96)  # 24
-    """
-    return max(1, min(channels, int(round(ratio * channels))))
