@@ -5,7 +5,7 @@ import platform
 import sys
 import time
 
-from dgst_tf.jobs.adapt import write_json_atomically
+from dgst_tf.core.files import write_atomically, write_json_atomically
 
 
 def machine() -> dict:
@@ -19,7 +19,7 @@ def write(name: str, settings: dict, rows: list[dict], columns: list[str],
     """Write ``<name>.json`` and ``<name>.md``; returns the Markdown table."""
     payload = {"benchmark": name, "command": " ".join(sys.argv), "machine": machine(),
                "settings": settings, "results": rows}
-    write_json_atomically(__import__("pathlib").Path(out_dir) / f"{name}.json", payload)
+    write_json_atomically(os.path.join(out_dir, f"{name}.json"), payload)
     lines = [f"# {name}", "", f"`{payload['command']}`", "",
              f"machine: {payload['machine']}", "", f"settings: {settings}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -30,6 +30,5 @@ def write(name: str, settings: dict, rows: list[dict], columns: list[str],
             cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-        f.write(table)
+    write_atomically(os.path.join(out_dir, f"{name}.md"), table)
     return table

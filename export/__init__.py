@@ -12,10 +12,10 @@ This folder is installed as the `dgst_tf.export` package (see `package_dir` in s
 Modules: `inference` (int8 export), `tflite_file` (checked reading, atomic writing),
 `tflite_builder` (hand-built graphs with custom ops), `tflm/` (running TFLM: `tflm.runner` in a
 subprocess, `tflm.ops_loader` the dgst custom-op library for the pip interpreter,
-`tflm.abi_check` the wheel ABI the custom-op glue relies on), `training` (the training-step export, its
-manifest, running N steps in TFLM, writing updated weights back), `tflite_editor` (editing
-a converted graph), `block_fusion` (frozen conv -> depthwise -> 1x1 chains as one
-row-by-row ``DGST_FUSED_BLOCK`` op).
+`tflm.abi_check` the wheel ABI the custom-op glue relies on), `training/` (the training-step
+export in phases, its manifest, running N steps in TFLM, writing updated weights back),
+`tflite_editor` (editing a converted graph), `block_fusion` (frozen conv -> depthwise -> 1x1
+chains as one row-by-row ``DGST_FUSED_BLOCK`` op).
 
     info = export_training(model, scheme, calibration_images, "train.tflite")
     run = train_tflm("train.tflite", images, labels)      # N steps, one interpreter

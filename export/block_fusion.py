@@ -15,7 +15,8 @@ front of the first updated layer); `fuse_blocks_file` rewrites an int8 inference
     fuse_blocks_file("model_int8.tflite", "model_int8_fused.tflite")   # -> number fused
 
 Weights must be per-channel symmetric int8 (what `export_int8` writes), dilation 1, depth
-multiplier 1; chains that do not match are left as they are.
+multiplier 1; chains that do not match are left as they are. Which chains match is decided by
+`dgst_tf.core.block_fusion_rule`, the same rule the memory model applies to the Keras graph.
 """
 from __future__ import annotations
 
@@ -25,14 +26,19 @@ import pathlib
 
 import numpy as np
 
+from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
+from dgst_tf.core.files import write_atomically
+from dgst_tf.core.geometry import same_pad_before
 from dgst_tf.export.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
-from dgst_tf.export.tflite_file import read_tflite, schema, write_atomically
+from dgst_tf.export.tflite_file import read_tflite, schema
 
-__all__ = ["quantize_multiplier", "activation_range", "fuse_blocks", "fuse_blocks_file"]
+__all__ = ["quantize_multiplier", "activation_range", "fusable_chains_in", "fuse_blocks",
+           "fuse_blocks_file"]
 
 _NONE, _RELU, _RELU6 = 0, 1, 3
-_MAX_DW_H = 16  # DGST_FUSED_BLOCK_MAX_DW_H in tflm_ops/core/dgst_train_kernels.h
+_ACTIVATION_NAMES = {_NONE: "none", _RELU: "relu", _RELU6: "relu6"}
+_KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise"}
 
 
 def _round_half_away(x: float) -> int:
@@ -72,7 +78,7 @@ def activation_range(activation: int, scale: float, zero_point: int) -> tuple[in
 def _padding(op, in_size, out_size, kernel, stride):
     if op.builtinOptions.padding == schema.Padding.VALID:
         return 0
-    return max((out_size - 1) * stride + kernel - in_size, 0) // 2
+    return same_pad_before(in_size, out_size, kernel, stride)
 
 
 class _Stage:
@@ -84,16 +90,30 @@ class _Stage:
         self.x, self.w, self.y = int(op.inputs[0]), int(op.inputs[1]), int(op.outputs[0])
         self.bias = int(op.inputs[2]) if len(op.inputs) > 2 else -1
         self.stride = (int(o.strideH), int(o.strideW))
-        self.dilated = int(o.dilationHFactor) != 1 or int(o.dilationWFactor) != 1
+        self.dilation = (int(o.dilationHFactor), int(o.dilationWFactor))
         self.activation = int(o.fusedActivationFunction)
         self.w_shape = ed.shape(self.w)
 
     def int8_ok(self, ed) -> bool:
+        """int8 tensors with constant weights and bias."""
         types = [ed.tensor(t).type for t in (self.x, self.w, self.y)]
         return all(t == schema.TensorType.INT8 for t in types) and \
             ed.data(self.w) is not None and \
-            (self.bias < 0 or ed.data(self.bias) is not None) and \
-            self.activation in (_NONE, _RELU, _RELU6)
+            (self.bias < 0 or ed.data(self.bias) is not None)
+
+    def describe(self, ed, kind: str) -> ChainOp:
+        """The op in the fusion rule's terms (`dgst_tf.core.block_fusion_rule`)."""
+        multiplier = 1
+        if kind == "depthwise":  # TFLite depthwise weights are [1, kh, kw, C_in * multiplier]
+            in_channels = ed.shape(self.x)[3]
+            whole = self.w_shape[0] == 1 and self.w_shape[3] % in_channels == 0
+            multiplier = self.w_shape[3] // in_channels if whole else 0
+        return ChainOp(kind, (self.x, self.w) + ((self.bias,) if self.bias >= 0 else ()),
+                       self.y, kernel=tuple(self.w_shape[1:3]), strides=self.stride,
+                       dilation=self.dilation, depth_multiplier=multiplier,
+                       activation=_ACTIVATION_NAMES.get(self.activation,
+                                                        f"fused_{self.activation}"),
+                       int8=self.int8_ok(ed))
 
     def constants(self, ed: ModelEditor, channels: int, label: str) -> list:
         """[weights, requant]: the weight tensor and a new int32 [3, channels] constant whose
@@ -113,71 +133,61 @@ class _Stage:
         return activation_range(self.activation, float(scale[0]), int(zp[0]))
 
 
+def _describe(ed: ModelEditor, op) -> ChainOp:
+    kind = _KINDS.get(ed.builtin(op))
+    if kind is not None:
+        return _Stage(ed, op).describe(ed, kind)
+    return ChainOp("other", tuple(int(t) for t in op.inputs if t >= 0),
+                   int(op.outputs[0]) if len(op.outputs) else None)
+
+
+def fusable_chains_in(ed: ModelEditor, stop: int | None = None) -> list:
+    """``[(conv, depthwise, project), ...]``: operator indices of the chains among the first
+    ``stop`` ops that `fuse_blocks` would fuse (`dgst_tf.core.block_fusion_rule`).
+
+        fusable_chains_in(ModelEditor(read_tflite(path)[1]))   # [(0, 1, 2), ...]
+    """
+    sg = ed.subgraph
+    graph_io = {int(t) for t in list(sg.inputs) + list(sg.outputs)}
+    return fusable_chains([_describe(ed, op) for op in sg.operators], stop, graph_io)
+
+
+def _fused_op(ed: ModelEditor, conv: _Stage, dw: _Stage, proj: _Stage):
+    """The ``DGST_FUSED_BLOCK`` op that computes ``conv -> dw -> proj``."""
+    in_shape, mid_shape = ed.shape(conv.x), ed.shape(conv.y)
+    out_shape = ed.shape(dw.y)
+    label = ed.name(proj.y)
+    pads = [_padding(conv.op, in_shape[1 + k], mid_shape[1 + k], conv.w_shape[1 + k],
+                     conv.stride[k]) for k in range(2)]
+    dw_pads = [_padding(dw.op, mid_shape[1 + k], out_shape[1 + k], dw.w_shape[1 + k],
+                        dw.stride[k]) for k in range(2)]
+    zps = [int(ed.quantization(t)[1][0]) for t in (conv.x, conv.y, dw.y, proj.y)]
+    ranges = [v for s in (conv, dw, proj) for v in s.act_range(ed)]
+    inputs = [conv.x]
+    for stage, channels, name in ((conv, mid_shape[3], "conv"), (dw, mid_shape[3], "dw"),
+                                  (proj, ed.shape(proj.y)[3], "project")):
+        inputs += stage.constants(ed, channels, f"{label}/fused_{name}")
+    options = int32_options(mid_shape[1], mid_shape[2], *conv.stride, *pads, *dw.stride,
+                            *dw_pads, *zps, *ranges)
+    return ed.custom_op("DGST_FUSED_BLOCK", inputs, [proj.y], options)
+
+
 def fuse_blocks(ed: ModelEditor, stop: int | None = None) -> int:
     """Replace every CONV_2D -> DEPTHWISE_CONV_2D -> 1x1 CONV_2D chain among the first
     ``stop`` ops (all by default) whose intermediate tensors feed nothing else by one
-    ``DGST_FUSED_BLOCK``. Returns how many chains were fused. The caller must not hold op
-    indices across the call (the operator list shrinks)."""
+    ``DGST_FUSED_BLOCK`` (`fusable_chains_in`). Returns how many chains were fused. The
+    caller must not hold op indices across the call (the operator list shrinks)."""
     sg = ed.subgraph
     ops = list(sg.operators)
-    stop = len(ops) if stop is None else int(stop)
-    graph_io = {int(t) for t in list(sg.inputs) + list(sg.outputs)}
-    readers: dict[int, list] = {}
-    for i, op in enumerate(ops):
-        for t in op.inputs:
-            if t >= 0:
-                readers.setdefault(int(t), []).append(i)
-
-    def only_reader(tensor, kind):
-        users = readers.get(tensor, [])
-        if tensor in graph_io or len(users) != 1 or users[0] >= stop:
-            return None
-        j = users[0]
-        if ed.builtin(ops[j]) != kind or int(ops[j].inputs[0]) != tensor:
-            return None
-        return j
-
-    fused, replaced, dropped = 0, {}, set()
-    for a in range(stop):
-        if a in dropped or ed.builtin(ops[a]) != "CONV_2D":
-            continue
-        conv = _Stage(ed, ops[a])
-        b = only_reader(conv.y, "DEPTHWISE_CONV_2D")
-        if b is None:
-            continue
-        dw = _Stage(ed, ops[b])
-        c = only_reader(dw.y, "CONV_2D")
-        if c is None:
-            continue
-        proj = _Stage(ed, ops[c])
-        stages = (conv, dw, proj)
-        if any(s.dilated or not s.int8_ok(ed) for s in stages) or \
-                proj.w_shape[1:3] != (1, 1) or proj.stride != (1, 1) or \
-                dw.w_shape[0] != 1 or dw.w_shape[3] != conv.w_shape[0] or \
-                dw.w_shape[1] > _MAX_DW_H:
-            continue
-        in_shape, mid_shape = ed.shape(conv.x), ed.shape(conv.y)
-        out_shape = ed.shape(dw.y)
-        label = ed.name(proj.y)
-        pads = [_padding(conv.op, in_shape[1 + k], mid_shape[1 + k], conv.w_shape[1 + k],
-                         conv.stride[k]) for k in range(2)]
-        dw_pads = [_padding(dw.op, mid_shape[1 + k], out_shape[1 + k], dw.w_shape[1 + k],
-                            dw.stride[k]) for k in range(2)]
-        zps = [int(ed.quantization(t)[1][0]) for t in (conv.x, conv.y, dw.y, proj.y)]
-        ranges = [v for s in stages for v in s.act_range(ed)]
-        inputs = [conv.x]
-        for stage, channels, name in ((conv, mid_shape[3], "conv"), (dw, mid_shape[3], "dw"),
-                                      (proj, ed.shape(proj.y)[3], "project")):
-            inputs += stage.constants(ed, channels, f"{label}/fused_{name}")
-        options = int32_options(mid_shape[1], mid_shape[2], *conv.stride, *pads, *dw.stride,
-                                *dw_pads, *zps, *ranges)
-        replaced[a] = ed.custom_op("DGST_FUSED_BLOCK", inputs, [proj.y], options)
-        dropped |= {b, c}
-        fused += 1
-    if fused:
-        sg.operators = [replaced.get(i, op) for i, op in enumerate(ops) if i not in dropped]
-        ed.prune()
-    return fused
+    chains = fusable_chains_in(ed, stop)
+    if not chains:
+        return 0
+    replaced = {a: _fused_op(ed, *(_Stage(ed, ops[i]) for i in (a, b, c)))
+                for a, b, c in chains}
+    dropped = {i for _, b, c in chains for i in (b, c)}
+    sg.operators = [replaced.get(i, op) for i, op in enumerate(ops) if i not in dropped]
+    ed.prune()
+    return len(chains)
 
 
 def fuse_blocks_file(path, out_path) -> int:

@@ -1,10 +1,11 @@
 """Inference export: a tf-keras model -> a full-int8 `.tflite` for TensorFlow Lite Micro.
 
-Int8 deployment as in REFERENCE.md section 1: per-output-channel symmetric int8 weights,
-per-tensor int8 activations calibrated on representative data, int32 biases, int8 model
-input and output, batch 1. BatchNorm after a conv is folded by the converter when the model
-is not BN-folded already (`dgst_tf.fold_batchnorm` gives the same graph). Pruned models
-work as they are; TF-MOT pruning wrappers are stripped first. ::
+Int8 deployment as in Lin et al. 2022 ("On-Device Training Under 256KB Memory"):
+per-output-channel symmetric int8 weights, per-tensor int8 activations calibrated on
+representative data, int32 biases, int8 model input and output, batch 1. BatchNorm after a
+conv is folded by the converter when the model is not BN-folded already
+(`dgst_tf.fold_batchnorm` gives the same graph). Pruned models work as they are; TF-MOT
+pruning wrappers are stripped first. ::
 
     from dgst_tf.export import export_int8, quantize, run_tflm
 
@@ -22,9 +23,10 @@ import pathlib
 
 import numpy as np
 
-from dgst_tf.export.tflite_file import (TensorDetails, TfliteFileError, read_tflite, schema,
-                                        tensor_details, write_atomically)
+from dgst_tf.core.files import write_atomically
 from dgst_tf.core.keras_compat import require_keras2, tf
+from dgst_tf.export.tflite_file import (TensorDetails, TfliteFileError, read_tflite, schema,
+                                        tensor_details)
 
 __all__ = ["export_int8", "Int8Export", "Int8ExportError", "quantize", "dequantize",
            "reference_outputs", "DEFAULT_NUM_SAMPLES"]

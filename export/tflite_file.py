@@ -8,7 +8,7 @@ parse and the index ranges are checked here, with errors that name the file::
 
     data, model = read_tflite("model.tflite")   # bytes, schema ModelT (object API)
     print(tensor_details(model, model.subgraphs[0].inputs[0]))
-    write_atomically("copy.tflite", data)       # temp file + os.replace
+    write_atomically("copy.tflite", data)       # dgst_tf.core.files: temp file + os.replace
 
 The schema is the flatbuffer object API of ``ai_edge_litert.schema_py_generated`` (the same
 ``schema.fbs`` as TFLM's copy); importing it loads no interpreter library, so it is safe in a
@@ -20,10 +20,12 @@ import dataclasses
 import os
 import pathlib
 import struct
-import tempfile
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
+
+# one implementation of atomic writes for the whole project; refuses a missing folder
+from dgst_tf.core.files import write_atomically
 
 __all__ = ["TfliteFileError", "read_tflite", "write_atomically", "pack_model", "TensorDetails",
            "tensor_details", "numpy_dtype", "schema", "FILE_IDENTIFIER"]
@@ -199,32 +201,3 @@ def pack_model(model) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
     return bytes(builder.Output())
-
-
-def write_atomically(path, data: bytes) -> pathlib.Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and `os.replace`.
-
-    Readers never see a partial file, and nothing is left behind if writing fails.
-
-        write_atomically("model.tflite", data)
-    """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"write_atomically: {path} is a directory, expected a file path")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"write_atomically: folder {path.parent} of {path} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600; a model file is not secret
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path

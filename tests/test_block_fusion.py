@@ -3,16 +3,21 @@ computed row by row in one op. Oracle: the same graph with TFLM's builtin int8 o
 TFLite's reference kernels), bit for bit."""
 import numpy as np
 import pytest
+from small_models import residual_cnn
 
+from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
 from dgst_tf.core.bn_folding import fold_batchnorm
-from dgst_tf.export.block_fusion import activation_range, fuse_blocks_file, quantize_multiplier
+from dgst_tf.export.block_fusion import (activation_range, fusable_chains_in, fuse_blocks_file,
+                                        quantize_multiplier)
 from dgst_tf.export.inference import export_int8, reference_outputs
 from dgst_tf.export.tflite_builder import ModelBuilder
 from dgst_tf.export.tflite_file import read_tflite
+from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflm.ops_loader import host_ops
 from dgst_tf.export.tflm.runner import TflmError, run_tflm
 from dgst_tf.export.training import export_training, train_tflm
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.planning.memory import MemoryModel
 from dgst_tf.training.scheme import UpdateScheme
 
 L = keras.layers
@@ -136,3 +141,73 @@ def test_mobilenet_v2_035_lin_49kb_trains_within_256kb(tmp_path):
     assert info.manifest["fused_blocks"] == 12
     assert np.isfinite(run.losses).all()
     assert run.arena_bytes <= 256 * 1024, run.result.allocations
+
+
+def _chain_variants():
+    """One fusable chain and three that are not (a LeakyReLU after the depthwise, a strided
+    projection, a depthwise output with a second reader)."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu6", name="stem")(inp)
+    x = L.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw0")(x)
+    x = L.Conv2D(6, 1, name="proj0")(x)
+    y = L.Conv2D(12, 1, activation="relu", name="exp1")(x)
+    y = L.DepthwiseConv2D(3, padding="same", name="dw1")(y)
+    y = L.LeakyReLU(0.1, name="leaky1")(y)
+    x = L.Add(name="add1")([x, L.Conv2D(6, 1, name="proj1")(y)])
+    y = L.Conv2D(12, 1, activation="relu6", name="exp2")(x)
+    y = L.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw2")(y)
+    x = L.Conv2D(8, 1, strides=2, name="proj2")(y)
+    y = L.Conv2D(16, 1, activation="relu6", name="exp3")(x)
+    y = L.DepthwiseConv2D(3, padding="same", activation="relu6", name="dw3")(y)
+    z = L.Conv2D(8, 1, name="proj3")(y)
+    pooled = L.Concatenate(name="concat")([L.GlobalAveragePooling2D(name="pool_dw3")(y),
+                                           L.GlobalAveragePooling2D(name="pool_proj3")(z)])
+    return keras.Model(inp, L.Dense(3, name="fc")(pooled))
+
+
+@pytest.mark.parametrize("build, expected", [
+    (_chain_variants, [("stem", "dw0", "proj0")]),
+    (residual_cnn, [("expand", "depthwise", "project")])], ids=["variants", "residual_cnn"])
+def test_keras_and_tflite_chain_finders_agree(tmp_path, build, expected):
+    """The memory model (Keras graph) and the exporter (int8 .tflite) apply the same fusion
+    rule (dgst_tf.core.block_fusion_rule), so they find the same chains."""
+    model = build()
+    keras_chains = [tuple(step.layer.name for step in chain)
+                    for chain in MemoryModel(model).graph.fusable_chains()]
+    size = model.input_shape[1:]
+    export_int8(model, np.random.default_rng(0).uniform(-1, 1, (16, *size)).astype(np.float32),
+                tmp_path / "m.tflite")
+    ed = ModelEditor(read_tflite(tmp_path / "m.tflite")[1])
+    names = [layer.name for layer in model.layers]
+
+    def layer_of(op_index):  # the layer whose weights the op reads
+        weights = "/" + ed.name(ed.subgraph.operators[op_index].inputs[1]) + "/"
+        return next(n for n in names if f"/{n}/" in weights)
+    tflite_chains = [tuple(map(layer_of, chain)) for chain in fusable_chains_in(ed)]
+    assert keras_chains == tflite_chains == expected
+
+
+def test_fusion_rule_on_neutral_ops():
+    def chain(**changes):
+        ops = {"conv": ChainOp("conv", (0,), 1, kernel=(3, 3), strides=(2, 2),
+                               activation="relu6"),
+               "dw": ChainOp("depthwise", (1,), 2, kernel=(3, 3), activation="relu"),
+               "project": ChainOp("conv", (2, 9), 3)}
+        for key, fields in changes.items():
+            ops[key] = ChainOp(**{**ops[key].__dict__, **fields})
+        return fusable_chains(list(ops.values()), graph_io={0, 3})
+
+    assert chain() == [(0, 1, 2)]
+    for bad in [{"dw": {"activation": "leaky_relu"}}, {"dw": {"depth_multiplier": 2}},
+                {"dw": {"kernel": (17, 3)}}, {"project": {"strides": (2, 2)}},
+                {"project": {"kernel": (3, 3)}}, {"conv": {"dilation": (2, 2)}},
+                {"project": {"int8": False}}, {"dw": {"inputs": (9, 1)}},
+                {"project": {"inputs": (2, 1)}}]:
+        assert chain(**bad) == [], bad
+    assert chain(dw={"kernel": (16, 1)}) == [(0, 1, 2)]
+    extra_reader = [ChainOp("conv", (0,), 1), ChainOp("depthwise", (1,), 2),
+                    ChainOp("conv", (2,), 3), ChainOp("other", (1,), 4)]
+    assert fusable_chains(extra_reader) == [] and fusable_chains(extra_reader[:3]) == [(0, 1, 2)]
+    assert fusable_chains(extra_reader[:3], graph_io={1}) == []
+    assert fusable_chains(extra_reader[:3], stop=2) == []

@@ -135,3 +135,59 @@ def test_bad_scheme_file_is_a_clear_error(tmp_path, capsys):
                      "--scheme", str(tmp_path / "scheme.json")])
     assert code == 2
     assert "scheme.json" in capsys.readouterr().err
+
+
+def test_train_export_tflm_train_chain_connects(tmp_path, capsys):
+    """`dgst train --output-dir OUT && dgst export --from-train OUT && dgst tflm-train`: the
+    exported training step keeps exactly the channels training left selected."""
+    from dgst_tf.training.scheme import UpdateScheme
+
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    dataset = ["--dataset", "folder", "--data", str(data)]
+    assert cli.main(["train", *dataset, "--weights", "none", "--width", "0.35",
+                     "--image-size", "32", "--epochs", "1", "--method", "sparse_update",
+                     "--verbose", "0", "--output-dir", str(out)]) == 0, capsys.readouterr().err
+    assert f"--from-train {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.keras", "result.json", "scheme.json", "selection.json"]  # no temp files left
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["selection"] == "static" and selection["layers"]
+    assert UpdateScheme.load(out / "scheme.json").layers
+
+    tflite = out / "train.tflite"
+    assert cli.main(["export", "--from-train", str(out), *dataset,
+                     "--calibration-examples", "4", "--output", str(tflite)]) == 0, \
+        capsys.readouterr().err
+    manifest = json.loads((out / "train.json").read_text())
+    exported = {layer["name"]: layer["kept"] for layer in manifest["layers"]}
+    for name, saved in selection["layers"].items():
+        assert exported[name] == sorted(saved["kept"]), name
+
+    assert cli.main(["tflm-train", str(tflite), *dataset, "--steps", "4",
+                     "--test-examples", "4", "--output-dir", str(tmp_path / "tflm")]) == 0, \
+        capsys.readouterr().err
+    assert "loss" in capsys.readouterr().out
+    result = json.loads((tmp_path / "tflm" / "result.json").read_text())
+    assert result["steps"] == 4 and result["loss_first"] > 0 and result["loss_last"] > 0
+
+
+def test_export_from_a_folder_without_training_outputs_is_a_clear_error(tmp_path, capsys):
+    code = cli.main(["export", "--from-train", str(tmp_path), "--output",
+                     str(tmp_path / "train.tflite")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model.keras" in err and "dgst train" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--selection", "static", "--policy", "traversal"], "--policy"),
+    (["--selection", "dynamic", "--static-channels", "first"], "--static-channels"),
+    (["--selection-state", "s.json", "--static-channels", "first"], "not both"),
+])
+def test_export_rejects_contradicting_channel_selection_flags(tmp_path, capsys, flags,
+                                                              message):
+    code = cli.main(["export", "--weights", "none", "--output", str(tmp_path / "t.tflite"),
+                     *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err

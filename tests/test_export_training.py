@@ -254,3 +254,36 @@ def test_kept_weights_in_ram_is_exact_and_smaller(tmp_path):
     bad.write_text(json.dumps(manifest))
     with pytest.raises(TrainingManifestError, match=r"parameter entry .*'kept'"):
         initial_params(infos[0].path, manifest=bad)
+
+
+def test_the_training_subpackage_keeps_every_name_of_the_old_module():
+    import dgst_tf.export.training as training
+
+    old_names = ["export_training", "TrainingExport", "TrainingExportError",
+                 "TrainingManifestError", "train_tflm", "TrainingRun", "load_manifest",
+                 "write_inference_model", "initial_params", "run_inference_tflm",
+                 "manifest_path_for", "MANIFEST_FORMAT", "MANIFEST_VERSION"]
+    assert [name for name in old_names if getattr(training, name, None) is None] == []
+
+
+def test_magnitude_selection_is_the_reference_top_k_of_real_weights():
+    """The export's static "magnitude" choice is the NumPy reference's top-k (one oracle)."""
+    from dgst_tf.export.tflite_editor import ModelEditor
+    from dgst_tf.export.tflite_file import schema
+    from dgst_tf.export.training.plan import select_kept_channels
+    from dgst_tf.tflm_ops.reference import top_k_channels
+
+    rng = np.random.default_rng(3)
+    weights = rng.integers(-127, 128, (5, 3, 3, 8)).astype(np.int8)
+    scales = rng.uniform(0.01, 0.1, 5).astype(np.float32)
+    model = schema.ModelT()  # an empty graph holding just the conv kernel
+    model.subgraphs = [schema.SubGraphT()]
+    editor = ModelEditor(model)
+    w = editor.add_tensor("w", weights.shape, np.int8, data=weights, scale=scales)
+    op = schema.OperatorT()
+    op.inputs = [-1, w]
+    kept = select_kept_channels(editor, op, "conv", "conv", 3, "magnitude", "test")
+    real = weights.astype(np.float64) * scales.reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(kept, top_k_channels(real, 3))
+    norms = np.sqrt((real ** 2).sum(axis=(0, 1, 2)))
+    assert sorted(kept.tolist()) == sorted(np.argsort(-norms)[:3].tolist())

@@ -4,29 +4,12 @@ ctypes, against the NumPy reference (bit for bit) and against TensorFlow autodif
 The library is built by this test (`make -C tflm_ops host`); a missing compiler or a
 warning (-Werror) fails the test, it is never skipped.
 """
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
 from dgst_tf.core.keras_compat import tf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TFLM_OPS = os.path.join(ROOT, "tflm_ops")
-
-
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-R = _load("dgst_kernels_reference", os.path.join(TFLM_OPS, "reference.py"))
-H = _load("dgst_kernels_host", os.path.join(TFLM_OPS, "host.py"))
+from dgst_tf.tflm_ops import host as H
+from dgst_tf.tflm_ops import reference as R
 
 
 @pytest.fixture(scope="module")

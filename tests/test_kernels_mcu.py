@@ -3,7 +3,6 @@
 the firmware). arm-none-eabi-gcc and qemu-system-arm are required: CI installs them, so a
 missing tool fails these tests instead of skipping them.
 """
-import importlib.util
 import os
 import re
 import shutil
@@ -20,15 +19,9 @@ QEMU_FLAGS = ["-nographic", "-semihosting", "-icount", "shift=6,align=off,sleep=
 LINE = re.compile(r"DGST case=(\S+) kernel=(\S+) instructions=(\d+) macs=(\d+) stack=(\d+) "
                   r"elements=(\d+) status=(\S+)")
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from dgst_tf.tflm_ops import host as H  # noqa: E402  (test_kernels_mcu_real imports H)
 
-
-H = _load("dgst_kernels_host", os.path.join(TFLM_OPS, "host.py"))
+GEN_VECTORS = [sys.executable, "-m", "dgst_tf.tflm_ops.mcu.gen_vectors"]
 KERNELS = {"conv2d_weight_grad_s8", "conv2d_weight_grad_s8_ref", "depthwise_weight_grad_s8",
            "bias_grad_s8", "conv2d_input_grad_s8", "depthwise_input_grad_s8", "build_mask_s8",
            "apply_mask_f32", "quantize_grad_s8", "softmax_xent_grad", "sgd_qas_update_conv_s8",
@@ -129,8 +122,7 @@ def test_gen_vectors_takes_real_tensors_from_npz(tmp_path):
     npz = tmp_path / "real.npz"
     np.savez(npz, **{"b3_project/dy": dy, "fc/logits": logits, "fc/label": np.int32(7)})
     out = tmp_path / "vectors.h"
-    script = os.path.join(TFLM_OPS, "mcu", "gen_vectors.py")
-    proc = subprocess.run([sys.executable, script, "--npz", str(npz), "--out", str(out)],
+    proc = subprocess.run(GEN_VECTORS + ["--npz", str(npz), "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
@@ -138,6 +130,6 @@ def test_gen_vectors_takes_real_tensors_from_npz(tmp_path):
     assert "5, -7, 9, 11, -13, 15, 17, -19, 21, 23" in text
     assert re.search(r'check_softmax\("fc", \w+, 10, [^,]+, -3, 7,', text)
     np.savez(npz, **{"b3_project/dy": dy[:8]})
-    proc = subprocess.run([sys.executable, script, "--npz", str(npz), "--out", str(out)],
+    proc = subprocess.run(GEN_VECTORS + ["--npz", str(npz), "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "the layer needs (16, 16, 16)" in proc.stderr

@@ -1,8 +1,8 @@
 """One real training step on the MCU: the tail of the ImageNet-pretrained MobileNetV2-1.0
 (classifier, head conv, block 16 project / depthwise / expand; real weights, saved
 activations of a real image, the loss gradient flowing backward) exported by
-tflm_ops/real_vectors.py, turned into firmware vectors by gen_vectors.py, run in QEMU on
-Cortex-M7 (mps2-an500) and Cortex-M4 (mps2-an386) and checked bit for bit against
+dgst_tf.tflm_ops.real_vectors, turned into firmware vectors by dgst_tf.tflm_ops.mcu.gen_vectors,
+run in QEMU on Cortex-M7 (mps2-an500) and Cortex-M4 (mps2-an386) and checked bit for bit against
 reference.py. arm-none-eabi-gcc, qemu-system-arm and the offline ImageNet weights are
 required (CI installs them): missing ones fail these tests.
 
@@ -21,14 +21,15 @@ import tempfile
 import numpy as np
 import pytest
 
-from test_kernels_mcu import H, QEMU_FLAGS, parse, require_tools
+from test_kernels_mcu import GEN_VECTORS, H, QEMU_FLAGS, parse, require_tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TFLM_OPS = os.path.join(ROOT, "tflm_ops")
-SOURCES = [os.path.join(TFLM_OPS, "real_vectors.py"),
-           os.path.join(TFLM_OPS, "mcu", "gen_vectors.py"), os.path.join(TFLM_OPS, "reference.py"),
+SOURCES = [os.path.join(TFLM_OPS, "real_vectors.py"), os.path.join(TFLM_OPS, "real_step.py"),
+           os.path.join(TFLM_OPS, "reference.py"),
+           os.path.join(ROOT, "dgst_tf", "core", "geometry.py"),
            os.path.join(ROOT, "dgst_tf", "models", "mobilenet_v2.py"),
-           os.path.join(ROOT, "dgst_tf", "bn_folding.py")]
+           os.path.join(ROOT, "dgst_tf", "core", "bn_folding.py")]
 pytestmark = pytest.mark.slow
 LAYERS = ["classifier", "head_conv", "block_16_project", "block_16_depthwise", "block_16_expand"]
 SIZE = 96
@@ -56,11 +57,11 @@ def real_npz():
 
 
 def _export(path):
-    """tflm_ops/real_vectors.py in a subprocess (TensorFlow, one thread; about 10 s)."""
+    """python -m dgst_tf.tflm_ops.real_vectors (TensorFlow, one thread; about 10 s)."""
     env = dict(os.environ, TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1",
                OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, os.path.join(TFLM_OPS, "real_vectors.py"),
-                           "--out", path, "--image", "chelsea", "--image-size", str(SIZE)],
+    proc = subprocess.run([sys.executable, "-m", "dgst_tf.tflm_ops.real_vectors", "--out", path,
+                           "--image", "chelsea", "--image-size", str(SIZE)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"real_vectors.py failed:\n{proc.stderr[-3000:]}"
 
@@ -157,8 +158,7 @@ def test_real_firmware_fits_the_stm32f746_budget(real_firmware):
 
 def test_gen_vectors_reads_the_real_format_and_checks_it(real_npz, tmp_path):
     """--list prints the real layers; a wrong shape or a missing key is refused."""
-    script = os.path.join(TFLM_OPS, "mcu", "gen_vectors.py")
-    proc = subprocess.run([sys.executable, script, "--npz", real_npz, "--list"],
+    proc = subprocess.run(GEN_VECTORS + ["--npz", real_npz, "--list"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert [line.split()[0] for line in proc.stdout.splitlines()] == LAYERS
@@ -166,11 +166,11 @@ def test_gen_vectors_reads_the_real_format_and_checks_it(real_npz, tmp_path):
     bad = tmp_path / "bad.npz"
     z["block_16_depthwise/y"] = z["block_16_depthwise/y"][:2]
     np.savez(bad, **z)
-    proc = subprocess.run([sys.executable, script, "--npz", str(bad), "--out",
-                           str(tmp_path / "v.h")], capture_output=True, text=True)
+    proc = subprocess.run(GEN_VECTORS + ["--npz", str(bad), "--out",
+                                         str(tmp_path / "v.h")], capture_output=True, text=True)
     assert proc.returncode != 0 and "block_16_depthwise/y: shape (2, 3, 960)" in proc.stderr
     del z["block_16_depthwise/y"]
     np.savez(bad, **z)
-    proc = subprocess.run([sys.executable, script, "--npz", str(bad), "--out",
-                           str(tmp_path / "v.h")], capture_output=True, text=True)
+    proc = subprocess.run(GEN_VECTORS + ["--npz", str(bad), "--out",
+                                         str(tmp_path / "v.h")], capture_output=True, text=True)
     assert proc.returncode != 0 and "missing keys ['y']" in proc.stderr

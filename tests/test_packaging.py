@@ -27,7 +27,11 @@ def test_wheel_holds_the_exporter_subpackages_and_the_tflm_library(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("dgst_tf/export/__init__.py", "dgst_tf/export/inference.py",
                      "dgst_tf/pruning/__init__.py", "dgst_tf/data/__init__.py",
-                     "dgst_tf/models/__init__.py", "dgst_tf/export/_lib/libdgst_tflm_ops.so"):
+                     "dgst_tf/models/__init__.py", "dgst_tf/export/_lib/libdgst_tflm_ops.so",
+                     "dgst_tf/core/__init__.py", "dgst_tf/training/__init__.py",
+                     "dgst_tf/planning/__init__.py", "dgst_tf/jobs/__init__.py",
+                     "dgst_tf/cli/__init__.py", "dgst_tf/export/tflm/runner.py",
+                     "dgst_tf/export/tflm/_child.py", "dgst_tf/tflm_ops/reference.py"):
         assert expected in names, f"{expected} missing from {wheel.name}"
     assert not any(n.startswith("export/") for n in names), "export/ must install as dgst_tf.export"
 
@@ -46,5 +50,5 @@ def test_installed_copy_imports_outside_the_checkout_and_finds_its_library(wheel
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     package_dir, library = proc.stdout.split()[-2:]
-    assert pathlib.Path(package_dir) == site / "dgst_tf" / "export"
+    assert pathlib.Path(package_dir) == site / "dgst_tf" / "export" / "tflm"
     assert pathlib.Path(library) == site / "dgst_tf" / "export" / "_lib" / "libdgst_tflm_ops.so"

@@ -15,7 +15,7 @@ from dgst_tf.pruning import (ActivationPattern, BatchNormScale, DependencyGraph,
                              prune_while_training, remove_channels, select_groups,
                              sparsity_for_budget, stored_bytes, with_activation_patterns,
                              zeroed_groups)
-from dgst_tf.pruning.structured import _kept_count
+from dgst_tf.pruning.group_selection import _kept_count
 
 from small_models import batch, residual_cnn
 
@@ -142,6 +142,25 @@ def test_unsupported_layer_error_names_layer_and_class(bad):
     with pytest.raises(UnsupportedLayerError) as err:
         DependencyGraph(keras.Model(inp, out))
     assert all(e in str(err.value) for e in expected)
+
+
+def test_transposed_conv_is_unsupported_not_misgrouped():
+    # Conv2DTranspose subclasses Conv2D but its kernel is (kh, kw, out, in)
+    inp = keras.Input((4, 4, 2))
+    x = L.Conv2DTranspose(3, 1, name="my_up")(inp)
+    out = L.Dense(2)(L.Flatten()(x))
+    with pytest.raises(UnsupportedLayerError) as err:
+        DependencyGraph(keras.Model(inp, out))
+    assert "'my_up'" in str(err.value) and "Conv2DTranspose" in str(err.value)
+
+
+def test_random_group_importance_is_distinct_from_channel_selection():
+    from dgst_tf.pruning import RandomGroupImportance, RandomImportance, get_group_importance
+    from dgst_tf.training import channel_importance
+
+    assert RandomImportance is RandomGroupImportance          # the old public name
+    assert isinstance(get_group_importance("random"), RandomGroupImportance)
+    assert RandomGroupImportance is not channel_importance.RandomImportance
 
 
 # -------------------------------------------------------------------- removal

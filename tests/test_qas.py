@@ -1,4 +1,5 @@
-"""The int8 training graph and Quantization-Aware Scaling (REFERENCE section 3)."""
+"""The int8 training graph and Quantization-Aware Scaling (Lin et al. 2022, "On-Device Training
+Under 256KB Memory")."""
 import numpy as np
 import pytest
 from small_models import residual_cnn

@@ -82,3 +82,61 @@ def test_stage_aware_scheme_freezes_front_stages(mbv2):
             assert mbv2.get_layer(name).kernel_size == (1, 1)
     with pytest.raises(SchemeError, match="stage 9 outside"):
         UpdateScheme.stage_aware(mbv2, {9: 0.5})
+
+
+def test_channel_counts_round_trip_and_old_json_still_loads(tmp_path):
+    scheme = UpdateScheme({"expand": {"mode": "weights", "ratio": 0.25, "channels": 3},
+                           "project": 0.5})
+    assert scheme.update_for("expand") == LayerUpdate("weights", 0.25, 3)
+    assert scheme.get_config()["layers"]["expand"]["channels"] == 3
+    assert "channels" not in scheme.get_config()["layers"]["project"]  # old format unchanged
+    scheme.save(tmp_path / "s.json")
+    assert UpdateScheme.load(tmp_path / "s.json") == scheme
+    old = {"name": "old", "layers": {"expand": {"mode": "weights", "ratio": 0.25}}}
+    assert UpdateScheme.from_config(old).update_for("expand").channels is None
+
+
+def test_kept_channels_prefers_the_stored_count_and_accepts_a_bare_ratio():
+    from dgst_tf.core.geometry import channels_for_ratio
+    from dgst_tf.core.layer_kinds import input_channels
+    from dgst_tf.training.scheme import kept_channels
+
+    model = residual_cnn()
+    layer = model.get_layer("expand")
+    channels = input_channels(layer)
+    assert kept_channels(layer, 0.5) == channels_for_ratio(0.5, channels)
+    assert kept_channels(layer, LayerUpdate("weights", 0.5)) == channels_for_ratio(0.5, channels)
+    assert kept_channels(layer, LayerUpdate("weights", 0.5, 1)) == 1
+    assert kept_channels(layer, LayerUpdate("bias")) == 0
+    scheme = UpdateScheme({"expand": {"mode": "weights", "ratio": 1.0, "channels": 1}})
+    assert scheme.kept_channels(layer) == 1
+    assert scheme.kept_channels(model.get_layer("project")) == 0
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"mode": "weights", "ratio": 0.5, "channels": 0}, "channels must be a whole number >= 1"),
+    ({"mode": "weights", "ratio": 0.5, "channels": 2.5}, "channels must be a whole number"),
+    ({"mode": "bias", "channels": 2}, "channels only apply to a weight update"),
+    ({"mode": "weights", "ratio": 0.5, "channels": 10_000}, "keeps 10000 channels but has only"),
+])
+def test_invalid_channel_counts_name_the_layer(update, message):
+    with pytest.raises(SchemeError, match=f"'expand'.*{message}"):
+        UpdateScheme({"expand": update}).validate(residual_cnn())
+
+
+@pytest.mark.parametrize("target", [0.005, 0.02, 0.1])
+def test_target_fraction_stores_the_channel_counts_the_ratios_gave(mbv2, target):
+    """Whole counts in the scheme: the same counts as rounding the stored ratio back."""
+    from dgst_tf.core.geometry import channels_for_ratio
+    from dgst_tf.core.layer_kinds import input_channels
+    from dgst_tf.training.sparse_model import SparseUpdateModel
+
+    model = fold_batchnorm(mbv2)
+    expands = [l.name for l in conv_layers(model) if l.name.endswith("_expand")][-8:]
+    scheme = UpdateScheme.for_target_fraction(model, expands, target=target)
+    sparse = SparseUpdateModel(model, scheme, fold_bn=False)
+    for name in expands:
+        update, layer = scheme.update_for(name), model.get_layer(name)
+        assert update.channels == channels_for_ratio(update.ratio, input_channels(layer))
+        assert sparse.selection.specs[name] == (input_channels(layer), update.channels)
+    assert UpdateScheme.from_config(json.loads(json.dumps(scheme.get_config()))) == scheme

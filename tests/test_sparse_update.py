@@ -336,3 +336,14 @@ def test_dilated_convolutions_get_exact_sparse_gradients(depthwise):
     np.testing.assert_allclose(tf.gather(dk, selection, axis=2),
                                tf.gather(rk, selection, axis=2), atol=1e-5)
     assert not np.any(np.delete(dk.numpy(), [0, 2], axis=2))
+
+
+def test_training_imports_neither_pruning_nor_tf_mot():
+    import subprocess
+    import sys
+
+    code = ("import sys, dgst_tf.training.sparse_model, dgst_tf.training.methods, "
+            "dgst_tf.training.qas, dgst_tf.training.activation_patterns; "
+            "bad = [m for m in sys.modules if m.startswith(('dgst_tf.pruning', "
+            "'tensorflow_model_optimization'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

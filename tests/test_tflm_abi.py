@@ -14,7 +14,7 @@ from dgst_tf.export.tflm import ops_loader as tflm_ops_loader
 from dgst_tf.export.tflm.abi_check import (LAYOUT_FIELDS, check_abi, exported_symbols,
                                            undefined_tflm_symbols)
 
-# What dgst_tflm_abi.h declares (ENVIRONMENT.md, "TensorFlow Lite Micro (host)").
+# The layout tflm_ops/tflm/dgst_tflm_abi.h declares (TFLMRegistration, resolver records).
 DOCUMENTED_LAYOUT = {
     "registration_size": 56, "free": 8, "prepare": 16, "invoke": 24, "reset": 32,
     "builtin_code": 40, "custom_name": 48, "resolver_records": 8,

@@ -5,8 +5,6 @@ DGST_CONV2D_WEIGHT_GRAD / DGST_SGD_QAS_UPDATE) in the pip interpreter, against
 tflm_ops/reference.py (bit for bit) and TensorFlow autodiff of the same computation.
 """
 import dataclasses
-import importlib.util
-import os
 import shutil
 
 import numpy as np
@@ -17,12 +15,7 @@ from dgst_tf.export.tflm.abi_check import check_abi
 from dgst_tf.export.tflm.ops_loader import OPS, host_ops
 from dgst_tf.export.tflm.runner import TflmError, run_tflm
 from dgst_tf.core.keras_compat import tf
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    "dgst_train_reference", os.path.join(ROOT, "tflm_ops", "reference.py"))
-R = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(R)
+from dgst_tf.tflm_ops import reference as R
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,11 @@
 
 ``build()`` runs ``make host`` (gcc; raises if the compiler or the build fails) and
 ``Kernels(path)`` wraps build/host/libdgst_train_kernels.so with NumPy-in, NumPy-out
-functions named like reference.py's. Plain module: imports only NumPy and the standard
-library (load it by path, like reference.py).
+functions named like reference.py's. Imports only NumPy and the standard library.
+
+    from dgst_tf.tflm_ops import host
+
+    kernels = host.Kernels(host.build())
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The tensors of one real training step, for the MCU firmware (``gen_vectors.py --npz``).
+"""The tensors of one real training step, for the MCU firmware (``gen_vectors --npz``).
 
-    python tflm_ops/real_vectors.py --out build/real_step.npz [--image-size 96] [--ratio 0.02]
+    python -m dgst_tf.tflm_ops.real_vectors --out build/real_step.npz [--image-size 96] \
+        [--ratio 0.02]
     make -C tflm_ops vectors mcu run-qemu NPZ=$PWD/tflm_ops/build/real_step.npz
 
 Takes the ImageNet-pretrained MobileNetV2-1.0 of ``dgst_tf.models.mobilenet_v2`` (torchvision
@@ -20,24 +21,30 @@ a 1x1 conv on the globally pooled 1x1x1280 features), ``head_conv`` (1x1, 320 ->
 ReLU6), and the last inverted-residual block ``block_16_project`` (960 -> 320, linear),
 ``block_16_depthwise`` (3x3, 960, ReLU6), ``block_16_expand`` (160 -> 960, ReLU6). The
 backward chain itself (softmax cross-entropy gradient of the int8 logits, masks,
-quantization, input gradients) is computed by ``mcu/gen_vectors.py`` with ``reference.py``,
-bit-exact with the C; this module also compares that int8 chain with TensorFlow's float
-gradient of the same loss (cosine per layer, stored as ``info/cosine/<layer>``).
+quantization, input gradients) is `real_step.backward` on the NumPy reference, bit-exact with
+the C (the firmware checks of ``mcu/real_cases.py``); this module also compares that int8
+chain with TensorFlow's float gradient of the same loss (cosine per layer, stored as
+``info/cosine/<layer>``). The .npz keys are those of `real_step`.
 
-Imports TensorFlow and dgst_tf (host only; the firmware never sees them).
+Imports TensorFlow and dgst_tf (host only, inside the functions; the firmware never sees them).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import io
 import os
 import sys
 import time
 
 import numpy as np
 
+from dgst_tf.core.files import write_atomically
+from dgst_tf.core.geometry import channels_for_ratio
+from dgst_tf.tflm_ops import real_step
+from dgst_tf.tflm_ops import reference as R
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-FORMAT = "dgst-real-step-1"
+FORMAT = real_step.FORMAT
 RELU6_SCALE, RELU6_ZP = np.float32(6.0 / 255.0), -128
 CAT = 3  # CIFAR-10 "cat"
 # (layer, input tensor, output tensor (after the activation), ReLU6 follows)
@@ -48,23 +55,9 @@ TAIL = (("classifier", "global_pool", "classifier", False),
         ("block_16_expand", "block_15_add", "block_16_expand_relu", True))
 
 
-def _load(name: str, path: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def gen_vectors():
-    return _load("dgst_gen_vectors", os.path.join(HERE, "mcu", "gen_vectors.py"))
-
-
 # ----------------------------------------------------------------------------- quantization
 def _round(x):
-    return gen_vectors().R.round_half_away(np.asarray(x, np.float64))
+    return R.round_half_away(np.asarray(x, np.float64))
 
 
 def quantize_relu6(x: np.ndarray) -> np.ndarray:
@@ -144,7 +137,6 @@ def build_model(size: int, seed: int = 0):
 
 
 def _geometry(layer, in_shape):
-    R = gen_vectors().R
     if type(layer).__name__ == "Dense":
         return R.Geometry.conv(1, 1, 1)
     kh, kw = layer.kernel_size
@@ -154,42 +146,48 @@ def _geometry(layer, in_shape):
 
 def export(size: int = 96, ratio: float = 0.02, lr: float = 0.05, cifar10: bool = False,
            seed: int = 0) -> dict:
-    """The REAL_FORMAT arrays (a dict for np.savez)."""
-    tf = _tf()
-    gv = gen_vectors()
+    """The `real_step` arrays (a dict for np.savez)."""
+    _tf()  # one thread each, before the model is built
     folded = build_model(size, seed)
     image, label, source = load_image(size, cifar10)
-    from dgst_tf.models.mobilenet_v2 import preprocess_input
-    x_in = preprocess_input(image[None])
-    names = sorted({t for _, i, o, _ in TAIL for t in (i, o)} | {"block_16_expand",
-                                                                  "block_16_depthwise"})
-    from dgst_tf.core.keras_compat import keras
-    probe = keras.Model(folded.input, [folded.get_layer(n).output for n in names])
-    acts = dict(zip(names, (np.asarray(a)[0] for a in probe(x_in, training=False))))
-
+    acts = _activations(folded, image)
     out = {"meta/format": np.array(FORMAT), "meta/label": np.int32(label),
            "meta/ratio": np.float32(ratio), "meta/lr": np.float32(lr),
            "info/model": np.array(f"MobileNetV2-1.0 ImageNet (torchvision), BN folded, "
                                   f"{size}x{size} input, 10 classes"),
            "info/image": np.array(source)}
-    quantized = {}  # tensor name -> (q, scale, zp)
+    out.update(_quantized_tail(folded, acts))
+    out.update(_compare_with_float(out, folded, acts, label, ratio))
+    return out
+
+
+def _activations(folded, image) -> dict:
+    """The float activations of the TAIL tensors (and the block 16 pre-activations)."""
+    from dgst_tf.core.keras_compat import keras
+    from dgst_tf.models.mobilenet_v2 import preprocess_input
+    x_in = preprocess_input(image[None])
+    names = sorted({t for _, i, o, _ in TAIL for t in (i, o)} | {"block_16_expand",
+                                                                  "block_16_depthwise"})
+    probe = keras.Model(folded.input, [folded.get_layer(n).output for n in names])
+    return dict(zip(names, (np.asarray(a)[0] for a in probe(x_in, training=False))))
+
+
+def _quantized_tail(folded, acts: dict) -> dict:
+    """The int8 layers of TAIL (``<layer>/...`` keys, ``meta/layers``, ``meta/logits*``)."""
+    out, quantized = {}, {}  # tensor name -> (q, scale, zp), shared by producer and consumer
 
     def act(name, relu6):
         if name not in quantized:
             a = acts[name]
-            if relu6:
-                quantized[name] = (quantize_relu6(a), RELU6_SCALE, RELU6_ZP)
-            else:
-                quantized[name] = quantize_linear(a)
+            quantized[name] = ((quantize_relu6(a), RELU6_SCALE, RELU6_ZP) if relu6
+                               else quantize_linear(a))
         return quantized[name]
 
-    order = []
     for name, x_name, y_name, relu6 in TAIL:
         layer = folded.get_layer(name)
         kind = {"Dense": "dense", "DepthwiseConv2D": "depthwise"}.get(type(layer).__name__,
                                                                        "conv")
-        x_relu6 = x_name.endswith("_relu") or x_name == "global_pool"
-        xq, xs, xzp = act(x_name, x_relu6)
+        xq, xs, xzp = act(x_name, x_name.endswith("_relu") or x_name == "global_pool")
         yq, ys, yzp = act(y_name, relu6)
         if kind == "dense":
             xq, yq = xq.reshape(1, 1, -1), yq.reshape(1, 1, -1)
@@ -198,37 +196,38 @@ def export(size: int = 96, ratio: float = 0.02, lr: float = 0.05, cifar10: bool 
         bias = weights[1] if len(weights) > 1 else np.zeros(kernel.shape[-1] if kind != "depthwise"
                                                             else kernel.shape[2])
         w, ws = quantize_weights(kernel, kind)
-        g = _geometry(layer, xq.shape)
         p = name + "/"
         out.update({p + "kind": np.array("depthwise" if kind == "depthwise" else "conv"),
-                    p + "geometry": np.array(g.astuple(), np.int32), p + "x": xq,
-                    p + "x_zero_point": np.int32(xzp), p + "x_scale": np.float32(xs),
+                    p + "geometry": np.array(_geometry(layer, xq.shape).astuple(), np.int32),
+                    p + "x": xq, p + "x_zero_point": np.int32(xzp), p + "x_scale": np.float32(xs),
                     p + "w": w, p + "weight_scale": ws,
                     p + "bias": quantize_bias(bias, ws, xs), p + "y": yq,
                     p + "y_zero_point": np.int32(yzp), p + "y_hi": np.int32(127),
                     p + "relu6": np.int32(relu6)})
-        order.append(name)
-    out["meta/layers"] = np.array(order)
+    out["meta/layers"] = np.array([name for name, _, _, _ in TAIL])
     lq, ls, lzp = quantized["classifier"]
     out.update({"meta/logits": lq.reshape(-1), "meta/logits_scale": np.float32(ls),
                 "meta/logits_zero_point": np.int32(lzp)})
+    return out
 
-    # The int8 chain (what the firmware checks) against TensorFlow's float gradient.
-    tensors = gv.Tensors(0)
-    tensors.real = out
-    layers = gv.real_layers(tensors)
-    loss, _, steps = gv.real_backward(layers, out["meta/logits"], float(ls), int(lzp), label)
+
+def _compare_with_float(out: dict, folded, acts: dict, label: int, ratio: float) -> dict:
+    """``info/`` keys: the int8 chain (what the firmware checks) against TensorFlow's float
+    gradient (losses, cosine per layer) and each layer's kept channels at ``ratio``."""
+    layers = real_step.read_layers(out)
+    loss, _, steps = real_step.backward(layers, out["meta/logits"],
+                                        float(out["meta/logits_scale"]),
+                                        int(out["meta/logits_zero_point"]), label)
     tf_grads = _tf_output_gradients(folded, acts["block_15_add"], label)
-    out["info/loss_int8"] = np.float32(loss)
-    out["info/loss_float"] = np.float32(tf_grads.pop("loss"))
+    info = {"info/loss_int8": np.float32(loss), "info/loss_float": np.float32(tf_grads["loss"])}
     for L, st in zip(layers, steps):
         ref = tf_grads[L["name"]].reshape(-1).astype(np.float64)
         got = st["dy"].reshape(-1).astype(np.float64) * st["dy_scale"]
         cos = float(ref @ got / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
-        out[f"info/cosine/{L['name']}"] = np.float32(cos)
-        out[f"info/kept/{L['name']}"] = gv.R.top_k_channels(
-            L["w"], gv.k_of(ratio, L["c_in"]), depthwise=L["kind"] == "depthwise")
-    return out
+        info[f"info/cosine/{L['name']}"] = np.float32(cos)
+        info[f"info/kept/{L['name']}"] = R.top_k_channels(
+            L["w"], channels_for_ratio(ratio, L["c_in"]), depthwise=L["kind"] == "depthwise")
+    return info
 
 
 def _tf_output_gradients(folded, block_15_out: np.ndarray, label: int) -> dict:
@@ -261,10 +260,10 @@ def _tf_output_gradients(folded, block_15_out: np.ndarray, label: int) -> dict:
 
 
 def write(path: str, arrays: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"  # atomic, also with parallel writers
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """``arrays`` as an .npz at ``path``, atomically (parent folders made)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomically(path, buffer.getvalue(), make_parents=True)
     return path
 
 

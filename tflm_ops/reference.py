@@ -1,5 +1,11 @@
 """NumPy reference of the dgst-tf training kernels (tflm_ops/core/dgst_train_kernels.h).
 
+    from dgst_tf.tflm_ops import reference as R
+
+    g = R.Geometry.conv(16, 16, 3, stride=2)            # TFLite SAME geometry
+    kept = R.top_k_channels(w, k=4)                     # channels by weight L2 norm
+    grad = R.conv2d_weight_grad(g, x[..., kept], -128, dy)
+
 Each function computes exactly what the C core computes, in the same float32 order where
 floats are involved, so that the C results can be compared bit for bit (the one exception
 is the softmax, whose ``expf``/``logf`` differ between C libraries: compare it within a
@@ -7,13 +13,21 @@ tolerance). Layouts follow TFLite: activations ``[H, W, C]`` (batch 1), Conv2D f
 OHWI ``[C_out, K_h, K_w, C_in]``, depthwise filters ``[1, K_h, K_w, C]`` (or
 ``[K_h, K_w, C]``).
 
-Plain module: imports only NumPy (not TFLM, not TensorFlow, not dgst_tf), so tests and the
-MCU vector generator load it by path.
-"""
+The chain is intentional: the Keras training step (dgst_tf.training, float, TensorFlow
+autodiff) is the model of the algorithm; this module restates it in the int8 arithmetic of
+the device and is the single oracle of the C kernels (tests/test_kernels_host.py,
+tests/test_tflm_train_ops.py and the firmware vectors of mcu/gen_vectors.py compare the C
+with it bit for bit; the tests also compare it with TensorFlow's float gradients). The C is
+never compared with Keras directly, so a kernel change is checked against one definition.
 
+Imports only NumPy and the TensorFlow-free `dgst_tf.core.geometry`: the MCU vector
+generator and the tests use it without TensorFlow.
+"""
 import dataclasses
 
 import numpy as np
+
+from dgst_tf.core.geometry import conv_axis
 
 F32 = np.float32
 
@@ -47,17 +61,10 @@ class Geometry:
         kernel_w = kernel_h if kernel_w is None else kernel_w
         sh, sw = (stride, stride) if np.isscalar(stride) else stride
         dh, dw = (dilation, dilation) if np.isscalar(dilation) else dilation
-        eff_h, eff_w = (kernel_h - 1) * dh + 1, (kernel_w - 1) * dw + 1
-        if padding.lower() == "same":
-            out_h, out_w = -(-in_h // sh), -(-in_w // sw)
-            pad_h = max((out_h - 1) * sh + eff_h - in_h, 0)
-            pad_w = max((out_w - 1) * sw + eff_w - in_w, 0)
-            return cls(in_h, in_w, out_h, out_w, kernel_h, kernel_w, sh, sw, dh, dw,
-                       pad_h // 2, pad_w // 2)
-        if padding.lower() == "valid":
-            return cls(in_h, in_w, (in_h - eff_h) // sh + 1, (in_w - eff_w) // sw + 1,
-                       kernel_h, kernel_w, sh, sw, dh, dw, 0, 0)
-        raise ValueError(f"padding must be 'same' or 'valid', got {padding!r}")
+        rows = conv_axis(in_h, kernel_h, sh, dh, padding)
+        cols = conv_axis(in_w, kernel_w, sw, dw, padding)
+        return cls(in_h, in_w, rows.out, cols.out, kernel_h, kernel_w, sh, sw, dh, dw,
+                   rows.before, cols.before)
 
     def astuple(self) -> tuple:
         return tuple(int(getattr(self, f)) for f in GEOMETRY_FIELDS)
@@ -77,6 +84,20 @@ class Geometry:
         iy = slice(iy0, iy0 + (oy[1] - oy[0] - 1) * self.stride_h + 1, self.stride_h)
         ix = slice(ix0, ix0 + (ox[1] - ox[0] - 1) * self.stride_w + 1, self.stride_w)
         return slice(*oy), slice(*ox), iy, ix
+
+    def taps_inside(self):
+        """``(i, j, (oy, ox, iy, ix))`` of every tap that reads inside the image, in (i, j)
+        order (the kernels' summation order); taps that only read padding are left out.
+
+        >>> g = Geometry(in_h=1, in_w=1, out_h=1, out_w=1, kernel_h=3, kernel_w=1, pad_top=1)
+        >>> [(i, j) for i, j, _ in g.taps_inside()]
+        [(1, 0)]
+        """
+        for i in range(self.kernel_h):
+            for j in range(self.kernel_w):
+                rect = self.tap_rect(i, j)
+                if rect is not None:
+                    yield i, j, rect
 
 
 def _out_range(tap_offset: int, stride: int, in_size: int, out_size: int) -> tuple[int, int]:
@@ -110,13 +131,8 @@ def conv2d_weight_grad(g: Geometry, x_kept: np.ndarray, x_zero_point: int,
     x = x_kept.astype(np.int64) - int(x_zero_point)
     d = dy.astype(np.int64)
     grad = np.zeros((dy.shape[-1], g.kernel_h, g.kernel_w, x.shape[-1]), np.int64)
-    for i in range(g.kernel_h):
-        for j in range(g.kernel_w):
-            rect = g.tap_rect(i, j)
-            if rect is None:
-                continue
-            oy, ox, iy, ix = rect
-            grad[:, i, j, :] = np.einsum("hwo,hwc->oc", d[oy, ox], x[iy, ix])
+    for i, j, (oy, ox, iy, ix) in g.taps_inside():
+        grad[:, i, j, :] = np.einsum("hwo,hwc->oc", d[oy, ox], x[iy, ix])
     return _to_int32(grad)
 
 
@@ -127,12 +143,8 @@ def depthwise_weight_grad(g: Geometry, x_kept: np.ndarray, kept, x_zero_point: i
     x = x_kept.astype(np.int64) - int(x_zero_point)
     d = dy.astype(np.int64)[:, :, kept]
     grad = np.zeros((g.kernel_h, g.kernel_w, len(kept)), np.int64)
-    for i in range(g.kernel_h):
-        for j in range(g.kernel_w):
-            rect = g.tap_rect(i, j)
-            if rect is not None:
-                oy, ox, iy, ix = rect
-                grad[i, j] = (d[oy, ox] * x[iy, ix]).sum(axis=(0, 1))
+    for i, j, (oy, ox, iy, ix) in g.taps_inside():
+        grad[i, j] = (d[oy, ox] * x[iy, ix]).sum(axis=(0, 1))
     return _to_int32(grad)
 
 
@@ -149,16 +161,11 @@ def conv2d_input_grad(g: Geometry, dy: np.ndarray, dy_scale: float, w: np.ndarra
     dx = np.zeros((g.in_h, g.in_w, c_in), F32)
     dyf = dy.astype(F32)
     wf_all = w.astype(F32)
-    for i in range(g.kernel_h):
-        for j in range(g.kernel_w):
-            rect = g.tap_rect(i, j)
-            if rect is None:
-                continue
-            oy, ox, iy, ix = rect
-            acc = dx[iy, ix]  # a view: updated in place
-            for o in range(c_out):
-                wf = ws[o] * wf_all[o, i, j]  # float32 [C_in]
-                acc += wf[None, None, :] * dyf[oy, ox, o][:, :, None]
+    for i, j, (oy, ox, iy, ix) in g.taps_inside():
+        acc = dx[iy, ix]  # a view: updated in place
+        for o in range(c_out):
+            wf = ws[o] * wf_all[o, i, j]  # float32 [C_in]
+            acc += wf[None, None, :] * dyf[oy, ox, o][:, :, None]
     return (F32(dy_scale) * dx).astype(F32)
 
 
@@ -168,12 +175,8 @@ def depthwise_input_grad(g: Geometry, dy: np.ndarray, dy_scale: float, w: np.nda
     w = _dw_filter(w).astype(np.int64)
     acc = np.zeros((g.in_h, g.in_w, dy.shape[-1]), np.int64)
     d = dy.astype(np.int64)
-    for i in range(g.kernel_h):
-        for j in range(g.kernel_w):
-            rect = g.tap_rect(i, j)
-            if rect is not None:
-                oy, ox, iy, ix = rect
-                acc[iy, ix] += d[oy, ox] * w[i, j]
+    for i, j, (oy, ox, iy, ix) in g.taps_inside():
+        acc[iy, ix] += d[oy, ox] * w[i, j]
     acc = _to_int32(acc)
     return (F32(dy_scale) * (np.asarray(weight_scale, F32) * acc.astype(F32))).astype(F32)
 
@@ -393,7 +396,15 @@ def _to_int32(a: np.ndarray) -> np.ndarray:
 
 
 def top_k_channels(w: np.ndarray, k: int, depthwise: bool = False) -> np.ndarray:
-    """The k input channels with the largest L2 norm of ``W[:, :, c, :]`` (sorted)."""
+    """The k input channels with the largest L2 norm of their weights, sorted (the static
+    selection of Lin et al. 2022, "On-Device Training Under 256KB Memory"). ``w``: OHWI (input
+    channels last; the norm runs over every other axis) or, with ``depthwise``,
+    ``[1, K_h, K_w, C]`` / ``[K_h, K_w, C]``. Ties go to the lower index.
+
+        top_k_channels(w, 4)  # array([ 3,  7, 12, 40], dtype=int32)
+
+    This is the one NumPy implementation (the exporter and the firmware vectors use it).
+    """
     w = np.asarray(w, np.float64)
     norms = (np.sqrt((_dw_filter(w) ** 2).sum(axis=(0, 1))) if depthwise
              else np.sqrt((w ** 2).sum(axis=(0, 1, 2))))
@@ -403,10 +414,6 @@ def top_k_channels(w: np.ndarray, k: int, depthwise: bool = False) -> np.ndarray
 def macs_weight_grad(g: Geometry, k: int, c_out: int, depthwise: bool = False) -> int:
     """Multiply-accumulates of a weight gradient (taps inside the image only)."""
     total = 0
-    for i in range(g.kernel_h):
-        for j in range(g.kernel_w):
-            rect = g.tap_rect(i, j)
-            if rect is not None:
-                oy, ox = rect[0], rect[1]
-                total += (oy.stop - oy.start) * (ox.stop - ox.start)
+    for _, _, (oy, ox, _, _) in g.taps_inside():
+        total += (oy.stop - oy.start) * (ox.stop - ox.start)
     return total * k * (1 if depthwise else c_out)

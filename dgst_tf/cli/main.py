@@ -2,9 +2,11 @@
 
     dgst info                 versions, data, weights, TFLM and QEMU availability
     dgst train [options]      adapt the pretrained model to a dataset (the main job)
+                              (--output-dir OUT: model, scheme, selection for export)
     dgst plan [options]       choose an update scheme that fits a memory budget
     dgst prune [options]      structured channel pruning to a flash budget (TF-MOT)
     dgst export [options]     write the model as a TFLM training step (.tflite + .json) or int8 model
+                              (--from-train OUT: the model `dgst train` adapted)
     dgst tflm-train MODEL     run N training steps in TFLM: loss, accuracy, arena bytes
 """
 import argparse
@@ -13,29 +15,26 @@ import sys
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from dgst_tf.jobs.adapt import DATASETS, AdaptConfig
+    from dgst_tf.cli.common_args import SELECTION_HELP, SELECTIONS, add_dataset_arguments
+    from dgst_tf.jobs.adapt import AdaptConfig
     from dgst_tf.training.methods import METHODS
 
     defaults = AdaptConfig()
-    parser.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
-                        help="fashion_mnist (offline default, Debian dataset-fashion-mnist), "
-                             "cifar10 (../shared/datasets, $DGST_CIFAR10 or --data), or an "
-                             "image folder with train/ and test/ (--data)")
-    parser.add_argument("--data", dest="data_path", default=None,
-                        help="dataset location (folder or cifar10-jpeg.tar.gz)")
+    add_dataset_arguments(parser, default=defaults.dataset)
     parser.add_argument("--width", type=float, default=defaults.width)
     parser.add_argument("--image-size", type=int, default=defaults.image_size)
     parser.add_argument("--weights", default=defaults.weights,
                         help="imagenet (offline torchvision checkpoint), keras-imagenet "
                              "(downloads), none, or a .pth/.npz path")
     parser.add_argument("--method", choices=METHODS, default=defaults.method,
-                        help="what a step updates (see dgst_tf.training.methods)")
+                        help="training method: what a step updates and how it picks "
+                             "channels (see dgst_tf.training.methods)")
     parser.add_argument("--target-fraction", type=float, default=defaults.target_fraction,
                         help="fraction of conv weights updated per step (sparse methods)")
     parser.add_argument("--scheme", dest="scheme_path", default=None,
                         help="an UpdateScheme JSON file (from `dgst plan`); overrides --method")
-    parser.add_argument("--selection", choices=("dynamic", "static"), default="dynamic",
-                        help="channel choice with --scheme: DGSU (dynamic) or Lin (static)")
+    parser.add_argument("--selection", choices=SELECTIONS, default=defaults.selection,
+                        help=SELECTION_HELP + " (with --scheme; a --method brings its own)")
     parser.add_argument("--train-examples", type=int, default=defaults.train_examples,
                         help="use this many training images (0 = all)")
     parser.add_argument("--test-examples", type=int, default=defaults.test_examples,
@@ -50,7 +49,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SRAM budget of one training step, e.g. 256KB: fail before "
                              "training if the scheme needs more")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--output-dir", default=None, help="write result.json here")
+    parser.add_argument("--output-dir", default=None,
+                        help="write result.json and, for `dgst export --from-train`, the "
+                             "adapted model.keras, scheme.json and selection.json here")
     parser.add_argument("--backup-dir", default=None,
                         help="save model, optimizer and selection state after every epoch; "
                              "rerunning the same command resumes from the last finished one")
@@ -94,6 +95,12 @@ def _cmd_train(args) -> int:
     if memory["whole_kernels_in_sram"]:
         print("               dynamic selection: the whole kernels of the updated layers sit in "
               "SRAM (the chosen channels change every step); `dgst plan` finds schemes that fit")
+    if args.output_dir:
+        from dgst_tf.jobs.train_outputs import TrainOutputs
+
+        out = TrainOutputs(args.output_dir)
+        print(f"wrote          {out.model}, {out.scheme.name}, {out.selection.name}, "
+              f"{out.result.name} (export them: dgst export --from-train {out.folder})")
     return 0
 
 

@@ -2,7 +2,8 @@
 
     dgst plan --model mobilenet_v2 --width 0.35 --image-size 128 --budget 256KB
     dgst plan --width 1.0 --image-size 96 --budget 99KB --memory extra_memory \
-        --contributions measured --dataset cifar10 --output scheme.json
+        --contributions measured --dataset cifar10 --search evolutionary --output scheme.json
+    dgst plan --budget 256KB --selection dynamic    # DGSU: whole kernels stay in SRAM
 
 Prints the chosen scheme, its memory breakdown and dense vs sparse; writes the scheme
 JSON (`UpdateScheme.save`) that ``dgst train --scheme`` and `SparseUpdateModel` take.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from dgst_tf.cli.common_args import SELECTION_HELP, SELECTIONS, add_dataset_arguments
 from dgst_tf.cli.model_args import add_model_arguments, model_from_args
 
 
@@ -37,23 +39,24 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     memory.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"))
     memory.add_argument("--inplace-depthwise", action="store_true",
                         help="the runtime computes depthwise convs in place (tinyengine)")
-    memory.add_argument("--fused-blocks", action="store_true",
+    memory.add_argument("--fused-blocks", action=argparse.BooleanOptionalAction,
+                        default=False,
                         help="frozen conv -> depthwise -> 1x1 chains run row by row (the "
-                             "training export's DGST_FUSED_BLOCK)")
-    memory.add_argument("--dynamic-selection", action="store_true",
-                        help="channels change every step (DGSU): whole kernels in SRAM")
+                             "training export's DGST_FUSED_BLOCK; default off here)")
+    memory.add_argument("--selection", choices=SELECTIONS, default="static",
+                        help=SELECTION_HELP + "; dynamic keeps whole kernels in SRAM "
+                             "(default static)")
     search = plan.add_argument_group("search")
     search.add_argument("--contributions", default="analytic",
                         choices=("analytic", "measured"),
                         help="analytic: instant proxy (later layers gain more); measured: "
                              "short fine-tuning runs on --dataset (cached)")
-    search.add_argument("--method", default="evolutionary", choices=("evolutionary", "random"))
+    search.add_argument("--search", default="evolutionary", choices=("evolutionary", "random"),
+                        help="the search algorithm over schemes")
     search.add_argument("--evaluations", type=int, default=2000)
     search.add_argument("--seed", type=int, default=0)
     data = plan.add_argument_group("data (measured contributions)")
-    data.add_argument("--dataset", default="cifar10", choices=("cifar10", "fashion_mnist"))
-    data.add_argument("--data", dest="data_path", default=None,
-                      help="dataset folder or archive (default: the offline locations)")
+    add_dataset_arguments(data, default="cifar10", purpose="measured contributions")
     data.add_argument("--train-examples", type=int, default=400)
     data.add_argument("--validation-examples", type=int, default=200)
     data.add_argument("--steps", type=int, default=50, help="SGD steps per fine-tuning run")
@@ -74,13 +77,12 @@ def _measured_table(args, model):
     from dgst_tf.planning.contribution import FineTuneSettings, measure_contributions
 
     runtime.limit_threads()
-    load = data.cifar10 if args.dataset == "cifar10" else data.fashion_mnist
     common = dict(path=args.data_path, image_size=(args.image_size, args.image_size),
                   preprocessing="torch", seed=args.seed, validation_split=0.2)
-    train = load("train", batch_size=args.batch_size, limit=args.train_examples,
-                 subset="training", **common)
-    val = load("train", batch_size=64, limit=args.validation_examples, subset="validation",
-               **common)
+    train = data.load(args.dataset, "train", batch_size=args.batch_size,
+                      limit=args.train_examples, subset="training", **common)
+    val = data.load(args.dataset, "train", batch_size=64, limit=args.validation_examples,
+                    subset="validation", **common)
     settings = FineTuneSettings(steps=args.steps, batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, seed=args.seed)
     return measure_contributions(model, train, val, settings=settings)
@@ -98,7 +100,7 @@ def run_plan(args) -> int:
     memory_model = MemoryModel(model, (args.image_size, args.image_size, 3),
                                gradient_bytes=args.gradient_bytes, optimizer=args.optimizer,
                                inplace_depthwise=args.inplace_depthwise,
-                               full_weights_in_sram=args.dynamic_selection,
+                               full_weights_in_sram=args.selection == "dynamic",
                                fused_blocks=args.fused_blocks)
     if args.contributions == "measured":
         table = _measured_table(args, model)
@@ -110,7 +112,7 @@ def run_plan(args) -> int:
           f"; contributions {table.source}"
           + (" (proxy: later layers gain more)" if table.source == "analytic" else ""))
     result = search_scheme(model, table, budget, accounting=args.accounting,
-                           method=args.method, evaluations=args.evaluations, seed=args.seed,
+                           method=args.search, evaluations=args.evaluations, seed=args.seed,
                            memory_model=memory_model)
     result.scheme.name = f"plan_{args.budget}"
     print(f"scheme    {result.describe()}")
@@ -122,15 +124,17 @@ def run_plan(args) -> int:
     print(report.table())
     result.scheme.save(args.output)
     print(f"wrote     {args.output}  (train with: dgst train --scheme {args.output} "
-          f"--width {args.width:g} --image-size {args.image_size})")
+          f"--selection {args.selection} --width {args.width:g} --image-size {args.image_size})")
     if args.chart:
         from dgst_tf.planning.memory_report import plot_memory
 
         print(f"wrote     {plot_memory(report, args.chart)}")
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump({"search": result.to_dict(), "memory": report.to_dict(),
-                       "contributions": table.to_dict()}, f, indent=2, default=str)
+        from dgst_tf.core.files import write_atomically
+
+        payload = {"search": result.to_dict(), "memory": report.to_dict(),
+                   "contributions": table.to_dict()}
+        write_atomically(args.report, json.dumps(payload, indent=2, default=str) + "\n")
         print(f"wrote     {args.report}")
     return 0
 

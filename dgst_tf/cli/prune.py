@@ -13,11 +13,10 @@ fine-tuning; use it for sizes only).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import tempfile
 import time
 
+from dgst_tf.cli.common_args import add_dataset_arguments
 from dgst_tf.cli.model_args import add_model_arguments, model_from_args
 
 
@@ -47,10 +46,8 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     target.add_argument("--exclude", nargs="*", default=[],
                         help="layers whose output channels are never pruned")
     data = prune.add_argument_group("fine-tuning data")
-    data.add_argument("--dataset", default="cifar10",
-                      choices=("cifar10", "fashion_mnist", "folder", "none"))
-    data.add_argument("--data", dest="data_path", default=None,
-                      help="dataset folder or archive (default: the offline locations)")
+    add_dataset_arguments(data, default="cifar10", extra=("none",),
+                          purpose="fine-tuning data (none: prune without data)")
     data.add_argument("--train-examples", type=int, default=4000, help="0 = all")
     data.add_argument("--test-examples", type=int, default=2000, help="0 = all")
     data.add_argument("--epochs", type=int, default=2,
@@ -81,25 +78,6 @@ def _load_data(args):
     return load_splits(config)
 
 
-def save_model_atomically(model, path) -> pathlib.Path:
-    """Save a tf-keras model to ``path`` (.h5 or .keras) through a temporary file, so an
-    interrupted run never leaves a half-written model."""
-    path = pathlib.Path(path)
-    if path.suffix not in (".h5", ".keras"):
-        raise ValueError(f"--output {str(path)!r}: use a .h5 or .keras file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        model.save(tmp, save_format="h5" if path.suffix == ".h5" else None)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _row(name, fp, accuracy=None) -> str:
     act = "-" if fp.activation_peak_bytes is None else f"{fp.activation_peak_bytes / 1024:.1f}"
     acc = "-" if accuracy is None else f"{100 * accuracy:.2f}%"
@@ -107,21 +85,61 @@ def _row(name, fp, accuracy=None) -> str:
             f"{fp.macs / 1e6:>10.1f}{acc:>10}")
 
 
+def _prune(args, model, graph, sparsity, options, train):
+    """(pruned model, how): fine-tuned while TF-MOT masks channel groups, or one-shot."""
+    from dgst_tf.core.keras_compat import keras
+    from dgst_tf.pruning import prune_while_training, remove_channels, select_groups
+
+    if args.dataset != "none" and args.epochs > 0:
+        steps = train.steps_per_epoch
+        schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate,
+                                                          steps * args.epochs)
+        result = prune_while_training(
+            model, train.dataset, sparsity, epochs=args.epochs, steps_per_epoch=steps,
+            optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
+            ramp_fraction=args.ramp_fraction, importance=args.importance,
+            verbose=args.verbose, **options)
+        how = f"fine-tuned {args.epochs} epochs on {train.num_examples} {args.dataset} images"
+        return result.model, how
+    removed = select_groups(model, sparsity, importance=args.importance, graph=graph,
+                            **options)
+    small = remove_channels(model, removed, graph, name=f"{model.name}_pruned")
+    return small, "one-shot (no fine-tuning)"
+
+
+def _accuracy(model, test):
+    from dgst_tf.core.keras_compat import keras
+
+    if test is None:
+        return None
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return float(model.evaluate(test.dataset, verbose=0)[1])
+
+
+def _sparsity(args, model, graph, budget, options):
+    """(family sparsity, how it was chosen): --sparsity, or the smallest that fits."""
+    from dgst_tf.pruning import sparsity_for_budget
+
+    if args.sparsity is not None:
+        return float(args.sparsity), f"--sparsity {float(args.sparsity):g}"
+    sparsity, _ = sparsity_for_budget(model, budget, graph, **options)
+    return sparsity, f"smallest that fits {args.flash_budget} ({budget} bytes)"
+
+
 def run_prune(args) -> int:
     """Run ``dgst prune`` from parsed arguments (0 on success)."""
     from dgst_tf.core import runtime
-    from dgst_tf.jobs.adapt import write_json_atomically
+    from dgst_tf.models.model_file import MODEL_SUFFIXES, save_model_atomically
     from dgst_tf.planning.budget import parse_budget
-    from dgst_tf.core.keras_compat import keras
-    from dgst_tf.pruning import (DependencyGraph, footprint, prune_while_training,
-                                 reduction, remove_channels, select_groups,
-                                 sparsity_for_budget)
+    from dgst_tf.pruning import DependencyGraph, footprint, reduction
 
     runtime.limit_threads()
     runtime.seed_everything(args.seed)
-    use_data = args.dataset != "none" and args.epochs > 0
     if args.epochs < 0:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
+    if pathlib.Path(args.output).suffix not in MODEL_SUFFIXES:
+        raise ValueError(f"--output {args.output!r}: use a .h5 or .keras file name")
     train = test = None
     if args.dataset != "none":
         train, test = _load_data(args)
@@ -133,38 +151,14 @@ def run_prune(args) -> int:
     budget = parse_budget(args.flash_budget)
     options = dict(exclude=args.exclude, round_to=args.round_to,
                    min_channels=args.min_channels)
-    if args.sparsity is not None:
-        sparsity = float(args.sparsity)
-        how = f"--sparsity {sparsity:g}"
-    else:
-        sparsity, _ = sparsity_for_budget(model, budget, graph, **options)
-        how = f"smallest that fits {args.flash_budget} ({budget} bytes)"
+    sparsity, how = _sparsity(args, model, graph, budget, options)
     print(f"model     {description}: {model.name}, input {'x'.join(map(str, shape))}, "
           f"{len(graph.groups())} prunable channel groups in {len(graph.families())} families")
     print(f"sparsity  {sparsity:.4f} of every family ({how}), importance {args.importance}")
     start = time.time()
-    if use_data:
-        steps = train.steps_per_epoch
-        schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate,
-                                                          steps * args.epochs)
-        result = prune_while_training(
-            model, train.dataset, sparsity, epochs=args.epochs, steps_per_epoch=steps,
-            optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
-            ramp_fraction=args.ramp_fraction, importance=args.importance,
-            verbose=args.verbose, **options)
-        small = result.model
-        how = f"fine-tuned {args.epochs} epochs on {train.num_examples} {args.dataset} images"
-    else:
-        removed = select_groups(model, sparsity, importance=args.importance, graph=graph,
-                                **options)
-        small = remove_channels(model, removed, graph, name=f"{model.name}_pruned")
-        how = "one-shot (no fine-tuning)"
+    small, how = _prune(args, model, graph, sparsity, options, train)
     after = footprint(small)
-    accuracy = None
-    if test is not None:
-        small.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
-        accuracy = float(small.evaluate(test.dataset, verbose=0)[1])
+    accuracy = _accuracy(small, test)
     print(f"pruned    {how} in {time.time() - start:.0f} s")
     print(f"{'':<9}{'parameters':>12}{'flash KB':>12}{'act. peak KB':>14}{'MMACs':>10}"
           f"{'accuracy':>10}")
@@ -180,13 +174,22 @@ def run_prune(args) -> int:
     path = save_model_atomically(small, args.output)
     print(f"wrote     {path}")
     if args.report:
-        write_json_atomically(pathlib.Path(args.report), {
+        from dgst_tf.core.files import write_json_atomically
+
+        write_json_atomically(args.report, {
             "model": description, "sparsity": sparsity, "importance": args.importance,
             "flash_budget_bytes": budget, "fits": fits, "before": before.as_dict(),
             "after": after.as_dict(), "reduction": saved, "test_accuracy": accuracy,
             "training": how, "output": str(path)})
         print(f"wrote     {args.report}")
     return 0
+
+
+def save_model_atomically(model, path):
+    """`dgst_tf.models.model_file.save_model_atomically` (its old import path)."""
+    from dgst_tf.models.model_file import save_model_atomically as save
+
+    return save(model, path)
 
 
 __all__ = ["add_prune_parser", "run_prune", "save_model_atomically"]

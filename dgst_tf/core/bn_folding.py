@@ -12,8 +12,9 @@ import numpy as np
 
 from dgst_tf.core.graph import check_functional, consumers, producers, rebuild
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.core.layer_kinds import WEIGHT_TYPES, is_depthwise, kind_of
 
-FOLDABLE = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+FOLDABLE = WEIGHT_TYPES  # the layer kinds a BN folds into (`dgst_tf.core.layer_kinds`)
 
 
 def _bn_scale_shift(bn: keras.layers.BatchNormalization):
@@ -32,7 +33,7 @@ def folded_weights(layer, bn) -> tuple[np.ndarray, np.ndarray]:
     bias = (layer.get_weights()[1].astype(np.float64) if layer.use_bias
             else np.zeros(bn.moving_mean.shape[0]))
     scale, shift = _bn_scale_shift(bn)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
+    if is_depthwise(layer):
         k, _, channels, multiplier = kernel.shape
         kernel = kernel * scale.reshape(channels, multiplier)
     else:
@@ -51,7 +52,7 @@ def foldable_pairs(model: keras.Model) -> dict[str, str]:
             continue
         conv = model.get_layer(inputs[layer.name][0])
         axis = layer.axis[0] if isinstance(layer.axis, (list, tuple)) else layer.axis
-        if (isinstance(conv, FOLDABLE) and readers[conv.name] == [layer.name]
+        if (kind_of(conv) is not None and readers[conv.name] == [layer.name]
                 and axis in (-1, len(layer.input_shape) - 1)):
             pairs[layer.name] = conv.name
     return pairs

@@ -12,6 +12,13 @@ Every stage asks this table instead of writing its own ``isinstance`` checks:
 
 Order matters: tf-keras' ``DepthwiseConv2D`` subclasses ``Conv2D``, so the most specific kind
 comes first.
+
+A stage that needs its own per-kind fact (which TensorFlow op to call, say) keeps a small
+registry keyed by these kinds, like TF-MOT's quantize registry, instead of an ``isinstance``
+chain::
+
+    SPARSE_OPS = {CONV2D: sparse_conv2d, DEPTHWISE: sparse_depthwise_conv2d, DENSE: sparse_dense}
+    op = SPARSE_OPS[kind_of(layer)]
 """
 from __future__ import annotations
 
@@ -22,8 +29,8 @@ from dgst_tf.core.keras_compat import keras
 
 __all__ = ["LayerKind", "KINDS", "CONV2D", "DEPTHWISE", "DENSE", "CONV_TYPES",
            "WEIGHT_TYPES", "UNSUPPORTED_CONV_TYPES", "kind_of", "is_conv", "is_depthwise",
-           "is_dense", "kernel_of", "input_channels", "weights_per_channel",
-           "channels_for_ratio"]
+           "is_dense", "is_pointwise", "is_unsupported_conv", "kernel_of", "input_channels",
+           "weights_per_channel", "channels_for_ratio"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +66,7 @@ UNSUPPORTED_CONV_TYPES = (keras.layers.Conv2DTranspose, keras.layers.SeparableCo
 
 def kind_of(layer) -> LayerKind | None:
     """The layer's kind, or None for layers without trainable kernels we support."""
-    if isinstance(layer, UNSUPPORTED_CONV_TYPES):
+    if is_unsupported_conv(layer):
         return None
     for kind in KINDS:
         if isinstance(layer, kind.keras_type):
@@ -79,6 +86,16 @@ def is_depthwise(layer) -> bool:
 
 def is_dense(layer) -> bool:
     return kind_of(layer) is DENSE
+
+
+def is_pointwise(layer) -> bool:
+    """A 1x1 Conv2D (MobileNetV2's expansion and projection convs), not a depthwise one."""
+    return kind_of(layer) is CONV2D and tuple(layer.kernel_size) == (1, 1)
+
+
+def is_unsupported_conv(layer) -> bool:
+    """A convolution dgst-tf does not train (Conv2DTranspose, SeparableConv2D, 1D/3D)."""
+    return isinstance(layer, UNSUPPORTED_CONV_TYPES)
 
 
 def _kind(layer) -> LayerKind:

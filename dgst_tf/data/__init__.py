@@ -15,6 +15,7 @@ knows ``num_examples``, ``class_names``, ``num_classes`` and ``steps_per_epoch``
 
     fmnist = data.fashion_mnist("test", batch_size=1)        # Debian's IDX files
     flowers = data.image_folder("~/flowers", image_size=model)  # <root>/<class>/*.jpg
+    split = data.load("cifar10", "test", limit=100)          # by name: data.DATASETS
 
 Offline by default: CIFAR-10 comes from a local image-folder tree or
 ``cifar10-jpeg.tar.gz`` (see :func:`find_cifar10`), Fashion-MNIST from
@@ -42,8 +43,10 @@ from dgst_tf.data._pipeline import (
     DatasetSplit,
     preprocess,
 )
+from dgst_tf.data._registry import DATASETS, LOADERS, load, load_arrays
 
 __all__ = [
+    "DATASETS", "LOADERS", "load", "load_arrays",
     "CIFAR10_CLASSES", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS",
     "TORCH_MEAN", "TORCH_STD",
     "DatasetFormatError", "DatasetNotFoundError", "DatasetSplit", "cifar10",

@@ -4,30 +4,31 @@ Batch size 1, plain SGD, only what the training method updates (`dgst_tf.trainin
 default DGSU at 2% of conv weights per step), then held-out accuracy, the fraction of conv
 weights updated per step, their coverage, the SRAM the trained parameters take as int8,
 and the analytic int8 memory of one training step (`dgst_tf.planning.memory`; with ``budget`` the
-run stops before the first step if the step would not fit).
+run stops before the first step if the step would not fit). With ``output_dir`` it writes
+the adapted model, its scheme and channel selection next to ``result.json``
+(`dgst_tf.jobs.train_outputs`), ready for `dgst export --from-train`.
 
     from dgst_tf.jobs.adapt import AdaptConfig, run
     result = run(AdaptConfig(dataset="fashion_mnist", train_examples=500, epochs=1))
     print(result["test_accuracy"])
 """
 import dataclasses
-import json
-import os
-import pathlib
-import tempfile
 import time
 
 from dgst_tf import data, models
 from dgst_tf.core import runtime
-from dgst_tf.planning.budget import MemoryBudget
+from dgst_tf.core.files import write_json_atomically  # noqa: F401  (its old import path)
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.core.layer_kinds import kernel_of
+from dgst_tf.jobs.train_outputs import save_train_outputs, selection_mode
+from dgst_tf.planning.budget import MemoryBudget
 from dgst_tf.planning.memory import training_memory
 from dgst_tf.training.methods import METHODS, build_method
-from dgst_tf.training.scheme import UpdateScheme, kernel_of
+from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 from dgst_tf.training.sparse_model import SparseUpdateModel
 
-DATASETS = ("fashion_mnist", "cifar10", "folder")
+DATASETS = data.DATASETS
 
 
 @dataclasses.dataclass
@@ -71,20 +72,16 @@ class AdaptConfig:
 def load_splits(config: AdaptConfig):
     """(train, test) `data.DatasetSplit`s for the config, preprocessed for the model."""
     common = dict(
+        path=config.data_path,
         image_size=(config.image_size, config.image_size),
         batch_size=config.batch_size,
         preprocessing=models.preprocessing_for(config.weights),
         seed=config.seed,
     )
-    if config.dataset == "fashion_mnist":
-        load = lambda split, **kw: data.fashion_mnist(split=split, path=config.data_path, **kw)  # noqa: E731
-    elif config.dataset == "cifar10":
-        load = lambda split, **kw: data.cifar10(split=split, path=config.data_path, **kw)  # noqa: E731
-    else:
-        load = lambda split, **kw: data.image_folder(  # noqa: E731
-            os.path.join(config.data_path, split), **kw)
-    train = load("train", limit=config.train_examples, augment=False, shuffle=True, **common)
-    test = load("test", limit=config.test_examples, shuffle=False, **common)
+    train = data.load(config.dataset, "train", limit=config.train_examples, augment=False,
+                      shuffle=True, **common)
+    test = data.load(config.dataset, "test", limit=config.test_examples, shuffle=False,
+                     **common)
     return train, test
 
 
@@ -113,7 +110,7 @@ def build_model(config: AdaptConfig, num_classes: int):
 
 def _dynamic(callbacks) -> bool:
     """Channels change every step: the whole kernel of an updated layer sits in SRAM."""
-    return any(isinstance(c, DynamicChannelSelection) for c in callbacks)
+    return selection_mode(callbacks) == "dynamic"
 
 
 def training_memory_summary(sparse: SparseUpdateModel, callbacks, image_size: int) -> dict:
@@ -145,11 +142,8 @@ def trained_parameter_sram(sparse: SparseUpdateModel) -> dict:
     return {"trainable_parameters": weights + biases, "sram_bytes": weights + 4 * biases}
 
 
-def run(config: AdaptConfig, verbose: int = 1) -> dict:
-    """Fine-tune, evaluate and (if ``config.output_dir``) write ``result.json``."""
-    runtime.seed_everything(config.seed)
-    train, test = load_splits(config)
-    model, callbacks = build_model(config, len(train.class_names))
+def _fit(model, callbacks, train, config: AdaptConfig, verbose: int):
+    """Compile with the on-device optimizer and fit; (history, seconds)."""
     model.compile(
         optimizer=keras.optimizers.SGD(config.learning_rate),  # the on-device optimizer
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -160,7 +154,16 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
     start = time.time()
     history = model.fit(train.dataset, epochs=config.epochs, verbose=verbose,
                         callbacks=callbacks)
-    train_seconds = time.time() - start
+    return history, time.time() - start
+
+
+def run(config: AdaptConfig, verbose: int = 1) -> dict:
+    """Fine-tune, evaluate and (if ``config.output_dir``) write ``result.json`` with the
+    adapted model, scheme and selection state beside it (`save_train_outputs`)."""
+    runtime.seed_everything(config.seed)
+    train, test = load_splits(config)
+    model, callbacks = build_model(config, len(train.class_names))
+    history, train_seconds = _fit(model, callbacks, train, config, verbose)
     _, test_accuracy = model.evaluate(test.dataset, verbose=0)
     result = {
         "config": dataclasses.asdict(config),
@@ -175,18 +178,5 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
         "memory": training_memory_summary(model, callbacks, config.image_size),
     }
     if config.output_dir:
-        write_json_atomically(pathlib.Path(config.output_dir) / "result.json", result)
+        save_train_outputs(config.output_dir, model, callbacks, result)
     return result
-
-
-def write_json_atomically(path: pathlib.Path, payload: dict) -> None:
-    """Write JSON so that an interrupted run never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -14,6 +14,7 @@ from dgst_tf.models.mobilenet_v2 import (
     preprocess_input,
     preprocessing_for,
 )
+from dgst_tf.models.model_file import save_model_atomically
 from dgst_tf.models.torch_checkpoint import load_state_dict
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "TORCH_PREPROCESSING",
     "TF_PREPROCESSING",
     "load_state_dict",
+    "save_model_atomically",
     "imagenet_weights_available",
     "IMAGENET_CLASS_NAMES",
     "IMAGENET_CAT_CLASSES",

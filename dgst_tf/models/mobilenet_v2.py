@@ -22,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
 from dgst_tf.core import runtime
+from dgst_tf.core.files import write_atomically
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.models.torch_checkpoint import load_state_dict
 
@@ -299,14 +300,9 @@ def _check_sha256_prefix(path: pathlib.Path) -> None:
 def _save_npz_atomically(weights: dict[str, list[np.ndarray]], path: pathlib.Path) -> None:
     arrays = {f"{layer}/{i}": a for layer, values in weights.items()
               for i, a in enumerate(values)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomically(path, buffer.getvalue())
 
 
 def _load_npz(path: pathlib.Path) -> dict[str, list[np.ndarray]]:

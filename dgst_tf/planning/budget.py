@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.planning.memory import KB, MemoryModel, MemoryReport, kb
+from dgst_tf.planning.memory import MemoryModel
+from dgst_tf.planning.memory_report import KB, MemoryReport, kb
 
 ACCOUNTINGS = ("training_peak", "extra_memory")
 _UNITS = {"": 1, "b": 1, "kb": KB, "kib": KB, "k": KB, "mb": KB * KB, "mib": KB * KB,

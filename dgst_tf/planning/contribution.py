@@ -28,10 +28,11 @@ import pathlib
 import numpy as np
 
 from dgst_tf.core import runtime
-from dgst_tf.jobs.adapt import write_json_atomically
 from dgst_tf.core.bn_folding import fold_batchnorm, foldable_pairs
+from dgst_tf.core.files import write_json_atomically
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.training.scheme import UpdateScheme, conv_layers, kernel_of
+from dgst_tf.core.layer_kinds import is_depthwise, is_pointwise, kernel_of
+from dgst_tf.training.scheme import UpdateScheme, conv_layers
 
 RATIOS = (0.125, 0.25, 0.5, 1.0)
 CACHE_VERSION = 2
@@ -109,9 +110,7 @@ def candidate_layers(model: keras.Model, last: int = 24, pointwise_only: bool = 
         candidate_layers(model)   # MobileNetV2: block_9_project ... head_conv
     """
     convs = conv_layers(model)[-last:]
-    pointwise = [c.name for c in convs if isinstance(c, keras.layers.Conv2D)
-                 and not isinstance(c, keras.layers.DepthwiseConv2D)
-                 and tuple(c.kernel_size) == (1, 1)]
+    pointwise = [c.name for c in convs if is_pointwise(c)]
     return pointwise if (pointwise_only and pointwise) else [c.name for c in convs]
 
 
@@ -156,11 +155,10 @@ def analytic_contributions(model: keras.Model, layers=None, ratios=RATIOS,
 
 
 def _kind_factor(layer) -> float:
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
+    if is_depthwise(layer):
         return 0.3
     kernel = kernel_of(layer)
-    if isinstance(layer, keras.layers.Conv2D) and tuple(layer.kernel_size) == (1, 1) \
-            and int(kernel.shape[-1]) > int(kernel.shape[-2]):
+    if is_pointwise(layer) and int(kernel.shape[-1]) > int(kernel.shape[-2]):
         return 1.0
     return 0.6
 
@@ -198,56 +196,77 @@ def measure_contributions(model: keras.Model, train, validation, layers=None,
     """
     settings = settings or FineTuneSettings()
     folded = fold_batchnorm(model, name=model.name) if foldable_pairs(model) else model
-    convs = conv_layers(folded)
-    names = [c.name for c in convs]
-    layers = list(layers) if layers is not None else candidate_layers(folded)
-    missing = [n for n in layers if n not in names]
-    if missing:
-        raise ValueError(f"layers {missing} are not convs of model {model.name!r}")
-    layer_counts = {name: len(names) - names.index(name) for name in layers}
-    if bias_counts is None:
-        bias_counts = default_bias_counts(len(names), layer_counts.values())
-    bias_counts = sorted({0, *(int(k) for k in bias_counts), *layer_counts.values()})
-    if bias_counts[-1] > len(names):
-        raise ValueError(f"bias count {bias_counts[-1]} > the model's {len(names)} convs")
-    ratios = [float(r) for r in ratios]
-    if not ratios or any(not 0 < r <= 1 for r in ratios):
-        raise ValueError(f"ratios must be in (0, 1], got {ratios}")
-
-    runs = {f"bias:{k}": _bias_scheme(names, k) for k in bias_counts}
-    for name in layers:
-        for r in ratios:
-            runs[f"weights:{name}:{r!r}"] = _bias_scheme(names, layer_counts[name], {name: r})
+    plan = _RunPlan.of(folded, model.name, layers, ratios, bias_counts)
     key_settings = {"version": CACHE_VERSION, **dataclasses.asdict(settings),
                     "data": data_key or _data_key(train) + "/" + _data_key(validation)}
     cache_path = (runtime.cache_dir("contribution") / f"{_model_key(folded, key_settings)}.json"
                   if cache else None)
     results = _read_cache(cache_path)
-    todo = [key for key in runs if key not in results]
+    todo = [key for key in plan.runs if key not in results]
     if todo and progress:
         print(f"contribution analysis: {len(todo)} fine-tuning runs of {settings.steps} steps "
-              f"({len(runs) - len(todo)} cached)" + (f", cache {cache_path}" if cache else ""))
+              f"({len(plan.runs) - len(todo)} cached)" + (f", cache {cache_path}" if cache else ""))
     if todo:
-        from tqdm.auto import tqdm
-
-        initial = folded.get_weights()
-        # every run sees the same batches in the same order: runs differ only in the scheme
-        train_arrays = _training_sample(train, settings)
-        val_arrays = _arrays(validation)
-        # tqdm shows the time left, estimated from the runs done so far
-        for key in tqdm(todo, desc="contribution runs", unit="run", disable=not progress):
-            results[key] = _fine_tune(folded, initial, runs[key], train_arrays, val_arrays,
-                                      settings)
-            if cache_path is not None:
-                write_json_atomically(cache_path, {"settings": key_settings,
-                                                   "results": results})
+        _run_missing(folded, plan.runs, todo, results, train, validation, settings,
+                     progress, cache_path, key_settings)
     baseline = results["bias:0"]
-    bias_gain = {k: results[f"bias:{k}"] - baseline for k in bias_counts}
+    bias_gain = {k: results[f"bias:{k}"] - baseline for k in plan.bias_counts}
     weight_gain = {name: {r: results[f"weights:{name}:{r!r}"]
-                          - results[f"bias:{layer_counts[name]}"] for r in ratios}
-                   for name in layers}
-    return ContributionTable(names, bias_gain, weight_gain, baseline, "measured",
+                          - results[f"bias:{plan.layer_counts[name]}"] for r in plan.ratios}
+                   for name in plan.layers}
+    return ContributionTable(plan.names, bias_gain, weight_gain, baseline, "measured",
                              {**key_settings, "cache": str(cache_path) if cache else None})
+
+
+@dataclasses.dataclass
+class _RunPlan:
+    """The fine-tuning runs of a measurement: key -> scheme, and what the keys index."""
+
+    names: list          # convs in execution order
+    layers: list         # candidate weight layers
+    layer_counts: dict   # layer -> bias count that reaches it
+    bias_counts: list
+    ratios: list
+    runs: dict
+
+    @classmethod
+    def of(cls, folded, model_name, layers, ratios, bias_counts) -> "_RunPlan":
+        names = [c.name for c in conv_layers(folded)]
+        layers = list(layers) if layers is not None else candidate_layers(folded)
+        missing = [n for n in layers if n not in names]
+        if missing:
+            raise ValueError(f"layers {missing} are not convs of model {model_name!r}")
+        layer_counts = {name: len(names) - names.index(name) for name in layers}
+        if bias_counts is None:
+            bias_counts = default_bias_counts(len(names), layer_counts.values())
+        bias_counts = sorted({0, *(int(k) for k in bias_counts), *layer_counts.values()})
+        if bias_counts[-1] > len(names):
+            raise ValueError(f"bias count {bias_counts[-1]} > the model's {len(names)} convs")
+        ratios = [float(r) for r in ratios]
+        if not ratios or any(not 0 < r <= 1 for r in ratios):
+            raise ValueError(f"ratios must be in (0, 1], got {ratios}")
+        runs = {f"bias:{k}": _bias_scheme(names, k) for k in bias_counts}
+        for name in layers:
+            for r in ratios:
+                runs[f"weights:{name}:{r!r}"] = _bias_scheme(names, layer_counts[name], {name: r})
+        return cls(names, layers, layer_counts, bias_counts, ratios, runs)
+
+
+def _run_missing(folded, runs, todo, results, train, validation, settings, progress,
+                 cache_path, key_settings) -> None:
+    """Fine-tune the ``todo`` runs into ``results``, caching after every run."""
+    from tqdm.auto import tqdm
+
+    initial = folded.get_weights()
+    # every run sees the same batches in the same order: runs differ only in the scheme
+    train_arrays = _training_sample(train, settings)
+    val_arrays = _arrays(validation)
+    # tqdm shows the time left, estimated from the runs done so far
+    for key in tqdm(todo, desc="contribution runs", unit="run", disable=not progress):
+        results[key] = _fine_tune(folded, initial, runs[key], train_arrays, val_arrays,
+                                  settings)
+        if cache_path is not None:
+            write_json_atomically(cache_path, {"settings": key_settings, "results": results})
 
 
 def _bias_scheme(names, k, weights=None) -> UpdateScheme:

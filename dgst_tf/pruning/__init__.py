@@ -18,6 +18,14 @@ pattern pruning: DGSU's offline step before on-device training.
 
     pattern = pruning.get_pattern("stride2")                # activation pattern pruning
     pruning.stored_bytes(pattern, (12, 12, 96))             # what the layer keeps (int8)
+
+One concept per module: `dependency_graph` (coupled channel groups), `channel_weights`
+(the weights each group owns), `group_importance` (scores, registry `GROUP_IMPORTANCES`),
+`group_selection` (which groups a sparsity masks), `tfmot_wrapper` (the TF-MOT wrapper and
+its shared pruner), `channel_removal` (the physically smaller model), `model_size` (flash,
+activation peak, MACs) and `prune_to_budget` (the whole offline step). Activation patterns
+live in `dgst_tf.training.activation_patterns` (the train step uses them without TF-MOT)
+and are re-exported here.
 """
 from dgst_tf.training.activation_patterns import (
     PATTERNS,
@@ -32,16 +40,7 @@ from dgst_tf.training.activation_patterns import (
     weight_gradient_from_stored,
     with_activation_patterns,
 )
-from dgst_tf.pruning.channel_removal import (
-    Footprint,
-    flash_bytes,
-    footprint,
-    mask_groups,
-    reduction,
-    remove_channels,
-    sparsity_for_budget,
-    zeroed_groups,
-)
+from dgst_tf.pruning.channel_removal import mask_groups, remove_channels, zeroed_groups
 from dgst_tf.pruning.dependency_graph import (
     ChannelGroup,
     DependencyGraph,
@@ -49,30 +48,37 @@ from dgst_tf.pruning.dependency_graph import (
     Member,
     UnsupportedLayerError,
 )
-from dgst_tf.pruning.structured import (
+from dgst_tf.pruning.group_importance import (
     BatchNormScale,
-    ChannelGroupPruner,
     GroupImportance,
     GroupL2,
-    PruneChannelGroups,
-    PruningResult,
-    RandomImportance,
+    RandomGroupImportance,
     WeightTerm,
-    channel_pruner,
     get_group_importance,
-    group_scores,
-    groups_to_prune,
-    prune_channel_groups,
-    prune_while_training,
     segment_sum_of_squares,
-    select_groups,
 )
+from dgst_tf.pruning.group_selection import group_scores, groups_to_prune, select_groups
+from dgst_tf.pruning.model_size import Footprint, flash_bytes, footprint, reduction
+from dgst_tf.pruning.prune_to_budget import (
+    PruningResult,
+    prune_while_training,
+    sparsity_for_budget,
+)
+from dgst_tf.pruning.tfmot_wrapper import (
+    ChannelGroupPruner,
+    PruneChannelGroups,
+    channel_pruner,
+    prune_channel_groups,
+)
+
+RandomImportance = RandomGroupImportance  # the name before the rename; kept for users
 
 __all__ = [
     "DependencyGraph", "ChannelGroup", "Member", "Family", "UnsupportedLayerError",
     "prune_channel_groups", "PruneChannelGroups", "ChannelGroupPruner", "channel_pruner",
     "prune_while_training", "PruningResult", "select_groups", "group_scores",
-    "groups_to_prune", "GroupImportance", "GroupL2", "BatchNormScale", "RandomImportance",
+    "groups_to_prune", "GroupImportance", "GroupL2", "BatchNormScale",
+    "RandomGroupImportance", "RandomImportance",
     "WeightTerm", "get_group_importance", "segment_sum_of_squares",
     "remove_channels", "mask_groups", "zeroed_groups", "footprint", "Footprint",
     "flash_bytes", "sparsity_for_budget", "reduction",

@@ -39,16 +39,15 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from dgst_tf.core.graph import UnsupportedModelError, check_functional, check_single_use, nodes_in_order
+from dgst_tf.core.graph import (UnsupportedModelError, check_functional, check_single_use,
+                                nodes_in_order)
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.core.layer_kinds import CONV2D, DENSE, UNSUPPORTED_CONV_TYPES, WEIGHT_TYPES, kind_of
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "Family", "UnsupportedLayerError",
            "SUPPORTED_LAYERS"]
 
 L = keras.layers
-_CONV = (L.Conv2D,)
-_DEPTHWISE = (L.DepthwiseConv2D,)
-_DENSE = (L.Dense,)
 _CHANNEL_PARAMS = (L.BatchNormalization, L.Normalization)
 # One input, same channels out, no channel-dependent parameters.
 _PASS = (L.ReLU, L.LeakyReLU, L.ELU, L.Activation, L.ZeroPadding2D, L.Cropping2D,
@@ -56,7 +55,7 @@ _PASS = (L.ReLU, L.LeakyReLU, L.ELU, L.Activation, L.ZeroPadding2D, L.Cropping2D
          L.GlobalAveragePooling2D, L.Dropout, L.SpatialDropout2D, L.GaussianNoise,
          L.GaussianDropout, L.Identity, L.Rescaling, L.Softmax)
 _MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
-SUPPORTED_LAYERS = (_CONV + _DEPTHWISE + _DENSE + _CHANNEL_PARAMS + _PASS + _MERGE
+SUPPORTED_LAYERS = (WEIGHT_TYPES + _CHANNEL_PARAMS + _PASS + _MERGE
                     + (L.Concatenate, L.Flatten))
 _PARAM_ROLES = ("out", "in", "depthwise", "channel")
 
@@ -202,15 +201,7 @@ class DependencyGraph:
     # -- construction ----------------------------------------------------------------------
     def _visit(self, node) -> None:
         layer = node.layer
-        if isinstance(layer, keras.Model):
-            raise UnsupportedLayerError(
-                f"DependencyGraph: layer {layer.name!r} ({type(layer).__name__}) is a nested "
-                "model; flatten it into one functional model first")
-        if not isinstance(layer, SUPPORTED_LAYERS):
-            names = sorted({c.__name__ for c in SUPPORTED_LAYERS})
-            raise UnsupportedLayerError(
-                f"DependencyGraph: layer {layer.name!r} ({type(layer).__name__}) is not "
-                f"supported by channel pruning; supported layers: {', '.join(names)}")
+        self._check_supported(layer)
         in_ids = list(node.flat_input_ids)
         if len(node.flat_output_ids) != 1:
             raise UnsupportedLayerError(
@@ -224,64 +215,88 @@ class DependencyGraph:
         self._shapes[out_id] = out_shape
         self._io[layer.name] = (in_ids, out_id)
         self._order.append(layer)
-        rank = len(in_shapes[0]) + 1
         if not _channels_last(layer):
             self._unsupported(layer, "channels_first data format")
-        if isinstance(layer, _CONV):
+        kind = kind_of(layer)
+        if kind is not None:
+            out = self._weight_layer_labels(layer, kind, inputs[0])
+        else:
+            out = self._other_layer_labels(layer, inputs, in_shapes)
+        if len(out) != int(out_shape[-1]):
+            self._unsupported(layer, f"{len(out)} channels expected, output has "
+                                     f"{out_shape[-1]}")
+        self._raw[out_id] = np.asarray(out)
+
+    @staticmethod
+    def _check_supported(layer) -> None:
+        if isinstance(layer, keras.Model):
+            raise UnsupportedLayerError(
+                f"DependencyGraph: layer {layer.name!r} ({type(layer).__name__}) is a nested "
+                "model; flatten it into one functional model first")
+        # Conv2DTranspose subclasses Conv2D but its kernel axes are (kh, kw, out, in)
+        if isinstance(layer, UNSUPPORTED_CONV_TYPES) or not isinstance(layer, SUPPORTED_LAYERS):
+            names = sorted({c.__name__ for c in SUPPORTED_LAYERS})
+            raise UnsupportedLayerError(
+                f"DependencyGraph: layer {layer.name!r} ({type(layer).__name__}) is not "
+                f"supported by channel pruning; supported layers: {', '.join(names)}")
+
+    def _weight_layer_labels(self, layer, kind, inputs: np.ndarray) -> np.ndarray:
+        """Output labels of a Conv2D / Dense (new channels) or DepthwiseConv2D (its input's)."""
+        if kind is CONV2D:
             if int(getattr(layer, "groups", 1)) != 1:
                 self._unsupported(layer, f"grouped convolution (groups={layer.groups})")
-            out = self._uf.new(int(layer.filters))
-        elif isinstance(layer, _DENSE):
-            out = self._uf.new(int(layer.units))
-        elif isinstance(layer, _DEPTHWISE):
-            m = int(layer.depth_multiplier)
-            out = np.repeat(inputs[0], m)  # output channel c*m + j comes from input c
-        elif isinstance(layer, _CHANNEL_PARAMS):
+            return self._uf.new(int(layer.filters))
+        if kind is DENSE:
+            return self._uf.new(int(layer.units))
+        return np.repeat(inputs, int(layer.depth_multiplier))  # out c*m + j comes from in c
+
+    def _other_layer_labels(self, layer, inputs: list, in_shapes: list) -> np.ndarray:
+        """Output labels of the other supported layers (merges tie their inputs together)."""
+        rank = len(in_shapes[0]) + 1
+        if isinstance(layer, _CHANNEL_PARAMS):
             if not _last_axis(layer.axis, rank):
                 self._unsupported(layer, f"normalization over axis {layer.axis} (needs the "
                                          "last axis)")
-            out = inputs[0]
-        elif isinstance(layer, _PASS):
-            if _is_channel_softmax(layer, rank):
-                for label in inputs[0]:
-                    self._pinned_raw.setdefault(int(label), f"softmax over channels in "
-                                                            f"{layer.name!r}")
-            if isinstance(layer, L.Rescaling):
-                for value in (layer.scale, layer.offset):
-                    if _per_channel(value) and np.size(value) != len(inputs[0]):
-                        self._unsupported(layer, "a scale/offset that is neither a scalar "
-                                                 "nor one value per channel")
-            out = inputs[0]
-        elif isinstance(layer, _MERGE):
+            return inputs[0]
+        if isinstance(layer, _PASS):
+            self._check_pass_layer(layer, inputs[0], rank)
+            return inputs[0]
+        if isinstance(layer, _MERGE):
             widths = {len(x) for x in inputs}
             if len(widths) != 1:
                 self._unsupported(layer, f"inputs with different channel counts "
                                          f"{[len(x) for x in inputs]} (broadcasting)")
-            for other in inputs[1:]:
-                for a, b in zip(inputs[0], other):
-                    self._uf.union(a, b)
-            out = inputs[0]
-        elif isinstance(layer, L.Concatenate):
+            return self._merged(inputs)
+        if isinstance(layer, L.Concatenate):
             if _last_axis(layer.axis, rank):
-                out = np.concatenate(inputs)  # channel offsets: inputs one after the other
-            else:  # concatenation along space: the same channel in every input
-                for other in inputs[1:]:
-                    for a, b in zip(inputs[0], other):
-                        self._uf.union(a, b)
-                out = inputs[0]
-        elif isinstance(layer, L.Flatten):
+                return np.concatenate(inputs)  # channel offsets: inputs one after the other
+            return self._merged(inputs)  # along space: the same channel in every input
+        if isinstance(layer, L.Flatten):
             spatial = in_shapes[0][:-1]
             if any(d is None for d in spatial):
                 self._unsupported(layer, f"input shape {in_shapes[0]} with unknown "
                                          "spatial size")
             # row-major flatten of (..., C): feature f holds channel f % C
-            out = np.tile(inputs[0], int(np.prod(spatial, dtype=np.int64)))
-        else:  # pragma: no cover - SUPPORTED_LAYERS and the branches above agree
-            self._unsupported(layer, "no channel rule")
-        if len(out) != int(out_shape[-1]):
-            self._unsupported(layer, f"{len(out)} channels expected, output has "
-                                     f"{out_shape[-1]}")
-        self._raw[out_id] = np.asarray(out)
+            return np.tile(inputs[0], int(np.prod(spatial, dtype=np.int64)))
+        self._unsupported(layer, "no channel rule")  # pragma: no cover - SUPPORTED_LAYERS
+
+    def _check_pass_layer(self, layer, inputs: np.ndarray, rank: int) -> None:
+        if _is_channel_softmax(layer, rank):
+            for label in inputs:
+                self._pinned_raw.setdefault(int(label), f"softmax over channels in "
+                                                        f"{layer.name!r}")
+        if isinstance(layer, L.Rescaling):
+            for value in (layer.scale, layer.offset):
+                if _per_channel(value) and np.size(value) != len(inputs):
+                    self._unsupported(layer, "a scale/offset that is neither a scalar "
+                                             "nor one value per channel")
+
+    def _merged(self, inputs: list) -> np.ndarray:
+        """Tie channel c of every input together; the output carries the first's labels."""
+        for other in inputs[1:]:
+            for a, b in zip(inputs[0], other):
+                self._uf.union(a, b)
+        return inputs[0]
 
     @staticmethod
     def _unsupported(layer, what: str):
@@ -347,10 +362,9 @@ class DependencyGraph:
         in_ids, out_id = self._io[layer.name]
         ins = self._groups_of[in_ids[0]]
         out = self._groups_of[out_id]
-        if isinstance(layer, _CONV + _DENSE):
-            return [("in", ins), ("out", out)]
-        if isinstance(layer, _DEPTHWISE):
-            return [("depthwise", ins)]
+        kind = kind_of(layer)
+        if kind is not None:
+            return [("depthwise", ins)] if kind.depthwise else [("in", ins), ("out", out)]
         if isinstance(layer, _CHANNEL_PARAMS):
             return [("channel", ins)]
         if isinstance(layer, L.Rescaling) and (_per_channel(layer.scale)
@@ -430,20 +444,42 @@ class DependencyGraph:
         layer = self._layer(layer_name)
         in_ids, out_id = self._io[layer_name]
         ins, out = self._groups_of[in_ids[0]], self._groups_of[out_id]
-        axes = []
-        if isinstance(layer, _CONV):
-            axes += [("kernel", 2, ins), ("kernel", 3, out)]
-        elif isinstance(layer, _DENSE):
-            axes += [("kernel", 0, ins), ("kernel", 1, out)]
-        elif isinstance(layer, _DEPTHWISE):
-            axes += [("depthwise_kernel", 2, ins)]
-        elif isinstance(layer, L.BatchNormalization):
-            for name in ("gamma", "beta", "moving_mean", "moving_variance"):
-                if getattr(layer, name, None) is not None:
-                    axes.append((name, 0, ins))
-        if isinstance(layer, _CONV + _DENSE + _DEPTHWISE) and layer.use_bias:
+        kind = kind_of(layer)
+        if kind is None:
+            if not isinstance(layer, L.BatchNormalization):
+                return []
+            return [(name, 0, ins) for name in ("gamma", "beta", "moving_mean",
+                                                "moving_variance")
+                    if getattr(layer, name, None) is not None]
+        axes = [(kind.kernel_attr, kind.channel_axis, ins)]
+        if not kind.depthwise:  # output channels: the kernel's last axis
+            axes.append((kind.kernel_attr, len(kind.kernel(layer).shape) - 1, out))
+        if layer.use_bias:
             axes.append(("bias", 0, out))
         return axes
+
+    def keep_vector(self, removed=None) -> np.ndarray:
+        """One bool per group, False for the ``removed`` group indices (None: keep all).
+
+        Raises ValueError for indices out of range or groups that cannot be removed::
+
+            keep = graph.keep_vector([3, 17]); keep[graph.output_groups("expand")]
+        """
+        keep = np.ones(self.num_groups, bool)
+        if removed is None:
+            return keep
+        removed = np.asarray(removed, dtype=np.int64).reshape(-1)
+        if removed.size:
+            if removed.min() < 0 or removed.max() >= self.num_groups:
+                raise ValueError(f"group indices must be in [0, {self.num_groups}), got "
+                                 f"{removed.min()}..{removed.max()}")
+            pinned = removed[~self.prunable[removed]]
+            if pinned.size:
+                g = self.group_by_index(int(pinned[0]))
+                raise ValueError(f"channel group {int(pinned[0])} cannot be removed "
+                                 f"({g.reason}); members: {g.layers()}")
+        keep[removed] = False
+        return keep
 
     def describe(self) -> str:
         """One line per family: name, channels, layers."""

@@ -42,7 +42,9 @@ import re
 
 import numpy as np
 
+from dgst_tf.core.geometry import AxisGeometry, conv_axis
 from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.core.layer_kinds import is_conv, is_dense, is_depthwise, kernel_of
 
 __all__ = ["ActivationPattern", "get_pattern", "PATTERNS", "ConvGeometry",
            "store_for_conv", "weight_gradient_from_stored", "pattern_conv2d",
@@ -198,33 +200,23 @@ class ConvGeometry:
     def effective(self, axis: int) -> int:
         return (self.kernel_size[axis] - 1) * self.dilations[axis] + 1
 
+    def axis_geometry(self, size: int, axis: int) -> AxisGeometry:
+        """Output size and padding along ``axis`` (0: rows, 1: columns) of an input ``size``
+        (`dgst_tf.core.geometry.conv_axis`)."""
+        return conv_axis(size, self.kernel_size[axis], self.strides[axis], self.dilations[axis],
+                         self.padding)
+
     def output_size(self, size: int, axis: int) -> int:
-        if self.padding == "SAME":
-            return -(-size // self.strides[axis])
-        return (size - self.effective(axis)) // self.strides[axis] + 1
+        return self.axis_geometry(size, axis).out
 
     def pad_before(self, size: int, axis: int) -> int:
-        if self.padding != "SAME":
-            return 0
-        out = self.output_size(size, axis)
-        total = max((out - 1) * self.strides[axis] + self.effective(axis) - size, 0)
-        return total // 2
+        return self.axis_geometry(size, axis).before
 
     def input_rows(self, out_rows: np.ndarray, size: int, axis: int) -> np.ndarray:
         """Padded-input coordinates read by ``out_rows``: for output k, the kernel taps
         in order (so row k*K + t of the gathered tensor is tap t of output k)."""
         taps = np.arange(self.kernel_size[axis]) * self.dilations[axis]
         return (out_rows[:, None] * self.strides[axis] + taps[None, :]).reshape(-1)
-
-
-def _pad_amounts(geometry: ConvGeometry, h: int, w: int):
-    pads = []
-    for axis, size in ((0, h), (1, w)):
-        before = geometry.pad_before(size, axis)
-        out = geometry.output_size(size, axis)
-        needed = (out - 1) * geometry.strides[axis] + geometry.effective(axis)
-        pads.append((before, max(needed - size - before, 0)))
-    return pads
 
 
 # ------------------------------------------------------------------- the math (hook)
@@ -240,9 +232,10 @@ def store_for_conv(x, pattern: ActivationPattern, geometry: ConvGeometry) -> lis
     channels = pattern.kept_channels(int(x.shape[3]))
     if len(channels) != int(x.shape[3]):
         x = tf.gather(x, channels, axis=3)
-    (pt, pb), (pl, pr) = _pad_amounts(geometry, h, w)
-    padded = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]]) if (pt or pb or pl or pr) else x
-    out_h, out_w = geometry.output_size(h, 0), geometry.output_size(w, 1)
+    down, across = geometry.axis_geometry(h, 0), geometry.axis_geometry(w, 1)
+    pads = [[0, 0], [down.before, down.after], [across.before, across.after], [0, 0]]
+    padded = tf.pad(x, pads) if any(before or after for before, after in pads) else x
+    out_h, out_w = down.out, across.out
     stored = []
     for rows, cols in pattern.output_grids(out_h, out_w):
         part = tf.gather(padded, geometry.input_rows(rows, h, 0), axis=1)
@@ -392,7 +385,7 @@ def layer_stored_bytes(layer, input_shape, pattern, kept_channels: int | None = 
                        explicit_padding=((0, 0), (0, 0))) -> int:
     """`stored_bytes` for a Keras Conv2D / DepthwiseConv2D / Dense layer (Dense: a 1x1
     conv on a 1x1 map, so spatial patterns change nothing)."""
-    if isinstance(layer, keras.layers.Dense):
+    if is_dense(layer):
         features = int(input_shape[-1])
         return stored_bytes(pattern, (1, 1, features), kept_channels=kept_channels)
     return stored_bytes(pattern, input_shape, layer.kernel_size, layer.strides,
@@ -411,10 +404,9 @@ class _PatternConvCall(keras.layers.Layer):
 
     def call(self, x):
         layer = self.layer
-        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-        kernel = layer.depthwise_kernel if depthwise else layer.kernel
+        kernel = kernel_of(layer)
         bias = layer.bias if layer.use_bias else None
-        op = pattern_depthwise_conv2d if depthwise else pattern_conv2d
+        op = pattern_depthwise_conv2d if is_depthwise(layer) else pattern_conv2d
         y = op(x, kernel, bias, strides=layer.strides, padding=layer.padding,
                dilations=layer.dilation_rate, pattern=self.pattern)
         return layer.activation(y)
@@ -435,7 +427,7 @@ def with_activation_patterns(model: keras.Model, patterns: dict) -> keras.Model:
 
     def call_layer(layer, args, kwargs):
         if layer.name in patterns:
-            if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            if not is_conv(layer):
                 raise TypeError(f"layer {layer.name!r} ({type(layer).__name__}): activation "
                                 "patterns apply to Conv2D and DepthwiseConv2D layers")
             return _PatternConvCall(layer, patterns[layer.name])(*args)

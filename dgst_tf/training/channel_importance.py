@@ -12,6 +12,10 @@ from a name::
   yet visited score the largest norm seen so far (optimistic, so they get tried);
 - ``random``: seeded uniform scores, new every step (stateless: a function of seed, step
   and layer, so a resumed run draws the same numbers).
+
+`IMPORTANCE` is the registry `get_importance` reads (name -> class); a new criterion is a
+`ChannelImportance` subclass with a ``name`` added to it. These score channels for the sparse
+update; the pruning package's importances score channel groups to remove and are separate.
 """
 from dgst_tf.core.keras_compat import tf
 
@@ -22,9 +26,13 @@ def channel_axis(kernel) -> int:
 
 
 class ChannelImportance:
-    """Base class: ``scores`` returns a float32 vector with one score per input channel."""
+    """Base class: ``scores`` returns a float32 vector with one score per input channel.
+
+    ``seeded``: the constructor takes a ``seed`` (`get_importance` passes its own).
+    """
 
     name = "base"
+    seeded = False
 
     def scores(self, kernel, state: dict, step, layer_index: int):
         raise NotImplementedError
@@ -34,6 +42,8 @@ class ChannelImportance:
 
 
 class WeightL2(ChannelImportance):
+    """L2 norm of each input channel's weights (Lin et al. 2022's criterion)."""
+
     name = "weight_l2"
 
     def scores(self, kernel, state, step, layer_index):
@@ -43,6 +53,8 @@ class WeightL2(ChannelImportance):
 
 
 class GradientNormEstimate(ChannelImportance):
+    """Each channel's last recorded weight-gradient norm; unvisited channels score the best."""
+
     name = "grad_norm"
 
     def scores(self, kernel, state, step, layer_index):
@@ -54,7 +66,10 @@ class GradientNormEstimate(ChannelImportance):
 
 
 class RandomImportance(ChannelImportance):
+    """Seeded uniform scores, new every step (for channel selection; not pruning's scorer)."""
+
     name = "random"
+    seeded = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -69,11 +84,20 @@ class RandomImportance(ChannelImportance):
         return {"name": self.name, "seed": self.seed}
 
 
-IMPORTANCE = {cls.name: cls for cls in (WeightL2, GradientNormEstimate, RandomImportance)}
+# The registry: criterion name -> class.
+IMPORTANCE = {
+    WeightL2.name: WeightL2,
+    GradientNormEstimate.name: GradientNormEstimate,
+    RandomImportance.name: RandomImportance,
+}
 
 
 def get_importance(spec, seed: int = 0) -> ChannelImportance:
-    """A ChannelImportance from an instance, a name in IMPORTANCE, or a config dict."""
+    """A ChannelImportance from an instance, a name in IMPORTANCE, or a config dict
+    (``get_config``'s); ``seed`` seeds the seeded ones unless the config names a seed.
+
+        get_importance("random", seed=3).get_config()     # {"name": "random", "seed": 3}
+    """
     if isinstance(spec, ChannelImportance):
         return spec
     config = {"name": spec} if isinstance(spec, str) else dict(spec)
@@ -81,9 +105,10 @@ def get_importance(spec, seed: int = 0) -> ChannelImportance:
     if name not in IMPORTANCE:
         raise ValueError(f"unknown channel importance {name!r}; choose from {sorted(IMPORTANCE)}"
                          " or pass a ChannelImportance")
-    if name == "random":
+    cls = IMPORTANCE[name]
+    if cls.seeded:
         config.setdefault("seed", seed)
-    return IMPORTANCE[name](**config)
+    return cls(**config)
 
 
 def top_k_channels(scores, k: int, preferred=None):
@@ -91,6 +116,13 @@ def top_k_channels(scores, k: int, preferred=None):
 
     Ties go to the lower channel index (tf.math.top_k is stable), so the choice is
     deterministic.
+
+        top_k_channels(tf.constant([0.1, 0.9, 0.5, 0.9]), 2)        # [1, 3]
+
+    This is the Keras simulation of the device's selection. The chain Keras simulation ->
+    NumPy reference (`dgst_tf.tflm_ops.reference.top_k_channels`) -> C kernels is
+    intentional: the NumPy reference is the single oracle the C kernels are checked against,
+    and this TensorFlow version runs inside the compiled train step.
     """
     scores = tf.cast(scores, tf.float32)
     if preferred is not None:

@@ -19,6 +19,7 @@ in what they update::
   coverage of those layers grows towards 100%; front layers frozen.
 """
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.core.layer_kinds import input_channels, is_pointwise
 from dgst_tf.training.scheme import UpdateScheme, conv_layers
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 
@@ -27,14 +28,12 @@ METHODS = ("full", "last_layer", "bias_only", "sparse_update", "dgsu")
 
 def pointwise_convs(model: keras.Model) -> list:
     """1x1 Conv2D layers in execution order (MobileNetV2: expand and project convs)."""
-    return [l for l in conv_layers(model) if isinstance(l, keras.layers.Conv2D)
-            and not isinstance(l, keras.layers.DepthwiseConv2D)
-            and tuple(l.kernel_size) == (1, 1)]
+    return [l for l in conv_layers(model) if is_pointwise(l)]
 
 
 def expansion_convs(model: keras.Model) -> list:
     """Pointwise convs with more output than input channels (inverted-residual expands)."""
-    return [l for l in pointwise_convs(model) if l.filters > l.kernel.shape[-2]]
+    return [l for l in pointwise_convs(model) if l.filters > input_channels(l)]
 
 
 def build_method(name: str, model: keras.Model, target_fraction: float = 0.02,

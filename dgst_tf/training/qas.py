@@ -20,11 +20,17 @@ import dataclasses
 
 import numpy as np
 
-from dgst_tf.core.graph import check_functional, rebuild
+from dgst_tf.core.graph import UnsupportedModelError, check_functional, rebuild
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.training.scheme import kernel_of
+from dgst_tf.core.layer_kinds import (WEIGHT_TYPES, is_depthwise, is_unsupported_conv, kernel_of,
+                                      kind_of)
 
-QUANTIZED_TYPES = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+QUANTIZED_TYPES = WEIGHT_TYPES  # the layer kinds quantized (`dgst_tf.core.layer_kinds`)
+
+
+def _quantized(layer) -> bool:
+    """Conv2D, DepthwiseConv2D and Dense layers get int8 weights and inputs."""
+    return kind_of(layer) is not None
 
 
 class ActivationQuantizer(keras.layers.Layer):
@@ -72,8 +78,8 @@ def activation_qparams(low: float, high: float) -> tuple[float, int]:
 def weight_scales(layer) -> np.ndarray:
     """Per output channel ``s_w = max|W_oc| / 127`` (depthwise: per channel x multiplier)."""
     kernel = kernel_of(layer).numpy()
-    flat = kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) if isinstance(
-        layer, keras.layers.DepthwiseConv2D) else kernel.reshape(-1, kernel.shape[-1])
+    flat = kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) if is_depthwise(
+        layer) else kernel.reshape(-1, kernel.shape[-1])
     return np.maximum(np.abs(flat).max(axis=0), 1e-8) / 127.0
 
 
@@ -82,7 +88,7 @@ def calibrate(model: keras.Model, images, batches: int | None = None) -> dict:
 
     ``images``: an array, or a dataset yielding images or (images, labels).
     """
-    layers = [l for l in model.layers if isinstance(l, QUANTIZED_TYPES)]
+    layers = [l for l in model.layers if _quantized(l)]
     probe = keras.Model(model.inputs, [l.input for l in layers])
     if isinstance(images, tf.data.Dataset):
         images = images.take(batches) if batches else images
@@ -118,11 +124,17 @@ def int8_training_graph(model: keras.Model, calibration_images,
     if bn:
         raise ValueError(f"int8_training_graph: fold BatchNorm first (dgst_tf.fold_batchnorm); "
                          f"found {bn[:3]}")
+    unsupported = [l for l in model.layers if is_unsupported_conv(l)]
+    if unsupported:
+        raise UnsupportedModelError(
+            f"int8_training_graph: layer {unsupported[0].name!r} "
+            f"({type(unsupported[0]).__name__}) is not supported; supported: Conv2D, "
+            "DepthwiseConv2D, Dense")
     ranges = calibrate(model, calibration_images, batches)
     input_qparams, scales_w, new_layers = {}, {}, {}
 
     def call_layer(layer, args, kwargs):
-        if not isinstance(layer, QUANTIZED_TYPES):
+        if not _quantized(layer):
             clone = type(layer).from_config(layer.get_config())
             out = clone(*args, **kwargs)
             clone.set_weights(layer.get_weights())
@@ -131,8 +143,8 @@ def int8_training_graph(model: keras.Model, calibration_images,
         s_w = weight_scales(layer)
         kernel = kernel_of(layer).numpy()
         bias = layer.bias.numpy() if layer.use_bias else np.zeros(s_w.shape, np.float32)
-        w_shape = (kernel.shape[-2], kernel.shape[-1]) if isinstance(
-            layer, keras.layers.DepthwiseConv2D) else kernel.shape[-1]
+        w_shape = (kernel.shape[-2], kernel.shape[-1]) if is_depthwise(
+            layer) else kernel.shape[-1]
         w_bar = np.clip(np.round(kernel / s_w.reshape(w_shape)), -127, 127)
         b_bar = np.round(bias / (s_w * s_x))
         x = ActivationQuantizer(s_x, zero_point, name=f"{layer.name}_input_quant")(*args)

@@ -10,6 +10,11 @@ channels (depthwise: of its channels; weights always come with the bias). The cl
     scheme = UpdateScheme({"block_16_expand": 0.25, "block_16_project": "bias"})
     scheme.validate(model)
     scheme.save("scheme.json"); UpdateScheme.load("scheme.json")
+    scheme.kept_channels(model.get_layer("block_16_expand"))   # 0.25 of its input channels
+
+A weight update may also name its channel count, ``{"mode": "weights", "ratio": 0.25,
+"channels": 24}`` (`for_target_fraction` does); the count then wins over the ratio. Every
+stage turns an update into a channel count with `kept_channels` and nothing else.
 
     # tiny-training's backward_config, as published:
     scheme = UpdateScheme.from_backward_config(
@@ -19,13 +24,14 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from typing import Mapping
 
+from dgst_tf.core.files import write_json_atomically
 from dgst_tf.core.graph import check_functional, nodes_in_order
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.core.layer_kinds import (CONV_TYPES, UNSUPPORTED_CONV_TYPES, channels_for_ratio,
-                                      input_channels, is_conv, is_dense, kernel_of,
+from dgst_tf.core.layer_kinds import CONV_TYPES  # noqa: F401  (planning imports it from here)
+from dgst_tf.core.layer_kinds import (channels_for_ratio, input_channels, is_conv, is_dense,
+                                      is_pointwise, is_unsupported_conv, kernel_of,
                                       weights_per_channel)
 
 MODES = ("frozen", "bias", "weights")
@@ -37,14 +43,22 @@ class SchemeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LayerUpdate:
-    """What one layer updates: ``mode`` in MODES and, for ``weights``, ``ratio`` in (0, 1]."""
+    """What one layer updates: ``mode`` in MODES and, for ``weights``, ``ratio`` in (0, 1]
+    and optionally ``channels``, the whole number of input channels kept (it wins over the
+    ratio; the ratio then only labels it, e.g. in a backward_config).
+
+        LayerUpdate("weights", 0.25).kept_channels(layer)          # round(0.25 * C_in)
+        LayerUpdate("weights", 0.25, channels=7).kept_channels(layer)   # 7
+    """
 
     mode: str = "frozen"
     ratio: float = 0.0
+    channels: int | None = None
 
     @classmethod
     def parse(cls, value, layer: str = "?") -> "LayerUpdate":
-        """From a LayerUpdate, "frozen", "bias", a ratio, or {"mode":..., "ratio":...}."""
+        """From a LayerUpdate, "frozen", "bias", a ratio, or {"mode":..., "ratio":...,
+        "channels":...} ("channels" optional)."""
         if isinstance(value, LayerUpdate):
             update = value
         elif isinstance(value, str):
@@ -52,7 +66,9 @@ class LayerUpdate:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             update = cls("weights", float(value))
         elif isinstance(value, Mapping):
-            update = cls(value.get("mode", "weights"), float(value.get("ratio", 0.0)))
+            channels = value.get("channels")
+            update = cls(value.get("mode", "weights"), float(value.get("ratio", 0.0)),
+                         None if channels is None else _whole_channels(channels, layer))
         else:
             raise SchemeError(f"layer {layer!r}: cannot read update {value!r}")
         update.check(layer)
@@ -64,6 +80,25 @@ class LayerUpdate:
         if self.mode == "weights" and not 0.0 < self.ratio <= 1.0:
             raise SchemeError(
                 f"layer {layer!r}: weight update ratio must be in (0, 1], got {self.ratio}")
+        if self.channels is None:
+            return
+        if self.mode != "weights":
+            raise SchemeError(f"layer {layer!r}: channels only apply to a weight update, not to "
+                              f"mode {self.mode!r}")
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) \
+                or self.channels < 1:
+            raise SchemeError(f"layer {layer!r}: channels must be a whole number >= 1, got "
+                              f"{self.channels!r}")
+
+    def kept_channels(self, layer) -> int:
+        """Input channels of ``layer`` (depthwise: its channels) this update trains: 0 unless
+        it updates weights, else ``channels`` if set, else ``channels_for_ratio(ratio, C)``
+        (`dgst_tf.core.geometry`)."""
+        if not self.updates_weights:
+            return 0
+        if self.channels is not None:
+            return self.channels
+        return channels_for_ratio(self.ratio, input_channels(layer))
 
     @property
     def updates_bias(self) -> bool:
@@ -74,7 +109,19 @@ class LayerUpdate:
         return self.mode == "weights"
 
     def get_config(self) -> dict:
-        return {"mode": self.mode, "ratio": self.ratio}
+        config = {"mode": self.mode, "ratio": self.ratio}
+        if self.channels is not None:
+            config["channels"] = self.channels
+        return config
+
+
+def _whole_channels(value, layer: str) -> int:
+    """A channel count read from JSON: an int, or a float with no fractional part."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise SchemeError(f"layer {layer!r}: channels must be a whole number, got {value!r}")
 
 
 def conv_layers(model: keras.Model) -> list:
@@ -86,7 +133,7 @@ def conv_layers(model: keras.Model) -> list:
     layers = []
     for node in nodes_in_order(model):
         layer = node.layer
-        if isinstance(layer, UNSUPPORTED_CONV_TYPES):
+        if is_unsupported_conv(layer):
             raise SchemeError(f"layer {layer.name!r} ({type(layer).__name__}) is not supported; "
                               "supported: Conv2D, DepthwiseConv2D, Dense")
         if is_conv(layer) and layer not in layers:
@@ -112,9 +159,19 @@ def updatable_layers(model: keras.Model) -> list:
     return sorted(conv_layers(model) + dense, key=lambda l: order[l.name]) + [classifier]
 
 
-def kept_channels(layer, ratio: float) -> int:
-    """How many input channels a ratio keeps (at least one)."""
-    return channels_for_ratio(ratio, input_channels(layer))
+def kept_channels(layer, update) -> int:
+    """How many input channels of ``layer`` an update keeps: the one rule every stage uses.
+
+    ``update``: a `LayerUpdate` (`LayerUpdate.kept_channels`: its ``channels`` if set, else
+    its ratio's count; 0 for bias/frozen) or a bare ratio (``channels_for_ratio``: at least
+    one channel).
+
+        kept_channels(layer, scheme.update_for(layer.name))
+        kept_channels(layer, 0.25)
+    """
+    if isinstance(update, LayerUpdate):
+        return update.kept_channels(layer)
+    return channels_for_ratio(float(update), input_channels(layer))
 
 
 class UpdateScheme:
@@ -138,16 +195,8 @@ class UpdateScheme:
         return cls(config.get("layers", {}), name=config.get("name", "custom"))
 
     def save(self, path) -> None:
-        """Write the scheme as JSON, atomically."""
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.get_config(), f, indent=2)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        """Write the scheme as JSON, atomically (the folder must exist)."""
+        write_json_atomically(path, self.get_config(), make_parents=False)
 
     @classmethod
     def load(cls, path) -> "UpdateScheme":
@@ -179,6 +228,14 @@ class UpdateScheme:
                 raise SchemeError(
                     f"layer {name!r} " + (f"is a {kind}, not a Conv2D/DepthwiseConv2D/Dense "
                                           "layer" if kind else f"is not in model {model.name!r}"))
+            available = input_channels(candidates[name])
+            if update.channels is not None and update.channels > available:
+                raise SchemeError(f"layer {name!r} keeps {update.channels} channels but has "
+                                  f"only {available}")
+
+    def kept_channels(self, layer) -> int:
+        """Input channels of ``layer`` whose weights a step updates (`kept_channels`)."""
+        return self.update_for(layer.name).kept_channels(layer)
 
     def update_for(self, layer_name: str) -> LayerUpdate:
         return self.layers.get(layer_name, LayerUpdate())
@@ -196,7 +253,7 @@ class UpdateScheme:
         for layer in conv_layers(model):
             update = self.update_for(layer.name)
             if update.updates_weights:
-                total += kept_channels(layer, update.ratio) * weights_per_channel(layer)
+                total += update.kept_channels(layer) * weights_per_channel(layer)
         return total
 
     def updated_weight_fraction(self, model: keras.Model) -> float:
@@ -280,8 +337,11 @@ class UpdateScheme:
         update per step (``target`` itself up to whole channels).
 
         Each layer keeps ``floor(ratio * C_in)`` channels; channels left over in the budget
-        go one at a time to the layers nearest the output. ``bias_layers`` (default: every
-        conv from the first of ``layers`` on) get biases.
+        go one at a time to the layers nearest the output. The scheme stores those whole
+        counts (``LayerUpdate.channels``, with ``ratio = channels / C_in``). ``bias_layers``
+        (default: every conv from the first of ``layers`` on) get biases.
+
+            UpdateScheme.for_target_fraction(model, ["block_15_expand", "block_16_expand"], 0.02)
         """
         convs = conv_layers(model)
         by_name = {l.name: l for l in convs}
@@ -303,7 +363,7 @@ class UpdateScheme:
             first = min(convs.index(by_name[n]) for n in layers)
             bias_layers = [l.name for l in convs[first:]]
         spec = {n: "bias" for n in bias_layers}
-        spec.update({n: kept[n] / channels[n] for n in layers})
+        spec.update({n: LayerUpdate("weights", kept[n] / channels[n], kept[n]) for n in layers})
         return cls(spec, name=name)
 
     @classmethod
@@ -332,10 +392,7 @@ class UpdateScheme:
             if i < min(chosen):
                 continue
             for layer in stage:
-                pointwise = (isinstance(layer, keras.layers.Conv2D)
-                             and tuple(layer.kernel_size) == (1, 1)
-                             and not isinstance(layer, keras.layers.DepthwiseConv2D))
-                if i in chosen and (pointwise or not pointwise_only):
+                if i in chosen and (is_pointwise(layer) or not pointwise_only):
                     spec[layer.name] = chosen[i]
                 else:
                     spec[layer.name] = "bias"

@@ -16,9 +16,9 @@ the model's weights, so a run resumed from a checkpoint continues with the same 
 The dynamic choice for all layers runs inside the compiled train step (the callback installs
 it with `SparseUpdateModel.set_selection_hook`), so no Python runs between steps.
 """
-from dgst_tf.training.channel_importance import WeightL2, get_importance, top_k_channels
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.training.scheme import kernel_of
+from dgst_tf.core.layer_kinds import kernel_of
+from dgst_tf.training.channel_importance import WeightL2, get_importance, top_k_channels
 
 CRITERIA = ("magnitude+", "magnitude-", "random")
 

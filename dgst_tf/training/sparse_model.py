@@ -25,14 +25,15 @@ and ``coverage`` (weights of the weight-updated layers visited at least once so 
 """
 import numpy as np
 
-from dgst_tf.training import sparse_ops
 from dgst_tf.core.bn_folding import fold_batchnorm, foldable_pairs
 from dgst_tf.core.graph import check_functional, check_single_use, producers, rebuild
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.training.scheme import (SchemeError, UpdateScheme, classifier_layer, input_channels,
-                            kernel_of,
-                            kept_channels, total_conv_weights, updatable_layers,
-                            weights_per_channel)
+from dgst_tf.core.layer_kinds import (CONV2D, DENSE, DEPTHWISE, input_channels, is_conv,
+                                      kernel_of, kind_of, weights_per_channel)
+from dgst_tf.training import sparse_ops
+from dgst_tf.training.channel_importance import channel_axis
+from dgst_tf.training.scheme import (SchemeError, UpdateScheme, classifier_layer,
+                                     total_conv_weights, updatable_layers)
 
 
 class SelectionState(keras.layers.Layer):
@@ -89,13 +90,18 @@ class SelectionState(keras.layers.Layer):
                                          dtype=tf.bool), axis=0), v["active"])
             v["visited"].assign(tf.logical_or(v["visited"], hit))
             v["sweep"].assign(tf.logical_or(v["sweep"], hit))
-            axis = 0 if len(grad.shape) == 2 else 2
+            axis = channel_axis(grad)
             kept = tf.gather(grad, sel, axis=axis)
             norms = tf.sqrt(tf.reduce_sum(tf.square(kept), axis=[
                 a for a in range(len(grad.shape)) if a != axis]))
             updated = tf.tensor_scatter_nd_update(v["grad_norm"], sel[:, None], norms)
             v["grad_norm"].assign(tf.where(hit, updated, v["grad_norm"]))
         self.step.assign_add(1)
+
+
+# The sparse op of each layer kind (`dgst_tf.core.layer_kinds`).
+SPARSE_OPS = {CONV2D: sparse_ops.sparse_conv2d, DEPTHWISE: sparse_ops.sparse_depthwise_conv2d,
+              DENSE: sparse_ops.sparse_dense}
 
 
 class _SparseLayerCall(keras.layers.Layer):
@@ -114,16 +120,14 @@ class _SparseLayerCall(keras.layers.Layer):
         bias = layer.bias if layer.use_bias else None
         selection = None if self.selection is None else self.selection.value()
         active = None if self.active is None else self.active.value()
-        if isinstance(layer, keras.layers.Dense):
-            y = sparse_ops.sparse_dense(x, layer.kernel, bias, selection=selection,
-                                        active=active, full_weight_grad=self.full_weight_grad,
-                                        **self.flags)
+        kind = kind_of(layer)
+        if kind is DENSE:
+            options = dict(full_weight_grad=self.full_weight_grad)
         else:
-            op = (sparse_ops.sparse_depthwise_conv2d
-                  if isinstance(layer, keras.layers.DepthwiseConv2D) else sparse_ops.sparse_conv2d)
-            y = op(x, kernel_of(layer), bias, strides=layer.strides, padding=layer.padding.upper(),
-                   dilations=layer.dilation_rate, selection=selection, active=active,
-                   pattern=self.pattern, **self.flags)
+            options = dict(strides=layer.strides, padding=layer.padding.upper(),
+                           dilations=layer.dilation_rate, pattern=self.pattern)
+        y = SPARSE_OPS[kind](x, kind.kernel(layer), bias, selection=selection, active=active,
+                             **options, **self.flags)
         return layer.activation(y)
 
 
@@ -146,7 +150,7 @@ def _resolve_patterns(patterns, weight_layers) -> dict:
     is None, one pattern name for all of them, or a dict naming some of them."""
     if patterns is None:
         return {}
-    convs = {l.name for l in weight_layers if not isinstance(l, keras.layers.Dense)}
+    convs = {l.name for l in weight_layers if is_conv(l)}
     if isinstance(patterns, str):
         return {name: patterns for name in sorted(convs)}
     unknown = sorted(set(patterns) - convs)
@@ -187,8 +191,8 @@ class SparseUpdateModel(keras.Model):
                                   "and no BatchNorm folded into it)")
         self.activation_patterns = _resolve_patterns(activation_patterns, self._weight_layers)
         self.selection = SelectionState(
-            {l.name: (input_channels(l), kept_channels(l, scheme.update_for(l.name).ratio))
-             for l in self._weight_layers}, name="selection_state")
+            {l.name: (input_channels(l), scheme.kept_channels(l)) for l in self._weight_layers},
+            name="selection_state")
         self._total_conv_weights = total_conv_weights(model)
         self._per_channel = {l.name: weights_per_channel(l) for l in self._weight_layers}
         self.sparse_graph = rebuild(model, self._call_layer, name=f"{model.name}_train_graph")
@@ -291,7 +295,7 @@ class SparseUpdateModel(keras.Model):
             v["indices"], channels, on_value=True, off_value=False, dtype=tf.bool), axis=0),
             v["active"])
         shape = [1] * len(kernel.shape)
-        shape[0 if len(kernel.shape) == 2 else 2] = channels
+        shape[channel_axis(kernel)] = channels
         kernel.assign(tf.where(tf.reshape(chosen, shape), kernel, old))
 
     def selection_metrics(self) -> dict:

@@ -17,16 +17,12 @@
 #include "dgst_internal.h"
 #include "dgst_train_kernels.h"
 
-typedef struct {
-  const int8_t* dy; /* first dy pixel of the rectangle, channel 0 */
-  float* dx;        /* the input pixel it reads, channel 0 */
-  int32_t rows, cols, dy_col, dx_col, dy_row, dx_row;
-} rect_t;
-
-/* Output channels o..o+3 (weights wt[q * w_o_stride + c..c+3], scales ws[0..3]) into
- * dx channels c..c+3. */
-static void scatter_4x4(const rect_t* r, const int8_t* wt, int32_t w_o_stride,
-                        const float* ws, int32_t o, int32_t c) {
+/* Over the rectangle r (dy0: its first dy pixel, dx0: the input pixel that one reads, both
+ * channel 0), output channels o..o+3 (weights wt[q * w_o_stride + c..c+3], scales ws[0..3])
+ * into dx channels c..c+3. */
+static void scatter_4x4(const dgst_tap_rect* r, const int8_t* dy0, float* dx0,
+                        const int8_t* wt, int32_t w_o_stride, const float* ws, int32_t o,
+                        int32_t c) {
   const int8_t* w0 = wt;
   const int8_t* w1 = wt + w_o_stride;
   const int8_t* w2 = wt + 2 * w_o_stride;
@@ -40,11 +36,11 @@ static void scatter_4x4(const rect_t* r, const int8_t* wt, int32_t w_o_stride,
   const float w22 = ws[2] * (float)w2[2], w23 = ws[2] * (float)w2[3];
   const float w30 = ws[3] * (float)w3[0], w31 = ws[3] * (float)w3[1];
   const float w32 = ws[3] * (float)w3[2], w33 = ws[3] * (float)w3[3];
-  const int32_t dy_col = r->dy_col, dx_col = r->dx_col;
+  const int32_t dy_col = r->dy_col, dx_col = r->in_col;
   int32_t row;
   for (row = 0; row < r->rows; ++row) {
-    const int8_t* d = r->dy + row * r->dy_row + o;
-    float* x = r->dx + row * r->dx_row + c;
+    const int8_t* d = dy0 + row * r->dy_row + o;
+    float* x = dx0 + row * r->in_row + c;
     const int8_t* const d_end = d + r->cols * dy_col;
     while (d != d_end) {
       const float d0 = (float)d[0], d1 = (float)d[1], d2 = (float)d[2], d3 = (float)d[3];
@@ -76,21 +72,22 @@ static void scatter_4x4(const rect_t* r, const int8_t* wt, int32_t w_o_stride,
 }
 
 /* Output channels o..o+n_o-1 (n_o <= 4) into one dx channel c (tails). */
-static void scatter_nx1(const rect_t* r, const int8_t* wt, int32_t w_o_stride,
-                        const float* ws, int32_t o, int32_t n_o, int32_t c) {
+static void scatter_nx1(const dgst_tap_rect* r, const int8_t* dy0, float* dx0,
+                        const int8_t* wt, int32_t w_o_stride, const float* ws, int32_t o,
+                        int32_t n_o, int32_t c) {
   float wf[4];
   int32_t q, row;
   for (q = 0; q < n_o; ++q) wf[q] = ws[q] * (float)wt[q * w_o_stride];
   for (row = 0; row < r->rows; ++row) {
-    const int8_t* d = r->dy + row * r->dy_row + o;
-    float* x = r->dx + row * r->dx_row + c;
+    const int8_t* d = dy0 + row * r->dy_row + o;
+    float* x = dx0 + row * r->in_row + c;
     const int8_t* const d_end = d + r->cols * r->dy_col;
     while (d != d_end) {
       float a = *x;
       for (q = 0; q < n_o; ++q) a = dgst_mac_f32(a, wf[q], (float)d[q]);
       *x = a;
       d += r->dy_col;
-      x += r->dx_col;
+      x += r->in_col;
     }
   }
 }
@@ -133,42 +130,28 @@ void dgst_conv2d_input_grad_s8(const dgst_conv_geometry* g, const int8_t* dy, fl
   int32_t i, j, e;
   for (e = 0; e < n; ++e) dx[e] = 0.0f;
   for (i = 0; i < kh; ++i) {
-    const int32_t off_y = i * g->dilation_h - g->pad_top;
-    int32_t oy_lo, oy_hi;
-    dgst_out_range(off_y, g->stride_h, g->in_h, g->out_h, &oy_lo, &oy_hi);
     for (j = 0; j < kw; ++j) {
-      const int32_t off_x = j * g->dilation_w - g->pad_left;
+      const dgst_tap_rect r = dgst_tap_rect_at(g, i, j, c_out, c_in);
       const int8_t* const wt = w + (i * kw + j) * c_in;
-      int32_t ox_lo, ox_hi, o, c;
-      rect_t r;
-      dgst_out_range(off_x, g->stride_w, g->in_w, g->out_w, &ox_lo, &ox_hi);
-      r.rows = oy_hi - oy_lo;
-      r.cols = ox_hi - ox_lo;
-      if (r.rows == 0 || r.cols == 0) continue; /* tap never inside the image */
-      r.dy_col = c_out;
-      r.dx_col = g->stride_w * c_in;
-      r.dy_row = g->out_w * c_out;
-      r.dx_row = g->stride_h * g->in_w * c_in;
-      r.dy = dy + (oy_lo * g->out_w + ox_lo) * c_out;
-      r.dx = dx + ((oy_lo * g->stride_h + off_y) * g->in_w + ox_lo * g->stride_w + off_x) * c_in;
-      if (r.rows > 1 && r.cols == g->out_w && r.dx_row == r.cols * r.dx_col) {
-        r.cols *= r.rows;
-        r.rows = 1;
-      }
+      const int8_t* const dy0 = dy + r.dy_offset;
+      float* const dx0 = dx + r.in_offset;
+      int32_t o, c;
+      if (r.rows == 0) continue; /* tap never inside the image */
       if (r.rows * r.cols == 1) {
-        scatter_pixel(r.dy, wt, w_o_stride, weight_scale, c_out, c_in, r.dx);
+        scatter_pixel(dy0, wt, w_o_stride, weight_scale, c_out, c_in, dx0);
         continue;
       }
       for (o = 0; o + 4 <= c_out; o += 4) {
         const int8_t* const wo = wt + o * w_o_stride;
         for (c = 0; c + 4 <= c_in; c += 4)
-          scatter_4x4(&r, wo + c, w_o_stride, weight_scale + o, o, c);
-        for (; c < c_in; ++c) scatter_nx1(&r, wo + c, w_o_stride, weight_scale + o, o, 4, c);
+          scatter_4x4(&r, dy0, dx0, wo + c, w_o_stride, weight_scale + o, o, c);
+        for (; c < c_in; ++c)
+          scatter_nx1(&r, dy0, dx0, wo + c, w_o_stride, weight_scale + o, o, 4, c);
       }
       if (o < c_out) {
         const int8_t* const wo = wt + o * w_o_stride;
         for (c = 0; c < c_in; ++c)
-          scatter_nx1(&r, wo + c, w_o_stride, weight_scale + o, o, c_out - o, c);
+          scatter_nx1(&r, dy0, dx0, wo + c, w_o_stride, weight_scale + o, o, c_out - o, c);
       }
     }
   }

@@ -19,15 +19,6 @@
 #include "dgst_internal.h"
 #include "dgst_train_kernels.h"
 
-/* The pixel rectangle of one tap. */
-typedef struct {
-  const int8_t* dy; /* first dy pixel, channel 0 */
-  const int8_t* x;  /* first x pixel, kept channel 0 */
-  int32_t rows, cols;
-  int32_t dy_col, x_col; /* byte steps between pixels of a row */
-  int32_t dy_row, x_row; /* byte steps between rows */
-} rect_t;
-
 #if DGST_USE_ARM_DSP
 /* One pixel of the 4x2 tile (odd pixel counts): dy bytes d0..d3 -> lanes (d0, d2), (d1, d3);
  * x bytes x0, x1 -> lanes (x0 - zp, x1 - zp) (SXTB16 takes bytes 0 and 2, hence the OR);
@@ -89,7 +80,7 @@ typedef struct {
 #endif
 
 /* 4 output channels (o..o+3) x 2 kept channels (c, c+1). out: &grad[o][i][j][c]. */
-static void tile_4x2(const rect_t* r, int32_t o, int32_t c, int32_t zp, int32_t* out,
+static void tile_4x2(const dgst_s8_rect* r, int32_t o, int32_t c, int32_t zp, int32_t* out,
                      int32_t out_o_stride) {
   int32_t a00 = 0, a01 = 0, a10 = 0, a11 = 0, a20 = 0, a21 = 0, a30 = 0, a31 = 0;
   const int32_t dy_col = r->dy_col, x_col = r->x_col, cols = r->cols;
@@ -140,7 +131,7 @@ static void tile_4x2(const rect_t* r, int32_t o, int32_t c, int32_t zp, int32_t*
 }
 
 /* 4 output channels x 1 kept channel (odd k). */
-static void tile_4x1(const rect_t* r, int32_t o, int32_t c, int32_t zp, int32_t* out,
+static void tile_4x1(const dgst_s8_rect* r, int32_t o, int32_t c, int32_t zp, int32_t* out,
                      int32_t out_o_stride) {
   int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
   const int32_t dy_col = r->dy_col, x_col = r->x_col;
@@ -166,7 +157,7 @@ static void tile_4x1(const rect_t* r, int32_t o, int32_t c, int32_t zp, int32_t*
 }
 
 /* 1 output channel x up to 2 kept channels (c_out not a multiple of 4). */
-static void tile_1xn(const rect_t* r, int32_t o, int32_t c, int32_t n, int32_t zp,
+static void tile_1xn(const dgst_s8_rect* r, int32_t o, int32_t c, int32_t n, int32_t zp,
                      int32_t* out) {
   int32_t a0 = 0, a1 = 0;
   const int32_t dy_col = r->dy_col, x_col = r->x_col;
@@ -212,34 +203,11 @@ void dgst_conv2d_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kep
   const int32_t out_o_stride = kh * kw * k; /* grad[o+1] - grad[o] */
   int32_t i, j;
   for (i = 0; i < kh; ++i) {
-    const int32_t off_y = i * g->dilation_h - g->pad_top;
-    int32_t oy_lo, oy_hi;
-    dgst_out_range(off_y, g->stride_h, g->in_h, g->out_h, &oy_lo, &oy_hi);
     for (j = 0; j < kw; ++j) {
-      const int32_t off_x = j * g->dilation_w - g->pad_left;
-      int32_t ox_lo, ox_hi, o;
-      rect_t r;
+      /* a tap never inside the image is an empty rectangle: gradient 0 */
+      const dgst_s8_rect r = dgst_s8_rect_at(g, i, j, dy, c_out, x_kept, k);
       int32_t* const tap = grad + (i * kw + j) * k;
-      dgst_out_range(off_x, g->stride_w, g->in_w, g->out_w, &ox_lo, &ox_hi);
-      r.rows = oy_hi - oy_lo;
-      r.cols = ox_hi - ox_lo;
-      r.dy_col = c_out;
-      r.x_col = g->stride_w * k;
-      r.dy_row = g->out_w * c_out;
-      r.x_row = g->stride_h * g->in_w * k;
-      if (r.rows == 0 || r.cols == 0) { /* tap never inside the image: gradient 0 */
-        r.rows = r.cols = 0;
-        r.dy = dy;
-        r.x = x_kept;
-      } else {
-        r.dy = dy + (oy_lo * g->out_w + ox_lo) * c_out;
-        r.x = x_kept +
-              ((oy_lo * g->stride_h + off_y) * g->in_w + ox_lo * g->stride_w + off_x) * k;
-      }
-      if (r.rows > 1 && r.cols == g->out_w && r.x_row == r.cols * r.x_col) {
-        r.cols *= r.rows; /* rows are contiguous in both tensors: one long row */
-        r.rows = 1;
-      }
+      int32_t o;
       if (r.rows * r.cols == 1) {
         outer_product(r.dy, r.x, k, x_zero_point, c_out, tap, out_o_stride);
         continue;

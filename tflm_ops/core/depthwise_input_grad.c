@@ -21,33 +21,38 @@
 #define DGST_DW_LIST_TAPS 25
 #endif
 
+/* a[0..3] += d[0..3] * wp[0..3]: 4 channels of one tap (two SMLAs per pair of lanes on DSP
+ * cores). Inlined into the loops, so the sums stay in registers. */
+static inline void mac4_s8(const int8_t* d, const int8_t* wp, int32_t* a0, int32_t* a1,
+                           int32_t* a2, int32_t* a3) {
+#if DGST_USE_ARM_DSP
+  uint32_t dw, ww;
+  int32_t d02, w02, d13, w13;
+  memcpy(&dw, d, 4);
+  memcpy(&ww, wp, 4);
+  d02 = __sxtb16((int32_t)dw);
+  w02 = __sxtb16((int32_t)ww);
+  d13 = dgst_sxtb16_ror8(dw);
+  w13 = dgst_sxtb16_ror8(ww);
+  *a0 = __smlabb(d02, w02, *a0);
+  *a2 = __smlatt(d02, w02, *a2);
+  *a1 = __smlabb(d13, w13, *a1);
+  *a3 = __smlatt(d13, w13, *a3);
+#else
+  *a0 += d[0] * wp[0];
+  *a1 += d[1] * wp[1];
+  *a2 += d[2] * wp[2];
+  *a3 += d[3] * wp[3];
+#endif
+}
+
 /* dy[.. + c .. c+3] * w[.. + c .. c+3] over the listed taps into a[0..3]. */
 static void dot4_listed(const int8_t* dy, const int8_t* w, const int32_t* taps, int32_t n,
                         int32_t* acc) {
   int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
   const int32_t* const end = taps + 2 * n;
   for (; taps != end; taps += 2) {
-    const int8_t* const d = dy + taps[0];
-    const int8_t* const wp = w + taps[1];
-#if DGST_USE_ARM_DSP
-    uint32_t dw, ww;
-    int32_t d02, w02, d13, w13;
-    memcpy(&dw, d, 4);
-    memcpy(&ww, wp, 4);
-    d02 = __sxtb16((int32_t)dw);
-    w02 = __sxtb16((int32_t)ww);
-    d13 = dgst_sxtb16_ror8(dw);
-    w13 = dgst_sxtb16_ror8(ww);
-    a0 = __smlabb(d02, w02, a0);
-    a2 = __smlatt(d02, w02, a2);
-    a1 = __smlabb(d13, w13, a1);
-    a3 = __smlatt(d13, w13, a3);
-#else
-    a0 += d[0] * wp[0];
-    a1 += d[1] * wp[1];
-    a2 += d[2] * wp[2];
-    a3 += d[3] * wp[3];
-#endif
+    mac4_s8(dy + taps[0], w + taps[1], &a0, &a1, &a2, &a3);
   }
   acc[0] = a0;
   acc[1] = a1;
@@ -106,29 +111,8 @@ void dgst_depthwise_input_grad_s8(const dgst_conv_geometry* g, const int8_t* dy,
         int32_t odr = od + c, owr = ow + c;
         for (m = 0; m < ny; ++m, odr -= dy_step_y, owr += w_step_y) {
           int32_t odx = odr, owx = owr;
-          for (n = 0; n < nx; ++n, odx -= dy_step_x, owx += w_step_x) {
-            const int8_t* const d = dy + odx;
-            const int8_t* const wp = w + owx;
-#if DGST_USE_ARM_DSP
-            uint32_t dw, ww;
-            int32_t d02, d13, w02, w13;
-            memcpy(&dw, d, 4);
-            memcpy(&ww, wp, 4);
-            d02 = __sxtb16((int32_t)dw);
-            w02 = __sxtb16((int32_t)ww);
-            d13 = dgst_sxtb16_ror8(dw);
-            w13 = dgst_sxtb16_ror8(ww);
-            a0 = __smlabb(d02, w02, a0);
-            a2 = __smlatt(d02, w02, a2);
-            a1 = __smlabb(d13, w13, a1);
-            a3 = __smlatt(d13, w13, a3);
-#else
-            a0 += d[0] * wp[0];
-            a1 += d[1] * wp[1];
-            a2 += d[2] * wp[2];
-            a3 += d[3] * wp[3];
-#endif
-          }
+          for (n = 0; n < nx; ++n, odx -= dy_step_x, owx += w_step_x)
+            mac4_s8(dy + odx, w + owx, &a0, &a1, &a2, &a3);
         }
         out[c] = dy_scale * (weight_scale[c] * (float)a0);
         out[c + 1] = dy_scale * (weight_scale[c + 1] * (float)a1);

@@ -10,13 +10,7 @@
 #include "dgst_internal.h"
 #include "dgst_train_kernels.h"
 
-typedef struct {
-  const int8_t* dy; /* first dy pixel, channel 0 */
-  const int8_t* x;  /* first x pixel, kept channel 0 */
-  int32_t rows, cols, dy_col, x_col, dy_row, x_row;
-} rect_t;
-
-static void tile_2(const rect_t* r, int32_t k0, int32_t k1, int32_t c, int32_t zp,
+static void tile_2(const dgst_s8_rect* r, int32_t k0, int32_t k1, int32_t c, int32_t zp,
                    int32_t* a0_out, int32_t* a1_out) {
   int32_t a0 = 0, a1 = 0, row;
   const int32_t dy_col = r->dy_col, x_col = r->x_col;
@@ -48,7 +42,7 @@ static void tile_2(const rect_t* r, int32_t k0, int32_t k1, int32_t c, int32_t z
   *a1_out = a1;
 }
 
-static int32_t tile_1(const rect_t* r, int32_t k0, int32_t c, int32_t zp) {
+static int32_t tile_1(const dgst_s8_rect* r, int32_t k0, int32_t c, int32_t zp) {
   int32_t a0 = 0, row;
   for (row = 0; row < r->rows; ++row) {
     const int8_t* d = r->dy + row * r->dy_row;
@@ -69,34 +63,10 @@ void dgst_depthwise_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_
   const int32_t kh = g->kernel_h, kw = g->kernel_w;
   int32_t i, j;
   for (i = 0; i < kh; ++i) {
-    const int32_t off_y = i * g->dilation_h - g->pad_top;
-    int32_t oy_lo, oy_hi;
-    dgst_out_range(off_y, g->stride_h, g->in_h, g->out_h, &oy_lo, &oy_hi);
     for (j = 0; j < kw; ++j) {
-      const int32_t off_x = j * g->dilation_w - g->pad_left;
-      int32_t ox_lo, ox_hi, c;
+      const dgst_s8_rect r = dgst_s8_rect_at(g, i, j, dy, channels, x_kept, k);
       int32_t* const tap = grad + (i * kw + j) * k;
-      rect_t r;
-      dgst_out_range(off_x, g->stride_w, g->in_w, g->out_w, &ox_lo, &ox_hi);
-      r.rows = oy_hi - oy_lo;
-      r.cols = ox_hi - ox_lo;
-      r.dy_col = channels;
-      r.x_col = g->stride_w * k;
-      r.dy_row = g->out_w * channels;
-      r.x_row = g->stride_h * g->in_w * k;
-      if (r.rows == 0 || r.cols == 0) {
-        r.rows = r.cols = 0;
-        r.dy = dy;
-        r.x = x_kept;
-      } else {
-        r.dy = dy + (oy_lo * g->out_w + ox_lo) * channels;
-        r.x = x_kept +
-              ((oy_lo * g->stride_h + off_y) * g->in_w + ox_lo * g->stride_w + off_x) * k;
-        if (r.rows > 1 && r.cols == g->out_w && r.x_row == r.cols * r.x_col) {
-          r.cols *= r.rows;
-          r.rows = 1;
-        }
-      }
+      int32_t c;
       for (c = 0; c + 2 <= k; c += 2)
         tile_2(&r, kept[c], kept[c + 1], c, x_zero_point, &tap[c], &tap[c + 1]);
       if (c < k) tap[c] = tile_1(&r, kept[c], c, x_zero_point);

@@ -82,6 +82,73 @@ static inline void dgst_out_range(int32_t tap_offset, int32_t stride, int32_t in
   *hi = h > l ? h : l;
 }
 
+/* The output pixels that tap (i, j) pairs with an input pixel inside the image: a rectangle
+ * of rows x cols pixels (0 x 0 when the tap only reads padding), found once per tap so that
+ * the loops over it need no bounds checks. Offsets and steps count elements of dy (NHWC,
+ * dy_channels per pixel) and of the input side (in_channels per pixel: x or dx). When the
+ * rows follow each other in memory in both tensors (pointwise convs) the rectangle is one
+ * long row. Shared by the Conv2D input gradient and both weight gradients. */
+typedef struct {
+  int32_t rows, cols;
+  int32_t dy_offset, in_offset; /* the first pixel of dy and the input pixel it pairs with */
+  int32_t dy_col, in_col;       /* steps between pixels of a row */
+  int32_t dy_row, in_row;       /* steps between rows */
+} dgst_tap_rect;
+
+static inline dgst_tap_rect dgst_tap_rect_at(const dgst_conv_geometry* g, int32_t i, int32_t j,
+                                             int32_t dy_channels, int32_t in_channels) {
+  const int32_t off_y = i * g->dilation_h - g->pad_top, off_x = j * g->dilation_w - g->pad_left;
+  int32_t oy_lo, oy_hi, ox_lo, ox_hi;
+  dgst_tap_rect r;
+  dgst_out_range(off_y, g->stride_h, g->in_h, g->out_h, &oy_lo, &oy_hi);
+  dgst_out_range(off_x, g->stride_w, g->in_w, g->out_w, &ox_lo, &ox_hi);
+  r.rows = oy_hi - oy_lo;
+  r.cols = ox_hi - ox_lo;
+  r.dy_col = dy_channels;
+  r.in_col = g->stride_w * in_channels;
+  r.dy_row = g->out_w * dy_channels;
+  r.in_row = g->stride_h * g->in_w * in_channels;
+  if (r.rows == 0 || r.cols == 0) {
+    r.rows = r.cols = 0;
+    r.dy_offset = r.in_offset = 0;
+    return r;
+  }
+  r.dy_offset = (oy_lo * g->out_w + ox_lo) * dy_channels;
+  r.in_offset = ((oy_lo * g->stride_h + off_y) * g->in_w + ox_lo * g->stride_w + off_x) *
+                in_channels;
+  if (r.rows > 1 && r.cols == g->out_w && r.in_row == r.cols * r.in_col) {
+    r.cols *= r.rows;
+    r.rows = 1;
+  }
+  return r;
+}
+
+/* The weight gradients' view of a tap rectangle: pointers to its first dy and x pixels
+ * (channel 0), steps in bytes. */
+typedef struct {
+  const int8_t* dy;
+  const int8_t* x;
+  int32_t rows, cols;
+  int32_t dy_col, x_col; /* byte steps between pixels of a row */
+  int32_t dy_row, x_row; /* byte steps between rows */
+} dgst_s8_rect;
+
+static inline dgst_s8_rect dgst_s8_rect_at(const dgst_conv_geometry* g, int32_t i, int32_t j,
+                                           const int8_t* dy, int32_t dy_channels,
+                                           const int8_t* x, int32_t x_channels) {
+  const dgst_tap_rect t = dgst_tap_rect_at(g, i, j, dy_channels, x_channels);
+  dgst_s8_rect r;
+  r.dy = dy + t.dy_offset;
+  r.x = x + t.in_offset;
+  r.rows = t.rows;
+  r.cols = t.cols;
+  r.dy_col = t.dy_col;
+  r.x_col = t.in_col;
+  r.dy_row = t.dy_row;
+  r.x_row = t.in_row;
+  return r;
+}
+
 /* The taps of one axis that read input index `in_idx`, as seen from the input side (for the
  * gather form of the input gradient): taps t = tap0 + n * tap_step with output index
  * o = out0 - n * out_step, for n in [0, count). in_idx = o * stride - pad + t * dilation. */

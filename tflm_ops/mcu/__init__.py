@@ -1,1 +1,3 @@
-"""The Cortex-M harness of the kernel cores: test vectors (`gen_vectors`) and firmware sources."""
+"""The Cortex-M harness of the kernel cores: firmware sources and their test vectors
+(`gen_vectors` command line; `synthetic_vectors` and `real_cases` build the cases with
+`cases` and `c_emitter`)."""

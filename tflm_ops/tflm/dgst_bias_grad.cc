@@ -13,6 +13,8 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_BIAS_GRAD";
+constexpr int kDyTensor = 0;
+constexpr int kGradTensor = 0;  // output
 
 struct OpData {
   bool options_ok;
@@ -20,22 +22,16 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t options[1];
-  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
-  data->pixels = data->channels = 0;
-  return data;
+  return InitVersionOnly<OpData>(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 1, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* dy = CheckedInput(kOp, "input 0 (dy)", context, node, 0, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* grad =
-      CheckedOutput(kOp, "output 0 (grad)", context, node, 0, kTfLiteInt32, 1);
-  if (dy == nullptr || grad == nullptr) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 1, 1);
+  const TfLiteEvalTensor* dy = check.Input("input 0 (dy)", kDyTensor, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* grad = check.Output("output 0 (grad)", kGradTensor, kTfLiteInt32, 1);
+  if (!check.ok()) return kTfLiteError;
   if (Rank(dy) < 1) {
     MicroPrintf("%s: input 0 (dy) must have rank >= 1 (channels last)", kOp);
     return kTfLiteError;
@@ -52,8 +48,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const TfLiteEvalTensor* dy = GetEvalInput(context, node, 0);
-  TfLiteEvalTensor* grad = GetEvalOutput(context, node, 0);
+  const TfLiteEvalTensor* dy = GetEvalInput(context, node, kDyTensor);
+  TfLiteEvalTensor* grad = GetEvalOutput(context, node, kGradTensor);
   dgst_bias_grad_s8(static_cast<const int8_t*>(dy->data.data), data->pixels, data->channels,
                     static_cast<int32_t*>(grad->data.data));
   return kTfLiteOk;

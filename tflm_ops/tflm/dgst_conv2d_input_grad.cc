@@ -12,6 +12,7 @@
 // dx[iy][ix][c] = dy_scale * sum weight_scale[o] * dy[oy][ox][o] * w[o][i][j][c] over the
 // taps mapping to (iy, ix). Calls dgst_conv2d_input_grad_s8 from tflm_ops/core.
 #include "../core/dgst_train_kernels.h"
+#include "dgst_conv_grad_common.h"
 #include "dgst_tflm_abi.h"
 #include "dgst_tflm_geometry.h"
 
@@ -21,41 +22,23 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_CONV2D_INPUT_GRAD";
-constexpr int32_t kOptionWords = 7;
 
-struct OpData {
-  bool options_ok;
-  int32_t c_in, c_out;
-  dgst_conv_geometry geometry;
-};
+using OpData = ConvGradOpData;  // in_channels = c_in, out_channels = c_out
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t o[kOptionWords];
-  data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords) &&
-                     GeometryFromOptions(kOp, o, &data->geometry);
-  return data;
+  return InitInputGrad(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 4, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* dy = CheckedInput(kOp, "input 0 (dy)", context, node, 0, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* dy_scale =
-      CheckedInput(kOp, "input 1 (dy_scale)", context, node, 1, kTfLiteFloat32, -1);
-  const TfLiteEvalTensor* w = CheckedInput(kOp, "input 2 (w)", context, node, 2, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* ws =
-      CheckedInput(kOp, "input 3 (weight_scale)", context, node, 3, kTfLiteFloat32, 1);
-  const TfLiteEvalTensor* dx =
-      CheckedOutput(kOp, "output 0 (dx)", context, node, 0, kTfLiteFloat32, -1);
-  if (dy == nullptr || dy_scale == nullptr || w == nullptr || ws == nullptr || dx == nullptr)
-    return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  InputGradTensors t;
+  if (!CheckedInputGradTensors(kOp, context, node, -1, &t)) return kTfLiteError;
+  const TfLiteEvalTensor *dy = t.dy, *w = t.w, *ws = t.weight_scale;
   dgst_conv_geometry& g = data->geometry;
   int32_t c_out, c_in;
   if (!ActivationView(kOp, "input 0 (dy)", dy, &g.out_h, &g.out_w, &c_out) ||
-      !ActivationView(kOp, "output 0 (dx)", dx, &g.in_h, &g.in_w, &c_in))
+      !ActivationView(kOp, "output 0 (dx)", t.dx, &g.in_h, &g.in_w, &c_in))
     return kTfLiteError;
   if (Rank(w) != 4 && Rank(w) != 2) {
     MicroPrintf("%s: input 2 (w) must be [c_out, kh, kw, c_in] or [c_out, c_in], got rank %d",
@@ -65,30 +48,23 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   g.kernel_h = Rank(w) == 4 ? Dim(w, 1) : 1;
   g.kernel_w = Rank(w) == 4 ? Dim(w, 2) : 1;
   if (Dim(w, 0) != c_out || Dim(w, -1) != c_in || Dim(ws, 0) != c_out ||
-      NumElements(dy_scale) != 1) {
+      NumElements(t.dy_scale) != 1) {
     MicroPrintf("%s: w [%d, .., %d] and weight_scale [%d] must match dy's %d output and dx's "
                 "%d input channels; dy_scale must hold 1 value (has %d)", kOp, Dim(w, 0),
                 Dim(w, -1), Dim(ws, 0), static_cast<int>(c_out), static_cast<int>(c_in),
-                NumElements(dy_scale));
+                NumElements(t.dy_scale));
     return kTfLiteError;
   }
-  data->c_in = c_in;
-  data->c_out = c_out;
+  data->in_channels = c_in;
+  data->out_channels = c_out;
   return CheckGeometry(kOp, g) ? kTfLiteOk : kTfLiteError;
 }
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const TfLiteEvalTensor* dy = GetEvalInput(context, node, 0);
-  const TfLiteEvalTensor* dy_scale = GetEvalInput(context, node, 1);
-  const TfLiteEvalTensor* w = GetEvalInput(context, node, 2);
-  const TfLiteEvalTensor* ws = GetEvalInput(context, node, 3);
-  TfLiteEvalTensor* dx = GetEvalOutput(context, node, 0);
-  dgst_conv2d_input_grad_s8(&data->geometry, static_cast<const int8_t*>(dy->data.data),
-                            *static_cast<const float*>(dy_scale->data.data),
-                            static_cast<const int8_t*>(w->data.data),
-                            static_cast<const float*>(ws->data.data), data->c_in, data->c_out,
-                            static_cast<float*>(dx->data.data));
+  const InputGradData d = GetInputGradData(context, node);
+  dgst_conv2d_input_grad_s8(&data->geometry, d.dy, d.dy_scale, d.w, d.weight_scale,
+                            data->in_channels, data->out_channels, d.dx);
   return kTfLiteOk;
 }
 

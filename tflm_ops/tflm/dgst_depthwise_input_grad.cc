@@ -11,6 +11,7 @@
 // A depthwise conv after an explicit PAD is differentiated as one conv on the unpadded
 // input with pad_top/pad_left set. Calls dgst_depthwise_input_grad_s8 from tflm_ops/core.
 #include "../core/dgst_train_kernels.h"
+#include "dgst_conv_grad_common.h"
 #include "dgst_tflm_abi.h"
 #include "dgst_tflm_geometry.h"
 
@@ -20,40 +21,22 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_DEPTHWISE_INPUT_GRAD";
-constexpr int32_t kOptionWords = 7;
 
-struct OpData {
-  bool options_ok;
-  int32_t channels;
-  dgst_conv_geometry geometry;
-};
+using OpData = ConvGradOpData;  // in_channels = out_channels = the channels
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t o[kOptionWords];
-  data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords) &&
-                     GeometryFromOptions(kOp, o, &data->geometry);
-  return data;
+  return InitInputGrad(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 4, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* dy = CheckedInput(kOp, "input 0 (dy)", context, node, 0, kTfLiteInt8, 4);
-  const TfLiteEvalTensor* dy_scale =
-      CheckedInput(kOp, "input 1 (dy_scale)", context, node, 1, kTfLiteFloat32, -1);
-  const TfLiteEvalTensor* w = CheckedInput(kOp, "input 2 (w)", context, node, 2, kTfLiteInt8, 4);
-  const TfLiteEvalTensor* ws =
-      CheckedInput(kOp, "input 3 (weight_scale)", context, node, 3, kTfLiteFloat32, 1);
-  const TfLiteEvalTensor* dx =
-      CheckedOutput(kOp, "output 0 (dx)", context, node, 0, kTfLiteFloat32, 4);
-  if (dy == nullptr || dy_scale == nullptr || w == nullptr || ws == nullptr || dx == nullptr)
-    return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  InputGradTensors t;
+  if (!CheckedInputGradTensors(kOp, context, node, 4, &t)) return kTfLiteError;
+  const TfLiteEvalTensor *dy = t.dy, *w = t.w, *ws = t.weight_scale, *dx = t.dx;
   const int32_t c = Dim(dy, 3);
   if (Dim(dy, 0) != 1 || Dim(dx, 0) != 1 || Dim(w, 0) != 1 || Dim(w, 3) != c ||
-      Dim(dx, 3) != c || Dim(ws, 0) != c || NumElements(dy_scale) != 1) {
+      Dim(dx, 3) != c || Dim(ws, 0) != c || NumElements(t.dy_scale) != 1) {
     MicroPrintf("%s: need dy [1, oh, ow, C], w [1, kh, kw, C], dx [1, h, w, C], "
                 "weight_scale [C] and dy_scale [1] with C = %d; got w [%d, %d, %d, %d], dx "
                 "channels %d, weight_scale [%d], batch dy %d dx %d", kOp, static_cast<int>(c),
@@ -68,22 +51,15 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   g.out_w = Dim(dy, 2);
   g.kernel_h = Dim(w, 1);
   g.kernel_w = Dim(w, 2);
-  data->channels = c;
+  data->in_channels = data->out_channels = c;
   return CheckGeometry(kOp, g) ? kTfLiteOk : kTfLiteError;
 }
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const TfLiteEvalTensor* dy = GetEvalInput(context, node, 0);
-  const TfLiteEvalTensor* dy_scale = GetEvalInput(context, node, 1);
-  const TfLiteEvalTensor* w = GetEvalInput(context, node, 2);
-  const TfLiteEvalTensor* ws = GetEvalInput(context, node, 3);
-  TfLiteEvalTensor* dx = GetEvalOutput(context, node, 0);
-  dgst_depthwise_input_grad_s8(&data->geometry, static_cast<const int8_t*>(dy->data.data),
-                               *static_cast<const float*>(dy_scale->data.data),
-                               static_cast<const int8_t*>(w->data.data),
-                               static_cast<const float*>(ws->data.data), data->channels,
-                               static_cast<float*>(dx->data.data));
+  const InputGradData d = GetInputGradData(context, node);
+  dgst_depthwise_input_grad_s8(&data->geometry, d.dy, d.dy_scale, d.w, d.weight_scale,
+                               data->in_channels, d.dx);
   return kTfLiteOk;
 }
 

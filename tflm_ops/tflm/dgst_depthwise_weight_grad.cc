@@ -11,6 +11,7 @@
 // grad[i][j][c] = sum_{oy,ox} dy[oy][ox][kept[c]] * (x_kept[iy][ix][c] - x_zero_point).
 // Calls dgst_depthwise_weight_grad_s8 from tflm_ops/core.
 #include "../core/dgst_train_kernels.h"
+#include "dgst_conv_grad_common.h"
 #include "dgst_tflm_abi.h"
 #include "dgst_tflm_geometry.h"
 
@@ -20,48 +21,33 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_DEPTHWISE_WEIGHT_GRAD";
-constexpr int32_t kOptionWords = 8;
+constexpr int kXKeptTensor = 0;
+constexpr int kKeptTensor = 1;
+constexpr int kDyTensor = 2;
+constexpr int kGradTensor = 0;  // output
 
-struct OpData {
-  bool options_ok;
-  int32_t x_zero_point, k, channels;
-  dgst_conv_geometry geometry;
-};
+using OpData = ConvGradOpData;  // in_channels = k (kept), out_channels = the channels
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t o[kOptionWords];
-  data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords) &&
-                     GeometryFromOptions(kOp, o, &data->geometry);
-  if (data->options_ok && (o[7] < -128 || o[7] > 127)) {
-    MicroPrintf("%s: invalid options: x_zero_point %d must be in [-128, 127]", kOp,
-                static_cast<int>(o[7]));
-    data->options_ok = false;
-  }
-  if (data->options_ok) data->x_zero_point = o[7];
-  return data;
+  return InitWeightGrad(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 3, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* x =
-      CheckedInput(kOp, "input 0 (x_kept)", context, node, 0, kTfLiteInt8, 4);
-  const TfLiteEvalTensor* kept =
-      CheckedInput(kOp, "input 1 (kept)", context, node, 1, kTfLiteInt32, 1);
-  const TfLiteEvalTensor* dy = CheckedInput(kOp, "input 2 (dy)", context, node, 2, kTfLiteInt8, 4);
-  const TfLiteEvalTensor* grad =
-      CheckedOutput(kOp, "output 0 (grad)", context, node, 0, kTfLiteInt32, 3);
-  if (x == nullptr || kept == nullptr || dy == nullptr || grad == nullptr) return kTfLiteError;
-  data->k = Dim(x, 3);
-  data->channels = Dim(dy, 3);
-  if (Dim(x, 0) != 1 || Dim(dy, 0) != 1 || Dim(kept, 0) != data->k ||
-      Dim(grad, 2) != data->k || data->k > data->channels) {
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 3, 1);
+  const TfLiteEvalTensor* x = check.Input("input 0 (x_kept)", kXKeptTensor, kTfLiteInt8, 4);
+  const TfLiteEvalTensor* kept = check.Input("input 1 (kept)", kKeptTensor, kTfLiteInt32, 1);
+  const TfLiteEvalTensor* dy = check.Input("input 2 (dy)", kDyTensor, kTfLiteInt8, 4);
+  const TfLiteEvalTensor* grad = check.Output("output 0 (grad)", kGradTensor, kTfLiteInt32, 3);
+  if (!check.ok()) return kTfLiteError;
+  const int32_t k = data->in_channels = Dim(x, 3);
+  const int32_t channels = data->out_channels = Dim(dy, 3);
+  if (Dim(x, 0) != 1 || Dim(dy, 0) != 1 || Dim(kept, 0) != k || Dim(grad, 2) != k ||
+      k > channels) {
     MicroPrintf("%s: need batch 1, kept [k] and grad [kh, kw, k] with k = %d (the channels of "
                 "x_kept, at most dy's %d); got kept [%d], grad [%d, %d, %d]", kOp,
-                static_cast<int>(data->k), static_cast<int>(data->channels), Dim(kept, 0),
+                static_cast<int>(k), static_cast<int>(channels), Dim(kept, 0),
                 Dim(grad, 0), Dim(grad, 1), Dim(grad, 2));
     return kTfLiteError;
   }
@@ -77,14 +63,15 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const TfLiteEvalTensor* x = GetEvalInput(context, node, 0);
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
-  const TfLiteEvalTensor* dy = GetEvalInput(context, node, 2);
-  TfLiteEvalTensor* grad = GetEvalOutput(context, node, 0);
-  if (!KeptInRange(kOp, kept, data->k, data->channels)) return kTfLiteError;
+  const TfLiteEvalTensor* x = GetEvalInput(context, node, kXKeptTensor);
+  const auto* kept =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
+  const TfLiteEvalTensor* dy = GetEvalInput(context, node, kDyTensor);
+  TfLiteEvalTensor* grad = GetEvalOutput(context, node, kGradTensor);
+  if (!KeptInRange(kOp, kept, data->in_channels, data->out_channels)) return kTfLiteError;
   dgst_depthwise_weight_grad_s8(&data->geometry, static_cast<const int8_t*>(x->data.data), kept,
-                                data->k, data->x_zero_point,
-                                static_cast<const int8_t*>(dy->data.data), data->channels,
+                                data->in_channels, data->x_zero_point,
+                                static_cast<const int8_t*>(dy->data.data), data->out_channels,
                                 static_cast<int32_t*>(grad->data.data));
   return kTfLiteOk;
 }

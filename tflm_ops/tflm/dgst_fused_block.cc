@@ -29,6 +29,12 @@ constexpr const char* kOp = "DGST_FUSED_BLOCK";
 constexpr int32_t kOptionWords = 21;
 constexpr int kStages = 3;
 const char* const kStageNames[kStages] = {"conv", "depthwise", "projection"};
+constexpr int kXTensor = 0;
+constexpr int kYTensor = 0;  // output
+// Stage s (0 conv, 1 depthwise, 2 projection) has its weights at input 1 + 2s and its
+// requantization at input 2 + 2s.
+constexpr int WeightsTensor(int stage) { return 1 + 2 * stage; }
+constexpr int RequantTensor(int stage) { return 2 + 2 * stage; }
 
 struct OpData {
   bool options_ok;
@@ -39,7 +45,7 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kOptionWords];
   data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
@@ -77,10 +83,10 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
   return data;
 }
 
-// Inputs 1 + 2s (weights, int8 rank 4) and 2 + 2s (requant, int32 [3, channels]) of stage s.
+// The weights (int8 rank 4) and requantization (int32 [3, channels]) of stage s.
 bool CheckStage(TfLiteContext* context, TfLiteNode* node, int s, int32_t channels) {
-  const int index = 2 + 2 * s;
-  if (CheckedInput(kOp, "weights", context, node, index - 1, kTfLiteInt8, 4) == nullptr)
+  const int index = RequantTensor(s);
+  if (CheckedInput(kOp, "weights", context, node, WeightsTensor(s), kTfLiteInt8, 4) == nullptr)
     return false;
   const TfLiteEvalTensor* q = CheckedInput(kOp, "requant", context, node, index, kTfLiteInt32, 2);
   if (q == nullptr) return false;
@@ -94,15 +100,15 @@ bool CheckStage(TfLiteContext* context, TfLiteNode* node, int s, int32_t channel
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 1 + 2 * kStages, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* x = CheckedInput(kOp, "input 0 (x)", context, node, 0, kTfLiteInt8, 4);
-  const TfLiteEvalTensor* y = CheckedOutput(kOp, "output 0 (y)", context, node, 0, kTfLiteInt8, 4);
-  if (x == nullptr || y == nullptr) return kTfLiteError;
-  const TfLiteEvalTensor* w1 = GetEvalInput(context, node, 1);
-  const TfLiteEvalTensor* w2 = GetEvalInput(context, node, 3);
-  const TfLiteEvalTensor* w3 = GetEvalInput(context, node, 5);
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 1 + 2 * kStages, 1);
+  const TfLiteEvalTensor* x = check.Input("input 0 (x)", kXTensor, kTfLiteInt8, 4);
+  const TfLiteEvalTensor* y = check.Output("output 0 (y)", kYTensor, kTfLiteInt8, 4);
+  if (!check.ok()) return kTfLiteError;
+  const TfLiteEvalTensor* w1 = GetEvalInput(context, node, WeightsTensor(0));
+  const TfLiteEvalTensor* w2 = GetEvalInput(context, node, WeightsTensor(1));
+  const TfLiteEvalTensor* w3 = GetEvalInput(context, node, WeightsTensor(2));
   if (w1 == nullptr || w2 == nullptr || w3 == nullptr || Rank(w1) != 4 || Rank(w2) != 4 ||
       Rank(w3) != 4) {
     MicroPrintf("%s: inputs 1, 3 and 5 (weights) must have rank 4", kOp);
@@ -165,10 +171,11 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   dgst_requant_params stage[kStages];
   for (int s = 0; s < kStages; ++s) {
-    const TfLiteEvalTensor* q = GetEvalInput(context, node, 2 + 2 * s);
+    const TfLiteEvalTensor* q = GetEvalInput(context, node, RequantTensor(s));
     const auto* requant = static_cast<const int32_t*>(q->data.data);
     const int32_t channels = Dim(q, 1);
-    stage[s].weights = static_cast<const int8_t*>(GetEvalInput(context, node, 1 + 2 * s)->data.data);
+    stage[s].weights =
+        static_cast<const int8_t*>(GetEvalInput(context, node, WeightsTensor(s))->data.data);
     stage[s].bias = requant;
     stage[s].multiplier = requant + channels;
     stage[s].shift = requant + 2 * channels;
@@ -178,8 +185,8 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
     stage[s].act_max = data->act[s][1];
   }
   dgst_fused_block_s8(&data->geometry, &stage[0], &stage[1], &stage[2],
-                      static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
-                      static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data),
+                      static_cast<const int8_t*>(GetEvalInput(context, node, kXTensor)->data.data),
+                      static_cast<int8_t*>(GetEvalOutput(context, node, kYTensor)->data.data),
                       MicroContextGetScratchBuffer(context, data->scratch));
   return kTfLiteOk;
 }

@@ -16,6 +16,9 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_GATHER_CHANNELS";
+constexpr int kXTensor = 0;
+constexpr int kKeptTensor = 1;
+constexpr int kOutTensor = 0;  // output
 
 struct OpData {
   bool options_ok;
@@ -23,23 +26,17 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t options[1];
-  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
-  return data;
+  return InitVersionOnly<OpData>(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 2, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* x = CheckedInput(kOp, "input 0 (x)", context, node, 0, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* kept =
-      CheckedInput(kOp, "input 1 (kept)", context, node, 1, kTfLiteInt32, 1);
-  const TfLiteEvalTensor* out =
-      CheckedOutput(kOp, "output 0 (out)", context, node, 0, kTfLiteInt8, -1);
-  if (x == nullptr || kept == nullptr || out == nullptr) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 2, 1);
+  const TfLiteEvalTensor* x = check.Input("input 0 (x)", kXTensor, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* kept = check.Input("input 1 (kept)", kKeptTensor, kTfLiteInt32, 1);
+  const TfLiteEvalTensor* out = check.Output("output 0 (out)", kOutTensor, kTfLiteInt8, -1);
+  if (!check.ok()) return kTfLiteError;
   data->channels = Dim(x, -1);
   data->k = Dim(kept, 0);
   bool ok = Rank(x) >= 1 && Rank(out) == Rank(x) && Dim(out, -1) == data->k &&
@@ -58,11 +55,13 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
+  const auto* kept =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
   if (!KeptInRange(kOp, kept, data->k, data->channels)) return kTfLiteError;
-  dgst_gather_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
-                          data->pixels, data->channels, kept, data->k,
-                          static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data));
+  dgst_gather_channels_s8(
+      static_cast<const int8_t*>(GetEvalInput(context, node, kXTensor)->data.data),
+      data->pixels, data->channels, kept, data->k,
+      static_cast<int8_t*>(GetEvalOutput(context, node, kOutTensor)->data.data));
   return kTfLiteOk;
 }
 

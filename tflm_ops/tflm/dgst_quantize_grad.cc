@@ -24,6 +24,11 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_QUANTIZE_GRAD";
+constexpr int kGTensor = 0;
+constexpr int kMaskTensor = 1;    // optional
+constexpr int kFactorTensor = 2;  // broadcast mode only
+constexpr int kDyTensor = 0;      // outputs
+constexpr int kDyScaleTensor = 1;
 
 struct OpData {
   bool options_ok;
@@ -32,32 +37,25 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t options[1];
-  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
-  data->n = 0;
-  return data;
+  return InitVersionOnly<OpData>(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
   const bool broadcast = node->inputs != nullptr && node->inputs->size == 3;
-  if (!CheckArity(kOp, node, broadcast ? 3 : 2, 2)) return kTfLiteError;
-  const TfLiteEvalTensor* g =
-      CheckedInput(kOp, "input 0 (g)", context, node, 0, kTfLiteFloat32, -1);
-  const TfLiteEvalTensor* dy =
-      CheckedOutput(kOp, "output 0 (dy)", context, node, 0, kTfLiteInt8, -1);
+  NodeTensorChecker check(kOp, context, node, broadcast ? 3 : 2, 2);
+  const TfLiteEvalTensor* g = check.Input("input 0 (g)", kGTensor, kTfLiteFloat32, -1);
+  const TfLiteEvalTensor* dy = check.Output("output 0 (dy)", kDyTensor, kTfLiteInt8, -1);
   const TfLiteEvalTensor* scale =
-      CheckedOutput(kOp, "output 1 (dy_scale)", context, node, 1, kTfLiteFloat32, -1);
-  if (g == nullptr || dy == nullptr || scale == nullptr) return kTfLiteError;
+      check.Output("output 1 (dy_scale)", kDyScaleTensor, kTfLiteFloat32, -1);
+  if (!check.ok()) return kTfLiteError;
   data->n = NumElements(broadcast ? dy : g);
   data->channels = 0;
   if (broadcast) {
     const TfLiteEvalTensor* factor =
-        CheckedInput(kOp, "input 2 (factor)", context, node, 2, kTfLiteFloat32, -1);
-    if (factor == nullptr) return kTfLiteError;
+        check.Input("input 2 (factor)", kFactorTensor, kTfLiteFloat32, -1);
+    if (!check.ok()) return kTfLiteError;
     data->channels = NumElements(g);
     if (NumElements(factor) != 1 || data->channels < 1 || Dim(dy, -1) != data->channels) {
       MicroPrintf("%s: broadcast mode needs input 2 (factor) with one element (has %d) and "
@@ -72,10 +70,9 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
                 NumElements(scale));
     return kTfLiteError;
   }
-  if (GetEvalInput(context, node, 1) != nullptr) {
-    const TfLiteEvalTensor* mask =
-        CheckedInput(kOp, "input 1 (mask)", context, node, 1, kTfLiteUInt8, 1);
-    if (mask == nullptr) return kTfLiteError;
+  if (GetEvalInput(context, node, kMaskTensor) != nullptr) {
+    const TfLiteEvalTensor* mask = check.Input("input 1 (mask)", kMaskTensor, kTfLiteUInt8, 1);
+    if (!check.ok()) return kTfLiteError;
     if (Dim(mask, 0) != (data->n + 7) / 8) {
       MicroPrintf("%s: input 1 (mask) must have %d bytes (1 bit per element of g), got %d",
                   kOp, static_cast<int>((data->n + 7) / 8), Dim(mask, 0));
@@ -87,20 +84,22 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  auto* g = static_cast<float*>(GetEvalInput(context, node, 0)->data.data);
-  const TfLiteEvalTensor* mask = GetEvalInput(context, node, 1);
+  auto* g = static_cast<float*>(GetEvalInput(context, node, kGTensor)->data.data);
+  const TfLiteEvalTensor* mask = GetEvalInput(context, node, kMaskTensor);
+  auto* dy = static_cast<int8_t*>(GetEvalOutput(context, node, kDyTensor)->data.data);
+  auto* dy_scale = static_cast<float*>(GetEvalOutput(context, node, kDyScaleTensor)->data.data);
   if (data->channels > 0) {
-    const float factor = *static_cast<const float*>(GetEvalInput(context, node, 2)->data.data);
+    const float factor =
+        *static_cast<const float*>(GetEvalInput(context, node, kFactorTensor)->data.data);
     dgst_quantize_broadcast_grad_s8(
         g, data->n / data->channels, data->channels, factor,
-        mask == nullptr ? nullptr : static_cast<const uint8_t*>(mask->data.data),
-        static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data),
-        static_cast<float*>(GetEvalOutput(context, node, 1)->data.data));
+        mask == nullptr ? nullptr : static_cast<const uint8_t*>(mask->data.data), dy, dy_scale);
     return kTfLiteOk;
   }
-  if (mask != nullptr) dgst_apply_mask_f32(g, static_cast<const uint8_t*>(mask->data.data), data->n);
-  dgst_quantize_grad_s8(g, data->n, static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data),
-                        static_cast<float*>(GetEvalOutput(context, node, 1)->data.data));
+  if (mask != nullptr) {
+    dgst_apply_mask_f32(g, static_cast<const uint8_t*>(mask->data.data), data->n);
+  }
+  dgst_quantize_grad_s8(g, data->n, dy, dy_scale);
   return kTfLiteOk;
 }
 

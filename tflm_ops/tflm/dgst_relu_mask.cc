@@ -16,6 +16,8 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_RELU_MASK";
+constexpr int kYTensor = 0;
+constexpr int kMaskTensor = 0;  // output
 constexpr int32_t kOptionWords = 3;
 
 struct OpData {
@@ -24,7 +26,7 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kOptionWords];
   data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
@@ -40,13 +42,12 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 1, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* y = CheckedInput(kOp, "input 0 (y)", context, node, 0, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* mask =
-      CheckedOutput(kOp, "output 0 (mask)", context, node, 0, kTfLiteUInt8, 1);
-  if (y == nullptr || mask == nullptr) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 1, 1);
+  const TfLiteEvalTensor* y = check.Input("input 0 (y)", kYTensor, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* mask = check.Output("output 0 (mask)", kMaskTensor, kTfLiteUInt8, 1);
+  if (!check.ok()) return kTfLiteError;
   data->n = NumElements(y);
   if (Dim(mask, 0) != (data->n + 7) / 8) {
     MicroPrintf("%s: output 0 (mask) must have %d bytes (1 bit per element of y), got %d", kOp,
@@ -58,8 +59,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const auto* y = static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data);
-  auto* mask = static_cast<uint8_t*>(GetEvalOutput(context, node, 0)->data.data);
+  const auto* y = static_cast<const int8_t*>(GetEvalInput(context, node, kYTensor)->data.data);
+  auto* mask = static_cast<uint8_t*>(GetEvalOutput(context, node, kMaskTensor)->data.data);
   dgst_build_mask_s8(y, data->n, static_cast<int8_t>(data->lo), static_cast<int8_t>(data->hi),
                      mask);
   return kTfLiteOk;

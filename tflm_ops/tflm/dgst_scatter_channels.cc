@@ -18,6 +18,10 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_SCATTER_CHANNELS";
+constexpr int kBaseTensor = 0;
+constexpr int kSrcTensor = 1;
+constexpr int kKeptTensor = 2;
+constexpr int kOutTensor = 0;  // output
 
 struct OpData {
   bool options_ok;
@@ -25,25 +29,18 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t options[1];
-  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
-  return data;
+  return InitVersionOnly<OpData>(kOp, context, buffer, length);
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 3, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* base =
-      CheckedInput(kOp, "input 0 (base)", context, node, 0, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* src = CheckedInput(kOp, "input 1 (src)", context, node, 1, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* kept =
-      CheckedInput(kOp, "input 2 (kept)", context, node, 2, kTfLiteInt32, 1);
-  const TfLiteEvalTensor* out =
-      CheckedOutput(kOp, "output 0 (out)", context, node, 0, kTfLiteInt8, -1);
-  if (base == nullptr || src == nullptr || kept == nullptr || out == nullptr) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 3, 1);
+  const TfLiteEvalTensor* base = check.Input("input 0 (base)", kBaseTensor, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* src = check.Input("input 1 (src)", kSrcTensor, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* kept = check.Input("input 2 (kept)", kKeptTensor, kTfLiteInt32, 1);
+  const TfLiteEvalTensor* out = check.Output("output 0 (out)", kOutTensor, kTfLiteInt8, -1);
+  if (!check.ok()) return kTfLiteError;
   data->channels = Dim(base, -1);
   data->k = Dim(kept, 0);
   bool ok = Rank(base) >= 1 && Rank(src) == Rank(base) && Rank(out) == Rank(base) &&
@@ -65,12 +62,14 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data.data);
+  const auto* kept =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
   if (!KeptInRange(kOp, kept, data->k, data->channels)) return kTfLiteError;
-  dgst_scatter_channels_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
-                           static_cast<const int8_t*>(GetEvalInput(context, node, 1)->data.data),
-                           data->rows, data->channels, kept, data->k,
-                           static_cast<int8_t*>(GetEvalOutput(context, node, 0)->data.data));
+  dgst_scatter_channels_s8(
+      static_cast<const int8_t*>(GetEvalInput(context, node, kBaseTensor)->data.data),
+      static_cast<const int8_t*>(GetEvalInput(context, node, kSrcTensor)->data.data), data->rows,
+      data->channels, kept, data->k,
+      static_cast<int8_t*>(GetEvalOutput(context, node, kOutTensor)->data.data));
   return kTfLiteOk;
 }
 

@@ -24,6 +24,10 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_SELECT_CHANNELS";
+constexpr int kWeightsTensor = 0;
+constexpr int kWeightScaleTensor = 1;
+constexpr int kStepTensor = 2;  // traversal policy: the step counter (a variable)
+constexpr int kKeptTensor = 0;  // output
 constexpr int32_t kOptionWords = 3;
 enum Policy { kTraversal = 0, kMagnitude = 1 };
 
@@ -35,7 +39,7 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kOptionWords];
   data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
@@ -52,15 +56,14 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 3, 1)) return kTfLiteError;
-  const TfLiteEvalTensor* w = CheckedInput(kOp, "input 0 (w)", context, node, 0, kTfLiteInt8, -1);
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 3, 1);
+  const TfLiteEvalTensor* w = check.Input("input 0 (w)", kWeightsTensor, kTfLiteInt8, -1);
   const TfLiteEvalTensor* ws =
-      CheckedInput(kOp, "input 1 (weight_scale)", context, node, 1, kTfLiteFloat32, 1);
-  const TfLiteEvalTensor* kept =
-      CheckedOutput(kOp, "output 0 (kept)", context, node, 0, kTfLiteInt32, 1);
-  if (w == nullptr || ws == nullptr || kept == nullptr) return kTfLiteError;
+      check.Input("input 1 (weight_scale)", kWeightScaleTensor, kTfLiteFloat32, 1);
+  const TfLiteEvalTensor* kept = check.Output("output 0 (kept)", kKeptTensor, kTfLiteInt32, 1);
+  if (!check.ok()) return kTfLiteError;
   const int rank = Rank(w);
   if (data->kind == 1 ? (rank != 4 || Dim(w, 0) != 1) : (rank != 4 && rank != 2)) {
     MicroPrintf("%s: input 0 (w) must be %s, got rank %d", kOp,
@@ -78,10 +81,9 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
                 static_cast<int>(data->k));
     return kTfLiteError;
   }
-  const TfLiteEvalTensor* step = GetEvalInput(context, node, 2);
   if (data->policy == kTraversal) {
-    step = CheckedInput(kOp, "input 2 (step)", context, node, 2, kTfLiteInt32, -1);
-    if (step == nullptr) return kTfLiteError;
+    const TfLiteEvalTensor* step = check.Input("input 2 (step)", kStepTensor, kTfLiteInt32, -1);
+    if (!check.ok()) return kTfLiteError;
     if (NumElements(step) != 1) {
       MicroPrintf("%s: input 2 (step) must hold one int32 (a variable tensor)", kOp);
       return kTfLiteError;
@@ -97,9 +99,9 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  auto* kept = static_cast<int32_t*>(GetEvalOutput(context, node, 0)->data.data);
+  auto* kept = static_cast<int32_t*>(GetEvalOutput(context, node, kKeptTensor)->data.data);
   if (data->policy == kTraversal) {
-    auto* step = static_cast<int32_t*>(GetEvalInput(context, node, 2)->data.data);
+    auto* step = static_cast<int32_t*>(GetEvalInput(context, node, kStepTensor)->data.data);
     int32_t s = *step;
     if (s < 0 || s >= data->c_in) s = 0;  // a fresh or damaged counter restarts the sweep
     dgst_select_traversal(s, data->c_in, data->k, kept);
@@ -107,9 +109,10 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
     return kTfLiteOk;
   }
   auto* norms = static_cast<float*>(MicroContextGetScratchBuffer(context, data->scratch));
-  dgst_select_magnitude_s8(static_cast<const int8_t*>(GetEvalInput(context, node, 0)->data.data),
-                           static_cast<const float*>(GetEvalInput(context, node, 1)->data.data),
-                           data->c_out, data->taps, data->c_in, data->kind == 1, data->k, norms,
+  dgst_select_magnitude_s8(
+      static_cast<const int8_t*>(GetEvalInput(context, node, kWeightsTensor)->data.data),
+      static_cast<const float*>(GetEvalInput(context, node, kWeightScaleTensor)->data.data),
+      data->c_out, data->taps, data->c_in, data->kind == 1, data->k, norms,
                            kept);
   return kTfLiteOk;
 }

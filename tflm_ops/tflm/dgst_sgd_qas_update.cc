@@ -27,6 +27,11 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_SGD_QAS_UPDATE";
+constexpr int kParamTensor = 0;  // updated in place (a variable)
+constexpr int kGradTensor = 1;
+constexpr int kKeptTensor = 2;  // omitted (-1) for a bias
+constexpr int kWeightScaleTensor = 3;
+constexpr int kDyScaleTensor = 4;
 constexpr int32_t kOptionWords = 4;
 enum Kind { kConv = 0, kDepthwise = 1, kBias = 2 };
 
@@ -38,7 +43,7 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kOptionWords];
   data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
@@ -64,22 +69,18 @@ bool ShapeIs(const TfLiteEvalTensor* t, int rank, const int* dims) {
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 5, 0)) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
   const bool bias = data->kind == kBias;
-  const TfLiteEvalTensor* param = CheckedInput(kOp, "input 0 (param)", context, node, 0,
-                                               bias ? kTfLiteInt32 : kTfLiteInt8,
-                                               -1);
-  const TfLiteEvalTensor* grad = CheckedInput(kOp, "input 1 (grad)", context, node, 1,
-                                              kTfLiteInt32, -1);
-  const TfLiteEvalTensor* scale = CheckedInput(kOp, "input 3 (weight_scale)", context, node,
-                                               3, kTfLiteFloat32, 1);
-  const TfLiteEvalTensor* dy_scale = CheckedInput(kOp, "input 4 (dy_scale)", context, node, 4,
-                                                  kTfLiteFloat32, -1);
-  if (param == nullptr || grad == nullptr || scale == nullptr || dy_scale == nullptr) {
-    return kTfLiteError;
-  }
+  NodeTensorChecker check(kOp, context, node, 5, 0);
+  const TfLiteEvalTensor* param =
+      check.Input("input 0 (param)", kParamTensor, bias ? kTfLiteInt32 : kTfLiteInt8, -1);
+  const TfLiteEvalTensor* grad = check.Input("input 1 (grad)", kGradTensor, kTfLiteInt32, -1);
+  const TfLiteEvalTensor* scale =
+      check.Input("input 3 (weight_scale)", kWeightScaleTensor, kTfLiteFloat32, 1);
+  const TfLiteEvalTensor* dy_scale =
+      check.Input("input 4 (dy_scale)", kDyScaleTensor, kTfLiteFloat32, -1);
+  if (!check.ok()) return kTfLiteError;
   // bias rank 1; depthwise rank 4; conv rank 4, or rank 2 for a Dense layer [c_out, c_in]
   // (then grad is [c_out, k]: a 1x1 conv).
   const int param_rank = Rank(param);
@@ -95,7 +96,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
                 NumElements(dy_scale));
     return kTfLiteError;
   }
-  const TfLiteEvalTensor* kept = GetEvalInput(context, node, 2);
+  const TfLiteEvalTensor* kept = GetEvalInput(context, node, kKeptTensor);
   if (bias) {
     if (kept != nullptr) {
       MicroPrintf("%s: input 2 (kept) must be omitted (-1) for a bias update", kOp);
@@ -113,8 +114,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
     }
     return kTfLiteOk;
   }
-  kept = CheckedInput(kOp, "input 2 (kept)", context, node, 2, kTfLiteInt32, 1);
-  if (kept == nullptr) return kTfLiteError;
+  kept = check.Input("input 2 (kept)", kKeptTensor, kTfLiteInt32, 1);
+  if (!check.ok()) return kTfLiteError;
   data->k = Dim(kept, 0);
   data->kernel_h = param_rank == 4 ? Dim(param, 1) : 1;
   data->kernel_w = param_rank == 4 ? Dim(param, 2) : 1;
@@ -156,16 +157,20 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const TfLiteEvalTensor* param = GetEvalInput(context, node, 0);
-  const auto* grad = static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
-  const auto* scale = static_cast<const float*>(GetEvalInput(context, node, 3)->data.data);
-  const float dy_scale = *static_cast<const float*>(GetEvalInput(context, node, 4)->data.data);
+  const TfLiteEvalTensor* param = GetEvalInput(context, node, kParamTensor);
+  const auto* grad =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kGradTensor)->data.data);
+  const auto* scale =
+      static_cast<const float*>(GetEvalInput(context, node, kWeightScaleTensor)->data.data);
+  const float dy_scale =
+      *static_cast<const float*>(GetEvalInput(context, node, kDyScaleTensor)->data.data);
   if (data->kind == kBias) {
     dgst_sgd_qas_update_bias_s32(static_cast<int32_t*>(param->data.data), data->c_in, grad,
                                  data->lr, data->x_scale, dy_scale, scale);
     return kTfLiteOk;
   }
-  const auto* kept = static_cast<const int32_t*>(GetEvalInput(context, node, 2)->data.data);
+  const auto* kept =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
   if (!KeptInRange(kOp, kept, data->k, data->c_in)) return kTfLiteError;
   auto* w = static_cast<int8_t*>(param->data.data);
   if (data->kind == kConv) {

@@ -16,6 +16,10 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_SOFTMAX_XENT_GRAD";
+constexpr int kLogitsTensor = 0;
+constexpr int kLabelTensor = 1;
+constexpr int kGradTensor = 0;  // outputs
+constexpr int kLossTensor = 1;
 constexpr int32_t kOptionWords = 3;
 
 struct OpData {
@@ -25,7 +29,7 @@ struct OpData {
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
+  auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kOptionWords];
   data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
@@ -41,19 +45,14 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
-  if (!CheckArity(kOp, node, 2, 2)) return kTfLiteError;
-  const TfLiteEvalTensor* logits =
-      CheckedInput(kOp, "input 0 (logits)", context, node, 0, kTfLiteInt8, -1);
-  const TfLiteEvalTensor* label =
-      CheckedInput(kOp, "input 1 (label)", context, node, 1, kTfLiteInt32, -1);
-  const TfLiteEvalTensor* grad =
-      CheckedOutput(kOp, "output 0 (grad)", context, node, 0, kTfLiteFloat32, -1);
-  const TfLiteEvalTensor* loss =
-      CheckedOutput(kOp, "output 1 (loss)", context, node, 1, kTfLiteFloat32, -1);
-  if (logits == nullptr || label == nullptr || grad == nullptr || loss == nullptr)
-    return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
+  NodeTensorChecker check(kOp, context, node, 2, 2);
+  const TfLiteEvalTensor* logits = check.Input("input 0 (logits)", kLogitsTensor, kTfLiteInt8, -1);
+  const TfLiteEvalTensor* label = check.Input("input 1 (label)", kLabelTensor, kTfLiteInt32, -1);
+  const TfLiteEvalTensor* grad = check.Output("output 0 (grad)", kGradTensor, kTfLiteFloat32, -1);
+  const TfLiteEvalTensor* loss = check.Output("output 1 (loss)", kLossTensor, kTfLiteFloat32, -1);
+  if (!check.ok()) return kTfLiteError;
   data->classes = NumElements(logits);
   if (data->classes < 1 || Dim(logits, -1) != data->classes || NumElements(label) != 1 ||
       NumElements(grad) != data->classes || NumElements(loss) != 1) {
@@ -68,15 +67,16 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
-  const TfLiteEvalTensor* logits = GetEvalInput(context, node, 0);
-  const int32_t label = *static_cast<const int32_t*>(GetEvalInput(context, node, 1)->data.data);
+  const TfLiteEvalTensor* logits = GetEvalInput(context, node, kLogitsTensor);
+  const int32_t label =
+      *static_cast<const int32_t*>(GetEvalInput(context, node, kLabelTensor)->data.data);
   if (label < 0 || label >= data->classes) {
     MicroPrintf("%s: label %d is not a class index in [0, %d)", kOp, static_cast<int>(label),
                 static_cast<int>(data->classes));
     return kTfLiteError;
   }
-  auto* grad = static_cast<float*>(GetEvalOutput(context, node, 0)->data.data);
-  auto* loss = static_cast<float*>(GetEvalOutput(context, node, 1)->data.data);
+  auto* grad = static_cast<float*>(GetEvalOutput(context, node, kGradTensor)->data.data);
+  auto* loss = static_cast<float*>(GetEvalOutput(context, node, kLossTensor)->data.data);
   *loss = dgst_softmax_xent_grad(static_cast<const int8_t*>(logits->data.data), data->classes,
                                  data->scale, data->zero_point, label, grad);
   return kTfLiteOk;

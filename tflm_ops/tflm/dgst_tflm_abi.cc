@@ -105,6 +105,15 @@ bool ReadOptions(const char* op, const char* buffer, size_t length, int32_t* out
   return true;
 }
 
+bool ReadVersionOnlyOptions(const char* op, const char* buffer, size_t length) {
+  int32_t version[1];
+  return length == 0 || ReadOptions(op, buffer, length, version, 1);
+}
+
+void* AllocatePersistent(TfLiteContext* context, size_t bytes) {
+  return MicroContextAllocatePersistentBuffer(context, bytes);
+}
+
 float FloatFromBits(int32_t bits) {
   float value;
   std::memcpy(&value, &bits, sizeof(value));

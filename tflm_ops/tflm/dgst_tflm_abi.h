@@ -2,9 +2,10 @@
 //  ABI GLUE for the pip TFLM interpreter: tflite-micro==0.dev20261023182759, x86-64.
 // =================================================================================
 // The wheel ships no C/C++ headers, so the few TFLM types the kernels touch are declared
-// here with the layout of that build (see /work/shared/ENVIRONMENT.md, "TensorFlow Lite
-// Micro (host)"). Nothing is linked at build time: the functions below are resolved when
-// the library is loaded, from the wheel's `_runtime.so` (loaded RTLD_GLOBAL first).
+// here with the layout of that build (read from the wheel's `_runtime.so`: its exported
+// symbols and the code of its own RegisterOp / GetEvalInput). Nothing is linked at build
+// time: the functions below are resolved when the library is loaded, from the wheel's
+// `_runtime.so` (loaded RTLD_GLOBAL first).
 //
 // tests/test_tflm_abi.py checks every assumption of this file against the wheel (exported
 // symbols, the resolver's record array and count, the TFLMRegistration layout as written by
@@ -190,6 +191,9 @@ int NumElements(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor);
 int Rank(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor);
 int Dim(const DGST_TFLM_TYPE(TfLiteEvalTensor)* tensor, int i);  // i < 0 counts from the end
 
+// MicroContextAllocatePersistentBuffer of either mode.
+void* AllocatePersistent(DGST_TFLM_TYPE(TfLiteContext)* context, size_t bytes);
+
 // Node arity check with a message naming the op.
 bool CheckArity(const char* op, const DGST_TFLM_TYPE(TfLiteNode)* node, int inputs,
                 int outputs);
@@ -202,6 +206,75 @@ DGST_TFLM_TYPE(TfLiteEvalTensor)* CheckedOutput(const char* op, const char* what
                                                DGST_TFLM_TYPE(TfLiteContext)* context,
                                                DGST_TFLM_TYPE(TfLiteNode)* node, int index,
                                                int type, int rank);
+
+// Custom options that carry only the format version: none, or the int32 array [1].
+bool ReadVersionOnlyOptions(const char* op, const char* buffer, size_t length);
+
+// Every op's per-node data is a struct OpData whose first member is `bool options_ok`, set
+// by Init. NewOpData allocates it zeroed (persistent arena memory; nullptr when out of
+// memory).
+template <typename OpData>
+OpData* NewOpData(DGST_TFLM_TYPE(TfLiteContext) * context) {
+  auto* data = static_cast<OpData*>(AllocatePersistent(context, sizeof(OpData)));
+  if (data != nullptr) *data = OpData{};
+  return data;
+}
+
+// The whole Init of an op whose custom options carry only the format version.
+template <typename OpData>
+void* InitVersionOnly(const char* op, DGST_TFLM_TYPE(TfLiteContext) * context,
+                      const char* buffer, size_t length) {
+  OpData* data = NewOpData<OpData>(context);
+  if (data != nullptr) data->options_ok = ReadVersionOnlyOptions(op, buffer, length);
+  return data;
+}
+
+// The node's OpData in Prepare, or nullptr when Init failed or its options were invalid
+// (Init has printed why).
+template <typename OpData>
+OpData* PreparedOpData(DGST_TFLM_TYPE(TfLiteNode) * node) {
+  auto* data = static_cast<OpData*>(node->user_data);
+  return data != nullptr && data->options_ok ? data : nullptr;
+}
+
+// Prepare's tensor checks, as every op does them: the node's arity first, then each input
+// and output fetched and checked for its type and rank (-1: any), with an error naming the
+// op for every tensor that is wrong. After an arity error no tensor is fetched.
+//   NodeTensorChecker check(kOp, context, node, /*inputs=*/2, /*outputs=*/1);
+//   const TfLiteEvalTensor* x = check.Input("input 0 (x)", kXTensor, kTfLiteInt8, -1);
+//   TfLiteEvalTensor* out = check.Output("output 0 (out)", kOutTensor, kTfLiteInt8, -1);
+//   if (!check.ok()) return kTfLiteError;
+class NodeTensorChecker {
+ public:
+  NodeTensorChecker(const char* op, DGST_TFLM_TYPE(TfLiteContext) * context,
+                    DGST_TFLM_TYPE(TfLiteNode) * node, int inputs, int outputs)
+      : op_(op), context_(context), node_(node),
+        arity_ok_(CheckArity(op, node, inputs, outputs)), ok_(arity_ok_) {}
+
+  const DGST_TFLM_TYPE(TfLiteEvalTensor) * Input(const char* what, int index, int type,
+                                                 int rank) {
+    return Kept(arity_ok_ ? CheckedInput(op_, what, context_, node_, index, type, rank)
+                          : nullptr);
+  }
+  DGST_TFLM_TYPE(TfLiteEvalTensor) * Output(const char* what, int index, int type, int rank) {
+    return Kept(arity_ok_ ? CheckedOutput(op_, what, context_, node_, index, type, rank)
+                          : nullptr);
+  }
+  // True while the arity and every tensor fetched so far are right.
+  bool ok() const { return ok_; }
+
+ private:
+  template <typename Tensor>
+  Tensor* Kept(Tensor* tensor) {
+    ok_ = ok_ && tensor != nullptr;
+    return tensor;
+  }
+
+  const char* op_;
+  DGST_TFLM_TYPE(TfLiteContext) * context_;
+  DGST_TFLM_TYPE(TfLiteNode) * node_;
+  bool arity_ok_, ok_;
+};
 
 }  // namespace dgst_tflm
 

@@ -4,7 +4,7 @@
 //
 //   #include "dgst_train_ops.h"
 //
-//   static tflite::MicroMutableOpResolver<N> resolver;   // N >= your builtins + 12
+//   static tflite::MicroMutableOpResolver<N> resolver;   // N >= builtins + kNumDgstTrainOps (14)
 //   resolver.AddConv2D(); ...                             // the model's builtin ops
 //   if (dgst_tflm::AddDgstTrainOps(resolver) != kTfLiteOk) { /* resolver too small */ }
 //

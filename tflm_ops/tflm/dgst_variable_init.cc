@@ -18,6 +18,8 @@ using namespace tflite::micro;
 using namespace dgst_tflm;
 
 constexpr const char* kOp = "DGST_VARIABLE_INIT";
+constexpr int kVariableTensor = 0;
+constexpr int kInitialTensor = 1;
 
 struct OpData {
   bool options_ok;
@@ -36,13 +38,7 @@ int ElementSize(int type) {
 }
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
-  auto* data = static_cast<OpData*>(MicroContextAllocatePersistentBuffer(context, sizeof(OpData)));
-  if (data == nullptr) return nullptr;
-  int32_t options[1];
-  data->options_ok = length == 0 || ReadOptions(kOp, buffer, length, options, 1);
-  data->done = false;
-  data->bytes = 0;
-  return data;
+  return InitVersionOnly<OpData>(kOp, context, buffer, length);
 }
 
 void Reset(TfLiteContext*, void* buffer) {
@@ -50,11 +46,11 @@ void Reset(TfLiteContext*, void* buffer) {
 }
 
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
-  auto* data = static_cast<OpData*>(node->user_data);
-  if (data == nullptr || !data->options_ok) return kTfLiteError;
+  auto* data = PreparedOpData<OpData>(node);
+  if (data == nullptr) return kTfLiteError;
   if (!CheckArity(kOp, node, 2, 0)) return kTfLiteError;
-  const TfLiteEvalTensor* variable = GetEvalInput(context, node, 0);
-  const TfLiteEvalTensor* initial = GetEvalInput(context, node, 1);
+  const TfLiteEvalTensor* variable = GetEvalInput(context, node, kVariableTensor);
+  const TfLiteEvalTensor* initial = GetEvalInput(context, node, kInitialTensor);
   if (variable == nullptr || initial == nullptr) {
     MicroPrintf("%s: inputs 0 (variable) and 1 (initial) are required", kOp);
     return kTfLiteError;
@@ -75,8 +71,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   auto* data = static_cast<OpData*>(node->user_data);
   if (data->done) return kTfLiteOk;
-  const TfLiteEvalTensor* variable = GetEvalInput(context, node, 0);
-  const TfLiteEvalTensor* initial = GetEvalInput(context, node, 1);
+  const TfLiteEvalTensor* variable = GetEvalInput(context, node, kVariableTensor);
+  const TfLiteEvalTensor* initial = GetEvalInput(context, node, kInitialTensor);
   memcpy(variable->data.data, initial->data.data, data->bytes);
   data->done = true;
   return kTfLiteOk;

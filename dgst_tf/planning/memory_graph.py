@@ -1,0 +1,373 @@
+"""The Keras graph as the memory model sees it: which ops run, which tensors they read and
+write, which buffer holds each tensor and when, and the per-layer facts the accounting needs
+(what a layer saves for its backward pass, its bias count). Scheme-independent: analysed once.
+
+    from dgst_tf.planning.memory_graph import analyse_graph
+
+    graph = analyse_graph(model, (128, 128, 3))
+    graph.forward_activation_live      # activation bytes live while each op runs
+    graph.fusable_chains(stop=10)      # conv -> depthwise -> 1x1 chains run as one fused op
+
+The runtime assumptions (fused activations and padding, in-place elementwise ops, buffer
+lifetimes) are stated in `dgst_tf.planning.memory`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
+from dgst_tf.core.graph import UnsupportedModelError, nodes_in_order
+from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.core.layer_kinds import (CONV2D, DEPTHWISE, is_dense, is_depthwise, kernel_of,
+                                      kind_of)
+
+__all__ = ["ACTIVATION_BYTES", "MemoryModelError", "Value", "Step", "Buffer", "MemoryGraph",
+           "analyse_graph", "has_weights", "bias_count", "mask_bits", "saved_for_backward"]
+
+ACTIVATION_BYTES = 1  # int8 activations
+
+# Layers whose output is their input, computed in place or fused into the producer.
+_FUSED = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation,
+          keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.Softmax,
+          keras.layers.ZeroPadding2D, keras.layers.Dropout, keras.layers.SpatialDropout2D,
+          keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.Flatten,
+          keras.layers.Reshape, keras.layers.Rescaling, keras.layers.Identity)
+# Ops that may write into an input that dies at them.
+_ELEMENTWISE = (keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply,
+                keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum)
+# Ops whose backward needs nothing saved from the forward pass (linear in their inputs).
+_LINEAR = (keras.layers.Add, keras.layers.Subtract, keras.layers.Average,
+           keras.layers.Concatenate, keras.layers.GlobalAveragePooling2D,
+           keras.layers.GlobalAveragePooling1D, keras.layers.AveragePooling2D,
+           keras.layers.ZeroPadding2D, keras.layers.Cropping2D, keras.layers.UpSampling2D,
+           keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute,
+           keras.layers.Dropout, keras.layers.SpatialDropout2D, keras.layers.GaussianNoise,
+           keras.layers.GaussianDropout, keras.layers.BatchNormalization,
+           keras.layers.Rescaling, keras.layers.Identity)
+_MAX_POOLS = (keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling2D)
+_NO_PADDING = ((0, 0), (0, 0))
+_CHAIN_KINDS = {CONV2D: "conv", DEPTHWISE: "depthwise"}
+
+
+class MemoryModelError(ValueError):
+    """The memory model cannot analyse this model or input shape (says why)."""
+
+
+# ------------------------------------------------------------------------------ per layer
+def has_weights(layer) -> bool:
+    """A Conv2D, DepthwiseConv2D or Dense layer (`dgst_tf.core.layer_kinds`)."""
+    return kind_of(layer) is not None
+
+
+def bias_count(layer) -> int:
+    """Output channels: the biases the layer has (or would have)."""
+    if is_depthwise(layer):
+        shape = layer.depthwise_kernel.shape
+        return int(shape[2] * shape[3])
+    return int(kernel_of(layer).shape[-1])
+
+
+def _activation_name(layer) -> str:
+    """What ``layer`` applies elementwise: "none", "relu", "relu6" or another name."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) or float(layer.threshold):
+            return "leaky_relu"
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else "relu_clipped"
+    if isinstance(layer, keras.layers.Activation) or has_weights(layer):
+        fn = layer.activation
+        name = getattr(fn, "__name__", str(fn))
+        return "none" if name == "linear" else name
+    if isinstance(layer, (keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.Softmax)):
+        return type(layer).__name__.lower()
+    return "none"
+
+
+def mask_bits(layer) -> int:
+    """Bits per element a nonlinear activation saves for its backward pass: 1 for a ReLU
+    kind (the clamp mask), 8 for others, 0 for none."""
+    name = _activation_name(layer)
+    if name == "none":
+        return 0
+    relu_layer = isinstance(layer, (keras.layers.ReLU, keras.layers.LeakyReLU))
+    return 1 if relu_layer or name in ("relu", "relu6") else 8
+
+
+# ------------------------------------------------------------------------------ the graph
+@dataclasses.dataclass
+class Value:
+    """A tensor value computed by one op (fused ops do not create values)."""
+
+    index: int
+    shape: tuple
+    producer: int              # step, -1 for a model input
+    readers: list              # steps that read it
+    buffer: int = -1
+
+    @property
+    def elements(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def last_use(self) -> int:
+        return max(self.readers, default=self.producer)
+
+
+@dataclasses.dataclass
+class Step:
+    """One op that runs (fused layers are folded into the op that feeds them)."""
+
+    index: int
+    layer: object
+    inputs: list               # value indices
+    output: int                # value index
+    fused: list = dataclasses.field(default_factory=list)  # activations applied on output
+    # zero padding of fused ZeroPadding2D layers between the input value and this op
+    explicit_padding: tuple = _NO_PADDING
+
+    def activation(self) -> str:
+        """The activation on the output ("none", "relu", "relu6", ...; several joined by +)."""
+        names = [n for n in map(_activation_name, [self.layer, *self.fused]) if n != "none"]
+        return "+".join(names) or "none"
+
+
+@dataclasses.dataclass
+class Buffer:
+    """One activation buffer: its size and the steps from its first writer to last reader."""
+
+    size_bytes: int
+    first_step: int
+    last_step: int
+
+
+def saved_for_backward(step: Step, values: list) -> tuple:
+    """``(mask_bits, saved_input_elements, note)`` that ``step`` keeps for its backward pass
+    when the gradient flows through it: bits per output element (ReLU masks, max-pool
+    argmax...), whole input elements (Multiply and unknown nonlinear ops) and a note for
+    the report when the saved inputs are an assumption (or None)."""
+    layer = step.layer
+    weighted = has_weights(layer)
+    bits = mask_bits(layer) if weighted else 0
+    bits += sum(mask_bits(f) for f in step.fused)
+    saved, note = 0, None
+    if not weighted and not isinstance(layer, _LINEAR):
+        bits += mask_bits(layer)
+        if isinstance(layer, _MAX_POOLS):
+            bits += 8
+        elif isinstance(layer, keras.layers.Multiply):
+            saved = sum(values[v].elements for v in step.inputs)
+        elif not mask_bits(layer):
+            saved = sum(values[v].elements for v in step.inputs)
+            note = (f"{layer.name} ({type(layer).__name__}): backward assumed to need its "
+                    "inputs (saved in full)")
+    return bits, saved, note
+
+
+@dataclasses.dataclass
+class MemoryGraph:
+    """Steps, values and buffers of one model at one input shape (see `analyse_graph`)."""
+
+    steps: list
+    values: list
+    output_values: list        # value indices of the model outputs
+    buffers: list = dataclasses.field(default_factory=list)
+    forward_activation_live: list = dataclasses.field(default_factory=list)
+
+    @functools.cached_property
+    def by_layer(self) -> dict:
+        """Layer name -> its step (layers fused into a step have none)."""
+        return {s.layer.name: s for s in self.steps}
+
+    def fusable_chains(self, stop: int | None = None) -> list:
+        """(conv, depthwise, 1x1 conv) steps before step ``stop`` that the training export
+        runs as one ``DGST_FUSED_BLOCK`` (`dgst_tf.core.block_fusion_rule`).
+
+            [(a.layer.name, b.layer.name, c.layer.name) for a, b, c in graph.fusable_chains()]
+        """
+        described = [_chain_op(step) for step in self.steps]
+        chains = fusable_chains(described, stop, {0, *self.output_values})
+        return [tuple(self.steps[i] for i in chain) for chain in chains]
+
+    def fused_liveness(self, stop: int) -> list:
+        """Forward activation bytes per step when the chains before ``stop`` are fused: the
+        chain holds its input, its output and a few rows, never the expanded tensors."""
+        live = list(self.forward_activation_live)
+        for a, b, c in self.fusable_chains(stop):
+            mid, dw = self.values[a.output], self.values[b.output]
+            dw_h = int(b.layer.kernel_size[0])
+            rows = (dw_h * mid.shape[1] * mid.shape[2] + dw.shape[1] * dw.shape[2]
+                    ) * ACTIVATION_BYTES + 4 * (dw_h + mid.shape[2])
+            fused = live[a.index] - self.buffers[mid.buffer].size_bytes \
+                + self.values[c.output].elements * ACTIVATION_BYTES + rows
+            for s in (a.index, b.index, c.index):
+                live[s] = fused
+        return live
+
+
+def _chain_op(step: Step) -> ChainOp:
+    """A step in the fusion rule's terms (activations fused into it included)."""
+    layer = step.layer
+    kind = _CHAIN_KINDS.get(kind_of(layer))
+    if kind is None:
+        return ChainOp("other", tuple(step.inputs), step.output)
+    return ChainOp(kind, tuple(step.inputs), step.output, kernel=tuple(layer.kernel_size),
+                   strides=tuple(layer.strides), dilation=tuple(layer.dilation_rate),
+                   depth_multiplier=int(getattr(layer, "depth_multiplier", 1)),
+                   activation=step.activation())
+
+
+# ------------------------------------------------------------------------------ analysis
+def analyse_graph(model: keras.Model, input_shape: tuple,
+                  inplace_depthwise: bool = False) -> MemoryGraph:
+    """Steps, values, buffers and forward activation liveness of a functional ``model`` at
+    ``input_shape`` (H, W, C), batch 1. ``inplace_depthwise``: a depthwise conv (multiplier
+    1) may overwrite an input that dies there.
+
+        graph = analyse_graph(model, (128, 128, 3))
+        max(graph.forward_activation_live)    # inference peak, bytes
+    """
+    graph = _GraphBuilder(model, input_shape).build()
+    graph.buffers = _assign_buffers(graph, inplace_depthwise)
+    graph.forward_activation_live = _activation_liveness(graph)
+    return graph
+
+
+class _GraphBuilder:
+    """Walks the model's layer calls once, folding fused layers into their producer."""
+
+    def __init__(self, model: keras.Model, input_shape: tuple):
+        self.model, self.input_shape = model, tuple(input_shape)
+        self.nodes = list(nodes_in_order(model))
+        self.readers = self._readers()  # tensor id -> node positions that read it
+        first = str(id(model.inputs[0]))
+        self.tensor_shape = {first: (1, *self.input_shape)}
+        self.value_of = {first: 0}      # tensor id -> value index
+        self.padding_of = {}            # tensor id -> fused zero padding ((t, b), (l, r))
+        self.steps, self.values = [], [Value(0, self.input_shape, -1, [])]
+
+    def _readers(self) -> dict:
+        readers = {}
+        for pos, node in enumerate(self.nodes):
+            if isinstance(node.layer, keras.Model):
+                raise UnsupportedModelError(
+                    f"MemoryModel: layer {node.layer.name!r} is a nested model; flatten it")
+            for tid in node.flat_input_ids:
+                readers.setdefault(tid, []).append(pos)
+        return readers
+
+    def build(self) -> MemoryGraph:
+        for node in self.nodes:
+            in_ids = node.flat_input_ids
+            out_id = self._output_shape(node)
+            layer = node.layer
+            if (isinstance(layer, _FUSED) and len(in_ids) == 1
+                    and len(self.readers.get(in_ids[0], [])) == 1):
+                self._fold_into_producer(layer, in_ids[0], out_id)
+            else:
+                self._add_step(layer, in_ids, out_id)
+        last = len(self.steps) - 1
+        outputs = [self.value_of[str(id(out))] for out in self.model.outputs]
+        for v in outputs:  # outputs live to the end (they are the result)
+            self.values[v].readers.append(last)
+        return MemoryGraph(self.steps, self.values, outputs)
+
+    def _output_shape(self, node) -> str:
+        """Infer and record the shape of the node's one output; returns its tensor id."""
+        layer = node.layer
+        in_shapes = [self.tensor_shape[t] for t in node.flat_input_ids]
+        try:
+            out_shape = layer.compute_output_shape(
+                in_shapes[0] if len(in_shapes) == 1 else in_shapes)
+        except Exception as err:  # noqa: BLE001 - reported with the layer name
+            raise MemoryModelError(f"cannot infer the output shape of layer "
+                                   f"{layer.name!r} ({type(layer).__name__}): {err}") from err
+        if len(node.flat_output_ids) != 1:
+            raise UnsupportedModelError(f"MemoryModel: layer {layer.name!r} has "
+                                        f"{len(node.flat_output_ids)} outputs")
+        if is_dense(layer) and in_shapes[0][-1] != int(layer.kernel.shape[0]):
+            raise MemoryModelError(
+                f"input_shape {self.input_shape} gives layer {layer.name!r} "
+                f"{in_shapes[0][-1]} input features, but its kernel takes "
+                f"{int(layer.kernel.shape[0])}")
+        out_id = node.flat_output_ids[0]
+        self.tensor_shape[out_id] = tuple(tf.TensorShape(out_shape).as_list())
+        return out_id
+
+    def _fold_into_producer(self, layer, in_id: str, out_id: str) -> None:
+        """A fused layer: its output is its input's value; padding accumulates."""
+        source = self.value_of[in_id]
+        self.value_of[out_id] = source
+        (t, b), (left, r) = self.padding_of.get(in_id, _NO_PADDING)
+        if isinstance(layer, keras.layers.ZeroPadding2D):
+            (pt, pb), (pl, pr) = layer.padding
+            t, b, left, r = t + pt, b + pb, left + pl, r + pr
+        self.padding_of[out_id] = ((t, b), (left, r))
+        producer = self.values[source].producer
+        if producer >= 0:
+            self.steps[producer].fused.append(layer)
+
+    def _add_step(self, layer, in_ids: list, out_id: str) -> None:
+        step = Step(len(self.steps), layer, [self.value_of[t] for t in in_ids],
+                    len(self.values),
+                    explicit_padding=self.padding_of.get(in_ids[0], _NO_PADDING))
+        for v in step.inputs:
+            self.values[v].readers.append(step.index)
+        shape = _shape_without_batch(self.tensor_shape[out_id])
+        self.values.append(Value(step.output, shape, step.index, []))
+        self.value_of[out_id] = step.output
+        self.steps.append(step)
+
+
+def _shape_without_batch(shape) -> tuple:
+    dims = tuple(tf.TensorShape(shape).as_list()[1:])
+    if any(d is None for d in dims):
+        raise MemoryModelError(f"tensor shape {dims} is not fully defined")
+    return tuple(int(d) for d in dims)
+
+
+def _in_place(step: Step, inplace_depthwise: bool) -> bool:
+    layer = step.layer
+    if isinstance(layer, _ELEMENTWISE):
+        return True
+    if inplace_depthwise and is_depthwise(layer):
+        return int(layer.depth_multiplier) == 1
+    return False
+
+
+def _assign_buffers(graph: MemoryGraph, inplace_depthwise: bool) -> list:
+    """Values -> memory buffers (in-place ops share their input's buffer); sets
+    ``value.buffer`` and returns the buffers."""
+    buffers = []
+    for value in graph.values:
+        if value.producer >= 0:
+            step = graph.steps[value.producer]
+            if _in_place(step, inplace_depthwise):
+                for v in step.inputs:
+                    src = graph.values[v]
+                    if src.last_use == step.index and src.elements >= value.elements \
+                            and src.buffer >= 0:
+                        value.buffer = src.buffer
+                        buf = buffers[src.buffer]
+                        buf.last_step = max(buf.last_step, value.last_use)
+                        break
+        if value.buffer < 0:
+            value.buffer = len(buffers)
+            buffers.append(Buffer(value.elements * ACTIVATION_BYTES,
+                                  max(value.producer, 0), value.last_use))
+    return buffers
+
+
+def _activation_liveness(graph: MemoryGraph) -> list:
+    """Activation bytes live while each step runs (its inputs and output included)."""
+    live = [0] * len(graph.steps)
+    for buf in graph.buffers:
+        for s in range(buf.first_step, buf.last_step + 1):
+            live[s] += buf.size_bytes
+    for step in graph.steps:  # an in-place depthwise conv needs one input channel aside
+        inp = graph.values[step.inputs[0]]
+        if is_depthwise(step.layer) and graph.values[step.output].buffer == inp.buffer:
+            live[step.index] += inp.elements // inp.shape[-1] * ACTIVATION_BYTES
+    return live

@@ -1,0 +1,148 @@
+"""Pruning a model to a flash budget: pick the sparsity, prune while fine-tuning, remove.
+
+DGSU's offline step (Li & Chang 2024) before on-device training: `sparsity_for_budget` finds
+the smallest family sparsity whose int8 weights + int32 biases fit the budget (counted on
+group sets of the right size, no weights looked at), and `prune_while_training` ramps
+TF-MOT's ``PolynomialDecay`` up to it while the model is fine-tuned, strips the wrappers and
+removes the masked channels physically::
+
+    from dgst_tf.pruning import prune_while_training, sparsity_for_budget
+
+    sparsity, _ = sparsity_for_budget(model, 1024 * 1024)      # fit 1 MB of flash
+    result = prune_while_training(model, train_ds, sparsity, epochs=2)
+    result.model, result.family_sparsity
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import numpy as np
+from tensorflow_model_optimization.python.core.sparsity.keras import prune as tfmot_prune
+from tensorflow_model_optimization.python.core.sparsity.keras import pruning_callbacks
+from tensorflow_model_optimization.python.core.sparsity.keras import (
+    pruning_schedule as tfmot_schedule)
+
+from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.pruning.channel_removal import mask_groups, remove_channels, zeroed_groups
+from dgst_tf.pruning.dependency_graph import DependencyGraph
+from dgst_tf.pruning.group_selection import GroupSelector, groups_to_prune, select_groups
+from dgst_tf.pruning.model_size import flash_bytes
+from dgst_tf.pruning.tfmot_wrapper import prune_channel_groups
+
+__all__ = ["sparsity_for_budget", "prune_while_training", "PruningResult"]
+
+
+def sparsity_for_budget(model: keras.Model, budget_bytes: int,
+                        graph: DependencyGraph | None = None, exclude=(), round_to: int = 1,
+                        min_channels: int = 1, tolerance: float = 1e-4) -> tuple[float, int]:
+    """The smallest family sparsity whose pruned model fits ``budget_bytes`` of flash
+    (int8 weights + int32 biases), and its flash bytes.
+
+        sparsity, nbytes = sparsity_for_budget(model, parse_budget("1MB"))
+    """
+    graph = graph or DependencyGraph(model)
+
+    def size(s):
+        return flash_bytes(model, groups_to_prune(graph, s, exclude, round_to, min_channels),
+                           graph)
+
+    if size(0.0) <= budget_bytes:
+        return 0.0, size(0.0)
+    high = 0.999
+    if size(high) > budget_bytes:
+        raise ValueError(f"even pruning {high:.1%} of every prunable family leaves "
+                         f"{size(high)} bytes, more than the {budget_bytes}-byte budget "
+                         "(the unprunable parts are too large)")
+    low = 0.0
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if size(mid) <= budget_bytes:
+            high = mid
+        else:
+            low = mid
+    return float(high), int(size(high))
+
+
+@dataclasses.dataclass
+class PruningResult:
+    """What `prune_while_training` returns: the smaller model and how it got there."""
+
+    model: keras.Model            # channels physically removed
+    masked_model: keras.Model     # stripped TF-MOT model (zeros, original shapes)
+    removed_groups: np.ndarray
+    family_sparsity: dict
+    history: dict
+    schedule: object
+
+
+def _ramp_schedule(total_steps: int, final_sparsity: float, ramp_fraction: float,
+                   updates: int, power: int) -> tfmot_schedule.PolynomialDecay:
+    """``PolynomialDecay`` from 0 to ``final_sparsity`` over the first ``ramp_fraction`` of
+    ``total_steps``, in about ``updates`` mask updates."""
+    frequency = max(1, int(total_steps * ramp_fraction) // max(1, int(updates)))
+    end_step = max(frequency, int(total_steps * ramp_fraction) // frequency * frequency)
+    return tfmot_schedule.PolynomialDecay(
+        initial_sparsity=0.0, final_sparsity=float(final_sparsity), begin_step=0,
+        end_step=end_step, power=power, frequency=frequency)
+
+
+def _mask_at_least(masked: keras.Model, graph: DependencyGraph, target: np.ndarray
+                   ) -> tuple[keras.Model, DependencyGraph, np.ndarray]:
+    """``masked`` with ``target`` masked too if training stopped before the schedule's last
+    update masked that many groups; returns (model, its graph, its zeroed groups)."""
+    removed = zeroed_groups(masked, graph)
+    if len(target) > len(removed):
+        masked = mask_groups(masked, target, graph)
+        graph = DependencyGraph(masked)
+        removed = zeroed_groups(masked, graph)
+    return masked, graph, removed
+
+
+def prune_while_training(model: keras.Model, dataset, final_sparsity: float, *,
+                         epochs: int = 1, steps_per_epoch: int | None = None,
+                         optimizer=None, loss=None, metrics=("accuracy",),
+                         ramp_fraction: float = 0.75, updates: int = 10, power: int = 3,
+                         importance="l2", exclude: Iterable[str] = (), round_to: int = 1,
+                         min_channels: int = 1, callbacks=(), verbose: int = 0,
+                         validation_data=None) -> PruningResult:
+    """Fine-tune ``model`` on ``dataset`` while TF-MOT's ``PolynomialDecay`` raises the
+    channel-group sparsity from 0 to ``final_sparsity`` over the first ``ramp_fraction`` of
+    the steps (``updates`` mask updates), then strip and physically remove the channels.
+
+    Default optimizer: SGD, learning rate 0.003, momentum 0.9. Trains ``model``'s own
+    variables (as ``prune_low_magnitude`` does). If the data ran out
+    before the last scheduled update, the final sparsity is applied once at the end, so
+    the result always has it.
+
+        result = prune_while_training(model, train.dataset, 0.35, epochs=2,
+                                      steps_per_epoch=train.steps_per_epoch)
+        result.model.save("pruned.h5")
+    """
+    if not 0.0 <= final_sparsity < 1.0:
+        raise ValueError(f"final_sparsity must be in [0, 1), got {final_sparsity}")
+    if steps_per_epoch is None:
+        cardinality = int(tf.data.experimental.cardinality(dataset))
+        if cardinality < 1:
+            raise ValueError("dataset has unknown length: pass steps_per_epoch")
+        steps_per_epoch = cardinality
+    total = max(1, int(epochs) * int(steps_per_epoch))
+    schedule = _ramp_schedule(total, final_sparsity, ramp_fraction, updates, power)
+    selection = dict(importance=importance, exclude=exclude, round_to=round_to,
+                     min_channels=min_channels)
+    pruning = prune_channel_groups(model, schedule, graph=DependencyGraph(model), **selection)
+    pruning.compile(
+        optimizer=optimizer or keras.optimizers.SGD(0.003, momentum=0.9),
+        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=list(metrics))
+    history = pruning.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                          callbacks=[pruning_callbacks.UpdatePruningStep(), *callbacks],
+                          verbose=verbose, validation_data=validation_data)
+    masked = tfmot_prune.strip_pruning(pruning)
+    masked_graph = DependencyGraph(masked)
+    target = select_groups(masked, final_sparsity, graph=masked_graph, **selection)
+    masked, masked_graph, removed = _mask_at_least(masked, masked_graph, target)
+    small = remove_channels(masked, removed, masked_graph, name=f"{model.name}_pruned")
+    family = GroupSelector(masked_graph, None, exclude).family_sparsity_of(
+        masked_graph.keep_vector(removed))
+    return PruningResult(small, masked, removed, family, dict(history.history), schedule)

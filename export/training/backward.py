@@ -1,0 +1,290 @@
+"""The backward pass of the training step, from the loss back to the first updated layer:
+the loss gradient (``DGST_SOFTMAX_XENT_GRAD``), then per op in reverse order
+
+- ADD / QUANTIZE: the gradient passes to the inputs (summed with builtin ADD where residual
+  gradients meet);
+- MEAN (global average pooling): builtin MUL by 1 / pixels, or nothing when the next layer
+  quantizes straight from the pooled gradient;
+- conv / depthwise / dense: the int8 error signal (``DGST_QUANTIZE_GRAD``, ReLU mask
+  applied), the input gradient (``DGST_*_INPUT_GRAD``), and for updated layers the bias and
+  kept-weights gradients followed by their update ops (`update`).
+
+    add_backward_pass(graph)     # after add_variables and add_forward_records
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from dgst_tf.core.geometry import same_pad_before
+from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.export.tflite_file import schema
+from dgst_tf.export.training import update
+from dgst_tf.export.training.forward import merged_weights
+from dgst_tf.export.training.plan import (PASS_THROUGH_OPS, TrainedLayer, TrainingExportError,
+                                          conv_options)
+from dgst_tf.export.training.state import TrainingGraph
+
+__all__ = ["GradientFlow", "add_backward_pass"]
+
+_OPS = schema.BuiltinOperator
+
+
+class GradientFlow:
+    """The float gradients of activations on the way back: which activation has one, how
+    many ops will still read each gradient tensor, and the pooled gradients of MEAN ops."""
+
+    def __init__(self, graph: TrainingGraph, logits: int, logits_grad: int):
+        self.graph = graph
+        self.gradients = {logits: logits_grad}  # activation -> its gradient tensor
+        self.readers = collections.Counter({logits_grad: 1})  # gradient -> pending readers
+        # gradient of a MEAN input -> (pooled gradient, its MUL op, 1 / pixels)
+        self.pooled = {}
+
+    def give(self, tensor: int, gradient: int) -> None:
+        """Record ``gradient`` as (a part of) the gradient of activation ``tensor``."""
+        if tensor in self.gradients:  # gradients meeting at a fork: sum them
+            editor = self.graph.editor
+            total = editor.add_tensor(f"{editor.name(tensor)}/grad_sum", editor.shape(tensor),
+                                      np.float32)
+            self.graph.backward_ops.append(editor.builtin_op(
+                _OPS.ADD, [self.gradients[tensor], gradient], [total],
+                schema.BuiltinOptions.AddOptions, schema.AddOptionsT()))
+            self.readers[self.gradients[tensor]] -= 1
+            gradient = total
+        self.gradients[tensor] = gradient
+        self.readers[gradient] += 1
+
+    def take(self, tensor: int) -> int | None:
+        """The gradient of ``tensor`` (None if it has none), now read by its producer."""
+        if tensor not in self.gradients:
+            return None
+        gradient = self.gradients.pop(tensor)
+        self.readers[gradient] -= 1
+        return gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class _GradientGeometry:
+    """int32 options of a weight op's gradients, and where its input gradient goes."""
+
+    weight: tuple  # (stride h, w, dilation h, w, pad top, left) of the weight gradient
+    input: tuple  # the same for the input gradient (a folded-away PAD's padding)
+    grad_input: int  # the activation the input gradient is for (before a PAD)
+    kernel_hw: tuple  # (kh, kw); (1, 1) for dense
+
+
+def add_backward_pass(graph: TrainingGraph) -> None:
+    """Append the loss gradient, the backward ops and the update ops to ``graph``."""
+    flow = _add_loss_gradient(graph)
+    plan, editor = graph.plan, graph.editor
+    for index in range(len(plan.ops) - 1, plan.first_op - 1, -1):
+        op = plan.ops[index]
+        gradient = flow.take(int(op.outputs[0]))
+        if gradient is None:
+            continue
+        op_kind = editor.builtin(op)
+        if op_kind in ("ADD",) + tuple(PASS_THROUGH_OPS):
+            _pass_gradient_through(graph, flow, index, op, op_kind, gradient)
+        elif op_kind == "PAD":
+            raise TrainingExportError(f"{graph.where}: PAD op {index} "
+                                      f"({editor.name(op.outputs[0])!r}) must feed a VALID "
+                                      f"convolution only")
+        elif op_kind == "MEAN":
+            _average_pooling_gradient(graph, flow, index, op, gradient)
+        else:
+            _weight_op_gradients(graph, flow, index, op, gradient)
+
+
+def _add_loss_gradient(graph: TrainingGraph) -> GradientFlow:
+    editor, logits = graph.editor, graph.plan.logits
+    graph.label = editor.add_tensor("label", (1,), np.int32)
+    graph.loss = editor.add_tensor("loss", (1,), np.float32)
+    logits_scale, logits_zero_point = editor.quantization(logits)
+    logits_grad = editor.add_tensor("logits/grad", editor.shape(logits), np.float32)
+    graph.backward_ops.append(editor.custom_op(
+        "DGST_SOFTMAX_XENT_GRAD", [logits, graph.label], [logits_grad, graph.loss],
+        int32_options(float(logits_scale[0]), int(logits_zero_point[0]))))
+    return GradientFlow(graph, logits, logits_grad)
+
+
+def _pass_gradient_through(graph, flow, index, op, op_kind, gradient) -> None:
+    if op_kind == "ADD" and op.builtinOptions.fusedActivationFunction:
+        raise TrainingExportError(f"{graph.where}: ADD op {index} "
+                                  f"({graph.editor.name(op.outputs[0])!r}) has a fused "
+                                  f"activation; not supported")
+    for tensor in op.inputs[:2 if op_kind == "ADD" else 1]:
+        if int(tensor) in graph.plan.needs_gradient:
+            flow.give(int(tensor), gradient)
+
+
+def _average_pooling_gradient(graph, flow, index, op, gradient) -> None:
+    editor = graph.editor
+    output, pooled_input = int(op.outputs[0]), int(op.inputs[0])
+    axes = editor.data(op.inputs[1])
+    shape = editor.shape(pooled_input)
+    if axes is None or sorted(int(a) for a in np.ravel(axes)) != [1, 2] or len(shape) != 4:
+        raise TrainingExportError(f"{graph.where}: MEAN op {index} ({editor.name(output)!r}) "
+                                  f"must be a global average pooling over height and width")
+    if pooled_input not in graph.plan.needs_gradient:
+        return
+    height, width = shape[1], shape[2]
+    inverse_area = editor.add_tensor(f"{editor.name(output)}/inverse_area",
+                                     (1, height, width, 1), np.float32,
+                                     data=np.full((1, height, width, 1), 1.0 / (height * width),
+                                                  np.float32))
+    input_grad = editor.add_tensor(f"{editor.name(pooled_input)}/grad", shape, np.float32)
+    mul = editor.builtin_op(_OPS.MUL, [gradient, inverse_area], [input_grad],
+                            schema.BuiltinOptions.MulOptions, schema.MulOptionsT())
+    graph.backward_ops.append(mul)
+    flow.pooled[input_grad] = (gradient, mul, 1.0 / (height * width))
+    flow.give(pooled_input, input_grad)
+
+
+def _weight_op_gradients(graph, flow, index, op, gradient) -> None:
+    """Error signal, input gradient and (for an updated layer) parameter gradients and
+    updates of a conv / depthwise / dense op."""
+    editor = graph.editor
+    name = graph.plan.op_layer[index]
+    layer = graph.layers.get(index)
+    weights = int(op.inputs[1])
+    dy, dy_scale = _quantized_error(graph, flow, index, op, name, gradient)
+    weight_scales, _ = editor.quantization(weights)
+    weight_scale = editor.add_tensor(f"{name}/weight_scale", weight_scales.shape, np.float32,
+                                     data=weight_scales)
+    geometry = _gradient_geometry(graph, op, name)
+    if geometry.grad_input in graph.plan.needs_gradient:
+        _input_gradient(graph, flow, layer, op, weights, geometry, (dy, dy_scale, weight_scale))
+    if layer is not None:
+        _parameter_gradients(graph, layer, index, op, geometry, (dy, dy_scale, weight_scale))
+
+
+def _quantized_error(graph, flow, index, op, name, gradient) -> tuple[int, int]:
+    """(dy, dy_scale): the int8 error signal of op ``index`` (ReLU mask applied)."""
+    editor = graph.editor
+    output = int(op.outputs[0])
+    mask = graph.relu_masks.get(index, -1)
+    dy = editor.add_tensor(f"{name}/dy", editor.shape(output), np.int8)
+    dy_scale = editor.add_tensor(f"{name}/dy_scale", (1,), np.float32)
+    if gradient in flow.pooled and flow.readers[gradient] == 0:
+        # the gradient of a global average pooling's input, quantized straight from the
+        # pooled gradient: the float [1, H, W, C] copy (80 KB at MobileNetV2's head conv)
+        # is never materialized
+        pooled_grad, mul, factor = flow.pooled[gradient]
+        graph.backward_ops.remove(mul)
+        factor_tensor = editor.add_tensor(f"{name}/pool_factor", (1,), np.float32,
+                                          data=np.array([factor], np.float32))
+        graph.backward_ops.append(editor.custom_op(
+            "DGST_QUANTIZE_GRAD", [pooled_grad, mask, factor_tensor], [dy, dy_scale]))
+        return dy, dy_scale
+    if mask >= 0 and flow.readers[gradient] > 0:  # also another tensor's gradient: copy it
+        gradient = _copy_of(graph, gradient, output)
+    graph.backward_ops.append(editor.custom_op("DGST_QUANTIZE_GRAD", [gradient, mask],
+                                               [dy, dy_scale]))
+    return dy, dy_scale
+
+
+def _copy_of(graph, gradient, output) -> int:
+    """A copy of ``gradient`` (builtin RESHAPE to the same shape), which the masked
+    quantization may then overwrite."""
+    editor = graph.editor
+    shape = list(editor.shape(output))
+    copy = editor.add_tensor(f"{editor.name(output)}/grad_copy", shape, np.float32)
+    shape_tensor = editor.add_tensor(f"{editor.name(output)}/grad_shape", (len(shape),),
+                                     np.int32, data=np.array(shape, np.int32))
+    options = schema.ReshapeOptionsT()
+    options.newShape = shape
+    graph.backward_ops.append(editor.builtin_op(_OPS.RESHAPE, [gradient, shape_tensor], [copy],
+                                                schema.BuiltinOptions.ReshapeOptions, options))
+    return copy
+
+
+def _gradient_geometry(graph, op, name) -> _GradientGeometry:
+    editor, plan = graph.editor, graph.plan
+    layer_input = int(op.inputs[0])
+    if editor.builtin(op) == "FULLY_CONNECTED":
+        unit = (1, 1, 1, 1, 0, 0)
+        return _GradientGeometry(unit, unit, layer_input, (1, 1))
+    (stride_h, stride_w), (dilation_h, dilation_w), padding, _ = conv_options(op)
+    in_shape, out_shape = editor.shape(layer_input), editor.shape(op.outputs[0])
+    kernel_shape = editor.shape(op.inputs[1])
+    kernel_h, kernel_w = kernel_shape[1], kernel_shape[2]
+    pads = (0, 0)
+    if padding == schema.Padding.SAME:
+        pads = (same_pad_before(in_shape[1], out_shape[1], kernel_h, stride_h, dilation_h),
+                same_pad_before(in_shape[2], out_shape[2], kernel_w, stride_w, dilation_w))
+    weight_geometry = (stride_h, stride_w, dilation_h, dilation_w, *pads)
+    geometry = _GradientGeometry(weight_geometry, weight_geometry, layer_input,
+                                 (kernel_h, kernel_w))
+    pad_index = plan.producer.get(layer_input)
+    if pad_index is not None and editor.builtin(plan.ops[pad_index]) == "PAD" and \
+            padding == schema.Padding.VALID:
+        pad = plan.ops[pad_index]
+        paddings = editor.data(pad.inputs[1])
+        if len(plan.consumers[layer_input]) != 1 or paddings is None:
+            raise TrainingExportError(f"{graph.where}: PAD before layer {name!r} feeds other "
+                                      f"ops too; not supported")
+        geometry = dataclasses.replace(
+            geometry, grad_input=int(pad.inputs[0]),
+            input=(stride_h, stride_w, dilation_h, dilation_w, int(paddings[1][0]),
+                   int(paddings[2][0])))
+    if editor.builtin(op) == "DEPTHWISE_CONV_2D" and kernel_shape[3] != in_shape[3]:
+        raise TrainingExportError(f"{graph.where}: depthwise layer {name!r} has a depth "
+                                  f"multiplier other than 1; not supported")
+    return geometry
+
+
+def _input_gradient(graph, flow, layer: TrainedLayer | None, op, weights, geometry,
+                    error) -> None:
+    editor = graph.editor
+    dy, dy_scale, weight_scale = error
+    if layer is not None and layer.compact >= 0:  # weights before this step's update
+        weights, scatter = merged_weights(editor, layer, "backward")
+        graph.backward_ops.append(scatter)
+    input_grad = editor.add_tensor(f"{editor.name(geometry.grad_input)}/grad",
+                                   editor.shape(geometry.grad_input), np.float32)
+    op_name = ("DGST_DEPTHWISE_INPUT_GRAD" if editor.builtin(op) == "DEPTHWISE_CONV_2D"
+               else "DGST_CONV2D_INPUT_GRAD")
+    graph.backward_ops.append(editor.custom_op(op_name, [dy, dy_scale, weights, weight_scale],
+                                               [input_grad], int32_options(*geometry.input)))
+    flow.give(geometry.grad_input, input_grad)
+
+
+def _parameter_gradients(graph, layer: TrainedLayer, index, op, geometry, error) -> None:
+    """Bias and kept-weights gradients of ``layer``, then their update ops."""
+    editor = graph.editor
+    dy, dy_scale, weight_scale = error
+    out_channels = len(editor.quantization(int(op.inputs[1]))[0])
+    bias_grad = editor.add_tensor(f"{layer.name}/bias_grad", (out_channels,), np.int32)
+    graph.backward_ops.append(editor.custom_op("DGST_BIAS_GRAD", [dy], [bias_grad]))
+    updates = [update.bias_update(graph, op, bias_grad, weight_scale, dy_scale)]
+    if layer.kept is not None:
+        weight_grad = _weight_gradient(graph, layer, index, op, geometry, dy, out_channels)
+        updates.append(update.weight_update(graph, layer, op, weight_grad, weight_scale,
+                                            dy_scale))
+    graph.backward_ops.extend(updates)
+
+
+def _weight_gradient(graph, layer: TrainedLayer, index, op, geometry, dy, out_channels) -> int:
+    """The int32 gradient of the kept input channels' weights."""
+    editor = graph.editor
+    count = len(layer.kept)
+    kept_input = graph.kept_inputs[index]
+    _, input_zero_point = editor.quantization(int(op.inputs[0]))
+    options = int32_options(*geometry.weight, int(input_zero_point[0]))
+    kernel_h, kernel_w = geometry.kernel_hw
+    if layer.kind == "depthwise":
+        weight_grad = editor.add_tensor(f"{layer.name}/weight_grad", (kernel_h, kernel_w, count),
+                                        np.int32)
+        graph.backward_ops.append(editor.custom_op(
+            "DGST_DEPTHWISE_WEIGHT_GRAD", [kept_input, layer.kept_tensor, dy], [weight_grad],
+            options))
+        return weight_grad
+    shape = ((out_channels, count) if layer.kind == "dense"
+             else (out_channels, kernel_h, kernel_w, count))
+    weight_grad = editor.add_tensor(f"{layer.name}/weight_grad", shape, np.int32)
+    graph.backward_ops.append(editor.custom_op("DGST_CONV2D_WEIGHT_GRAD", [kept_input, dy],
+                                               [weight_grad], options))
+    return weight_grad

@@ -1,0 +1,172 @@
+"""`export_training`: a Keras model + update scheme -> the training-step `.tflite` and its
+manifest, in phases: convert to int8, fold PADs and fuse frozen blocks, plan, make variables,
+add the forward records, the backward pass and the updates, then order, pack and write.
+
+    info = export_training(model, scheme, x_train[:64], "train.tflite")
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+
+from dgst_tf.core.files import write_atomically
+from dgst_tf.export import block_fusion
+from dgst_tf.export.tflite_editor import ModelEditor
+from dgst_tf.export.tflite_file import TfliteFileError, read_tflite
+from dgst_tf.export.training.backward import add_backward_pass
+from dgst_tf.export.training.forward import add_forward_records, add_variables, fold_pads
+from dgst_tf.export.training.manifest import build_manifest, manifest_path_for
+from dgst_tf.export.training.plan import TrainingExportError, find_layer_ops, plan_training
+from dgst_tf.export.training.state import ExportSettings, TrainingGraph
+
+__all__ = ["export_training", "TrainingExport"]
+
+_POLICIES = (None, "traversal", "magnitude")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingExport:
+    """What `export_training` wrote: the model, its manifest, and the manifest's content."""
+
+    path: pathlib.Path
+    manifest_path: pathlib.Path
+    manifest: dict
+
+    @property
+    def ops(self) -> dict:
+        return self.manifest["ops"]
+
+
+def export_training(model, scheme, representative_images, path, *, learning_rate: float = 0.05,
+                    selection="magnitude", policy: str | None = None,
+                    num_samples: int = 100, fold_pads: bool = True,
+                    fuse_blocks: bool = True, kept_weights_in_ram: bool = True,
+                    output_params: bool = True) -> TrainingExport:
+    """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
+
+    ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
+    outputs logits; ``scheme``: an `UpdateScheme` (the classifier is always trained in
+    full); ``representative_images``: float images for int8 calibration (as `export_int8`);
+    ``selection``: how the kept input channels of weight-updated layers are chosen once at
+    export: ``"magnitude"`` (top-k L2 norm, like Lin et al.), ``"first"``, or a dict
+    ``{layer: channel indices}``. ``policy``: a dynamic selection evaluated on device at the
+    start of every step instead (``DGST_SELECT_CHANNELS``): ``"traversal"`` (a window of k
+    channels moving by k each step, so all are visited) or ``"magnitude"`` (top-k L2 norm of
+    the current weights); the kept channels of each step are then extra outputs
+    (``"<layer>/kept"``). ``fold_pads``: replace explicit PAD + VALID convs by
+    exact SAME convs with zero-padded kernels (saves the padded activation copies; not for
+    weight-updated layers). ``fuse_blocks``: compute each frozen conv -> depthwise -> 1x1
+    chain in front of the first updated layer as one ``DGST_FUSED_BLOCK`` (bit-identical,
+    holds a few rows of the expanded activation instead of all of it; see
+    `dgst_tf.export.block_fusion`). ``kept_weights_in_ram``: with a static selection, a
+    weight-updated conv keeps only its kept input channels' weights as a RAM variable; the
+    full kernel it reads is assembled in a temporary from the read-only one just before the
+    forward conv and the input gradient (``DGST_SCATTER_CHANNELS``). ``output_params``: make
+    the trainable tensors graph outputs
+    (needed to read them back on the host; False gives the firmware's graph, whose arena
+    lacks the per-channel quantization copies TFLM makes for graph outputs). Both files are
+    written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
+    `TrainingExportError` naming the layer for an unsupported layer or scheme. Example::
+
+        info = export_training(model, scheme, x_train[:64], "train.tflite")
+        info.manifest["params"], info.ops
+    """
+    from dgst_tf.training.scheme import classifier_layer
+
+    path = pathlib.Path(path)
+    where = f"export_training({os.fspath(path)})"
+    model = _checked_model(model, scheme, learning_rate, where)
+    classifier = classifier_layer(model).name
+    settings = ExportSettings(float(learning_rate), selection, policy, num_samples, fold_pads,
+                              fuse_blocks, kept_weights_in_ram, output_params)
+    editor = _int8_editor(model, representative_images, num_samples)
+    folded_pads, fused_blocks = _simplify_forward(editor, model, scheme, classifier, settings,
+                                                  where)
+    plan = plan_training(editor, model, scheme, classifier, where)
+    if policy not in _POLICIES:
+        raise TrainingExportError(f"{where}: policy must be None, 'traversal' or 'magnitude', "
+                                  f"got {policy!r}")
+    graph = TrainingGraph(editor, plan, settings, where)
+    add_variables(graph, model)
+    add_forward_records(graph)
+    add_backward_pass(graph)
+    forward_ops = _order_ops(graph)
+    data = editor.pack()
+    try:
+        data, parsed = read_tflite(data, what=f"training graph for {os.fspath(path)}")
+    except TfliteFileError as error:
+        raise TrainingExportError(str(error)) from None
+    manifest = build_manifest(graph, path, data, parsed, scheme=scheme,
+                              forward_ops=forward_ops, folded_pads=folded_pads,
+                              fused_blocks=fused_blocks)
+    manifest_path = manifest_path_for(path)
+    written = write_atomically(path, data)
+    write_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
+    return TrainingExport(written, manifest_path, manifest)
+
+
+def _checked_model(model, scheme, learning_rate, where):
+    """The model with BatchNorm folded, after checking it, the scheme and the rate."""
+    from dgst_tf.core.bn_folding import fold_batchnorm
+    from dgst_tf.core.keras_compat import keras, require_keras2
+    from dgst_tf.training.scheme import classifier_layer
+
+    require_keras2(model, where)
+    if any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers):
+        model = fold_batchnorm(model)
+    scheme.validate(model)
+    if not float(learning_rate) > 0:
+        raise TrainingExportError(f"{where}: learning_rate must be > 0, got {learning_rate}")
+    classifier = classifier_layer(model)
+    if classifier.activation is not keras.activations.linear:
+        raise TrainingExportError(f"{where}: classifier {classifier.name!r} must output logits "
+                                  f"(linear activation), it has an activation")
+    return model
+
+
+def _int8_editor(model, representative_images, num_samples) -> ModelEditor:
+    """A `ModelEditor` on the full-int8 conversion of ``model`` (`export_int8`)."""
+    from dgst_tf.export.inference import export_int8
+
+    with tempfile.TemporaryDirectory(prefix="dgst-train-export-") as folder:
+        converted = pathlib.Path(folder) / "inference.tflite"
+        export_int8(model, representative_images, converted, num_samples=num_samples)
+        _, parsed = read_tflite(converted)
+    return ModelEditor(parsed)
+
+
+def _simplify_forward(editor, model, scheme, classifier, settings, where) -> tuple[int, int]:
+    """Fold PADs (not into weight-updated layers) and fuse the frozen blocks in front of the
+    first trained layer; returns (folded pads, fused blocks)."""
+    weight_layers = [layer.name for layer in model.layers
+                     if scheme.update_for(layer.name).updates_weights]
+    folded_pads = fold_pads(editor, weight_layers) if settings.fold_pads else 0
+    fused_blocks = 0
+    if settings.fuse_blocks:
+        trained = [index for index, name in find_layer_ops(editor, model, where).items()
+                   if name == classifier or scheme.update_for(name).mode != "frozen"]
+        fused_blocks = block_fusion.fuse_blocks(editor, stop=min(trained))
+    return folded_pads, fused_blocks
+
+
+def _order_ops(graph: TrainingGraph) -> list:
+    """Put the ops in place and set the graph's inputs and outputs; returns the indices of
+    the inference graph's ops (builtin forward ops and fused blocks)."""
+    editor, subgraph = graph.editor, graph.editor.subgraph
+    forward = graph.forward_ops()
+    image = int(subgraph.inputs[0])
+    subgraph.operators = graph.init_ops + graph.selection_ops + forward + graph.backward_ops
+    subgraph.inputs = [image, graph.label]
+    output_params = graph.params if graph.settings.output_params else []
+    subgraph.outputs = ([graph.loss, graph.plan.logits]
+                        + [entry["tensor"] for entry in output_params]
+                        + [layer.kept_tensor for layer in graph.dynamic_layers()])
+    editor.model.signatureDefs = None
+    editor.model.description = b"dgst-tf training step"
+    forward_ids = {id(op) for op in forward}
+    return [position for position, op in enumerate(subgraph.operators)
+            if id(op) in forward_ids and (not editor.builtin(op).startswith("CUSTOM:")
+                                          or editor.builtin(op) == "CUSTOM:DGST_FUSED_BLOCK")]

@@ -1,0 +1,130 @@
+"""C source of the firmware's test vectors: const arrays, expected outputs, the case calls.
+
+    from dgst_tf.tflm_ops.mcu.c_emitter import Emitter, c_float, render
+
+    e = Emitter()
+    dy = e.array("fc_dy", dy)                       # a const array (once per content)
+    e.call(f'check_bias_grad("fc", {dy}, 1, 10, {e.expect("fc_gb", grad)});')
+    text = render(e, "random, seed 0")             # the vectors.h of mcu/harness.c
+
+The check_* functions called are those of mcu/harness.c.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+
+class Emitter:
+    """Collects C arrays and the calls of dgst_run_cases()."""
+
+    # Expected outputs above this size are checked by hash + samples (saves flash).
+    FULL_BYTES = 16384
+    SAMPLES = 256
+
+    def __init__(self, full_bytes: int | None = None):
+        if full_bytes is not None:
+            self.FULL_BYTES = full_bytes
+        self.arrays, self.calls, self.names = [], [], set()
+        self.by_content = {}
+        self.summary = []  # (case, kind, k, c_in, macs) of the weight gradients
+        self.host_only = []  # what the harness cannot hold, computed on the host only
+
+    def name(self, name: str) -> str:
+        """A fresh C identifier made from ``name``."""
+        name = re.sub(r"\W", "_", name.replace("-", "m"))
+        base, i = name, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def array(self, name: str, a: np.ndarray) -> str:
+        """Emit a const array (once per content); returns its C expression."""
+        a = np.ascontiguousarray(a)
+        key = (a.dtype.str, a.tobytes())
+        if key in self.by_content:
+            return self.by_content[key]
+        name = self.name(name)
+        flat = a.reshape(-1)
+        n = max(flat.size, 1)
+        if a.dtype == np.float32:
+            body = wrap_lines([f"0x{int(b):08x}u" for b in flat.view(np.uint32)])
+            self.arrays.append(f"static const union {{ uint32_t u[{n}]; float f[{n}]; }} "
+                               f"{name} = {{{{\n{body}}}}};\n")
+            expr = f"{name}.f"
+        else:
+            ctype = {np.dtype(np.int8): "int8_t", np.dtype(np.uint8): "uint8_t",
+                     np.dtype(np.int32): "int32_t"}[a.dtype]
+            body = wrap_lines([str(int(v)) for v in flat])
+            self.arrays.append(f"static const {ctype} {name}[{n}] = {{\n{body}}};\n")
+            expr = name
+        self.by_content[key] = expr
+        return expr
+
+    def expect(self, name: str, a: np.ndarray) -> str:
+        """A dgst_expect for an expected output: the full array when small (or already
+        emitted), else FNV-1a hash of all bytes + every step-th element."""
+        a = np.ascontiguousarray(a)
+        flat = a.reshape(-1)
+        key = (a.dtype.str, a.tobytes())
+        if a.nbytes <= self.FULL_BYTES or key in self.by_content:
+            init = f"{{{self.array(name, a)}, 0u, NULL, 0u}}"
+        else:
+            step = -(-flat.size // self.SAMPLES)
+            samples = self.array(name + "_samples", flat[::step])
+            init = f"{{NULL, 0x{fnv1a(a.tobytes()):08x}u, {samples}, {step}u}}"
+        ename = self.name(name + "_expect")
+        self.arrays.append(f"static const dgst_expect {ename} = {init};\n")
+        return "&" + ename
+
+    def geometry(self, name: str, g) -> str:
+        """A const dgst_conv_geometry (`reference.Geometry`), once per name."""
+        name = "geom_" + name
+        if name not in self.names:
+            self.names.add(name)
+            self.arrays.append(f"static const dgst_conv_geometry {name} = {{"
+                               + ", ".join(str(v) for v in g.astuple()) + "};\n")
+        return "&" + name
+
+    def struct(self, ctype: str, name: str, fields) -> str:
+        """A const struct of type ``ctype`` named ``name`` (from `name`) initialised with
+        ``fields`` (C expressions, in order); returns its address."""
+        self.arrays.append(f"static const {ctype} {name} = {{"
+                           + ", ".join(str(f) for f in fields) + "};\n")
+        return "&" + name
+
+    def call(self, text: str):
+        self.calls.append(text)
+
+
+def fnv1a(data: bytes) -> int:
+    """32-bit FNV-1a hash (as mcu/harness.c computes it)."""
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def wrap_lines(items, per_line=16) -> str:
+    lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
+    return "  " + ",\n  ".join(lines) + "\n"
+
+
+def c_float(v) -> str:
+    """A float32 constant, exactly (C99 hex float)."""
+    v = float(np.float32(v))
+    assert np.isfinite(v)
+    return float.hex(v) + "f"
+
+
+def render(e: Emitter, source: str) -> str:
+    """The text of vectors.h: the arrays, then dgst_run_cases() making the calls."""
+    head = ("/* Generated by tflm_ops/mcu/gen_vectors.py (" + source + "). Do not edit. */\n"
+            "#ifndef DGST_VECTORS_H_\n#define DGST_VECTORS_H_\n\n")
+    body = "".join(e.arrays)
+    run = "static void dgst_run_cases(void) {\n" + "".join(
+        f"  {c}\n" for c in e.calls) + "}\n"
+    return head + body + "\n" + run + "\n#endif /* DGST_VECTORS_H_ */\n"
