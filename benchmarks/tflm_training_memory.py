@@ -82,15 +82,16 @@ def _memory_rows(args, tmp, size, full):
                  "tail_kb": _kb(result.arena_tail_bytes),
                  "analytic_kb": _kb(report.forward_peak_bytes), "analytic_what": "inference peak"})
     bias_only = UpdateScheme.from_backward_config(model, LIN_49KB[0], "", "")
-    # (fold PADs, trainable tensors as outputs, scheme, fuse frozen blocks)
-    variants = ([(False, True, scheme, False), (True, True, scheme, False),
-                 (True, False, scheme, False)] if full else []) + [
-        (True, False, scheme, True), (True, False, bias_only, True)]
-    for fold, outputs, chosen, fuse in variants:
+    # (fold PADs, trainable tensors as outputs, scheme, fuse frozen blocks, device policy)
+    variants = ([(False, True, scheme, False, None), (True, True, scheme, False, None),
+                 (True, False, scheme, False, None)] if full else []) + [
+        (True, False, scheme, True, None), (True, False, scheme, True, "traversal"),
+        (True, False, bias_only, True, None)]
+    for fold, outputs, chosen, fuse, policy in variants:
         report = MemoryModel(model, fused_blocks=fuse).report(chosen)
         info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
                                learning_rate=0.001, fold_pads=fold, output_params=outputs,
-                               fuse_blocks=fuse)
+                               fuse_blocks=fuse, policy=policy)
         run = train_tflm(info.path, images[:2], labels[:2])
         cats = run.result.allocations
         compare = compare_with_tflm(report, run.arena_bytes, what="training_peak")
@@ -99,6 +100,7 @@ def _memory_rows(args, tmp, size, full):
                      + (", bias-only last 16 + classifier" if chosen is bias_only else "") + (
                 ", PADs folded into SAME convs" if fold else ", explicit PAD") + (
                 f", {info.manifest['fused_blocks']} frozen blocks fused" if fuse else "") + (
+                f", DGSU {policy} selection on device" if policy else "") + (
                 ", trainable tensors as outputs (host read-back)" if outputs
                 else " (firmware graph: loss + logits out)"),
             "arena_kb": _kb(run.arena_bytes), "head_kb": _kb(run.result.arena_head_bytes),
@@ -123,6 +125,16 @@ def _memory_rows(args, tmp, size, full):
     return settings, rows
 
 
+def moved_weights(before: dict, after: dict) -> str:
+    """Per weight-updated layer, the fraction of its trainable int8 weights that changed."""
+    parts = []
+    for name, value in before.items():
+        if name.endswith("/weights") and name in after:
+            moved = float(np.mean(np.asarray(after[name]) != np.asarray(value)))
+            parts.append(f"{name[:-len('/weights')]} {100 * moved:.0f}%")
+    return ", ".join(parts)
+
+
 def cifar_rows(args, tmp):
     size = (args.cifar_image_size, args.cifar_image_size)
     model = mobilenet_v2(1.0, (*size, 3), classes=10, weights="imagenet", seed=args.seed)
@@ -131,9 +143,12 @@ def cifar_rows(args, tmp):
     x, y = load_arrays("cifar10", args.data, "train", size, args.steps, args.seed)
     xt, yt = load_arrays("cifar10", args.data, "test", size, args.test_examples, args.seed)
     rows = []
-    for policy, lr in [(p, lr) for p in args.policies for lr in args.learning_rates]:
+    runs = [(p, lr, r) for p in args.policies for lr in args.learning_rates
+            for r in args.roundings]
+    for policy, lr, rounding in runs:
         info = export_training(model, scheme, calib, tmp / "cifar.tflite", learning_rate=lr,
-                               policy=None if policy == "static" else policy)
+                               policy=None if policy == "static" else policy,
+                               rounding=rounding, seed=args.seed)
         start = time.time()
         run = train_tflm(info.path, x, y)
         seconds = time.time() - start
@@ -146,19 +161,24 @@ def cifar_rows(args, tmp):
             logits = run_inference_tflm(path, q).outputs[0].reshape(len(q), -1)
             accuracy[key] = float((logits.argmax(-1) == yt).mean())
         tenth = max(1, args.steps // 10)
-        rows.append({"selection": policy, "learning_rate": lr, "steps": args.steps,
+        rows.append({"selection": policy, "learning_rate": lr, "rounding": rounding,
+                     "steps": args.steps,
                      "loss_first_tenth": round(float(run.losses[:tenth].mean()), 4),
                      "loss_last_tenth": round(float(run.losses[-tenth:].mean()), 4),
                      "train_accuracy": round(float((run.predictions == y).mean()), 4),
                      "test_accuracy_before": accuracy["before"],
                      "test_accuracy_after": accuracy["after"],
                      "test_examples": len(yt), "arena_kb": _kb(run.arena_bytes),
-                     "seconds": round(seconds, 1)})
+                     "seconds": round(seconds, 1),
+                     "moved_weights": moved_weights(initial_params(info.path), run.params)})
     settings = {"model": f"mobilenet_v2 w1.0 ImageNet, {size[0]}x{size[1]}, new 10-class head",
                 "scheme": "tiny-training 49KB backward_config (same conv indices)",
                 "data": "CIFAR-10 JPEG copy, class-balanced subsets, torch preprocessing",
-                "selection": "static: top-k weight magnitude at export; traversal / "
-                             "magnitude: chosen on device every step (DGST_SELECT_CHANNELS)"}
+                "selection": "static: top-k weight magnitude at export; traversal (DGSU: "
+                             "unvisited channels first, then by integer weight-L2 score) / "
+                             "magnitude: chosen on device every step (DGST_SELECT_CHANNELS)",
+                "rounding": "stochastic: floor(u - step) with a counter-based hash u; "
+                            "nearest: round to nearest (the previous rule)"}
     return settings, rows
 
 
@@ -173,7 +193,10 @@ def main():
     p.add_argument("--cifar-image-size", type=int, default=96)
     p.add_argument("--learning-rates", type=float, nargs="+", default=[0.001])
     p.add_argument("--policies", nargs="+", default=["static", "traversal"],
-                   choices=("static", "traversal", "magnitude"))
+                   choices=("static", "traversal", "magnitude", "window"))
+    p.add_argument("--roundings", nargs="+", default=["stochastic", "nearest"],
+                   choices=("stochastic", "nearest"),
+                   help="int8 weight-update rounding of the exported graph")
     p.add_argument("--skip-cifar", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -188,9 +211,10 @@ def main():
         if not args.skip_cifar:
             settings, rows = cifar_rows(args, tmp)
             print(_report.write("tflm_training_cifar10", settings, rows, [
-                "selection", "learning_rate", "steps", "loss_first_tenth", "loss_last_tenth",
-                "train_accuracy", "test_accuracy_before", "test_accuracy_after",
-                "test_examples", "arena_kb", "seconds"]))
+                "selection", "learning_rate", "rounding", "steps", "loss_first_tenth",
+                "loss_last_tenth", "train_accuracy", "test_accuracy_before",
+                "test_accuracy_after", "test_examples", "arena_kb", "seconds",
+                "moved_weights"]))
 
 
 if __name__ == "__main__":

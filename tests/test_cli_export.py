@@ -38,3 +38,13 @@ def test_tflm_train_without_a_manifest_is_a_clear_error(tmp_path):
     (tmp_path / "x.tflite").write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match=r"x.json: no such file"):
         run(["tflm-train", str(tmp_path / "x.tflite"), "--steps", "1"])
+
+
+def test_export_rounding_option():
+    parser = argparse.ArgumentParser(prog="dgst")
+    add_export_parsers(parser.add_subparsers(dest="command", required=True))
+    assert parser.parse_args(["export"]).rounding == "stochastic"
+    args = parser.parse_args(["export", "--rounding", "nearest", "--seed", "3"])
+    assert (args.rounding, args.seed) == ("nearest", 3)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "--rounding", "up"])

@@ -164,7 +164,7 @@ def test_folding_pads_into_same_convs_is_exact(exported, tmp_path):
     assert a.arena_bytes < b.arena_bytes
 
 
-@pytest.mark.parametrize("policy", ["traversal", "magnitude"])
+@pytest.mark.parametrize("policy", ["traversal", "magnitude", "window"])
 def test_dynamic_selection_on_device(exported, tmp_path, policy):
     model, x, y, _ = exported
     info = export_training(model, UpdateScheme(SCHEME), x, tmp_path / "dyn.tflite",
@@ -177,9 +177,13 @@ def test_dynamic_selection_on_device(exported, tmp_path, policy):
     three = train_tflm(info.path, x[:3], y[:3])
     kept = three.kept["project/kept"]
     assert kept.shape == (3, 6)
-    if policy == "traversal":
+    if policy == "window":
         np.testing.assert_array_equal(kept, [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11],
                                              [0, 1, 2, 3, 4, 5]])
+    if policy == "traversal":  # one sweep of two steps covers the 12 channels
+        assert sorted(kept[:2].ravel().tolist()) == list(range(12))
+        layer = next(l for l in info.manifest["layers"] if l["name"] == "project")
+        assert layer["selection_state_bytes"] == 2 and layer["policy"] == "traversal"
     # one step changes only the input channels chosen for it
     moved = np.abs(one.params["project/weights"].astype(int)
                    - start["project/weights"].astype(int)).reshape(-1, 12).max(axis=0)
@@ -287,3 +291,127 @@ def test_magnitude_selection_is_the_reference_top_k_of_real_weights():
     np.testing.assert_array_equal(kept, top_k_channels(real, 3))
     norms = np.sqrt((real ** 2).sum(axis=(0, 1, 2)))
     assert sorted(kept.tolist()) == sorted(np.argsort(-norms)[:3].tolist())
+
+
+# ----------------------------------------------------------------------------- DGSU oracle
+ORACLE_SCHEME = {"depthwise": 0.25, "project": 0.25, "head": 0.25}
+ORACLE_KINDS = {"depthwise": True, "project": False, "head": False}  # depthwise?
+
+
+def _tensor_by_name(path, name):
+    from dgst_tf.export.tflite_editor import ModelEditor
+    from dgst_tf.export.tflite_file import read_tflite
+
+    editor = ModelEditor(read_tflite(path)[1])
+    index = next(i for i in range(len(editor.subgraph.tensors)) if editor.name(i) == name)
+    return np.array(editor.data(index))
+
+
+def _keras_kernel(w, depthwise):
+    """TFLite OHWI / 1HWC int8 weights -> the Keras kernel layout (HWIO / HWC1), float."""
+    w = np.asarray(w, np.float32)
+    return w[0][..., None] if depthwise else w.transpose(1, 2, 3, 0)
+
+
+def replay_dgsu(run, path, steps):
+    """Per step and layer: the channels the NumPy reference and the Keras definition
+    (`dgsu_select` of `int8_channel_scores`) choose from the state and the weights the TFLM
+    run had at that step; asserts both equal TFLM's choice. Returns the steps in which
+    some weight-updated layer's weights changed."""
+    from dgst_tf.core.keras_compat import tf
+    from dgst_tf.tflm_ops import reference as R
+    from dgst_tf.training.channel_importance import int8_channel_scores
+    from dgst_tf.training.selection import dgsu_select
+
+    names = run.manifest["outputs"]
+    start = initial_params(path)
+    moved = 0
+    for layer, depthwise in ORACLE_KINDS.items():
+        m = _tensor_by_name(path, f"{layer}/selection_multipliers")
+        chosen = run.kept[f"{layer}/kept"]
+        per_step = run.result.outputs[names.index(f"{layer}/weights")]
+        k, channels = chosen.shape[1], start[f"{layer}/weights"].shape[-1]
+        mask, sweep = np.zeros((channels + 7) // 8, np.uint8), tf.zeros([channels], tf.bool)
+        w = start[f"{layer}/weights"]
+        for s in range(steps):
+            want, mask = R.select_channels(w, m, k, depthwise, mask)
+            scores = int8_channel_scores(_keras_kernel(w, depthwise), m, depthwise)
+            keras_kept, sweep = dgsu_select(scores, k, sweep, traversal=True)
+            np.testing.assert_array_equal(chosen[s], want, err_msg=f"{layer} step {s}: TFLM")
+            np.testing.assert_array_equal(keras_kept.numpy(), want,
+                                          err_msg=f"{layer} step {s}: Keras")
+            moved += int((per_step[s] != w).any())
+            w = per_step[s]
+    return moved
+
+
+def test_dgsu_traversal_tflm_equals_keras_and_reference_every_step(tmp_path):
+    """Oracle: 200 TFLM steps of policy "traversal" on 3 weight-updated layers choose, at
+    every step, the channels the NumPy reference and the Keras definition choose from the
+    same visited state and the same (updated) weights."""
+    model = fold_batchnorm(residual_cnn())
+    x, y = batch(200, seed=3)
+    info = export_training(model, UpdateScheme(ORACLE_SCHEME), x[:32],
+                           tmp_path / "dgsu.tflite", learning_rate=0.5, policy="traversal")
+    assert info.ops["CUSTOM:DGST_SELECT_CHANNELS"] == 3
+    run = train_tflm(info.path, x, y)
+    moved = replay_dgsu(run, info.path, 200)
+    assert moved >= 20  # the weights (hence the importances) really change during the run
+    for layer in ORACLE_KINDS:  # every sweep covers every channel
+        kept = run.kept[f"{layer}/kept"]
+        channels = initial_params(info.path)[f"{layer}/weights"].shape[-1]
+        steps = -(-channels // kept.shape[1])
+        assert set(kept[:steps].ravel().tolist()) == set(range(channels))
+
+
+def test_keras_dgsu_callback_uses_the_device_integer_score(tmp_path):
+    """The callback on the int8 training graph ranks with the device's integer score: its
+    multipliers equal the exported graph's, and over 30 steps (learning rate 0: fixed
+    weights) it chooses what the reference chooses, sweep after sweep."""
+    from dgst_tf.core.layer_kinds import kernel_of
+    from dgst_tf.tflm_ops import reference as R
+    from dgst_tf.training.selection import DynamicChannelSelection, int8_multipliers
+
+    model = fold_batchnorm(residual_cnn())
+    x, y = batch(30, seed=4)
+    info = export_training(model, UpdateScheme(ORACLE_SCHEME), x, tmp_path / "k.tflite",
+                           learning_rate=LR, policy="traversal")
+    graph = int8_training_graph(model, x)
+    sparse = SparseUpdateModel(graph.model, UpdateScheme(ORACLE_SCHEME), fold_bn=False)
+    sparse.compile(optimizer=QuantizationAwareScalingSGD(0.0, graph.qas_scales),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = DynamicChannelSelection("weight_l2", traversal=True)
+    assert callback.device_policy == "traversal"
+    chosen = {layer: [] for layer in ORACLE_KINDS}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            for layer in ORACLE_KINDS:
+                chosen[layer].append(sparse.selection.numpy(layer)["indices"].copy())
+
+    sparse.fit(x, y, batch_size=1, epochs=1, verbose=0, callbacks=[callback, Record()])
+    for layer, depthwise in ORACLE_KINDS.items():
+        m = int8_multipliers(sparse, graph.model.get_layer(layer))
+        np.testing.assert_array_equal(m, _tensor_by_name(info.path,
+                                                         f"{layer}/selection_multipliers"))
+        kernel = kernel_of(graph.model.get_layer(layer)).numpy()
+        w = kernel[..., 0][None] if depthwise else kernel.transpose(3, 0, 1, 2)
+        mask = np.zeros((w.shape[-1] + 7) // 8, np.uint8)
+        for s, got in enumerate(chosen[layer]):
+            want, mask = R.select_channels(w, m, len(got), depthwise, mask)
+            np.testing.assert_array_equal(got, want, err_msg=f"{layer} step {s}")
+
+
+def test_export_refuses_a_callback_without_device_equivalent(exported, tmp_path):
+    from dgst_tf.training.selection import DynamicChannelSelection, WindowChannelSelection
+
+    model, x, _, _ = exported
+    with pytest.raises(TrainingExportError, match="layers_per_step=1 has no on-device"):
+        export_training(model, UpdateScheme(SCHEME), x, tmp_path / "a.tflite",
+                        policy=DynamicChannelSelection(layers_per_step=1))
+    with pytest.raises(TrainingExportError, match="importance 'grad_norm'"):
+        export_training(model, UpdateScheme(SCHEME), x, tmp_path / "b.tflite",
+                        policy=DynamicChannelSelection("grad_norm"))
+    info = export_training(model, UpdateScheme(SCHEME), x, tmp_path / "c.tflite",
+                           policy=WindowChannelSelection())
+    assert info.manifest["policy"] == "window"

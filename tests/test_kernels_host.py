@@ -371,3 +371,57 @@ def test_qas_update_equals_the_formula(K):
     np.testing.assert_array_equal(got_w[..., kept][safe_w], want_w[..., kept][safe_w])
     np.testing.assert_array_equal(np.delete(got_w, kept, axis=3), np.delete(w, kept, axis=3))
     np.testing.assert_array_equal(got_b[safe_b], want_b[safe_b])
+
+
+def _dgsu_select(K, w, m, k, depthwise, visited):
+    """dgst_channel_scores_s8 + dgst_select_ranked through ctypes (visited updated)."""
+    import ctypes
+
+    lib = K.lib
+    i8p, i32p = ctypes.POINTER(ctypes.c_int8), ctypes.POINTER(ctypes.c_int32)
+    i64p, u8p, i32 = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_uint8), ctypes.c_int32
+    lib.dgst_channel_scores_s8.argtypes = [i8p, i32p, i32, i32, i32, i32, i64p]
+    lib.dgst_select_ranked.argtypes = [i64p, i32, i32, u8p, i32p]
+    wq, mm = np.ascontiguousarray(w, np.int8), np.ascontiguousarray(m, np.int32)
+    c_in = wq.shape[-1]
+    c_out = c_in if depthwise else wq.shape[0]
+    taps = wq.size // (c_in if depthwise else c_out * c_in)
+    scores = np.full(c_in, -7, np.int64)
+    kept = np.full(k, -7, np.int32)
+    lib.dgst_channel_scores_s8(wq.ctypes.data_as(i8p), mm.ctypes.data_as(i32p), c_out, taps,
+                               c_in, int(depthwise), scores.ctypes.data_as(i64p))
+    np.testing.assert_array_equal(scores, R.channel_scores(wq, mm, depthwise))
+    mask = None if visited is None else np.array(visited, np.uint8)
+    lib.dgst_select_ranked(scores.ctypes.data_as(i64p), c_in, k,
+                           None if mask is None else mask.ctypes.data_as(u8p),
+                           kept.ctypes.data_as(i32p))
+    return kept, mask
+
+
+def test_dgsu_selection_bit_exact(K):
+    """Integer channel importance and DGSU ranking (visited bitmask across steps, ties,
+    extreme weights, sweeps restarting) equal the reference bit for bit."""
+    rng = np.random.default_rng(17)
+    for case in range(40):
+        depthwise = bool(case % 2)
+        c_in = int(rng.integers(1, 40))
+        k = int(rng.integers(1, c_in + 1))
+        shape = ((1, *rng.integers(1, 4, 2), c_in) if depthwise
+                 else (int(rng.integers(1, 9)), *rng.integers(1, 4, 2), c_in))
+        w = int8(rng, shape, lo=-127)
+        if case % 5 == 0:
+            w[...] = 127 if case % 10 == 0 else rng.choice([-1, 0, 1], shape)
+        m = R.score_multipliers(rng.uniform(1e-4, 0.05, c_in if depthwise else shape[0]))
+        visited = np.zeros((c_in + 7) // 8, np.uint8)
+        for _ in range(4):
+            want, want_mask = R.select_channels(w, m, k, depthwise, visited)
+            got, visited = _dgsu_select(K, w, m, k, depthwise, visited)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(visited, want_mask)
+        got, _ = _dgsu_select(K, w, m, k, depthwise, None)
+        np.testing.assert_array_equal(got, R.select_channels(w, m, k, depthwise)[0])
+
+
+def test_score_multipliers():
+    np.testing.assert_array_equal(R.score_multipliers([0.02, 0.01, 0.0]), [65536, 16384, 0])
+    assert R.score_multipliers([1e-9, 1e-9]).tolist() == [65536, 65536]

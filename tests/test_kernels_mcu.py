@@ -25,7 +25,8 @@ GEN_VECTORS = [sys.executable, "-m", "dgst_tf.tflm_ops.mcu.gen_vectors"]
 KERNELS = {"conv2d_weight_grad_s8", "conv2d_weight_grad_s8_ref", "depthwise_weight_grad_s8",
            "bias_grad_s8", "conv2d_input_grad_s8", "depthwise_input_grad_s8", "build_mask_s8",
            "apply_mask_f32", "quantize_grad_s8", "softmax_xent_grad", "sgd_qas_update_conv_s8",
-           "sgd_qas_update_depthwise_s8", "sgd_qas_update_bias_s32"}
+           "sgd_qas_update_depthwise_s8", "sgd_qas_update_bias_s32",
+           "sgd_qas_update_conv_sr_s8", "sgd_qas_update_depthwise_sr_s8"}
 
 
 def require_tools():

@@ -62,7 +62,10 @@ def test_qas_scales_gradients_by_the_formula(folded):
         loss = LOSS(y, model(x))
     grads = tape.gradient(loss, variables)
     start = [v.numpy() for v in variables]
-    QuantizationAwareScalingSGD(0.5, graph.qas_scales).apply_gradients(zip(grads, variables))
+    # the float formula: round-to-nearest (the int8 simulation's default is stochastic,
+    # test_stochastic_rounding_of_the_int8_kernels below)
+    QuantizationAwareScalingSGD(0.5, graph.qas_scales, rounding="nearest").apply_gradients(
+        zip(grads, variables))
     for var, before, grad in zip(variables, start, grads):
         layer = model.get_layer(var.name.split("/")[0])
         s_w = graph.weight_scales[layer.name]
@@ -109,3 +112,33 @@ def test_int8_training_with_qas_tracks_float_training(folded):
     assert abs(plain_loss - start) < 0.05 * (start - float_loss)
     assert abs(qas_loss - float_loss) < 0.5 * abs(plain_loss - float_loss)
     assert start - qas_loss > 0.5 * (start - float_loss)
+
+
+def test_stochastic_rounding_of_the_int8_kernels(folded):
+    """rounding="stochastic" (the default): the kernels stay int8 integers in [-127, 127],
+    each moved by the floor or the ceiling of the QAS float step (-floor(u - step), u in
+    [0, 1)); biases keep
+    the float step."""
+    x, y = separable_task(8)
+    graph = int8_training_graph(folded, x)
+    model = graph.model
+    variables = model.trainable_weights
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x))
+    grads = tape.gradient(loss, variables)
+    start = [v.numpy() for v in variables]
+    QuantizationAwareScalingSGD(0.05, graph.qas_scales).apply_gradients(zip(grads, variables))
+    for var, before, grad in zip(variables, start, grads):
+        layer = model.get_layer(var.name.split("/")[0])
+        s_w = graph.weight_scales[layer.name]
+        if "bias" in var.name:
+            continue
+        scale = s_w.reshape(var.shape[-2:]) if isinstance(
+            layer, keras.layers.DepthwiseConv2D) else s_w
+        float_step = 0.05 * grad.numpy() / scale ** 2
+        after = var.numpy()
+        np.testing.assert_array_equal(after, np.round(after), err_msg=var.name)
+        assert np.abs(after).max() <= 127
+        free = np.abs(before - float_step) < 126  # not clipped
+        moved = (before - after)[free]
+        assert np.abs(moved - float_step[free]).max() < 1 + 1e-3, var.name  # floor or ceil

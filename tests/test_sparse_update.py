@@ -90,11 +90,76 @@ def _graph_op_types(concrete) -> list:
     return types
 
 
+def _graph_ops(graph) -> list:
+    """Every op of a traced ``graph`` and of the function graphs it calls (the cond branches
+    that hold the weight gradients), with their static shapes."""
+    ops, seen = [], set()
+
+    def walk(g):
+        for op in g.get_operations():
+            ops.append(op)
+            for attr in op.node_def.attr.values():
+                names = [attr.func.name] if attr.HasField("func") else [
+                    f.name for f in attr.list.func]
+                for name in set(names) - seen:
+                    seen.add(name)
+                    walk((g._get_function(name) or graph._get_function(name)).graph)
+
+    walk(graph)
+    return ops
+
+
+FILTER_GRADIENTS = {"Conv2DBackpropFilter", "DepthwiseConv2dNativeBackpropFilter"}
+
+
+def _filter_gradients(concrete) -> list:
+    """(op type, input activation shape, dy shape, kernel gradient shape) of every conv
+    filter-gradient op of the traced step."""
+    return [(op.type, op.inputs[0].shape.as_list(), op.inputs[2].shape.as_list(),
+             op.outputs[0].shape.as_list())
+            for op in _graph_ops(concrete.graph) if op.type in FILTER_GRADIENTS]
+
+
+def _dense_weight_gradients(concrete) -> list:
+    """(activation shape, dy shape, kernel gradient shape) of every dense weight-gradient
+    matmul (x^T dy: the only MatMul with transpose_a) of the traced step."""
+    return [[op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list(),
+             op.outputs[0].shape.as_list()]
+            for op in _graph_ops(concrete.graph)
+            if op.type == "MatMul" and op.get_attr("transpose_a")]
+
+
+def _assert_filter_gradients_see_only_selected_channels(sparse, concrete):
+    """Each weight-updated conv has exactly one filter-gradient op, and it is computed from
+    the k selected input channels only: activation [.., k], dy [.., C_out] (depthwise: the k
+    kept channels' dy), kernel gradient [kh, kw, k, C_out]. A full-width filter gradient that
+    is gathered or masked afterwards has C_in there and fails."""
+    found = _filter_gradients(concrete)
+    convs = [l for l in sparse.weight_layers if not isinstance(l, keras.layers.Dense)]
+    assert len(found) == len(convs), found
+    for layer in convs:
+        kh, kw, c_in, c_out = kernel_of(layer).shape.as_list()
+        channels, k = sparse.selection.specs[layer.name]
+        assert channels == c_in and k < c_in, (layer.name, channels, k)
+        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+        op_type = "DepthwiseConv2dNativeBackpropFilter" if depthwise else "Conv2DBackpropFilter"
+        mine = [f for f in found if f[0] == op_type and f[3][:2] == [kh, kw]
+                and f[3][3] == c_out]
+        assert len(mine) == 1, (layer.name, found)
+        _, activation, dy, kernel_grad = mine[0]
+        assert activation[3] == k, (f"{layer.name}: the filter gradient reads {activation[3]} "
+                                    f"input channels, not the {k} selected of {c_in}")
+        assert dy[3] == (k * c_out if depthwise else c_out), (layer.name, dy)
+        assert kernel_grad == [kh, kw, k, c_out], (
+            f"{layer.name}: kernel gradient {kernel_grad}, not [{kh}, {kw}, {k}, {c_out}]")
+
+
 def test_traced_graph_has_weight_gradients_only_for_selected_layers():
     sparse = make()
     x, y = batch(1)
     step = tf.function(sparse.train_step)
-    types = _graph_op_types(step.get_concrete_function((tf.constant(x), tf.constant(y))))
+    concrete = step.get_concrete_function((tf.constant(x), tf.constant(y)))
+    types = _graph_op_types(concrete)
     # expand and head are weight-updated Conv2Ds, depthwise a weight-updated depthwise conv;
     # project is bias-only and stem (before the first updated layer) gets nothing at all.
     assert types.count("Conv2DBackpropFilter") == 2
@@ -103,6 +168,38 @@ def test_traced_graph_has_weight_gradients_only_for_selected_layers():
     # layer and the stem lies before it, so backprop stops there.
     assert types.count("Conv2DBackpropInput") == 2  # head, project
     assert types.count("DepthwiseConv2dNativeBackpropInput") == 1
+    # Channel skipping, from the static shapes (k of C_in): expand 4 of 8, depthwise 3 of
+    # 12, head 4 of 8.
+    assert [(l.name, sparse.selection.specs[l.name][1]) for l in sparse.weight_layers] == [
+        ("expand", 4), ("depthwise", 3), ("head", 4)]
+    _assert_filter_gradients_see_only_selected_channels(sparse, concrete)
+    # The classifier is trained in full: its one weight-gradient matmul is full width.
+    assert _dense_weight_gradients(concrete) == [[[1, 16], [1, 4], [16, 4]]]
+
+
+def test_traced_graph_sparse_dense_weight_gradient_reads_only_selected_features():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(6, 3, name="conv")(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.Dense(10, activation="relu", name="fc")(h)
+    model = keras.Model(inp, keras.layers.Dense(4, name="classifier")(h))
+    sparse = SparseUpdateModel(model, UpdateScheme({"conv": 0.5, "fc": 0.5}))
+    sparse.compile(optimizer=keras.optimizers.SGD(0.1), loss=LOSS)
+    x, y = batch(2, input_shape=(6, 6, 3))
+    step = tf.function(sparse.train_step)
+    concrete = step.get_concrete_function((tf.constant(x), tf.constant(y)))
+    assert sparse.selection.specs["fc"][1] == 3 and sparse.selection.specs["conv"][1] == 2
+    _assert_filter_gradients_see_only_selected_channels(sparse, concrete)
+    # fc: x_kept^T dy from the 3 selected of 6 input features; classifier: full [10, 4].
+    assert sorted(_dense_weight_gradients(concrete)) == [[[2, 3], [2, 10], [3, 10]],
+                                                         [[2, 10], [2, 4], [10, 4]]]
+    before = kernel_of(sparse.base.get_layer("fc")).numpy()
+    sparse.fit(x, y, batch_size=2, verbose=0, shuffle=False)
+    kept = sparse.selection.numpy("fc")["indices"]
+    after = kernel_of(sparse.base.get_layer("fc")).numpy()
+    assert np.array_equal(np.delete(after, kept, axis=0), np.delete(before, kept, axis=0))
+    assert not np.array_equal(after[kept], before[kept])
 
 
 def test_logs_report_updated_fraction_and_coverage():
@@ -347,3 +444,51 @@ def test_training_imports_neither_pruning_nor_tf_mot():
             "bad = [m for m in sys.modules if m.startswith(('dgst_tf.pruning', "
             "'tensorflow_model_optimization'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dgsu_ranking_equals_the_reference_exactly():
+    """`dgsu_select` (the callback's rule) == `reference.select_ranked` on float and integer
+    scores with ties, including scores a float 'lift' would merge (1e-8 apart at 1e9)."""
+    from dgst_tf.tflm_ops import reference as R
+    from dgst_tf.training.selection import dgsu_select
+
+    rng = np.random.default_rng(5)
+    cases = [np.array([1e9, 1e9 + 64, 1e-8, 2e-8, 0.0], np.float32)]
+    cases += [rng.integers(0, 6, int(rng.integers(1, 30))).astype(np.int64) for _ in range(20)]
+    for scores in cases:
+        channels = len(scores)
+        k = int(rng.integers(1, channels + 1))
+        mask, sweep = np.zeros((channels + 7) // 8, np.uint8), tf.zeros([channels], tf.bool)
+        for step in range(5):
+            want, mask = R.select_ranked(scores, k, mask)
+            got, sweep = dgsu_select(tf.constant(scores), k, sweep)
+            np.testing.assert_array_equal(got.numpy(), want, err_msg=f"step {step}")
+        np.testing.assert_array_equal(dgsu_select(tf.constant(scores), k, sweep, False)[0],
+                                      R.select_ranked(scores, k)[0])
+    assert R.select_ranked(cases[0], 2, np.array([0b00011], np.uint8))[0].tolist() == [2, 3]
+
+
+def test_window_selection_is_the_device_window():
+    from dgst_tf.tflm_ops import reference as R
+    from dgst_tf.training.selection import WindowChannelSelection
+
+    sparse = make()
+    x, y = batch(4)
+    chosen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, b, logs=None):
+            chosen.append(sparse.selection.numpy("depthwise")["indices"].copy())
+
+    sparse.fit(x, y, batch_size=1, verbose=0, shuffle=False,
+               callbacks=[WindowChannelSelection(), Record()])
+    channels, kept = sparse.selection.specs["depthwise"]
+    for step, got in enumerate(chosen):
+        np.testing.assert_array_equal(got, R.select_window(step, channels, kept))
+
+
+def test_device_policy_names():
+    assert DynamicChannelSelection().device_policy == "traversal"
+    assert DynamicChannelSelection(traversal=False).device_policy == "magnitude"
+    with pytest.raises(ValueError, match="layers_per_step=2 has no on-device equivalent"):
+        DynamicChannelSelection(layers_per_step=2).device_policy

@@ -323,9 +323,9 @@ def test_input_grad_prepare_errors(ops, tmp_path):
         run_graph(ops, tmp_path, "badgeo", build)
 
 
-@pytest.mark.parametrize("policy", ["traversal", "magnitude"])
+@pytest.mark.parametrize("policy", ["window", "magnitude"])
 @pytest.mark.parametrize("depthwise", [False, True])
-def test_select_channels_on_device(ops, tmp_path, policy, depthwise):
+def test_select_channels_window_and_float_magnitude_on_device(ops, tmp_path, policy, depthwise):
     rng = np.random.default_rng(6)
     c_in, k, steps = 10, 4, 5
     shape = (1, 3, 3, c_in) if depthwise else (6, 1, 1, c_in)
@@ -337,19 +337,54 @@ def test_select_channels_on_device(ops, tmp_path, policy, depthwise):
         t_w = b.add_tensor("w", shape, np.int8, data=w)
         t_ws = b.add_tensor("ws", ws.shape, np.float32, data=ws)
         step = (b.add_tensor("step", (1,), np.int32, variable=True)
-                if policy == "traversal" else -1)
+                if policy == "window" else -1)
         kept = b.add_tensor("kept", (k,), np.int32)
         b.add_custom_op("DGST_SELECT_CHANNELS", [t_w, t_ws, step], [kept],
-                        int32_options(0 if policy == "traversal" else 1, int(depthwise)))
+                        int32_options(0 if policy == "window" else 1, int(depthwise)))
         return {t_x: np.zeros((steps, 1), np.float32)}, [kept]
 
     kept = run_graph(ops, tmp_path, f"select_{policy}", build)[0]
     for s in range(steps):
-        want = (R.select_traversal(s, c_in, k) if policy == "traversal"
+        want = (R.select_window(s, c_in, k) if policy == "window"
                 else R.select_magnitude(w, ws, k, depthwise))
         np.testing.assert_array_equal(kept[s], want)
-    if policy == "traversal":  # every channel is visited within ceil(c_in / k) steps
+    if policy == "window":  # every channel is visited within ceil(c_in / k) steps
         assert set(kept[:3].ravel().tolist()) == set(range(c_in))
+
+
+@pytest.mark.parametrize("policy", ["traversal", "magnitude"])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_dgsu_selection_on_device_equals_the_reference(ops, tmp_path, policy, depthwise):
+    """DGSU selection with integer importance: N Invokes = N steps of the reference, the
+    visited bitmask persisting in the arena; traversal covers all channels every sweep."""
+    rng = np.random.default_rng(7)
+    c_in, k, steps = 11, 3, 13
+    shape = (1, 3, 3, c_in) if depthwise else (5, 1, 2, c_in)
+    w = rng.integers(-127, 128, shape).astype(np.int8)
+    w[..., 4] = w[..., 2]  # equal scores: the lower index must win
+    m = R.score_multipliers(rng.uniform(0.001, 0.02, c_in if depthwise else 5))
+
+    def build(b):
+        t_x = b.add_tensor("x", (1,), np.float32)  # a dummy input: one Invoke per step
+        t_w = b.add_tensor("w", shape, np.int8, data=w)
+        t_m = b.add_tensor("m", m.shape, np.int32, data=m)
+        mask = (b.add_tensor("visited", ((c_in + 7) // 8,), np.uint8, variable=True)
+                if policy == "traversal" else -1)
+        kept = b.add_tensor("kept", (k,), np.int32)
+        b.add_custom_op("DGST_SELECT_CHANNELS", [t_w, t_m, mask], [kept],
+                        int32_options(2 if policy == "traversal" else 1, int(depthwise)))
+        return {t_x: np.zeros((steps, 1), np.float32)}, [kept]
+
+    kept = run_graph(ops, tmp_path, f"dgsu_{policy}_{depthwise}", build)[0]
+    visited = np.zeros(2, np.uint8) if policy == "traversal" else None
+    for s in range(steps):
+        want, visited = R.select_channels(w, m, k, depthwise, visited)
+        np.testing.assert_array_equal(kept[s], want, err_msg=f"step {s}")
+    if policy == "traversal":  # sweeps of ceil(11 / 3) = 4 steps cover every channel
+        assert set(kept[:4].ravel().tolist()) == set(range(c_in))
+        assert len(set(kept[:3].ravel().tolist())) == 9
+    else:
+        assert (kept == kept[0]).all()
 
 
 def test_quantize_grad_broadcast_mode_equals_the_materialized_pooling_gradient(ops, tmp_path):

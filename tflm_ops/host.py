@@ -38,6 +38,14 @@ class ConvGeometry(ctypes.Structure):
         "dilation_h", "dilation_w", "pad_top", "pad_left")]
 
 
+class StochasticRounding(ctypes.Structure):
+    """dgst_stochastic_rounding."""
+
+    _fields_ = [("seed", ctypes.c_uint32), ("stream", ctypes.c_uint32),
+                ("step", ctypes.c_uint32), ("index_channels", ctypes.POINTER(ctypes.c_int32)),
+                ("index_c_in", ctypes.c_int32)]
+
+
 @contextlib.contextmanager
 def build_lock():
     """Exclusive lock on tflm_ops/build: parallel test workers (pytest -n) build in turn."""
@@ -103,6 +111,14 @@ class Kernels:
                                                         _i32p, _f32, _f32, _f32, _f32p]),
             "dgst_sgd_qas_update_bias_s32": (None, [_i32p, _i32, _i32p, _f32, _f32, _f32,
                                                     _f32p]),
+            "dgst_sgd_qas_update_conv_sr_s8": (None, [_i8p, _i32, _i32, _i32, _i32, _i32p,
+                                                      _i32, _i32p, _f32, _f32, _f32, _f32p,
+                                                      ctypes.POINTER(StochasticRounding)]),
+            "dgst_sgd_qas_update_depthwise_sr_s8": (None, [_i8p, _i32, _i32, _i32, _i32p,
+                                                           _i32, _i32p, _f32, _f32, _f32,
+                                                           _f32p,
+                                                           ctypes.POINTER(StochasticRounding)]),
+            "dgst_stochastic_rounding_bits": (ctypes.c_uint32, [ctypes.c_uint32] * 4),
         }
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -209,6 +225,40 @@ class Kernels:
                                                   float(lr), float(x_scale), float(dy_scale),
                                                   _ptr(ws, _f32p))
         return wq
+
+    def _sr(self, kept, seed, stream, step, index_channels, index_c_in):
+        chans = None if index_channels is None else _c(index_channels, np.int32)
+        sr = StochasticRounding(seed & 0xFFFFFFFF, stream & 0xFFFFFFFF, step & 0xFFFFFFFF,
+                                None if chans is None else _ptr(chans, _i32p), index_c_in)
+        return sr, chans  # keep chans alive during the call
+
+    def sgd_qas_update_conv_sr(self, w, kept, grad, lr, x_scale, dy_scale, weight_scale,
+                               seed, stream, step, index_channels=None, index_c_in=0):
+        wq = np.array(w, np.int8, order="C")  # a C-ordered copy, updated in place
+        kp, gr, ws = _c(kept, np.int32), _c(grad, np.int32), _c(weight_scale, np.float32)
+        c_out, kh, kw, c_in = wq.shape
+        sr, _chans = self._sr(kept, seed, stream, step, index_channels, index_c_in)
+        self.lib.dgst_sgd_qas_update_conv_sr_s8(
+            _ptr(wq, _i8p), c_out, kh, kw, c_in, _ptr(kp, _i32p), kp.size, _ptr(gr, _i32p),
+            float(lr), float(x_scale), float(dy_scale), _ptr(ws, _f32p), ctypes.byref(sr))
+        return wq
+
+    def sgd_qas_update_depthwise_sr(self, w, kept, grad, lr, x_scale, dy_scale, weight_scale,
+                                    seed, stream, step, index_channels=None, index_c_in=0):
+        wq = np.array(w, np.int8, order="C")
+        kp, gr, ws = _c(kept, np.int32), _c(grad, np.int32), _c(weight_scale, np.float32)
+        kh, kw, channels = wq.shape[-3:]
+        sr, _chans = self._sr(kept, seed, stream, step, index_channels, index_c_in)
+        self.lib.dgst_sgd_qas_update_depthwise_sr_s8(
+            _ptr(wq, _i8p), kh, kw, channels, _ptr(kp, _i32p), kp.size, _ptr(gr, _i32p),
+            float(lr), float(x_scale), float(dy_scale), _ptr(ws, _f32p), ctypes.byref(sr))
+        return wq
+
+    def stochastic_rounding_bits(self, seed, stream, step, index) -> int:
+        return int(self.lib.dgst_stochastic_rounding_bits(seed & 0xFFFFFFFF,
+                                                          stream & 0xFFFFFFFF,
+                                                          step & 0xFFFFFFFF,
+                                                          index & 0xFFFFFFFF))
 
     def sgd_qas_update_bias(self, b, grad, lr, x_scale, dy_scale, weight_scale):
         bb = np.array(b, np.int32)

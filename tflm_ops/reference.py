@@ -322,10 +322,78 @@ def fused_block_case(rng, x_shape, conv_spec, dw_spec, c_out):
     return rng.integers(-128, 128, x_shape).astype(np.int8), stages, geometry
 
 
-def select_traversal(step: int, c_in: int, k: int) -> np.ndarray:
-    """int32 [k]: the window of k channels from (step * k) mod c_in, wrapping, sorted."""
+def select_window(step: int, c_in: int, k: int) -> np.ndarray:
+    """int32 [k]: the window of k channels from (step * k) mod c_in, wrapping, sorted
+    (policy "window"; called "traversal" by graphs written before DGSU traversal)."""
     start = (int(step) * int(k)) % int(c_in)
     return np.sort((start + np.arange(k)) % c_in).astype(np.int32)
+
+
+SCORE_MULTIPLIER_BITS = 16
+
+
+def score_multipliers(weight_scale) -> np.ndarray:
+    """int32 m[o] = round(2^16 * s[o]^2 / max s^2) (half away from zero, float64): the
+    per-output-channel weights of the integer channel importance, fixed at export.
+
+        score_multipliers([0.02, 0.01])   # array([65536, 16384], dtype=int32)
+    """
+    s = np.asarray(weight_scale, np.float32).astype(np.float64)
+    top = float(np.max(s * s)) if s.size else 0.0
+    if top <= 0.0:
+        return np.zeros(s.shape, np.int32)
+    return round_half_away((2.0 ** SCORE_MULTIPLIER_BITS) * (s * s) / top).astype(np.int32)
+
+
+def channel_scores(w: np.ndarray, multiplier, depthwise: bool = False) -> np.ndarray:
+    """int64 [c_in]: the integer importance of each input channel (DGSU selection),
+    ``score[c] = sum_o m[o] * sum_t w[o, t, c]^2`` (``w`` OHWI or [c_out, c_in]) or, with
+    ``depthwise`` (``w`` [1, kh, kw, C] / [kh, kw, C]), ``score[c] = m[c] * sum_t w[t, c]^2``.
+
+        channel_scores(w, score_multipliers(weight_scale))
+    """
+    m = np.asarray(multiplier, np.int64)
+    if depthwise:
+        taps = _dw_filter(w).reshape(-1, np.shape(w)[-1]).astype(np.int64)
+        return (taps * taps).sum(axis=0) * m
+    c_out = np.shape(w)[0]
+    q = np.asarray(w, np.int64).reshape(c_out, -1, np.shape(w)[-1])
+    return ((q * q).sum(axis=1) * m[:, None]).sum(axis=0)
+
+
+def select_ranked(scores, k: int, visited=None):
+    """(kept int32 [k] sorted, new visited bitmask or None): DGSU's ranking (Li & Chang
+    2024). ``visited``: uint8 bitmask of len(scores) bits (bit c of byte c // 8; policy
+    "traversal") or None (policy "magnitude"). If every channel is visited the mask is
+    cleared (a new sweep); not-yet-visited channels rank first, then visited ones; within a
+    group by score descending; ties to the lower index; the first k are kept and marked.
+
+        kept, mask = select_ranked(channel_scores(w, m), 4, np.zeros(2, np.uint8))
+    """
+    scores = np.asarray(scores)
+    c_in = len(scores)
+    fresh = np.zeros(c_in, bool)
+    if visited is not None:
+        bits = np.unpackbits(np.asarray(visited, np.uint8), bitorder="little")[:c_in].astype(bool)
+        if bits.all():
+            bits[:] = False
+        fresh = ~bits
+    order = np.lexsort((np.arange(c_in), -scores.astype(np.float64) if scores.dtype.kind == "f"
+                        else -scores.astype(np.int64), ~fresh))
+    kept = np.sort(order[:k]).astype(np.int32)
+    if visited is None:
+        return kept, None
+    bits = ~fresh
+    bits[kept] = True
+    mask = np.packbits(np.concatenate([bits, np.zeros(-c_in % 8, bool)]), bitorder="little")
+    return kept, mask.astype(np.uint8)
+
+
+def select_channels(w: np.ndarray, multiplier, k: int, depthwise: bool = False,
+                    visited=None):
+    """One step of DGST_SELECT_CHANNELS with integer importance: `select_ranked` of
+    `channel_scores` (policy "traversal" with a ``visited`` mask, "magnitude" without)."""
+    return select_ranked(channel_scores(w, multiplier, depthwise), k, visited)
 
 
 def select_magnitude(w: np.ndarray, weight_scale, k: int, depthwise: bool = False):
@@ -374,6 +442,76 @@ def sgd_qas_update_depthwise(w: np.ndarray, kept, grad: np.ndarray, lr: float,
     factor = (base / np.asarray(weight_scale, F32)[kept]).astype(F32)  # [k]
     step = _qas_step(factor[None, None, :], grad, 1024.0)
     w[:, :, kept] = np.clip(w[:, :, kept].astype(np.int64) - step, -127, 127)
+    return w.reshape(shape)
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.uint32).copy()
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)  # wraps mod 2^32 (uint32 arrays)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def stochastic_uniform_bits(seed: int, stream: int, step: int, index) -> np.ndarray:
+    """uint32 hash bits h of the stochastic-rounding PRNG (the C ``dgst_mix32`` chain):
+    h = mix32(mix32(mix32(seed ^ stream * 0x9E3779B9) ^ step) ^ index); u = (h >> 8) * 2^-24.
+
+        u = (stochastic_uniform_bits(0, 7, 3, np.arange(10)) >> 8) * 2.0**-24
+    """
+    with np.errstate(over="ignore"):
+        stream_mul = np.array([stream & 0xFFFFFFFF], np.uint32) * np.uint32(0x9E3779B9)
+        key = _mix32(_mix32(np.uint32(seed & 0xFFFFFFFF) ^ stream_mul) ^ np.uint32(step))
+        return _mix32(key ^ np.asarray(index, np.int64).astype(np.uint32))
+
+
+def _stochastic_step(w: np.ndarray, factor, grad, key: tuple, index) -> np.ndarray:
+    """clip(w + floor(u - s), -127, 127) with s the clamped float32 step, u from ``index``."""
+    s = np.clip(F32(factor) * np.asarray(grad).astype(F32), F32(-1024), F32(1024)).astype(F32)
+    u = (stochastic_uniform_bits(*key, index) >> np.uint32(8)).astype(F32) * F32(2.0**-24)
+    v = (u - s).astype(F32)
+    return np.clip(w.astype(np.int64) + np.floor(v).astype(np.int64), -127, 127)
+
+
+def sgd_qas_update_conv_sr(w: np.ndarray, kept, grad: np.ndarray, lr: float, x_scale: float,
+                           dy_scale: float, weight_scale: np.ndarray, seed: int, stream: int,
+                           step: int, index_channels=None, index_c_in: int = 0) -> np.ndarray:
+    """`sgd_qas_update_conv` with stochastic rounding (C ``dgst_sgd_qas_update_conv_sr_s8``):
+    u at the element's OHWI index ((o*kh + i)*kw + j) * index_c_in + index_channels[c] of the
+    full kernel (defaults: ``kept``, the channels of ``w``). Dense: ``w`` [c_out, 1, 1, c_in].
+    """
+    w = np.array(w, np.int8)
+    kept = np.asarray(kept, np.int64)
+    c_out, kh, kw, c_in = w.shape
+    chans = kept if index_channels is None else np.asarray(index_channels, np.int64)
+    base = F32(F32(lr) * F32(x_scale)) * F32(dy_scale)
+    factor = (base / np.asarray(weight_scale, F32)).astype(F32)
+    rows = np.arange(c_out * kh * kw, dtype=np.int64).reshape(c_out, kh, kw, 1)
+    index = rows * (index_c_in or c_in) + chans
+    w[:, :, :, kept] = _stochastic_step(w[:, :, :, kept], factor[:, None, None, None],
+                                        np.reshape(grad, index.shape), (seed, stream, step),
+                                        index)
+    return w
+
+
+def sgd_qas_update_depthwise_sr(w: np.ndarray, kept, grad: np.ndarray, lr: float,
+                                x_scale: float, dy_scale: float, weight_scale: np.ndarray,
+                                seed: int, stream: int, step: int, index_channels=None,
+                                index_c_in: int = 0) -> np.ndarray:
+    """`sgd_qas_update_depthwise` with stochastic rounding: u at the 1HWC index
+    (i*kw + j) * index_c_in + index_channels[c]."""
+    shape = np.shape(w)
+    w = np.array(_dw_filter(w), np.int8)
+    kept = np.asarray(kept, np.int64)
+    kh, kw, channels = w.shape
+    chans = kept if index_channels is None else np.asarray(index_channels, np.int64)
+    base = F32(F32(lr) * F32(x_scale)) * F32(dy_scale)
+    factor = (base / np.asarray(weight_scale, F32)[kept]).astype(F32)
+    index = np.arange(kh * kw, dtype=np.int64).reshape(kh, kw, 1) * (index_c_in or channels)
+    w[:, :, kept] = _stochastic_step(w[:, :, kept], factor[None, None, :], grad,
+                                     (seed, stream, step), index + chans)
     return w.reshape(shape)
 
 

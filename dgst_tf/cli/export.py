@@ -29,8 +29,8 @@ channel selection of weight-updated layers:
   --selection static (default) fixes the kept input channels at export: the ones
       `dgst train` saved (--selection-state, or --from-train), else --static-channels
       magnitude|first;
-  --selection dynamic chooses them on device at every step by --policy traversal|magnitude
-      (--policy alone implies dynamic).
+  --selection dynamic chooses them on device at every step by --policy
+      traversal|magnitude|window (--policy alone implies dynamic).
 
 from a training run:
   dgst train ... --output-dir OUT
@@ -87,6 +87,10 @@ def _add_training_step_arguments(export) -> None:
                       help="tiny-training's n_bias/weight_idx/ratios, e.g. "
                            "16/36-39-40/1-1-0.25 (default: classifier only)")
     what.add_argument("--learning-rate", type=float, default=0.05)
+    what.add_argument("--rounding", default="stochastic", choices=("stochastic", "nearest"),
+                      help="int8 weight updates: unbiased stochastic rounding from a seeded "
+                           "counter-based hash (default; updates below one LSB are not lost) "
+                           "or round to nearest; seeded by --seed")
     what.add_argument("--selection", choices=SELECTIONS, default=None,
                       help=SELECTION_HELP + " (default static; dynamic with --policy)")
     what.add_argument("--selection-state", default=None, metavar="JSON",
@@ -95,9 +99,10 @@ def _add_training_step_arguments(export) -> None:
     what.add_argument("--static-channels", default=None, choices=("magnitude", "first"),
                       help="how --selection static picks the kept channels without "
                            "--selection-state: largest weight L2 norm (default) or the first k")
-    what.add_argument("--policy", default=None, choices=("traversal", "magnitude"),
-                      help="the on-device rule of --selection dynamic: a window moving by k "
-                           "each step (default) or top-k weight L2 norm")
+    what.add_argument("--policy", default=None, choices=("traversal", "magnitude", "window"),
+                      help="the on-device rule of --selection dynamic: DGSU (unvisited "
+                           "channels first, then by weight importance; the default), top-k "
+                           "weight importance, or a window moving by k each step")
     what.add_argument("--no-fold-pads", dest="fold_pads", action="store_false",
                       help="keep explicit PAD ops (default: exact SAME convs instead)")
     what.add_argument("--fused-blocks", action=argparse.BooleanOptionalAction, default=True,
@@ -212,7 +217,8 @@ def _export(args) -> int:
     info = export_training(model, scheme, images, output, learning_rate=args.learning_rate,
                            selection=selection, policy=policy,
                            fold_pads=args.fold_pads, fuse_blocks=args.fused_blocks,
-                           kept_weights_in_ram=args.kept_weights_in_ram)
+                           kept_weights_in_ram=args.kept_weights_in_ram,
+                           rounding=args.rounding, seed=args.seed)
     _print_training_export(info)
     return 0
 

@@ -64,7 +64,10 @@ Assumptions of the MCU runtime (state them when quoting a number):
   its producer; backpropagation stops at the first updated layer. A weight-updated
   layer's weight and bias gradient buffer exists only during its own backward step (SGD
   applies it at once). Optimizer state: ``optimizer_slots`` float32 values per updated
-  parameter for the whole step (0 for SGD without momentum, 1 momentum, 2 Adam).
+  parameter for the whole step (0 for SGD without momentum, 1 momentum, 2 Adam), plus
+  the 4-byte step counter of ``rounding="stochastic"`` int8 updates (`export_training`'s
+  default: pass ``rounding="stochastic"`` to count it; the default ``"nearest"`` keeps the
+  figures of round-to-nearest updates, 0 bytes).
 - ``fused_blocks=True``: frozen conv -> depthwise -> 1x1 chains in front of the first
   updated layer run as one fused op (``DGST_FUSED_BLOCK``) holding its input, its output and
   a few rows; which chains fuse is `dgst_tf.core.block_fusion_rule`, as in the export.
@@ -92,6 +95,8 @@ from dgst_tf.training.scheme import (LayerUpdate, UpdateScheme, classifier_layer
 WEIGHT_BYTES = 1      # int8 weights
 BIAS_BYTES = 4        # int32 biases
 OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "sgd_momentum": 1, "adam": 2}
+# the int32 step counter of stochastic rounding (its random numbers are hashes: no state)
+ROUNDING_STATE_BYTES = {"stochastic": 4, "nearest": 0}
 _CLASSIFIER = "classifier"  # update mode of the classifier (always trained in full)
 
 
@@ -116,8 +121,12 @@ class MemoryModel:
     def __init__(self, model: keras.Model, input_shape=None, gradient_bytes: int = 4,
                  optimizer: str | int = "sgd", inplace_depthwise: bool = False,
                  full_weights_in_sram: bool = False, activation_patterns=None,
-                 fused_blocks: bool = False):
+                 fused_blocks: bool = False, rounding: str = "nearest"):
         check_functional(model, "MemoryModel")
+        if rounding not in ROUNDING_STATE_BYTES:
+            raise MemoryModelError(f"rounding must be one of {tuple(ROUNDING_STATE_BYTES)}, "
+                                   f"got {rounding!r}")
+        self.rounding = rounding
         if gradient_bytes not in (1, 2, 4):
             raise MemoryModelError(f"gradient_bytes must be 1, 2 or 4, got {gradient_bytes!r}")
         self.model = model
@@ -143,7 +152,8 @@ class MemoryModel:
                 "inplace_depthwise": self.inplace_depthwise,
                 "full_weights_in_sram": self.full_weights_in_sram,
                 "activation_patterns": self.activation_patterns,
-                "fused_blocks": self.fused_blocks, "activation_bytes": ACTIVATION_BYTES,
+                "fused_blocks": self.fused_blocks, "rounding": self.rounding,
+                "activation_bytes": ACTIVATION_BYTES,
                 "weight_bytes": WEIGHT_BYTES, "bias_bytes": BIAS_BYTES}
 
     def _input_shape(self, input_shape) -> tuple:
@@ -260,10 +270,11 @@ class MemoryModel:
                 notes.add(note)
         return row
 
-    @staticmethod
-    def _sram_parts(rows) -> tuple:
+    def _sram_parts(self, rows) -> tuple:
         """(parameters in SRAM, optimizer state), bytes held for the whole step."""
         optimizer = sum(r.optimizer_bytes for r in rows)
+        if any(r.update == _CLASSIFIER or r.update.startswith("weights") for r in rows):
+            optimizer += ROUNDING_STATE_BYTES[self.rounding]
         return sum(r.weight_bytes + r.bias_bytes for r in rows), optimizer
 
     def _forward_peak(self, rows, forward_live, saved) -> _Peak:

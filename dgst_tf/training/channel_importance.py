@@ -8,6 +8,8 @@ from a name::
     scores = get_importance("weight_l2").scores(kernel, state, step, layer_index)
 
 - ``weight_l2``: L2 norm of the channel's weights ``W[:, :, c, :]`` (Lin et al.'s criterion);
+  on the int8 training graph the selection callback uses its integer form
+  `int8_channel_scores` instead, the device's score bit for bit;
 - ``grad_norm``: the channel's weight-gradient norm when it was last updated; channels not
   yet visited score the largest norm seen so far (optimistic, so they get tried);
 - ``random``: seeded uniform scores, new every step (stateless: a function of seed, step
@@ -111,21 +113,42 @@ def get_importance(spec, seed: int = 0) -> ChannelImportance:
     return cls(**config)
 
 
+def int8_channel_scores(kernel, multipliers, depthwise: bool = False):
+    """int64 [C]: DGSU's integer importance of int8-valued weights, bit-identical to the
+    device (``DGST_SELECT_CHANNELS``) and to `dgst_tf.tflm_ops.reference.channel_scores`:
+    ``score[c] = sum_o m[o] * sum_t w[t, c, o]^2`` (depthwise: ``m[c] * sum_t w[t, c]^2``),
+    ``w`` the kernel rounded to integers and clipped to [-127, 127], ``m`` the int32
+    `reference.score_multipliers` of the weight scales (per output channel; depthwise: per
+    channel x multiplier, in the kernel's order).
+
+        int8_channel_scores(layer.kernel, score_multipliers(graph.weight_scales["dw"]), True)
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    q = tf.cast(tf.clip_by_value(tf.round(kernel), -127.0, 127.0), tf.int64)
+    squares = q * q
+    if len(kernel.shape) == 4:
+        squares = tf.reduce_sum(squares, axis=[0, 1])  # [C, c_out] (depthwise [C, M])
+    m = tf.constant(multipliers, tf.int64)
+    m = tf.reshape(m, squares.shape if depthwise else (1, squares.shape[-1]))
+    return tf.reduce_sum(squares * m, axis=1)
+
+
 def top_k_channels(scores, k: int, preferred=None):
     """Sorted indices of the k best channels; ``preferred`` channels (bool) rank first.
 
-    Ties go to the lower channel index (tf.math.top_k is stable), so the choice is
-    deterministic.
+    Exact lexicographic ranking (no float arithmetic on the scores): preferred first, then
+    by score descending, ties to the lower channel index, so the choice is deterministic and
+    integer scores (`int8_channel_scores`) rank exactly as on the device.
 
         top_k_channels(tf.constant([0.1, 0.9, 0.5, 0.9]), 2)        # [1, 3]
 
     This is the Keras simulation of the device's selection. The chain Keras simulation ->
-    NumPy reference (`dgst_tf.tflm_ops.reference.top_k_channels`) -> C kernels is
+    NumPy reference (`dgst_tf.tflm_ops.reference.select_ranked`) -> C kernels is
     intentional: the NumPy reference is the single oracle the C kernels are checked against,
     and this TensorFlow version runs inside the compiled train step.
     """
-    scores = tf.cast(scores, tf.float32)
+    order = tf.argsort(tf.convert_to_tensor(scores), direction="DESCENDING", stable=True)
     if preferred is not None:
-        lift = tf.reduce_max(scores) - tf.reduce_min(scores) + 1.0
-        scores = scores + tf.cast(preferred, tf.float32) * lift
-    return tf.sort(tf.math.top_k(scores, k=k).indices)
+        group = tf.gather(tf.cast(preferred, tf.int32), order)
+        order = tf.gather(order, tf.argsort(group, direction="DESCENDING", stable=True))
+    return tf.sort(order[:k])

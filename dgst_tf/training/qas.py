@@ -14,9 +14,12 @@ calibration). It is built from ordinary Keras layers (the convs keep their names
 
 Training ``W_bar`` directly distorts the weight/gradient ratio by ``s_w^-2``; QAS (Lin et
 al. 2022) rescales the gradients per output channel: ``g(W_bar) * s_w^-2`` and
-``g(b_bar) * (s_w * s_x)^-2``. It has no hyperparameter.
+``g(b_bar) * (s_w * s_x)^-2``. It has no hyperparameter. The int8 kernels are updated with
+stochastic rounding by default (``rounding="stochastic"``, the rule and the random numbers of
+the exported graph's ``DGST_SGD_QAS_UPDATE``; see `QuantizationAwareScalingSGD`).
 """
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -165,20 +168,128 @@ def int8_training_graph(model: keras.Model, calibration_images,
     return Int8TrainingGraph(graph, qas, input_qparams, scales_w)
 
 
+ROUNDINGS = ("stochastic", "nearest")
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for int64 x in [0, 2^32): in 16-bit halves, so nothing overflows."""
+    low = tf.bitwise.bitwise_and(x, 0xFFFF) * c
+    high = tf.bitwise.left_shift(tf.bitwise.bitwise_and(
+        tf.bitwise.right_shift(x, 16) * c, 0xFFFF), 16)
+    return tf.bitwise.bitwise_and(low + high, _MASK32)
+
+
+def _mix32(x):
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = _mul32(x, 0x7FEB352D)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = _mul32(x, 0x846CA68B)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def stochastic_uniform_bits(seed, stream, step, index):
+    """int64 hash bits h in [0, 2^32) of the stochastic-rounding PRNG, the TF twin of the C
+    ``dgst_mix32`` chain (uint32 arithmetic emulated in int64):
+    h = mix32(mix32(mix32(seed ^ stream * 0x9E3779B9) ^ step) ^ index).
+
+        u = tf.cast(stochastic_uniform_bits(0, 7, step, tf.range(10, dtype=tf.int64)) // 256,
+                    tf.float32) * 2.0**-24
+    """
+    def u32(v):
+        return tf.bitwise.bitwise_and(tf.cast(v, tf.int64), _MASK32)
+
+    key = _mix32(tf.bitwise.bitwise_xor(u32(seed), _mul32(u32(stream), 0x9E3779B9)))
+    key = _mix32(tf.bitwise.bitwise_xor(key, u32(step)))
+    return _mix32(tf.bitwise.bitwise_xor(key, u32(index)))
+
+
+def layer_stream(name: str) -> int:
+    """The PRNG stream of a layer: CRC-32 of its name, known to Keras and to the exporter.
+
+        layer_stream("project")  # the same in QuantizationAwareScalingSGD and export_training
+    """
+    return zlib.crc32(name.encode("utf-8")) & _MASK32
+
+
+def tflite_weight_index(shape, depthwise: bool) -> np.ndarray:
+    """int64 array of a Keras kernel's shape: each element's index in the TFLite layout
+    (conv HWIO -> OHWI, depthwise HWC1 -> 1HWC, Dense IO -> OI)."""
+    shape = tuple(int(d) for d in shape)
+    if depthwise:  # [kh, kw, C, 1]: the TFLite order already
+        return np.arange(np.prod(shape), dtype=np.int64).reshape(shape)
+    if len(shape) == 2:  # Dense [in, out] <- [out, in]
+        return np.arange(np.prod(shape), dtype=np.int64).reshape(shape[::-1]).T
+    kh, kw, c_in, c_out = shape
+    ohwi = np.arange(np.prod(shape), dtype=np.int64).reshape(c_out, kh, kw, c_in)
+    return ohwi.transpose(1, 2, 3, 0)
+
+
 class QuantizationAwareScalingSGD(keras.optimizers.SGD):
     """SGD that multiplies each registered variable's gradient by ``scale^-2`` (QAS).
 
     ``qas_scales``: ``Int8TrainingGraph.qas_scales``; other variables get plain SGD.
+    ``rounding``: how the int8-valued kernels (registered variables of rank >= 2) are
+    updated; ``"stochastic"`` (the default, as in the exported graph) keeps them integer:
+    ``w = clip(w + floor(u - lr * g * s^-2), -127, 127)`` with ``u`` in [0, 1) from the
+    counter-based hash `stochastic_uniform_bits` of (``seed``, `layer_stream` of the layer,
+    the step ``iterations``, the element's TFLite index `tflite_weight_index`), the numbers
+    the exported graph's ``DGST_SGD_QAS_UPDATE`` draws. Unbiased (E[update] = the float
+    step), so steps below one LSB accumulate in expectation instead of being lost: Lin et al.
+    2022 report that int8 SGD loses accuracy, stochastic rounding is the standard fix for
+    low-precision training (Gupta et al. 2015, "Deep Learning with Limited Numerical
+    Precision"). ``"nearest"``: float SGD (the kernels drift off the integers; the previous
+    behaviour). Biases stay float in both (the device rounds them to nearest: their LSB is
+    ``s_x`` times smaller than the weights', so rounding loses nothing measurable).
+    Stochastic rounding needs plain SGD (no momentum). ``qas=False`` keeps the int8 kernels
+    and their rounding but leaves the gradients unscaled: the "int8 SGD without QAS" ablation
+    of Lin et al. 2022. Example::
+
+        opt = QuantizationAwareScalingSGD(1e-3, graph.qas_scales, rounding="stochastic",
+                                          seed=0)
     """
 
-    def __init__(self, learning_rate=0.01, qas_scales=None, **kwargs):
+    def __init__(self, learning_rate=0.01, qas_scales=None, rounding: str = "stochastic",
+                 seed: int = 0, qas: bool = True, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"QuantizationAwareScalingSGD: rounding must be one of "
+                             f"{ROUNDINGS}, got {rounding!r}")
+        if rounding == "stochastic" and (float(self.momentum) or self.nesterov):
+            raise ValueError("QuantizationAwareScalingSGD: rounding='stochastic' needs plain "
+                             "SGD (momentum=0)")
         self.qas_scales = dict(qas_scales or {})
+        self.rounding, self.seed, self.qas = rounding, int(seed), bool(qas)
+        self._int8_kernels = {}  # var.ref() -> (stream, TFLite index constant)
+
+    def _int8_kernel(self, variable):
+        """(stream, index) of an int8-valued kernel, None for other variables."""
+        ref = variable.ref()
+        if ref not in self._int8_kernels:
+            path = variable.name.split(":")[0].split("/")
+            if ref not in self.qas_scales or len(variable.shape) < 2 or len(path) < 2:
+                self._int8_kernels[ref] = None
+            else:
+                index = tflite_weight_index(variable.shape, path[-1] == "depthwise_kernel")
+                self._int8_kernels[ref] = (layer_stream(path[-2]), index)  # NumPy: any graph
+        return self._int8_kernels[ref]
+
+    def update_step(self, gradient, variable):
+        kernel = self._int8_kernel(variable) if self.rounding == "stochastic" else None
+        if kernel is None or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable)
+        stream, index = kernel
+        step = tf.cast(self.learning_rate, tf.float32) * tf.cast(gradient, tf.float32)
+        step = tf.clip_by_value(step, -1024.0, 1024.0)
+        bits = stochastic_uniform_bits(self.seed, stream, self.iterations, tf.constant(index))
+        u = tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (2.0 ** -24)
+        new = tf.clip_by_value(variable + tf.floor(u - step), -127.0, 127.0)
+        variable.assign(tf.cast(new, variable.dtype))
 
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
         scaled = []
         for grad, var in grads_and_vars:
-            scale = self.qas_scales.get(var.ref())
+            scale = self.qas_scales.get(var.ref()) if self.qas else None
             if grad is not None and scale is not None:
                 grad = grad / tf.square(scale)
             scaled.append((grad, var))

@@ -11,14 +11,20 @@ They only move the model's `SelectionState`; the training loop stays Keras' own.
     # come first, ranked by importance, so coverage grows to ~100%
     sparse.fit(ds, callbacks=[DynamicChannelSelection(importance="weight_l2", seed=0)])
 
+    # the device's sliding window (export policy "window")
+    sparse.fit(ds, callbacks=[WindowChannelSelection()])
+
 Both are deterministic given the seed and the model's step counter, which is saved with
 the model's weights, so a run resumed from a checkpoint continues with the same choices.
 The dynamic choice for all layers runs inside the compiled train step (the callback installs
 it with `SparseUpdateModel.set_selection_hook`), so no Python runs between steps.
 """
+import numpy as np
+
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.core.layer_kinds import kernel_of
-from dgst_tf.training.channel_importance import WeightL2, get_importance, top_k_channels
+from dgst_tf.core.layer_kinds import is_depthwise, kernel_of
+from dgst_tf.training.channel_importance import (WeightL2, get_importance, int8_channel_scores,
+                                                 top_k_channels)
 
 CRITERIA = ("magnitude+", "magnitude-", "random")
 
@@ -65,31 +71,131 @@ class StaticChannelSelection(keras.callbacks.Callback):
             model.selection.assign(layer.name, top_k_channels(scores, kept).numpy())
 
 
-class DynamicChannelSelection(keras.callbacks.Callback):
-    """Reselect every weight-updated layer's channels before every step (DGSU).
+def dgsu_select(scores, kept: int, sweep, traversal: bool = True):
+    """One step of DGSU's channel choice (Li & Chang 2024) for one layer: (indices, sweep).
 
-    importance: "weight_l2", "grad_norm", "random" or a `ChannelImportance`.
+    ``sweep``: bool [C], the channels visited in the current sweep. If all are visited the
+    sweep restarts (all False); then not-yet-visited channels rank first, then visited ones,
+    each group by ``scores`` descending, ties to the lower index; the first ``kept`` are
+    returned in increasing order and marked in the returned sweep. ``traversal=False``: top-k
+    by score (policy "magnitude"). With `int8_channel_scores` this is, bit for bit, the
+    device's ``DGST_SELECT_CHANNELS`` (`dgst_tf.tflm_ops.reference.select_ranked`).
+
+        indices, sweep = dgsu_select(scores, 4, tf.zeros([16], tf.bool))
+    """
+    sweep = tf.convert_to_tensor(sweep)
+    sweep = tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
+    indices = top_k_channels(scores, kept, tf.logical_not(sweep) if traversal else None)
+    marked = tf.reduce_any(tf.one_hot(indices, sweep.shape[0], on_value=True, off_value=False,
+                                      dtype=tf.bool), axis=0)
+    return indices, tf.logical_or(sweep, marked)
+
+
+def int8_multipliers(model, layer, weight_scales=None):
+    """The int32 importance multipliers of ``layer`` if ``model`` trains the int8 graph
+    (`dgst_tf.training.qas.int8_training_graph`), else None. The weight scales come from
+    ``weight_scales`` (``Int8TrainingGraph.weight_scales``), else from the QAS optimizer's
+    ``qas_scales`` (the same numbers), else from the layer's ``<name>_rescale``
+    (``s_w * s_x``: equal ratios up to float rounding)."""
+    from dgst_tf.tflm_ops.reference import score_multipliers
+    from dgst_tf.training.qas import ChannelRescale
+
+    scales = (weight_scales or {}).get(layer.name)
+    if scales is None:
+        qas = getattr(getattr(model, "optimizer", None), "qas_scales", None) or {}
+        scale = qas.get(kernel_of(layer).ref())
+        scales = None if scale is None else scale.numpy()
+    if scales is None:
+        base = getattr(model, "base", model)
+        rescale = next((l for l in base.layers if l.name == f"{layer.name}_rescale"), None)
+        scales = rescale.scales if isinstance(rescale, ChannelRescale) else None
+    return None if scales is None else score_multipliers(np.ravel(scales))
+
+
+class WindowChannelSelection(keras.callbacks.Callback):
+    """Step s updates the k channels from (s * k) mod C, wrapping (export policy "window",
+    the device's earlier "traversal"): every channel is visited every ceil(C / k) steps."""
+
+    @property
+    def device_policy(self) -> str:
+        return "window"
+
+    def on_train_begin(self, logs=None):
+        model = _sparse_model(self)
+
+        def select():
+            step = model.selection.step.read_value()
+            for layer in model.weight_layers:
+                channels, kept = model.selection.specs[layer.name]
+                start = (step * kept) % channels
+                window = (start + tf.range(kept, dtype=tf.int64)) % channels
+                model.selection.vars[layer.name]["indices"].assign(
+                    tf.sort(tf.cast(window, tf.int32)))
+                model.selection.vars[layer.name]["active"].assign(True)
+
+        model.set_selection_hook(select)
+
+
+class DynamicChannelSelection(keras.callbacks.Callback):
+    """Reselect every weight-updated layer's channels before every step (DGSU, Li & Chang
+    2024), with `dgsu_select`: the algorithm of the exported graph's policy "traversal"
+    (``traversal=True``) or "magnitude" (``traversal=False``).
+
+    importance: "weight_l2", "grad_norm", "random" or a `ChannelImportance`. "weight_l2" on
+        the int8 training graph (`dgst_tf.training.qas.int8_training_graph`; detected by
+        `int8_multipliers`) uses the device's integer score
+        ``score[c] = sum_o m[o] * sum_t w[t, c, o]^2``, ``m[o] = round(2^16 s[o]^2 / max s^2)``
+        from the weight scales (`int8_channel_scores`), so the ranking is the device's bit
+        for bit; on a float model, the float L2 norm of the real weights.
     traversal: channels not yet visited in the current sweep come first; a sweep ends when
         every channel of the layer was visited.
     layers_per_step: update only this many of the weight-updated layers per step (taken in
-        turn), the others train only their biases; None updates all of them.
+        turn), the others train only their biases; None updates all of them. The exported
+        graph has no equivalent (`device_policy` refuses it).
+    weight_scales: {layer: s_w} (``Int8TrainingGraph.weight_scales``) for the integer score
+        when the optimizer is not the QAS one.
+
+        cb = DynamicChannelSelection("weight_l2", traversal=True)
+        sparse.fit(ds, callbacks=[cb]); export_training(..., policy=cb)  # "traversal"
     """
 
     def __init__(self, importance="weight_l2", traversal: bool = True,
-                 layers_per_step: int | None = None, seed: int = 0):
+                 layers_per_step: int | None = None, seed: int = 0, weight_scales=None):
         super().__init__()
         self.importance = get_importance(importance, seed)
         self.traversal, self.layers_per_step, self.seed = traversal, layers_per_step, seed
+        self.weight_scales = weight_scales
         self._select = self._select_model = None
 
     def get_config(self):
         return {"importance": self.importance.get_config(), "traversal": self.traversal,
                 "layers_per_step": self.layers_per_step, "seed": self.seed}
 
+    @property
+    def device_policy(self) -> str:
+        """The `export_training` policy running this selection on device."""
+        if self.layers_per_step:
+            raise ValueError(f"layers_per_step={self.layers_per_step} has no on-device "
+                             "equivalent (the exported graph updates every weight-updated "
+                             "layer every step); use layers_per_step=None")
+        if not isinstance(self.importance, WeightL2):
+            raise ValueError(f"importance {self.importance.name!r} has no on-device "
+                             "equivalent; use importance='weight_l2'")
+        return "traversal" if self.traversal else "magnitude"
+
+    def _scorer(self, model, layer, index):
+        multipliers = (int8_multipliers(model, layer, self.weight_scales)
+                       if isinstance(self.importance, WeightL2) else None)
+        if multipliers is not None:
+            return lambda state, step: int8_channel_scores(kernel_of(layer), multipliers,
+                                                           is_depthwise(layer))
+        return lambda state, step: self.importance.scores(kernel_of(layer), state, step, index)
+
     def _build(self, model):
         layers = model.weight_layers
         count = len(layers)
         per_step = self.layers_per_step if self.layers_per_step else count
+        scorers = [self._scorer(model, layer, i) for i, layer in enumerate(layers)]
 
         def select():
             step = model.selection.step.read_value()
@@ -100,9 +206,8 @@ class DynamicChannelSelection(keras.callbacks.Callback):
                 sweep = state["sweep"].read_value()
                 sweep = tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
                 state["sweep"].assign(sweep)  # a finished sweep starts again
-                scores = self.importance.scores(kernel_of(layer), state, step, i)
-                preferred = tf.logical_not(sweep) if self.traversal else None
-                state["indices"].assign(top_k_channels(scores, kept, preferred))
+                indices, _ = dgsu_select(scorers[i](state, step), kept, sweep, self.traversal)
+                state["indices"].assign(indices)  # marked visited by record_step
                 offset = (i - start) % count
                 state["active"].assign(offset < per_step)
 

@@ -21,10 +21,11 @@ from dgst_tf.export.training.forward import add_forward_records, add_variables, 
 from dgst_tf.export.training.manifest import build_manifest, manifest_path_for
 from dgst_tf.export.training.plan import TrainingExportError, find_layer_ops, plan_training
 from dgst_tf.export.training.state import ExportSettings, TrainingGraph
+from dgst_tf.export.training.update import ROUNDING_CODES, advance_step
 
 __all__ = ["export_training", "TrainingExport"]
 
-_POLICIES = (None, "traversal", "magnitude")
+_POLICIES = (None, "traversal", "magnitude", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     selection="magnitude", policy: str | None = None,
                     num_samples: int = 100, fold_pads: bool = True,
                     fuse_blocks: bool = True, kept_weights_in_ram: bool = True,
-                    output_params: bool = True) -> TrainingExport:
+                    output_params: bool = True, rounding: str = "stochastic",
+                    seed: int = 0) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
     ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
@@ -53,10 +55,15 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     ``selection``: how the kept input channels of weight-updated layers are chosen once at
     export: ``"magnitude"`` (top-k L2 norm, like Lin et al.), ``"first"``, or a dict
     ``{layer: channel indices}``. ``policy``: a dynamic selection evaluated on device at the
-    start of every step instead (``DGST_SELECT_CHANNELS``): ``"traversal"`` (a window of k
-    channels moving by k each step, so all are visited) or ``"magnitude"`` (top-k L2 norm of
-    the current weights); the kept channels of each step are then extra outputs
-    (``"<layer>/kept"``). ``fold_pads``: replace explicit PAD + VALID convs by
+    start of every step instead (``DGST_SELECT_CHANNELS``): ``"traversal"`` (DGSU, Li & Chang
+    2024: channels not visited in the current sweep first, then by integer importance; the
+    visited bitmask lives in the arena), ``"magnitude"`` (top-k integer importance of the
+    current weights), ``"window"`` (k channels moving by k each step), or a
+    `DynamicChannelSelection` / `WindowChannelSelection` callback (its ``device_policy``; a
+    callback with ``layers_per_step`` is refused: the device updates every weight-updated
+    layer every step); the kept channels of each step are then extra outputs
+    (``"<layer>/kept"``). The definition is `dgst_tf.tflm_ops.reference.select_channels`.
+    ``fold_pads``: replace explicit PAD + VALID convs by
     exact SAME convs with zero-padded kernels (saves the padded activation copies; not for
     weight-updated layers). ``fuse_blocks``: compute each frozen conv -> depthwise -> 1x1
     chain in front of the first updated layer as one ``DGST_FUSED_BLOCK`` (bit-identical,
@@ -67,7 +74,12 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     forward conv and the input gradient (``DGST_SCATTER_CHANNELS``). ``output_params``: make
     the trainable tensors graph outputs
     (needed to read them back on the host; False gives the firmware's graph, whose arena
-    lacks the per-channel quantization copies TFLM makes for graph outputs). Both files are
+    lacks the per-channel quantization copies TFLM makes for graph outputs). ``rounding``:
+    how the int8 weight updates round, ``"stochastic"`` (the default: unbiased, so updates
+    below one LSB are not lost; u from a hash of ``seed``, the layer, the step counter
+    ``sgd/step`` (one int32 variable) and the element, the numbers
+    `QuantizationAwareScalingSGD` with the same ``rounding`` and ``seed`` draws) or
+    ``"nearest"`` (round half away from zero, the previous behaviour). Both files are
     written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
     `TrainingExportError` naming the layer for an unsupported layer or scheme. Example::
 
@@ -80,19 +92,25 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     where = f"export_training({os.fspath(path)})"
     model = _checked_model(model, scheme, learning_rate, where)
     classifier = classifier_layer(model).name
+    policy = _device_policy(policy, where)
+    if rounding not in ROUNDING_CODES:
+        raise TrainingExportError(f"{where}: rounding must be one of {tuple(ROUNDING_CODES)}, "
+                                  f"got {rounding!r}")
     settings = ExportSettings(float(learning_rate), selection, policy, num_samples, fold_pads,
-                              fuse_blocks, kept_weights_in_ram, output_params)
+                              fuse_blocks, kept_weights_in_ram, output_params,
+                              rounding=rounding, seed=int(seed))
     editor = _int8_editor(model, representative_images, num_samples)
     folded_pads, fused_blocks = _simplify_forward(editor, model, scheme, classifier, settings,
                                                   where)
     plan = plan_training(editor, model, scheme, classifier, where)
     if policy not in _POLICIES:
-        raise TrainingExportError(f"{where}: policy must be None, 'traversal' or 'magnitude', "
-                                  f"got {policy!r}")
+        raise TrainingExportError(f"{where}: policy must be None, 'traversal', 'magnitude' or "
+                                  f"'window', got {policy!r}")
     graph = TrainingGraph(editor, plan, settings, where)
     add_variables(graph, model)
     add_forward_records(graph)
     add_backward_pass(graph)
+    advance_step(graph)
     forward_ops = _order_ops(graph)
     data = editor.pack()
     try:
@@ -106,6 +124,17 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     written = write_atomically(path, data)
     write_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return TrainingExport(written, manifest_path, manifest)
+
+
+def _device_policy(policy, where):
+    """A policy name, or the on-device equivalent of a selection callback
+    (``DynamicChannelSelection.device_policy``; refuses options the device lacks)."""
+    if policy is None or isinstance(policy, str):
+        return policy
+    try:
+        return policy.device_policy
+    except (AttributeError, ValueError) as error:
+        raise TrainingExportError(f"{where}: policy {policy!r}: {error}") from None
 
 
 def _checked_model(model, scheme, learning_rate, where):

@@ -263,16 +263,37 @@ def _add_kept_channels_tensor(graph: TrainingGraph, layer: TrainedLayer, op) -> 
                                               data=layer.kept)
         return
     layer.kept_tensor = editor.add_tensor(f"{layer.name}/kept", (count,), np.int32)
-    step = -1
+    graph.selection_ops.append(_selection_op(editor, layer, op))
+
+
+# DGST_SELECT_CHANNELS policy codes (tflm_ops/tflm/dgst_select_channels.cc)
+SELECTION_POLICY_CODES = {"window": 0, "magnitude": 1, "traversal": 2}
+
+
+def _selection_op(editor: ModelEditor, layer: TrainedLayer, op):
+    """``DGST_SELECT_CHANNELS`` for ``layer.policy``: the integer importance multipliers
+    (`reference.score_multipliers` of the weight scales, a constant) and its state variable
+    in the arena, zeroed by TFLM at allocation and kept across Invokes: the visited bitmask
+    (traversal, ceil(C / 8) bytes) or the step counter (window, one int32)."""
+    from dgst_tf.tflm_ops.reference import score_multipliers
+
+    channels = editor.shape(op.inputs[1])[-1]
+    state = -1
     if layer.policy == "traversal":
-        step = editor.add_tensor(f"{layer.name}/selection_step", (1,), np.int32, variable=True)
+        state = editor.add_tensor(f"{layer.name}/selection_visited", ((channels + 7) // 8,),
+                                  np.uint8, variable=True)
+    elif layer.policy == "window":
+        state = editor.add_tensor(f"{layer.name}/selection_step", (1,), np.int32, variable=True)
+    layer.selection_state_bytes = {"traversal": (channels + 7) // 8, "window": 4}.get(
+        layer.policy, 0)
     weight_scales, _ = editor.quantization(op.inputs[1])
-    select_scale = editor.add_tensor(f"{layer.name}/selection_weight_scale",
-                                     weight_scales.shape, np.float32, data=weight_scales)
-    graph.selection_ops.append(editor.custom_op(
-        "DGST_SELECT_CHANNELS", [int(op.inputs[1]), select_scale, step], [layer.kept_tensor],
-        int32_options(0 if layer.policy == "traversal" else 1,
-                      1 if layer.kind == "depthwise" else 0)))
+    multipliers = score_multipliers(weight_scales)
+    importance = editor.add_tensor(f"{layer.name}/selection_multipliers", multipliers.shape,
+                                   np.int32, data=multipliers)
+    return editor.custom_op(
+        "DGST_SELECT_CHANNELS", [int(op.inputs[1]), importance, state], [layer.kept_tensor],
+        int32_options(SELECTION_POLICY_CODES[layer.policy],
+                      1 if layer.kind == "depthwise" else 0))
 
 
 def _keep_input_channels(graph: TrainingGraph, layer: TrainedLayer, index, op) -> None:

@@ -60,6 +60,7 @@ def build_manifest(graph: TrainingGraph, path: pathlib.Path, data: bytes, parsed
                     + [f"{layer.name}/kept" for layer in graph.dynamic_layers()]),
         "logits": {"scale": float(logits_scale[0]), "zero_point": int(logits_zero_point[0])},
         "learning_rate": float(settings.learning_rate),
+        "rounding": settings.rounding, "seed": int(settings.seed),
         "selection": settings.selection if isinstance(settings.selection, str) else "given",
         "policy": settings.policy,
         "scheme": scheme.get_config(),
@@ -86,7 +87,8 @@ def _inputs(graph: TrainingGraph, parsed) -> list:
 def _layer_entry(layer) -> dict:
     static_kept = None if layer.kept is None or layer.policy else [int(c) for c in layer.kept]
     return {"name": layer.name, "kind": layer.kind, "update": layer.update.mode,
-            "ratio": layer.update.ratio, "policy": layer.policy, "kept": static_kept}
+            "ratio": layer.update.ratio, "policy": layer.policy, "kept": static_kept,
+            "selection_state_bytes": layer.selection_state_bytes}
 
 
 def _param_entry(graph: TrainingGraph, parsed, position: int, entry: dict) -> dict:

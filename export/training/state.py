@@ -28,6 +28,8 @@ class ExportSettings:
     fuse_blocks: bool = True
     kept_weights_in_ram: bool = True
     output_params: bool = True
+    rounding: str = "stochastic"  # weight updates: "stochastic" or "nearest"
+    seed: int = 0  # of stochastic rounding
 
 
 @dataclasses.dataclass
@@ -50,6 +52,7 @@ class TrainingGraph:
     kept_inputs: dict = dataclasses.field(default_factory=dict)  # op index -> kept input
     label: int = -1  # the int32 label input
     loss: int = -1  # the float32 loss output
+    sgd_step: int = -1  # the int32 step counter of stochastic rounding (a variable)
 
     def layers_in_order(self) -> list[TrainedLayer]:
         return sorted(self.layers.values(), key=lambda layer: layer.op_index)

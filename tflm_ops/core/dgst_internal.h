@@ -264,6 +264,29 @@ static inline float dgst_clamp_f32(float x, float lo, float hi) {
 #endif
 }
 
+/* The counter-based PRNG of stochastic rounding (one definition; NumPy:
+ * reference.stochastic_uniform_bits, TF: dgst_tf.training.qas.stochastic_uniform_bits).
+ * A fixed 32-bit integer hash, so u depends only on (seed, stream, step, index): no
+ * sequential state, any element can be drawn in any order. */
+static inline uint32_t dgst_mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+/* The per-(seed, stream, step) key; the bits of an element are dgst_mix32(key ^ index). */
+static inline uint32_t dgst_sr_key(uint32_t seed, uint32_t stream, uint32_t step) {
+  return dgst_mix32(dgst_mix32(seed ^ (stream * 0x9E3779B9u)) ^ step);
+}
+
+/* u in [0, 1) with 24 random bits: exact in float32. */
+static inline float dgst_sr_uniform(uint32_t key, uint32_t index) {
+  return (float)(dgst_mix32(key ^ index) >> 8) * (1.0f / 16777216.0f);
+}
+
 #ifdef __cplusplus
 }
 #endif

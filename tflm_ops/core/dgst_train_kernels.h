@@ -101,11 +101,26 @@ void dgst_scatter_channels_s8(const int8_t* base, const int8_t* src, int32_t row
                               int32_t channels, const int32_t* kept, int32_t k, int8_t* out);
 
 /* Dynamic channel selection, evaluated on device at the start of each step; kept[0..k) is
- * written in increasing order. Traversal: the window of k channels starting at
- * (step * k) mod c_in, wrapping. Magnitude: the k channels with the largest
- * sum_o (weight_scale[o] * w[o][t][c])^2 (depthwise: w [taps][c_in], scale per channel);
- * norms: caller scratch of c_in floats. */
-void dgst_select_traversal(int32_t step, int32_t c_in, int32_t k, int32_t* kept);
+ * written in increasing order.
+ * DGSU selection (Li & Chang 2024; policies "traversal" and "magnitude"): scores from
+ * dgst_channel_scores_s8, ranked by dgst_select_ranked. Integer importance, identical on
+ * device, in NumPy and in the Keras int8 simulation:
+ *   score[c] = sum_o m[o] * sum_t w[o][t][c]^2   (w [c_out][taps][c_in], int64)
+ *   score[c] = m[c] * sum_t w[t][c]^2            (depthwise: w [taps][c_in])
+ * m[o] = round(2^16 * s[o]^2 / max s^2) (int32, from the weight scales s, fixed at export).
+ * dgst_select_ranked: with `visited` (a bitmask of c_in bits, bit c of byte c / 8, updated in
+ * place; "traversal"): if every channel is visited the mask is cleared (a new sweep); rank
+ * not-yet-visited channels first, then visited; within a group by score descending; ties
+ * to the lower index; keep the first k and mark them visited. visited = NULL ("magnitude"):
+ * top-k by score. `scores` (c_in values, >= 0) is consumed (overwritten).
+ * Window ("window"): the k channels starting at (step * k) mod c_in, wrapping.
+ * Float magnitude (format of graphs with float weight scales): the k channels with the
+ * largest sum_o (weight_scale[o] * w[o][t][c])^2; norms: caller scratch of c_in floats. */
+void dgst_channel_scores_s8(const int8_t* w, const int32_t* multiplier, int32_t c_out,
+                            int32_t taps, int32_t c_in, int32_t depthwise, int64_t* scores);
+void dgst_select_ranked(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visited,
+                        int32_t* kept);
+void dgst_select_window(int32_t step, int32_t c_in, int32_t k, int32_t* kept);
 void dgst_select_magnitude_s8(const int8_t* w, const float* weight_scale, int32_t c_out,
                               int32_t taps, int32_t c_in, int32_t depthwise, int32_t k,
                               float* norms, int32_t* kept);
@@ -125,6 +140,43 @@ void dgst_sgd_qas_update_depthwise_s8(int8_t* w, int32_t kernel_h, int32_t kerne
                                       int32_t channels, const int32_t* kept, int32_t k,
                                       const int32_t* grad, float lr, float x_scale,
                                       float dy_scale, const float* weight_scale);
+
+/* Stochastic rounding of the same steps (rounding="stochastic"): with the float step
+ * s = clamp(factor * grad, -1024, 1024) of the functions above,
+ *   w = clamp(w + floor((u - s)), -127, 127),  u = (h >> 8) * 2^-24 in [0, 1),
+ *   h = mix32(key ^ index), key = mix32(mix32(seed ^ stream * 0x9E3779B9) ^ step)
+ * (u - s in float32; mix32 and the key: dgst_internal.h). E[floor(u - s)] = -s, so the
+ * update is unbiased and steps smaller than one LSB accumulate in expectation instead of
+ * rounding to zero every step (Gupta et al. 2015, "Deep Learning with Limited Numerical
+ * Precision"; Lin et al. 2022 report int8 SGD losing accuracy). u is a hash of the
+ * element's coordinates, not a stored state: no SRAM. index = the element's index in the
+ * full kernel layout: conv ((o * kernel_h + i) * kernel_w + j) * index_c_in + channel,
+ * depthwise (i * kernel_w + j) * index_c_in + channel, Dense o * index_c_in + channel, with
+ * channel = index_channels[c] (NULL: kept[c]) and index_c_in (0: c_in), so an update of a
+ * compact copy of the kept channels draws the same u as one of the full kernel. */
+typedef struct {
+  uint32_t seed;   /* the export's seed */
+  uint32_t stream; /* the layer's id */
+  uint32_t step;   /* the training step, 0 for the first */
+  const int32_t* index_channels; /* [k] or NULL */
+  int32_t index_c_in;            /* or 0 */
+} dgst_stochastic_rounding;
+
+void dgst_sgd_qas_update_conv_sr_s8(int8_t* w, int32_t c_out, int32_t kernel_h,
+                                    int32_t kernel_w, int32_t c_in, const int32_t* kept,
+                                    int32_t k, const int32_t* grad, float lr, float x_scale,
+                                    float dy_scale, const float* weight_scale,
+                                    const dgst_stochastic_rounding* sr);
+
+void dgst_sgd_qas_update_depthwise_sr_s8(int8_t* w, int32_t kernel_h, int32_t kernel_w,
+                                         int32_t channels, const int32_t* kept, int32_t k,
+                                         const int32_t* grad, float lr, float x_scale,
+                                         float dy_scale, const float* weight_scale,
+                                         const dgst_stochastic_rounding* sr);
+
+/* The 32 hash bits h of one element (for testing the PRNG against its other definitions). */
+uint32_t dgst_stochastic_rounding_bits(uint32_t seed, uint32_t stream, uint32_t step,
+                                       uint32_t index);
 
 /* Bias update with QAS: b[o] -= round(lr * dy_scale * grad[o] / (weight_scale[o] * x_scale)). */
 void dgst_sgd_qas_update_bias_s32(int32_t* b, int32_t channels, const int32_t* grad, float lr,

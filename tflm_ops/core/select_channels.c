@@ -1,10 +1,16 @@
-/* On-device channel selection of a weight-updated layer (a dynamic DGSU-style policy),
- * evaluated at the start of every training step. No allocation: `norms` is caller scratch.
+/* On-device channel selection of a weight-updated layer, evaluated at the start of every
+ * training step. No allocation: `norms` / `scores` are caller scratch.
  *
- * traversal: step s keeps the window of k channels starting at (s * k) mod c_in (wrapping),
- *            so every channel is visited once every ceil(c_in / k) steps.
- * magnitude: the k channels with the largest L2 norm of the current weights
- *            sum_o (weight_scale[o] * w[o][..][c])^2 (ties: the lower index).
+ * DGSU (Li & Chang 2024), policy "traversal": channels not yet visited in the current sweep
+ *   first, then the visited ones; within each group by integer importance descending; ties
+ *   go to the lower index. The first k are kept and marked visited; a sweep ends (the mask
+ *   is cleared at the start of the next step) once every channel was visited.
+ * magnitude: the same ranking without the visited groups (top-k importance every step).
+ * window: step s keeps the k channels from (s * k) mod c_in, wrapping.
+ * Integer importance (so device, NumPy and Keras rank identically, no float rounding):
+ *   score[c] = sum_o m[o] * sum_t w[o][t][c]^2      (conv/dense, int64)
+ *   score[c] = m[c] * sum_t w[t][c]^2               (depthwise)
+ * with m[o] = round(2^16 * s[o]^2 / max_o s[o]^2) from the weight scales, fixed at export.
  * kept[] is returned in increasing order. */
 #include "dgst_train_kernels.h"
 
@@ -17,7 +23,7 @@ static void sort_increasing(int32_t* a, int32_t n) {
   }
 }
 
-void dgst_select_traversal(int32_t step, int32_t c_in, int32_t k, int32_t* kept) {
+void dgst_select_window(int32_t step, int32_t c_in, int32_t k, int32_t* kept) {
   const int32_t start = (int32_t)(((int64_t)step * k) % c_in);
   int32_t j;
   for (j = 0; j < k; ++j) kept[j] = (start + j) % c_in;
@@ -51,4 +57,52 @@ void dgst_select_magnitude_s8(const int8_t* w, const float* weight_scale, int32_
     norms[best] = -1.0f;
   }
   sort_increasing(kept, k);
+}
+
+void dgst_channel_scores_s8(const int8_t* w, const int32_t* multiplier, int32_t c_out,
+                            int32_t taps, int32_t c_in, int32_t depthwise, int64_t* scores) {
+  int32_t o, t, c;
+  for (c = 0; c < c_in; ++c) scores[c] = 0;
+  if (depthwise) { /* w [taps][c_in], one multiplier per channel */
+    for (t = 0; t < taps; ++t)
+      for (c = 0; c < c_in; ++c) scores[c] += (int64_t)w[t * c_in + c] * w[t * c_in + c];
+    for (c = 0; c < c_in; ++c) scores[c] *= multiplier[c];
+    return;
+  }
+  for (o = 0; o < c_out; ++o) { /* w [c_out][taps][c_in] */
+    const int8_t* row = w + (int64_t)o * taps * c_in;
+    for (c = 0; c < c_in; ++c) {
+      int32_t sum = 0; /* <= taps * 127^2: no overflow for any kernel that fits an MCU */
+      for (t = 0; t < taps; ++t) sum += (int32_t)row[t * c_in + c] * row[t * c_in + c];
+      scores[c] += (int64_t)sum * multiplier[o];
+    }
+  }
+}
+
+static int32_t bit(const uint8_t* mask, int32_t c) { return (mask[c >> 3] >> (c & 7)) & 1; }
+
+void dgst_select_ranked(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visited,
+                        int32_t* kept) {
+  int32_t c, j, all = 1;
+  if (visited != 0) {
+    for (c = 0; c < c_in && all; ++c) all = bit(visited, c);
+    if (all) /* a finished sweep: start a new one */
+      for (c = 0; c < (c_in + 7) / 8; ++c) visited[c] = 0;
+  }
+  for (j = 0; j < k; ++j) { /* k passes of an arg-max; taken channels are marked -1 */
+    int32_t best = -1, best_fresh = 0;
+    for (c = 0; c < c_in; ++c) {
+      const int32_t fresh = visited != 0 && !bit(visited, c);
+      if (scores[c] < 0) continue;
+      if (best < 0 || fresh > best_fresh || (fresh == best_fresh && scores[c] > scores[best])) {
+        best = c;
+        best_fresh = fresh;
+      }
+    }
+    kept[j] = best;
+    scores[best] = -1;
+  }
+  sort_increasing(kept, k);
+  if (visited != 0)
+    for (j = 0; j < k; ++j) visited[kept[j] >> 3] |= (uint8_t)(1u << (kept[j] & 7));
 }

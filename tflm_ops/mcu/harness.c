@@ -320,6 +320,43 @@ DGST_CHECK check_sgd_dw(const char* name, const int8_t* w, int32_t kh, int32_t k
   report(name, "sgd_qas_update_depthwise_s8", instr, 0, stack, out, expect, n, 1);
 }
 
+/* The stochastic-rounding updates (seed, stream, step; index channels = kept). */
+DGST_CHECK check_sgd_conv_sr(const char* name, const int8_t* w, int32_t c_out, int32_t kh,
+                              int32_t kw, int32_t c_in, const int32_t* kept, int32_t k,
+                              const int32_t* grad, float lr, float x_scale, float dy_scale,
+                              const float* ws, uint32_t seed, uint32_t stream, uint32_t step,
+                              const dgst_expect* expect) {
+  const uint32_t n = (uint32_t)(c_out * kh * kw * c_in);
+  const dgst_stochastic_rounding sr = {seed, stream, step, 0, 0};
+  int8_t* out = (int8_t*)scratch(n);
+  uint32_t instr = 0, stack = 0;
+  if (out) {
+    memcpy(out, w, n);
+    MEASURE(dgst_sgd_qas_update_conv_sr_s8(out, c_out, kh, kw, c_in, kept, k, grad, lr,
+                                           x_scale, dy_scale, ws, &sr),
+            instr, stack);
+  }
+  report(name, "sgd_qas_update_conv_sr_s8", instr, 0, stack, out, expect, n, 1);
+}
+
+DGST_CHECK check_sgd_dw_sr(const char* name, const int8_t* w, int32_t kh, int32_t kw,
+                            int32_t channels, const int32_t* kept, int32_t k,
+                            const int32_t* grad, float lr, float x_scale, float dy_scale,
+                            const float* ws, uint32_t seed, uint32_t stream, uint32_t step,
+                            const dgst_expect* expect) {
+  const uint32_t n = (uint32_t)(kh * kw * channels);
+  const dgst_stochastic_rounding sr = {seed, stream, step, 0, 0};
+  int8_t* out = (int8_t*)scratch(n);
+  uint32_t instr = 0, stack = 0;
+  if (out) {
+    memcpy(out, w, n);
+    MEASURE(dgst_sgd_qas_update_depthwise_sr_s8(out, kh, kw, channels, kept, k, grad, lr,
+                                                x_scale, dy_scale, ws, &sr),
+            instr, stack);
+  }
+  report(name, "sgd_qas_update_depthwise_sr_s8", instr, 0, stack, out, expect, n, 1);
+}
+
 DGST_CHECK check_sgd_bias(const char* name, const int32_t* b, int32_t channels,
                            const int32_t* grad, float lr, float x_scale, float dy_scale,
                            const float* ws, const dgst_expect* expect) {

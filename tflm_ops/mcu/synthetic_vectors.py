@@ -203,7 +203,28 @@ class Builder:
                                                L["ws"])
             e.call(f'check_sgd_dw({head}, {g.kernel_h}, {g.kernel_w}, {L["c_in"]}, {tail}, '
                    f'{e.expect(n + "_w_new", w_new)});')
+        self.stochastic_updates(L, kept, grad_w, dy_scale, lr * 0.05)
         cases.bias_update(e, L, grad_b, lr, dy_scale)
+
+    def stochastic_updates(self, L, kept, grad_w, dy_scale, lr, key=(7, 2**31 + 9, 3)):
+        """The same weight step with stochastic rounding at a smaller rate (sub-LSB steps:
+        u decides most of them), seed/stream/step ``key``."""
+        e, n, g = self.e, L["name"], L["g"]
+        args = (f'{e.array(n + "_upd_kept", kept)}, {len(kept)}, '
+                f'{e.array(n + "_gw_in", grad_w)}, {c_float(lr)}, {c_float(L["x_scale"])}, '
+                f'{c_float(dy_scale)}, {e.array(n + "_ws", L["ws"])}, '
+                f'{key[0]}u, {key[1]}u, {key[2]}u')
+        head = f'"{n}_sr", {e.array(n + "_w", L["w"])}'
+        if L["kind"] == "conv":
+            w_new = R.sgd_qas_update_conv_sr(L["w"], kept, grad_w, lr, L["x_scale"], dy_scale,
+                                             L["ws"], *key)
+            e.call(f'check_sgd_conv_sr({head}, {L["c_out"]}, {g.kernel_h}, {g.kernel_w}, '
+                   f'{L["c_in"]}, {args}, {e.expect(n + "_w_sr", w_new)});')
+        else:
+            w_new = R.sgd_qas_update_depthwise_sr(L["w"], kept, grad_w, lr, L["x_scale"],
+                                                  dy_scale, L["ws"], *key)
+            e.call(f'check_sgd_dw_sr({head}, {g.kernel_h}, {g.kernel_w}, {L["c_in"]}, {args}, '
+                   f'{e.expect(n + "_w_sr", w_new)});')
 
     def train_step(self, L, dy, dy_scale, k):
         """Weight gradient at k channels, bias gradient, both updates; returns the kept."""

@@ -13,11 +13,19 @@
 //                            change every step); omitted (-1) for bias
 //            3 weight_scale  float32 [c_out] / [channels]: per-channel weight scales s_w
 //            4 dy_scale      float32 [1]: the step's output-gradient scale (runtime)
+//            5 step          int32 [1] variable: the training step counter (stochastic
+//                            rounding only; omitted (-1) otherwise)
+//            6 index_channels  int32 [k]: the channels of the full kernel the kept ones are
+//                            (stochastic rounding of a compact copy; else omitted (-1))
 //   outputs: none
-//   custom options (little-endian int32 x 4):
-//     [1 (format version), kind, lr (float32 bits), x_scale (float32 bits)]
+//   custom options (little-endian int32 x 4, or x 9 with the rounding words):
+//     [1 (format version), kind, lr (float32 bits), x_scale (float32 bits)
+//      (, rounding (0 nearest, 1 stochastic), seed, stream, index_c_in, advance_step)]
 // Step (tflm_ops/core/sgd_qas_update.c): W_bar -= round(lr*x_scale*dy_scale/s_w[o] * grad),
-// clamped to [-127, 127]; b_bar -= round(lr*dy_scale*grad/(s_w[o]*x_scale)).
+// clamped to [-127, 127]; b_bar -= round(lr*dy_scale*grad/(s_w[o]*x_scale)). Stochastic
+// rounding (weights only): W_bar = clamp(W_bar + floor(u - step), -127, 127), u from the
+// hash of (seed, stream, *step, index in the full kernel of index_c_in channels); the op
+// with advance_step = 1 (the graph's last) then increments *step.
 #include "../core/dgst_train_kernels.h"
 #include "dgst_tflm_abi.h"
 
@@ -32,25 +40,43 @@ constexpr int kGradTensor = 1;
 constexpr int kKeptTensor = 2;  // omitted (-1) for a bias
 constexpr int kWeightScaleTensor = 3;
 constexpr int kDyScaleTensor = 4;
+constexpr int kStepTensor = 5;           // stochastic rounding only
+constexpr int kIndexChannelsTensor = 6;  // optional
 constexpr int32_t kOptionWords = 4;
+constexpr int32_t kRoundingOptionWords = 9;
 enum Kind { kConv = 0, kDepthwise = 1, kBias = 2 };
+enum Rounding { kNearest = 0, kStochastic = 1 };
 
 struct OpData {
   bool options_ok;
   int32_t kind;
   float lr, x_scale;
+  int32_t rounding, seed, stream, index_c_in, advance_step;
   int32_t c_out, kernel_h, kernel_w, c_in, k;  // c_in: channels for depthwise and bias
 };
 
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
   auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
-  int32_t o[kOptionWords];
-  data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
+  int32_t o[kRoundingOptionWords] = {0};
+  const bool rounding_words = length == sizeof(int32_t) * kRoundingOptionWords;
+  data->options_ok = ReadOptions(kOp, buffer, length, o,
+                                 rounding_words ? kRoundingOptionWords : kOptionWords);
   if (!data->options_ok) return data;
   data->kind = o[1];
   data->lr = FloatFromBits(o[2]);
   data->x_scale = FloatFromBits(o[3]);
+  data->rounding = o[4];
+  data->seed = o[5];
+  data->stream = o[6];
+  data->index_c_in = o[7];
+  data->advance_step = o[8];
+  if (data->rounding < kNearest || data->rounding > kStochastic || data->index_c_in < 0 ||
+      (data->rounding == kStochastic && data->kind == kBias)) {
+    MicroPrintf("%s: invalid options: rounding %d (0 nearest, 1 stochastic; weights only), "
+                "index_c_in %d", kOp, static_cast<int>(o[4]), static_cast<int>(o[7]));
+    data->options_ok = false;
+  }
   if (data->kind < kConv || data->kind > kBias || !(data->x_scale > 0.0f) ||
       !(data->lr >= 0.0f)) {
     MicroPrintf("%s: invalid options: kind %d (0 conv, 1 depthwise, 2 bias), lr %f (must be "
@@ -68,11 +94,33 @@ bool ShapeIs(const TfLiteEvalTensor* t, int rank, const int* dims) {
   return true;
 }
 
+// The step counter and the optional index channels of stochastic rounding.
+TfLiteStatus PrepareRounding(TfLiteContext* context, TfLiteNode* node,
+                             NodeTensorChecker* check, int k) {
+  const TfLiteEvalTensor* step = check->Input("input 5 (step)", kStepTensor, kTfLiteInt32, 1);
+  if (!check->ok()) return kTfLiteError;
+  if (NumElements(step) != 1) {
+    MicroPrintf("%s: input 5 (step) must hold one int32, got %d", kOp, NumElements(step));
+    return kTfLiteError;
+  }
+  if (GetEvalInput(context, node, kIndexChannelsTensor) == nullptr) return kTfLiteOk;
+  const TfLiteEvalTensor* index_channels = check->Input(
+      "input 6 (index_channels)", kIndexChannelsTensor, kTfLiteInt32, 1);
+  if (!check->ok()) return kTfLiteError;
+  if (Dim(index_channels, 0) != k) {
+    MicroPrintf("%s: input 6 (index_channels) must have the %d entries of kept, got %d", kOp,
+                k, Dim(index_channels, 0));
+    return kTfLiteError;
+  }
+  return kTfLiteOk;
+}
+
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   auto* data = PreparedOpData<OpData>(node);
   if (data == nullptr) return kTfLiteError;
   const bool bias = data->kind == kBias;
-  NodeTensorChecker check(kOp, context, node, 5, 0);
+  const bool stochastic = data->rounding == kStochastic;
+  NodeTensorChecker check(kOp, context, node, stochastic ? 7 : 5, 0);
   const TfLiteEvalTensor* param =
       check.Input("input 0 (param)", kParamTensor, bias ? kTfLiteInt32 : kTfLiteInt8, -1);
   const TfLiteEvalTensor* grad = check.Input("input 1 (grad)", kGradTensor, kTfLiteInt32, -1);
@@ -116,6 +164,8 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   }
   kept = check.Input("input 2 (kept)", kKeptTensor, kTfLiteInt32, 1);
   if (!check.ok()) return kTfLiteError;
+  if (stochastic && PrepareRounding(context, node, &check, Dim(kept, 0)) != kTfLiteOk)
+    return kTfLiteError;
   data->k = Dim(kept, 0);
   data->kernel_h = param_rank == 4 ? Dim(param, 1) : 1;
   data->kernel_w = param_rank == 4 ? Dim(param, 2) : 1;
@@ -155,6 +205,38 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   return kTfLiteOk;
 }
 
+TfLiteStatus EvalStochastic(TfLiteContext* context, TfLiteNode* node, const OpData* data,
+                            int8_t* w, const int32_t* kept) {
+  auto* step = static_cast<int32_t*>(GetEvalInput(context, node, kStepTensor)->data.data);
+  const TfLiteEvalTensor* channels = GetEvalInput(context, node, kIndexChannelsTensor);
+  const int32_t index_c_in = data->index_c_in > 0 ? data->index_c_in : data->c_in;
+  dgst_stochastic_rounding sr = {static_cast<uint32_t>(data->seed),
+                                 static_cast<uint32_t>(data->stream),
+                                 static_cast<uint32_t>(*step), nullptr, index_c_in};
+  if (channels != nullptr) {
+    sr.index_channels = static_cast<const int32_t*>(channels->data.data);
+    if (!KeptInRange(kOp, sr.index_channels, data->k, index_c_in)) return kTfLiteError;
+  }
+  const auto* grad =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kGradTensor)->data.data);
+  const auto* scale =
+      static_cast<const float*>(GetEvalInput(context, node, kWeightScaleTensor)->data.data);
+  const float dy_scale =
+      *static_cast<const float*>(GetEvalInput(context, node, kDyScaleTensor)->data.data);
+  if (data->kind == kConv) {
+    dgst_sgd_qas_update_conv_sr_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
+                                   kept, data->k, grad, data->lr, data->x_scale, dy_scale,
+                                   scale, &sr);
+  } else {
+    dgst_sgd_qas_update_depthwise_sr_s8(w, data->kernel_h, data->kernel_w, data->c_in, kept,
+                                        data->k, grad, data->lr, data->x_scale, dy_scale,
+                                        scale, &sr);
+  }
+  // wraps like the uint32 step of the hash (int32 overflow would be undefined)
+  if (data->advance_step) *step = static_cast<int32_t>(static_cast<uint32_t>(*step) + 1u);
+  return kTfLiteOk;
+}
+
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const TfLiteEvalTensor* param = GetEvalInput(context, node, kParamTensor);
@@ -173,6 +255,7 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
       static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
   if (!KeptInRange(kOp, kept, data->k, data->c_in)) return kTfLiteError;
   auto* w = static_cast<int8_t*>(param->data.data);
+  if (data->rounding == kStochastic) return EvalStochastic(context, node, data, w, kept);
   if (data->kind == kConv) {
     dgst_sgd_qas_update_conv_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
                                 kept, data->k, grad, data->lr, data->x_scale, dy_scale, scale);

@@ -1,0 +1,121 @@
+"""int8 vs float DGSU training: does the device's int8 rule lose accuracy?
+
+ImageNet MobileNetV2-1.0 -> CIFAR-10, DGSU at 2% of conv weights per step, batch 1, plain
+SGD, the same steps and data for every variant; scored on the validation split held out of
+the training set (the test set is not read):
+
+    python benchmarks/int8_vs_float_cifar10.py --image-size 96 --train-examples 5000 \
+        --validation-examples 2000 --learning-rate 0.001
+
+Variants: ``float`` (the float Keras simulation), ``int8_qas_stochastic`` (the simulated
+int8 graph with QAS and stochastic rounding: what the exported graph runs by default),
+``int8_qas_nearest`` (round-to-nearest int8 updates, the previous rule) and
+``int8_noqas_stochastic`` (no QAS). Lin et al. 2022 report, for MCUNet on CIFAR-10, 86.0%
+fp32, 75.4% int8 without QAS and 86.9% int8 with QAS. Writes
+benchmarks/results/<name>.{json,md}.
+"""
+import argparse
+import time
+
+import numpy as np
+
+import _report
+
+from dgst_tf import data, models
+from dgst_tf.core import runtime
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.training.methods import build_method
+from dgst_tf.training.qas import QuantizationAwareScalingSGD, int8_training_graph
+from dgst_tf.training.sparse_model import SparseUpdateModel
+
+# variant -> (int8 graph, QAS, rounding of the int8 kernels)
+VARIANTS = {"float": (False, False, None),
+            "int8_qas_stochastic": (True, True, "stochastic"),
+            "int8_qas_nearest": (True, True, "nearest"),
+            "int8_noqas_stochastic": (True, False, "stochastic")}
+
+
+def _arguments():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--train-examples", type=int, default=5000)
+    p.add_argument("--validation-split", type=float, default=0.1)
+    p.add_argument("--validation-examples", type=int, default=2000)
+    p.add_argument("--calibration-examples", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--learning-rate", type=float, default=0.001)
+    p.add_argument("--target-fraction", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="int8_vs_float_cifar10")
+    return p.parse_args()
+
+
+def _datasets(args):
+    """(train, validation, calibration images) at the benchmark's image size."""
+    common = dict(image_size=(args.image_size, args.image_size), preprocessing="torch",
+                  seed=args.seed, validation_split=args.validation_split)
+    train = data.cifar10("train", batch_size=1, augment=True, limit=args.train_examples,
+                         subset="training", **common)
+    val = data.cifar10("train", batch_size=50, limit=args.validation_examples,
+                       subset="validation", **common)
+    calibration = np.concatenate([x for x, _ in train.dataset.take(args.calibration_examples)])
+    return train, val, calibration
+
+
+def _model_and_optimizer(args, variant: str, calibration):
+    """(Keras model to train, its optimizer, a one-line description)."""
+    size = (args.image_size, args.image_size, 3)
+    model = fold_batchnorm(models.mobilenet_v2(1.0, size, classes=10, weights="imagenet",
+                                               seed=args.seed))
+    int8, qas, rounding = VARIANTS[variant]
+    if not int8:
+        return model, keras.optimizers.SGD(args.learning_rate), "float32 simulation"
+    graph = int8_training_graph(model, calibration)
+    optimizer = QuantizationAwareScalingSGD(args.learning_rate, graph.qas_scales,
+                                            rounding=rounding, seed=args.seed, qas=qas)
+    return graph.model, optimizer, f"int8 graph, QAS {qas}, {rounding} rounding"
+
+
+def _run(args, variant: str, train, val, calibration) -> dict:
+    runtime.seed_everything(args.seed)
+    model, optimizer, what = _model_and_optimizer(args, variant, calibration)
+    scheme, callbacks = build_method("dgsu", model, args.target_fraction, seed=args.seed)
+    sparse = SparseUpdateModel(model, scheme, fold_bn=False)
+    sparse.compile(optimizer=optimizer, metrics=["accuracy"],
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    start = time.time()
+    history = sparse.fit(train.dataset, epochs=args.epochs, callbacks=callbacks,
+                         validation_data=val.dataset, verbose=0).history
+    seconds = time.time() - start
+    return {"variant": variant, "what": what,
+            "val_top1": round(float(history["val_accuracy"][-1]), 4),
+            "val_top1_per_epoch": [round(float(a), 4) for a in history["val_accuracy"]],
+            "train_top1": round(float(history["accuracy"][-1]), 4),
+            "updated_fraction": round(float(history["updated_fraction"][-1]), 5),
+            "coverage": round(float(history["coverage"][-1]), 4),
+            "images_per_s": round(train.num_examples * args.epochs / seconds, 1)}
+
+
+def main():
+    args = _arguments()
+    runtime.limit_threads()
+    train, val, calibration = _datasets(args)
+    settings = dict(vars(args)) | {
+        "train": train.num_examples, "validation": val.num_examples,
+        "model": "MobileNetV2-1.0 ImageNet (torchvision), BatchNorm folded",
+        "method": "DGSU (traversal, integer weight-L2 importance on the int8 graph)",
+        "optimizer": "SGD without momentum, batch 1, constant learning rate",
+        "augment": "pad-crop + flip", "test set": "not read"}
+    rows = []
+    for variant in args.variants:
+        rows.append(_run(args, variant, train, val, calibration))
+        print(rows[-1], flush=True)
+        print(_report.write(args.name, settings, rows, [
+            "variant", "what", "val_top1", "train_top1", "updated_fraction", "coverage",
+            "images_per_s"]))
+
+
+if __name__ == "__main__":
+    main()
