@@ -88,7 +88,8 @@ def _memory_rows(args, tmp, size, full):
         (True, False, scheme, True, None), (True, False, scheme, True, "traversal"),
         (True, False, bias_only, True, None)]
     for fold, outputs, chosen, fuse, policy in variants:
-        report = MemoryModel(model, fused_blocks=fuse).report(chosen)
+        report = MemoryModel(model, fused_blocks=fuse, rounding="stochastic",
+                             full_weights_in_sram=policy is not None).report(chosen)
         info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
                                learning_rate=0.001, fold_pads=fold, output_params=outputs,
                                fuse_blocks=fuse, policy=policy)

@@ -415,3 +415,27 @@ def test_export_refuses_a_callback_without_device_equivalent(exported, tmp_path)
     info = export_training(model, UpdateScheme(SCHEME), x, tmp_path / "c.tflite",
                            policy=WindowChannelSelection())
     assert info.manifest["policy"] == "window"
+
+
+def test_keras_static_selection_on_the_int8_graph_is_the_exporters(tmp_path):
+    """Lin's static choice: `StaticChannelSelection("magnitude+")` on the int8 training graph
+    keeps exactly the channels the exporter's static "magnitude" selection keeps (both rank
+    the real weights, int8 codes x scale, by the NumPy reference). Ranking the raw codes
+    instead (a plausible slip: the scales differ per output channel) picks others."""
+    from dgst_tf.training.selection import StaticChannelSelection
+
+    model = fold_batchnorm(residual_cnn(seed=3))
+    x, _ = batch(16)
+    scheme = UpdateScheme({"depthwise": 0.25, "project": 0.5, "head": 0.25})
+    info = export_training(model, scheme, x, tmp_path / "static.tflite", selection="magnitude")
+    exported = {l["name"]: l["kept"] for l in info.manifest["layers"]}
+    graph = int8_training_graph(model, x)
+    sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
+    sparse.compile(optimizer=QuantizationAwareScalingSGD(LR, graph.qas_scales),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = StaticChannelSelection("magnitude+")
+    callback.set_model(sparse)
+    callback.on_train_begin()
+    for name in ("depthwise", "project", "head"):
+        keras_kept = sorted(int(c) for c in sparse.selection.vars[name]["indices"].numpy())
+        assert keras_kept == exported[name], name

@@ -142,3 +142,28 @@ def test_stochastic_rounding_of_the_int8_kernels(folded):
         free = np.abs(before - float_step) < 126  # not clipped
         moved = (before - after)[free]
         assert np.abs(moved - float_step[free]).max() < 1 + 1e-3, var.name  # floor or ceil
+
+
+def test_without_qas_the_int8_kernels_round_the_unscaled_step(folded):
+    """qas=False (the "int8 SGD without QAS" ablation): the kernels stay int8 integers, and
+    each moves by the floor or the ceiling of lr * g, not of lr * g * s^-2."""
+    x, y = separable_task(8)
+    graph = int8_training_graph(folded, x)
+    model = graph.model
+    kernels = [v for v in model.trainable_weights if "kernel" in v.name]
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x))
+    grads = tape.gradient(loss, kernels)
+    lr = 2000.0  # the unscaled int8 gradient is tiny: a large rate makes the steps visible
+    start = [v.numpy() for v in kernels]
+    QuantizationAwareScalingSGD(lr, graph.qas_scales, qas=False).apply_gradients(
+        zip(grads, kernels))
+    moved_any = False
+    for var, before, grad in zip(kernels, start, grads):
+        after = var.numpy()
+        np.testing.assert_array_equal(after, np.round(after), err_msg=var.name)
+        plain_step = lr * grad.numpy()
+        free = np.abs(before - plain_step) < 126
+        assert np.abs((before - after)[free] - plain_step[free]).max() < 1 + 1e-3, var.name
+        moved_any |= bool(np.any(after != before))
+    assert moved_any

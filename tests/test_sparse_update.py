@@ -492,3 +492,25 @@ def test_device_policy_names():
     assert DynamicChannelSelection(traversal=False).device_policy == "magnitude"
     with pytest.raises(ValueError, match="layers_per_step=2 has no on-device equivalent"):
         DynamicChannelSelection(layers_per_step=2).device_policy
+
+
+def test_dropout_false_trains_without_dropout_as_the_exported_step_does():
+    """The exported training step has no dropout: with ``dropout=False`` a training step's
+    loss is the inference loss, with the default (Keras' behaviour) dropout changes it."""
+    inp = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(inp)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    h = keras.layers.Dropout(0.5, seed=1)(h)
+    model = keras.Model(inp, keras.layers.Dense(4, name="classifier")(h))
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 3])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    expected = float(loss(y, model(x, training=False)))
+    losses = {}
+    for dropout in (False, True):
+        sparse = SparseUpdateModel(model, UpdateScheme({}), dropout=dropout)
+        sparse.compile(optimizer=keras.optimizers.SGD(0.0), loss=loss)
+        result = sparse.train_on_batch(x, y)
+        losses[dropout] = float(result[0] if isinstance(result, list) else result)
+    assert losses[False] == pytest.approx(expected, rel=1e-6)
+    assert losses[True] != pytest.approx(expected, rel=1e-3)

@@ -53,7 +53,10 @@ Assumptions of the MCU runtime (state them when quoting a number):
   classifier's full input.
 - ``full_weights_in_sram=True`` (dynamic channel selection, DGSU): the chosen channels
   change every step, so the whole kernel of a weight-updated layer is in SRAM (and has
-  optimizer state); the saved input and the weight gradient stay the kept channels.
+  optimizer state), plus the ``ceil(C/8)``-byte visited bitmask of its channels (counted
+  with the optimizer state; the on-device ranking's C int64 scores are scratch used before
+  the forward pass, not at the peak); the saved input and the weight gradient stay the kept
+  channels.
 - ``activation_patterns`` (a pattern name for every weight-updated conv, or a dict by
   layer; `dgst_tf.training.activation_patterns`): the saved input is only the pixels the
   pattern's output positions read (`layer_stored_bytes`), as `SparseUpdateModel` with the
@@ -84,7 +87,7 @@ from typing import Iterable, Mapping
 
 from dgst_tf.core.graph import check_functional
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.core.layer_kinds import is_dense, kernel_of, weights_per_channel
+from dgst_tf.core.layer_kinds import input_channels, is_dense, kernel_of, weights_per_channel
 from dgst_tf.planning.extra_memory import extra_memory_label
 from dgst_tf.planning.memory_graph import (ACTIVATION_BYTES, MemoryModelError, analyse_graph,
                                            bias_count, has_weights, saved_for_backward)
@@ -345,6 +348,8 @@ class MemoryModel:
         row.weight_bytes = sram_weights * WEIGHT_BYTES
         row.bias_bytes = biases * BIAS_BYTES
         row.optimizer_bytes = self.optimizer_slots * 4 * (sram_weights + biases)
+        if mode == "weights" and self.full_weights_in_sram:  # DGSU's visited bitmask
+            row.optimizer_bytes += -(-input_channels(layer) // 8)
         row.weight_gradient_bytes = self.gradient_bytes * (weights + biases)
 
     def _saved_input_bytes(self, step, kept: int) -> int:

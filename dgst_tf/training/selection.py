@@ -41,8 +41,10 @@ class StaticChannelSelection(keras.callbacks.Callback):
     """Pick each weight-updated layer's channels once, before the first step.
 
     ``criterion``: tiny-training's ``weight_select_criteria``: ``magnitude+`` (largest L2
-    norm of ``W[:, :, c, :]``), ``magnitude-`` (smallest) or ``random``. A resumed run
-    (step counter > 0) keeps the restored selection.
+    norm of ``W[:, :, c, :]``), ``magnitude-`` (smallest) or ``random``. On the int8 training
+    graph ``magnitude+`` ranks the real weights (int8 codes x weight scale) with the NumPy
+    reference, the exporter's static ``"magnitude"`` choice. A resumed run (step counter > 0)
+    keeps the restored selection.
     """
 
     def __init__(self, criterion: str = "magnitude+", seed: int = 0):
@@ -62,6 +64,12 @@ class StaticChannelSelection(keras.callbacks.Callback):
         for i, layer in enumerate(model.weight_layers):
             state = model.selection.vars[layer.name]
             kept = model.selection.specs[layer.name][1]
+            scales = (int8_weight_scales(model, layer) if self.criterion == "magnitude+"
+                      else None)
+            if scales is not None:  # the int8 graph: the exporter's choice, bit for bit
+                model.selection.assign(layer.name, _int8_static_channels(
+                    kernel_of(layer).numpy(), scales, kept, is_depthwise(layer)))
+                continue
             if self.criterion == "random":
                 scores = tf.random.stateless_uniform(state["visited"].shape, seed=[self.seed, i])
             else:
@@ -98,6 +106,14 @@ def int8_multipliers(model, layer, weight_scales=None):
     ``qas_scales`` (the same numbers), else from the layer's ``<name>_rescale``
     (``s_w * s_x``: equal ratios up to float rounding)."""
     from dgst_tf.tflm_ops.reference import score_multipliers
+
+    scales = int8_weight_scales(model, layer, weight_scales)
+    return None if scales is None else score_multipliers(np.ravel(scales))
+
+
+def int8_weight_scales(model, layer, weight_scales=None):
+    """The per-output-channel weight scales of ``layer`` when ``model`` trains the int8
+    graph, else None (where they come from: `int8_multipliers`)."""
     from dgst_tf.training.qas import ChannelRescale
 
     scales = (weight_scales or {}).get(layer.name)
@@ -109,7 +125,21 @@ def int8_multipliers(model, layer, weight_scales=None):
         base = getattr(model, "base", model)
         rescale = next((l for l in base.layers if l.name == f"{layer.name}_rescale"), None)
         scales = rescale.scales if isinstance(rescale, ChannelRescale) else None
-    return None if scales is None else score_multipliers(np.ravel(scales))
+    return None if scales is None else np.ravel(np.asarray(scales, np.float64))
+
+
+def _int8_static_channels(kernel, scales, kept: int, depthwise: bool) -> np.ndarray:
+    """Lin's static choice on the int8 graph, exactly as the exporter makes it: top-k L2 of
+    the real weights (int8 codes x scale) by the NumPy reference (`top_k_channels`)."""
+    from dgst_tf.tflm_ops.reference import top_k_channels as reference_top_k
+
+    codes = np.clip(np.round(np.asarray(kernel, np.float64)), -127, 127)
+    if depthwise:  # [kh, kw, C, 1] -> [kh, kw, C], one scale per channel
+        return reference_top_k(codes[..., 0] * scales, kept, depthwise=True)
+    if codes.ndim == 2:  # dense [in, out] as a 1x1 conv [out, 1, 1, in]
+        codes = codes[None, None]
+    real = np.transpose(codes, (3, 0, 1, 2)) * scales.reshape(-1, 1, 1, 1)  # OHWI
+    return reference_top_k(real, kept)
 
 
 class WindowChannelSelection(keras.callbacks.Callback):

@@ -169,11 +169,17 @@ def _is_plain_sgd(optimizer) -> bool:
 
 
 class SparseUpdateModel(keras.Model):
-    """A Keras model whose ``fit`` updates only what an `UpdateScheme` names."""
+    """A Keras model whose ``fit`` updates only what an `UpdateScheme` names.
+
+    ``dropout=False`` runs the model's Dropout layers as at inference, as the exported
+    training step does (it has no dropout); the default keeps Keras' training behaviour."""
 
     def __init__(self, model: keras.Model, scheme: UpdateScheme, fold_bn: bool = True,
-                 activation_patterns=None, name: str | None = None, **kwargs):
+                 activation_patterns=None, dropout: bool = True, name: str | None = None,
+                 **kwargs):
         super().__init__(name=name or f"{model.name}_sparse", **kwargs)
+        # The exported training step has no dropout: dropout=False trains as the device does.
+        self.train_dropout = bool(dropout)
         check_functional(model, "SparseUpdateModel")
         check_single_use(model, "SparseUpdateModel")
         if fold_bn and foldable_pairs(model):
@@ -231,6 +237,8 @@ class SparseUpdateModel(keras.Model):
             return _MaskedReLU(layer)(*args)
         if isinstance(layer, keras.layers.BatchNormalization):
             kwargs = {**kwargs, "training": False}  # an unfolded BN stays frozen
+        if not self.train_dropout and isinstance(layer, keras.layers.Dropout):
+            kwargs = {**kwargs, "training": False}
         return layer(*args, **kwargs)
 
     def _trained_variables(self) -> list:
