@@ -39,7 +39,8 @@ from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import kernel_of
 from dgst_tf.export.training import export_training, initial_params, train_tflm
-from dgst_tf.training.qas import QuantizationAwareScalingSGD, int8_training_graph
+from dgst_tf.training.int8_graph import int8_training_graph
+from dgst_tf.training.qas import QuantizationAwareScalingSGD
 from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 from dgst_tf.training.sparse_model import SparseUpdateModel

@@ -17,7 +17,8 @@ from dgst_tf.export.training import (TrainingExportError, TrainingManifestError,
                                      train_tflm,
                                      write_inference_model)
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.training.qas import QuantizationAwareScalingSGD, int8_training_graph
+from dgst_tf.training.int8_graph import int8_training_graph
+from dgst_tf.training.qas import QuantizationAwareScalingSGD
 from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.sparse_model import SparseUpdateModel
 

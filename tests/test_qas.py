@@ -6,8 +6,9 @@ from small_models import residual_cnn
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.training.qas import (QuantizationAwareScalingSGD, activation_qparams, int8_training_graph,
-                         weight_scales)
+from dgst_tf.tflm_ops import reference as R
+from dgst_tf.training.int8_graph import activation_qparams, int8_training_graph, weight_scales
+from dgst_tf.training.qas import QuantizationAwareScalingSGD
 from dgst_tf.training.scheme import UpdateScheme, kernel_of
 from dgst_tf.training.sparse_model import SparseUpdateModel
 
@@ -62,7 +63,7 @@ def test_qas_scales_gradients_by_the_formula(folded):
         loss = LOSS(y, model(x))
     grads = tape.gradient(loss, variables)
     start = [v.numpy() for v in variables]
-    # the float formula: round-to-nearest (the int8 simulation's default is stochastic,
+    # round-to-nearest (the int8 simulation's default is stochastic,
     # test_stochastic_rounding_of_the_int8_kernels below)
     QuantizationAwareScalingSGD(0.5, graph.qas_scales, rounding="nearest").apply_gradients(
         zip(grads, variables))
@@ -70,16 +71,18 @@ def test_qas_scales_gradients_by_the_formula(folded):
         layer = model.get_layer(var.name.split("/")[0])
         s_w = graph.weight_scales[layer.name]
         s_x, _ = graph.input_qparams[layer.name]
-        if "bias" in var.name:
-            expected = 0.5 * grad.numpy() / (s_w * s_x) ** 2
-        elif isinstance(layer, keras.layers.DepthwiseConv2D):
-            expected = 0.5 * grad.numpy() / s_w.reshape(var.shape[-2:]) ** 2
-        else:
-            expected = 0.5 * grad.numpy() / s_w ** 2
-        # float32 weights near 127 round the applied step to their spacing
-        ulp = np.spacing(np.abs(before).max().astype(np.float32))
-        np.testing.assert_allclose(before - var.numpy(), expected, rtol=1e-4, atol=2 * ulp,
-                                   err_msg=var.name)
+        if "bias" in var.name:  # float, the QAS formula
+            ulp = np.spacing(np.abs(before).max().astype(np.float32))  # large int32 biases
+            np.testing.assert_allclose(before - var.numpy(),
+                                       0.5 * grad.numpy() / (s_w * s_x) ** 2, rtol=1e-4,
+                                       atol=2 * ulp, err_msg=var.name)
+            continue
+        w_shape = var.shape[-2:] if isinstance(layer, keras.layers.DepthwiseConv2D) else -1
+        scale = s_w.reshape(w_shape).astype(np.float32)
+        step = np.float32(0.5) * (grad.numpy() / (scale * scale))  # the optimizer's order
+        expected = np.clip(before - R.round_half_away(step), -127, 127)
+        np.testing.assert_array_equal(var.numpy(), expected, err_msg=var.name)
+        assert np.array_equal(var.numpy(), np.round(var.numpy()))  # still int8 values
 
 
 def _train(model, optimizer, scheme, x, y, epochs=3):

@@ -18,9 +18,9 @@ from dgst_tf.export.training import export_training, initial_params, train_tflm
 from dgst_tf.planning.memory import MemoryModel
 from dgst_tf.tflm_ops import host as H
 from dgst_tf.tflm_ops import reference as R
-from dgst_tf.training.qas import (QuantizationAwareScalingSGD, int8_training_graph,
-                                  layer_stream, stochastic_uniform_bits,
-                                  tflite_weight_index)
+from dgst_tf.training.int8_graph import int8_training_graph
+from dgst_tf.training.qas import (QuantizationAwareScalingSGD, layer_stream,
+                                  stochastic_uniform_bits, tflite_weight_index)
 from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.sparse_model import SparseUpdateModel
 
@@ -274,4 +274,5 @@ def test_rounding_options_are_checked(tmp_path):
         QuantizationAwareScalingSGD(0.01, rounding="up")
     with pytest.raises(ValueError, match="momentum"):
         QuantizationAwareScalingSGD(0.01, momentum=0.9)
-    QuantizationAwareScalingSGD(0.01, momentum=0.9, rounding="nearest")
+    with pytest.raises(ValueError, match="momentum"):
+        QuantizationAwareScalingSGD(0.01, momentum=0.9, rounding="nearest")

@@ -3,8 +3,9 @@
 `scheme` (which layers and channels a step updates), `sparse_ops` and `sparse_model` (a train
 step that computes only those gradients), `selection` and `channel_importance` (the callbacks
 that choose channels: Lin's static and DGSU's dynamic selection), `activation_patterns`
-(storing only a pattern of a layer's input), `qas` (the int8 graph with Quantization-Aware
-Scaling) and `methods` (named recipes: a scheme plus its callbacks).
+(storing only a pattern of a layer's input), `int8_graph` (the simulated int8 model), `qas`
+(Quantization-Aware Scaling and the device's int8 weight update) and `methods` (named
+recipes: a scheme plus its callbacks).
 
     from dgst_tf.training import SparseUpdateModel, UpdateScheme, DynamicChannelSelection
 """

@@ -101,7 +101,7 @@ def dgsu_select(scores, kept: int, sweep, traversal: bool = True):
 
 def int8_multipliers(model, layer, weight_scales=None):
     """The int32 importance multipliers of ``layer`` if ``model`` trains the int8 graph
-    (`dgst_tf.training.qas.int8_training_graph`), else None. The weight scales come from
+    (`dgst_tf.training.int8_graph.int8_training_graph`), else None. The weight scales come from
     ``weight_scales`` (``Int8TrainingGraph.weight_scales``), else from the QAS optimizer's
     ``qas_scales`` (the same numbers), else from the layer's ``<name>_rescale``
     (``s_w * s_x``: equal ratios up to float rounding)."""
@@ -114,7 +114,7 @@ def int8_multipliers(model, layer, weight_scales=None):
 def int8_weight_scales(model, layer, weight_scales=None):
     """The per-output-channel weight scales of ``layer`` when ``model`` trains the int8
     graph, else None (where they come from: `int8_multipliers`)."""
-    from dgst_tf.training.qas import ChannelRescale
+    from dgst_tf.training.int8_graph import ChannelRescale
 
     scales = (weight_scales or {}).get(layer.name)
     if scales is None:
@@ -172,7 +172,7 @@ class DynamicChannelSelection(keras.callbacks.Callback):
     (``traversal=True``) or "magnitude" (``traversal=False``).
 
     importance: "weight_l2", "grad_norm", "random" or a `ChannelImportance`. "weight_l2" on
-        the int8 training graph (`dgst_tf.training.qas.int8_training_graph`; detected by
+        the int8 training graph (`dgst_tf.training.int8_graph.int8_training_graph`; detected by
         `int8_multipliers`) uses the device's integer score
         ``score[c] = sum_o m[o] * sum_t w[t, c, o]^2``, ``m[o] = round(2^16 s[o]^2 / max s^2)``
         from the weight scales (`int8_channel_scores`), so the ranking is the device's bit
