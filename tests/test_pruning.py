@@ -384,7 +384,9 @@ def test_with_activation_patterns_keeps_outputs_and_trains_the_same_variables():
 
 
 # ------------------------------------------------------------------------------- CLI
-def test_cli_prune_writes_a_model_that_fits_the_budget(tmp_path, capsys):
+@pytest.mark.parametrize("training", [["--epochs", "0"], ["--epochs", "1", "--distill"]],
+                         ids=["one-shot", "distilled"])
+def test_cli_prune_writes_a_model_that_fits_the_budget(tmp_path, capsys, training):
     import argparse
     import json
 
@@ -403,7 +405,7 @@ def test_cli_prune_writes_a_model_that_fits_the_budget(tmp_path, capsys):
     args = parser.parse_args([
         "prune", "--width", "0.35", "--image-size", "32", "--weights", "none",
         "--flash-budget", "200KB", "--dataset", "folder", "--data", str(tmp_path / "data"),
-        "--epochs", "0", "--output", str(tmp_path / "out" / "pruned.h5"),
+        *training, "--batch-size", "4", "--output", str(tmp_path / "out" / "pruned.h5"),
         "--report", str(tmp_path / "report.json")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
@@ -413,4 +415,6 @@ def test_cli_prune_writes_a_model_that_fits_the_budget(tmp_path, capsys):
     assert footprint(small).flash_bytes <= 200 * 1024
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["fits"] and report["after"]["flash_bytes"] == footprint(small).flash_bytes
+    assert ("distilled from the unpruned model" in report["training"]) == (
+        "--distill" in training)
     assert report["before"]["flash_bytes"] > 2 * report["after"]["flash_bytes"] * 0.9

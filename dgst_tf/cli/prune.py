@@ -58,6 +58,11 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
                            "ImageNet MobileNetV2 on CIFAR-10 better than 0.01 or 0.001)")
     data.add_argument("--ramp-fraction", type=float, default=0.75,
                       help="fraction of the steps over which sparsity rises to its target")
+    data.add_argument("--distill", action="store_true",
+                      help="fine-tune by knowledge distillation from the unpruned model on "
+                           "the fine-tuning images (labels unused)")
+    data.add_argument("--temperature", type=float, default=4.0,
+                      help="distillation temperature (with --distill)")
     data.add_argument("--seed", type=int, default=0)
     out = prune.add_argument_group("output")
     out.add_argument("--output", default="pruned.h5", help="pruned model (.h5 or .keras)")
@@ -92,19 +97,31 @@ def _prune(args, model, graph, sparsity, options, train):
 
     if args.dataset != "none" and args.epochs > 0:
         steps = train.steps_per_epoch
+        teacher = _frozen_copy(model) if args.distill else None
         schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate,
                                                           steps * args.epochs)
         result = prune_while_training(
             model, train.dataset, sparsity, epochs=args.epochs, steps_per_epoch=steps,
             optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
             ramp_fraction=args.ramp_fraction, importance=args.importance,
-            verbose=args.verbose, **options)
+            verbose=args.verbose, teacher=teacher, temperature=args.temperature, **options)
         how = f"fine-tuned {args.epochs} epochs on {train.num_examples} {args.dataset} images"
+        if teacher is not None:
+            how += f", distilled from the unpruned model (T = {args.temperature:g})"
         return result.model, how
     removed = select_groups(model, sparsity, importance=args.importance, graph=graph,
                             **options)
     small = remove_channels(model, removed, graph, name=f"{model.name}_pruned")
     return small, "one-shot (no fine-tuning)"
+
+
+def _frozen_copy(model):
+    """The unpruned model as a distillation teacher (its weights, not shared variables)."""
+    from dgst_tf.core.keras_compat import keras
+
+    teacher = keras.models.clone_model(model)
+    teacher.set_weights(model.get_weights())
+    return teacher
 
 
 def _accuracy(model, test):

@@ -29,6 +29,7 @@ from dgst_tf.pruning.dependency_graph import DependencyGraph
 from dgst_tf.pruning.group_selection import GroupSelector, groups_to_prune, select_groups
 from dgst_tf.pruning.model_size import flash_bytes
 from dgst_tf.pruning.tfmot_wrapper import prune_channel_groups
+from dgst_tf.training.distillation import Distiller
 
 __all__ = ["sparsity_for_budget", "prune_while_training", "PruningResult"]
 
@@ -105,13 +106,18 @@ def prune_while_training(model: keras.Model, dataset, final_sparsity: float, *,
                          ramp_fraction: float = 0.75, updates: int = 10, power: int = 3,
                          importance="l2", exclude: Iterable[str] = (), round_to: int = 1,
                          min_channels: int = 1, callbacks=(), verbose: int = 0,
-                         validation_data=None) -> PruningResult:
+                         validation_data=None, teacher: keras.Model | None = None,
+                         temperature: float = 4.0, label_weight: float = 0.0
+                         ) -> PruningResult:
     """Fine-tune ``model`` on ``dataset`` while TF-MOT's ``PolynomialDecay`` raises the
     channel-group sparsity from 0 to ``final_sparsity`` over the first ``ramp_fraction`` of
     the steps (``updates`` mask updates), then strip and physically remove the channels.
 
     Default optimizer: SGD, learning rate 0.003, momentum 0.9. Trains ``model``'s own
-    variables (as ``prune_low_magnitude`` does). If the data ran out
+    variables (as ``prune_low_magnitude`` does). With ``teacher`` (e.g. the unpruned model)
+    the fine-tuning is knowledge distillation (`dgst_tf.training.distillation.Distiller`,
+    ``temperature``, ``label_weight``; labels in ``dataset`` are then optional and
+    ``metrics`` unused): the history logs ``distillation`` and ``agreement``. If the data ran out
     before the last scheduled update, the final sparsity is applied once at the end, so
     the result always has it.
 
@@ -131,11 +137,15 @@ def prune_while_training(model: keras.Model, dataset, final_sparsity: float, *,
     selection = dict(importance=importance, exclude=exclude, round_to=round_to,
                      min_channels=min_channels)
     pruning = prune_channel_groups(model, schedule, graph=DependencyGraph(model), **selection)
-    pruning.compile(
-        optimizer=optimizer or keras.optimizers.SGD(0.003, momentum=0.9),
-        loss=loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=list(metrics))
-    history = pruning.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
+    optimizer = optimizer or keras.optimizers.SGD(0.003, momentum=0.9)
+    if teacher is None:
+        trainer = pruning
+        trainer.compile(optimizer=optimizer, metrics=list(metrics), loss=loss or
+                        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    else:
+        trainer = Distiller(pruning, teacher, temperature, label_weight)
+        trainer.compile(optimizer=optimizer)
+    history = trainer.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
                           callbacks=[pruning_callbacks.UpdatePruningStep(), *callbacks],
                           verbose=verbose, validation_data=validation_data)
     masked = tfmot_prune.strip_pruning(pruning)
