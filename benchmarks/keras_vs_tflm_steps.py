@@ -3,24 +3,27 @@
 ImageNet MobileNetV2-1.0 (BatchNorm folded), new 10-class head, tiny-training's 49 KB
 backward_config (Lin et al. 2022; `LIN_49KB` of tflm_training_memory.py), lr 0.001, batch 1,
 stochastic rounding (seed 0), the same CIFAR-10 training images in the same order on both
-sides (64 other training images calibrate the int8 graph). Dropout is 0 by default: Keras'
-train step applies the model's Dropout(0.2) (random masks), the exported graph does not
-(``--dropout 0.2`` measures that gap too):
+sides (64 other training images calibrate the int8 graph):
 
     DGST_CIFAR10=../shared/datasets/cifar10-jpeg.tar.gz \
-        python benchmarks/keras_vs_tflm_steps.py --steps 100 --image-size 96   # ~4 min
-    python benchmarks/keras_vs_tflm_steps.py --dropout 0.2 --name keras_vs_tflm_steps_dropout
+        python benchmarks/keras_vs_tflm_steps.py --steps 100 --image-size 96   # ~6 min
     python benchmarks/keras_vs_tflm_steps.py --steps 5 --image-size 32 --name smoke
 
 (a) TFLM: `export_training(..., policy=None (static) or "traversal", rounding="stochastic",
 output_params=True)` and `train_tflm`, which returns every step's trainable tensors and, for
-"traversal", every step's kept channels. (b) Keras: `int8_training_graph` +
-`SparseUpdateModel` + `QuantizationAwareScalingSGD(rounding="stochastic")` with
-`StaticChannelSelection` (then forced to the export's channels if they differ: reported) or
-`DynamicChannelSelection(traversal=True)` (DGSU, Li & Chang 2024). Per step and
-weight-updated layer: do the chosen channels agree, fraction of int8 weights identical, max
-|difference| in LSB; per step both losses; at the end, per layer, the fraction of trainable
-weights that moved from their initial values on each side. Writes
+"traversal", every step's kept channels. (b) Keras: `int8_training_graph` (the device's
+algorithm: the TFLite converter's int8 parameters, TFLM's integer forward pass with its
+fixed-point requantization, int8 ADD and MEAN and int8 logits; the device's backward with
+1-bit ReLU masks from the int8 outputs and per-tensor int8 error signals) +
+`SparseUpdateModel` + `QuantizationAwareScalingSGD(rounding="stochastic")` (the device's
+update, int32 biases rounded to nearest) with `StaticChannelSelection` (then forced to the
+export's channels if they differ: reported) or `DynamicChannelSelection(traversal=True)`
+(DGSU, Li & Chang 2024). Per step and weight-updated layer: do the chosen channels agree,
+fraction of int8 weights identical, max |difference| in LSB; per step both losses; at the
+end, per layer, the fraction of trainable weights that moved from their initial values on
+each side and how many int32 biases are identical (all bias-updated layers). Also the
+Keras step speed (images/s after the first, traced, step) and the largest int32 accumulator
+of the Keras forward pass on the training images (float32 is exact below 2**24). Writes
 benchmarks/results/<name>.{json,md} (per-step curves in the JSON rows' ``per_step``).
 """
 import argparse
@@ -36,10 +39,9 @@ from tflm_training_memory import LIN_49KB
 from dgst_tf import data, models
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm
-from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import kernel_of
 from dgst_tf.export.training import export_training, initial_params, train_tflm
-from dgst_tf.training.int8_graph import int8_training_graph
+from dgst_tf.training.int8_graph import int8_training_graph, max_accumulator
 from dgst_tf.training.qas import QuantizationAwareScalingSGD
 from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
@@ -56,8 +58,6 @@ def _arguments():
                    choices=["static", "traversal"])
     p.add_argument("--data", default=None, help="CIFAR-10 folder or archive (default: "
                    "$DGST_CIFAR10, then the shared copy)")
-    p.add_argument("--dropout", type=float, default=0.0, help="the model's Dropout before "
-                   "the classifier: Keras trains with it, the exported graph has none")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="keras_vs_tflm_steps")
     return p.parse_args()
@@ -74,7 +74,7 @@ def _images(args):
 def _model(args):
     size = (args.image_size, args.image_size, 3)
     return fold_batchnorm(models.mobilenet_v2(1.0, size, classes=10, weights="imagenet",
-                                              dropout=args.dropout, seed=args.seed))
+                                              seed=args.seed))
 
 
 def to_tflite(kernel: np.ndarray) -> np.ndarray:
@@ -95,6 +95,8 @@ def run_tflm(args, model, scheme, calibration, x, y, policy, folder) -> dict:
     seconds = time.time() - start
     names, first = run.manifest["outputs"], initial_params(info.path)
     layers = {}
+    biases = {entry["layer"]: run.params[f"{entry['layer']}/bias"]
+              for entry in run.manifest["params"] if entry["param"] == "bias"}
     for entry in run.manifest["params"]:
         if entry["param"] != "weights":
             continue
@@ -105,8 +107,8 @@ def run_tflm(args, model, scheme, calibration, x, y, policy, folder) -> dict:
         layers[name] = {"initial": first[f"{name}/weights"], "kept": kept,
                         "slice": entry.get("kept"),
                         "per_step": run.result.outputs[names.index(f"{name}/weights")]}
-    return {"layers": layers, "losses": run.losses.astype(float), "seconds": seconds,
-            "arena_kb": round(run.arena_bytes / 1024, 1)}
+    return {"layers": layers, "biases": biases, "losses": run.losses.astype(float),
+            "seconds": seconds, "arena_kb": round(run.arena_bytes / 1024, 1)}
 
 
 def keras_model(args, model, scheme, calibration, policy, tflm) -> tuple:
@@ -116,7 +118,7 @@ def keras_model(args, model, scheme, calibration, policy, tflm) -> tuple:
     sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
     sparse.compile(optimizer=QuantizationAwareScalingSGD(
         args.learning_rate, graph.qas_scales, rounding="stochastic", seed=args.seed),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        loss=graph.loss)  # the device's softmax cross-entropy gradient
     callback = (StaticChannelSelection("magnitude+") if policy == "static"
                 else DynamicChannelSelection("weight_l2", traversal=True, seed=args.seed))
     callback.set_model(sparse)
@@ -159,9 +161,12 @@ def run_keras(args, model, scheme, calibration, x, y, policy, tflm) -> dict:
     sparse, graph, forced = keras_model(args, model, scheme, calibration, policy, tflm)
     curves = {name: {"channels_agree": [], "identical": [], "identical_moved": [],
                      "max_lsb": []} for name in tflm["layers"]}
-    losses, start = [], time.time()
+    accumulator = max_accumulator(graph, x)
+    losses, step_seconds = [], []
     for s in range(len(x)):
+        start = time.perf_counter()
         logs = sparse.train_on_batch(x[s:s + 1], y[s:s + 1], return_dict=True)
+        step_seconds.append(time.perf_counter() - start)
         losses.append(float(logs["loss"]))
         for name, layer in tflm["layers"].items():
             kernel = to_tflite(kernel_of(graph.model.get_layer(name)).numpy())
@@ -172,8 +177,12 @@ def run_keras(args, model, scheme, calibration, x, y, policy, tflm) -> dict:
                 curves[name][key].append(value)
     final = {name: np.round(to_tflite(kernel_of(graph.model.get_layer(name)).numpy()))
              for name in tflm["layers"]}
+    biases = {name: np.round(graph.model.get_layer(name).bias.numpy()).astype(np.int64)
+              for name in tflm["biases"]}
     return {"curves": curves, "losses": np.array(losses), "final": final, "forced": forced,
-            "seconds": time.time() - start}
+            "biases": biases, "seconds": float(sum(step_seconds)),
+            "images_per_s": (len(x) - 1) / sum(step_seconds[1:]) if len(x) > 1 else None,
+            "max_accumulator": accumulator}
 
 
 def moved_fraction(initial, final, kept_slice) -> float:
@@ -212,8 +221,25 @@ def layer_rows(policy: str, tflm: dict, keras_run: dict) -> list:
             "moved_keras_pct": _pct(moved_fraction(layer["initial"], keras_run["final"][name],
                                                    layer["slice"])),
             "static_channels_forced": keras_run["forced"].get(name),
+            **bias_agreement(tflm["biases"][name], keras_run["biases"][name]),
             "per_step": curve})
     return rows
+
+
+def bias_agreement(tflm_bias, keras_bias) -> dict:
+    """Identical int32 biases at the end, and the largest difference."""
+    tflm_bias, keras_bias = np.asarray(tflm_bias, np.int64), np.asarray(keras_bias, np.int64)
+    return {"bias_identical_final_pct": _pct(float((tflm_bias == keras_bias).mean())),
+            "bias_max_diff_final": int(np.abs(tflm_bias - keras_bias).max())}
+
+
+def bias_only_row(policy: str, tflm: dict, keras_run: dict) -> dict:
+    """The bias-only layers together: identical int32 biases at the end."""
+    names = [n for n in tflm["biases"] if n not in tflm["layers"]]
+    both = [np.concatenate([np.ravel(side[n]) for n in names]).astype(np.int64)
+            for side in (tflm["biases"], keras_run["biases"])]
+    return {"policy": policy, "layer": f"(biases of {len(names)} bias-only layers)",
+            **bias_agreement(*both)}
 
 
 def loss_row(policy: str, tflm: dict, keras_run: dict) -> dict:
@@ -223,10 +249,13 @@ def loss_row(policy: str, tflm: dict, keras_run: dict) -> dict:
     return {"policy": policy, "layer": "(loss)",
             "loss_tflm_first_last_tenth": f"{a[:tenth].mean():.3f} -> {a[-tenth:].mean():.3f}",
             "loss_keras_first_last_tenth": f"{b[:tenth].mean():.3f} -> {b[-tenth:].mean():.3f}",
-            "loss_max_abs_diff": round(float(np.abs(a - b).max()), 4),
-            "loss_mean_abs_diff": round(float(np.abs(a - b).mean()), 4),
+            "loss_max_abs_diff": float(f"{np.abs(a - b).max():.2g}"),
+            "loss_mean_abs_diff": float(f"{np.abs(a - b).mean():.2g}"),
             "loss_corr": round(float(np.corrcoef(a, b)[0, 1]), 4) if len(a) > 2 else None,
             "tflm_s": round(tflm["seconds"], 1), "keras_s": round(keras_run["seconds"], 1),
+            "keras_images_per_s": (None if keras_run["images_per_s"] is None
+                                   else round(keras_run["images_per_s"], 2)),
+            "keras_max_accumulator": int(keras_run["max_accumulator"]),
             "arena_kb": tflm["arena_kb"],
             "per_step": {"loss_tflm": [round(float(v), 5) for v in a],
                          "loss_keras": [round(float(v), 5) for v in b]}}
@@ -235,8 +264,10 @@ def loss_row(policy: str, tflm: dict, keras_run: dict) -> dict:
 COLUMNS = ["policy", "layer", "kept", "channels_agree_pct", "first_channel_divergence",
            "identical_final_pct", "identical_of_moved_final_pct", "max_lsb_final",
            "max_lsb_any_step", "moved_tflm_pct", "moved_keras_pct", "static_channels_forced",
+           "bias_identical_final_pct", "bias_max_diff_final",
            "loss_tflm_first_last_tenth", "loss_keras_first_last_tenth", "loss_max_abs_diff",
-           "loss_mean_abs_diff", "loss_corr", "tflm_s", "keras_s"]
+           "loss_mean_abs_diff", "loss_corr", "tflm_s", "keras_s", "keras_images_per_s",
+           "keras_max_accumulator"]
 
 
 def main():
@@ -248,7 +279,7 @@ def main():
     scheme = UpdateScheme.from_backward_config(model, *LIN_49KB)
     settings = dict(vars(args)) | {
         "model": "MobileNetV2-1.0 ImageNet (torchvision), BatchNorm folded, new 10-class head"
-                 f", Dropout {args.dropout} (Keras only: the exported graph has none)",
+                 " (its Dropout is not part of either training step)",
         "scheme": "tiny-training 49KB backward_config: n_bias 16, idx 36-39-40-41-42-45-48-49, "
                   "ratios 1-1-0-0.25-0.125-0.125-0.125-0.125 (+ classifier in full)",
         "data": "CIFAR-10 training images (class-balanced, torch preprocessing); calibration "
@@ -260,7 +291,8 @@ def main():
             tflm = run_tflm(args, model, scheme, calibration, x, y, policy, pathlib.Path(tmp))
             print(f"{policy}: TFLM {tflm['seconds']:.0f} s", flush=True)
             keras_run = run_keras(args, model, scheme, calibration, x, y, policy, tflm)
-            rows += layer_rows(policy, tflm, keras_run) + [loss_row(policy, tflm, keras_run)]
+            rows += layer_rows(policy, tflm, keras_run) + [
+                bias_only_row(policy, tflm, keras_run), loss_row(policy, tflm, keras_run)]
             print(_report.write(args.name, settings, rows, COLUMNS), flush=True)
 
 

@@ -1,17 +1,19 @@
 """TFLM arena of the exported training step, and 100 training steps in TFLM on CIFAR-10.
 
     python benchmarks/tflm_training_memory.py --learning-rates 0.001 0.002   # ~4 min
-    python benchmarks/tflm_training_memory.py --skip-cifar     # memory only, ~1 min
+    python benchmarks/tflm_training_memory.py --skip-cifar     # memory only, ~6 min
 
 1. Memory: MobileNetV2 width 0.35 at 128x128 with tiny-training's published 49 KB scheme
    (Lin et al.), exported by `dgst_tf.export.export_training` and run for one step in the
    pip TFLM interpreter: TFLM's arena report (activations/scratch "head", persistent
    "tail" with its categories) against the analytic memory model (`dgst_tf.planning.memory`,
    compared with `memory_report.compare_with_tflm`), TinyEngine's 141 KB and the 256 KB
-   budget; with and without folding explicit PADs into exact SAME convolutions and fusing
-   the frozen blocks in front of the first updated layer (`DGST_FUSED_BLOCK`, the default
-   of `export_training`), and the inference-only model for reference; also at 96x96
-   (--sizes). Weights do not change memory: random init.
+   budget; with and without folding explicit PADs into exact SAME convolutions, fusing
+   the frozen blocks in front of the first updated layer (`DGST_FUSED_BLOCK`) and the
+   convolutions' requantization constants in flash (`DGST_CONV2D`), all defaults of
+   `export_training`, with static and with on-device DGSU selection (`policy="traversal"`),
+   and the inference-only model for reference; also at 96x96 (--sizes). Weights do not
+   change memory: random init.
 2. CIFAR-10: ImageNet MobileNetV2 (width 1.0, the pretrained width offline) with the same
    scheme, N steps in TFLM (batch 1, int8, QAS) on real CIFAR-10 training images: loss of
    the first and last tenth of the steps, held-out accuracy before and after (updated
@@ -60,10 +62,14 @@ def memory_rows(args, tmp):
                       "1-1-0-0.25-0.125-0.125-0.125-0.125",
             "analytic": settings,
             "note": "head = activations + scratch (TFLM's planner); tail = persistent: the "
-                    "trainable tensors (whole weight tensors of weight-updated layers: TFLM "
-                    "convs read one contiguous tensor) + TFLM's per-op data (per-channel "
-                    "multipliers/shifts), per-channel quantization arrays, node and tensor "
-                    "structs, which TinyEngine compiles into flash"}, rows
+                    "trainable tensors (variables_kb: kept-channel weights and biases, or "
+                    "under DGSU the whole kernels of weight-updated layers and the visited "
+                    "bitmasks) + TFLM's per-op data (op_data_kb: with builtin convolutions "
+                    "their per-channel multipliers/shifts, 8 bytes per output channel; with "
+                    "DGST_CONV2D those are flash constants, counted in file_kb), per-channel "
+                    "quantization arrays, node and tensor structs. analytic_held_kb: the "
+                    "memory model's SRAM parameters + optimizer/selection state (TFLM's "
+                    "variables + the int32 kept indices of on-device selection)"}, rows
 
 
 def _memory_rows(args, tmp, size, full):
@@ -82,17 +88,21 @@ def _memory_rows(args, tmp, size, full):
                  "tail_kb": _kb(result.arena_tail_bytes),
                  "analytic_kb": _kb(report.forward_peak_bytes), "analytic_what": "inference peak"})
     bias_only = UpdateScheme.from_backward_config(model, LIN_49KB[0], "", "")
-    # (fold PADs, trainable tensors as outputs, scheme, fuse frozen blocks, device policy)
-    variants = ([(False, True, scheme, False, None), (True, True, scheme, False, None),
-                 (True, False, scheme, False, None)] if full else []) + [
-        (True, False, scheme, True, None), (True, False, scheme, True, "traversal"),
-        (True, False, bias_only, True, None)]
-    for fold, outputs, chosen, fuse, policy in variants:
+    # (fold PADs, trainable tensors as outputs, scheme, fuse frozen blocks, device policy,
+    #  requantization constants in flash)
+    variants = ([(False, True, scheme, False, None, False),
+                 (True, True, scheme, False, None, False),
+                 (True, False, scheme, False, None, False),
+                 (True, False, scheme, True, None, False),
+                 (True, False, scheme, True, "traversal", False)] if full else []) + [
+        (True, False, scheme, True, None, True), (True, False, scheme, True, "traversal", True),
+        (True, False, bias_only, True, None, True)]
+    for fold, outputs, chosen, fuse, policy, flash in variants:
         report = MemoryModel(model, fused_blocks=fuse, rounding="stochastic",
                              full_weights_in_sram=policy is not None).report(chosen)
         info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
                                learning_rate=0.001, fold_pads=fold, output_params=outputs,
-                               fuse_blocks=fuse, policy=policy)
+                               fuse_blocks=fuse, policy=policy, requant_in_flash=flash)
         run = train_tflm(info.path, images[:2], labels[:2])
         cats = run.result.allocations
         compare = compare_with_tflm(report, run.arena_bytes, what="training_peak")
@@ -102,6 +112,8 @@ def _memory_rows(args, tmp, size, full):
                 ", PADs folded into SAME convs" if fold else ", explicit PAD") + (
                 f", {info.manifest['fused_blocks']} frozen blocks fused" if fuse else "") + (
                 f", DGSU {policy} selection on device" if policy else "") + (
+                ", requantization in flash (DGST_CONV2D)" if flash
+                else ", builtin convs (requantization in arena)") + (
                 ", trainable tensors as outputs (host read-back)" if outputs
                 else " (firmware graph: loss + logits out)"),
             "arena_kb": _kb(run.arena_bytes), "head_kb": _kb(run.result.arena_head_bytes),
@@ -110,6 +122,8 @@ def _memory_rows(args, tmp, size, full):
             "op_data_kb": _kb(cats.get("Persistent buffer data", 0)),
             "quant_params_kb": _kb(cats.get("Persistent TfLiteTensor quantization data", 0)),
             "analytic_kb": _kb(report.training_peak_bytes), "analytic_what": "training peak",
+            "analytic_held_kb": _kb(report.peak_breakdown["parameters in SRAM"]
+                                    + report.peak_breakdown["optimizer state"]),
             "tflm_minus_analytic_kb": _kb(compare["difference_bytes"]),
             "lin_label_kb": round(report.extra_memory_kb, 1), "tinyengine_kb": TINYENGINE_KB,
             "fits_256kb": run.arena_bytes <= BUDGET_KB * KB,
@@ -118,8 +132,10 @@ def _memory_rows(args, tmp, size, full):
                 for p in info.manifest["params"])),
             "file_kb": _kb(info.manifest["size_bytes"])})
     settings = {}
-    for label, fuse in (("", False), ("fused_", True)):
-        lin = MemoryModel(model, fused_blocks=fuse).report(scheme)
+    for label, fuse, dgsu in (("", False, False), ("fused_", True, False),
+                              ("fused_dgsu_", True, True)):
+        lin = MemoryModel(model, fused_blocks=fuse, rounding="stochastic",
+                          full_weights_in_sram=dgsu).report(scheme)
         settings |= {f"{label}inference_peak_kb": _kb(lin.forward_peak_bytes),
                      f"{label}training_peak_kb": _kb(lin.training_peak_bytes),
                      f"{label}peak_at": f"{lin.peak_phase} {lin.peak_layer}"}
@@ -207,7 +223,8 @@ def main():
         settings, rows = memory_rows(args, tmp)
         print(_report.write("tflm_training_memory", settings, rows, [
             "model", "arena_kb", "head_kb", "tail_kb", "variables_kb", "op_data_kb",
-            "quant_params_kb", "analytic_kb", "analytic_what", "tflm_minus_analytic_kb",
+            "quant_params_kb", "analytic_kb", "analytic_held_kb", "analytic_what",
+            "tflm_minus_analytic_kb",
             "lin_label_kb", "tinyengine_kb", "fits_256kb", "trainable_params_kb", "file_kb"]))
         if not args.skip_cifar:
             settings, rows = cifar_rows(args, tmp)

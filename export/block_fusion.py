@@ -20,7 +20,6 @@ multiplier 1; chains that do not match are left as they are. Which chains match 
 """
 from __future__ import annotations
 
-import math
 import os
 import pathlib
 
@@ -29,6 +28,8 @@ import numpy as np
 from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
 from dgst_tf.core.files import write_atomically
 from dgst_tf.core.geometry import same_pad_before
+# TFLite's requantization constants, shared with the Keras int8 simulation (re-exported)
+from dgst_tf.core.tflite_requantization import activation_range, quantize_multiplier
 from dgst_tf.export.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import read_tflite, schema
@@ -36,43 +37,8 @@ from dgst_tf.export.tflite_file import read_tflite, schema
 __all__ = ["quantize_multiplier", "activation_range", "fusable_chains_in", "fuse_blocks",
            "fuse_blocks_file"]
 
-_NONE, _RELU, _RELU6 = 0, 1, 3
-_ACTIVATION_NAMES = {_NONE: "none", _RELU: "relu", _RELU6: "relu6"}
+_ACTIVATION_NAMES = {0: "none", 1: "relu", 3: "relu6"}
 _KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise"}
-
-
-def _round_half_away(x: float) -> int:
-    return int(math.floor(abs(x) + 0.5)) * (1 if x >= 0 else -1)
-
-
-def quantize_multiplier(real: float) -> tuple[int, int]:
-    """TFLite's ``QuantizeMultiplier``: ``real ~= multiplier * 2**(shift - 31)`` with an int32
-    ``multiplier`` in [2**30, 2**31) (0 for 0). ``quantize_multiplier(0.75) == (1610612736, 0)``."""
-    if real == 0.0:
-        return 0, 0
-    fraction, shift = math.frexp(real)
-    fixed = _round_half_away(fraction * (1 << 31))
-    if fixed == 1 << 31:
-        fixed //= 2
-        shift += 1
-    if shift < -31:
-        return 0, 0
-    return int(fixed), int(shift)
-
-
-def activation_range(activation: int, scale: float, zero_point: int) -> tuple[int, int]:
-    """TFLite's ``CalculateActivationRangeQuantized`` for an int8 output (float32 division,
-    round half away from zero): the codes a fused NONE / RELU / RELU6 output is clamped to."""
-    def code(value):
-        return int(zero_point) + _round_half_away(float(np.float32(value) / np.float32(scale)))
-    if activation == _NONE:
-        return -128, 127
-    if activation == _RELU:
-        return max(-128, code(0.0)), 127
-    if activation == _RELU6:
-        return max(-128, code(0.0)), min(127, code(6.0))
-    raise ValueError(f"activation_range: fused activation {activation} is not NONE, RELU or "
-                     f"RELU6")
 
 
 def _padding(op, in_size, out_size, kernel, stride):

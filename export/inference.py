@@ -24,21 +24,20 @@ import pathlib
 import numpy as np
 
 from dgst_tf.core.files import write_atomically
-from dgst_tf.core.keras_compat import require_keras2, tf
+from dgst_tf.core.int8_conversion import DEFAULT_NUM_SAMPLES, Int8ConversionError, convert_int8
 from dgst_tf.export.tflite_file import (TensorDetails, TfliteFileError, read_tflite, schema,
                                         tensor_details)
 
 __all__ = ["export_int8", "Int8Export", "Int8ExportError", "quantize", "dequantize",
            "reference_outputs", "DEFAULT_NUM_SAMPLES"]
 
-DEFAULT_NUM_SAMPLES = 100
 _BUILTIN_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 _WEIGHT_OPS = {schema.BuiltinOperator.CONV_2D: (1, 0), schema.BuiltinOperator.DEPTHWISE_CONV_2D:
                (1, 3), schema.BuiltinOperator.FULLY_CONNECTED: (1, 0)}
 
 
-class Int8ExportError(RuntimeError):
-    """The model could not be converted to a full-int8 TFLite model."""
+# the model could not be converted to a full-int8 TFLite model (the converter's own error)
+Int8ExportError = Int8ConversionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,59 +79,6 @@ def dequantize(q, details: TensorDetails) -> np.ndarray:
     if not details.scales:
         raise ValueError(f"dequantize: tensor {details.name!r} is not quantized")
     return (np.asarray(q, np.float32) - details.zero_point) * np.float32(details.scale)
-
-
-def _strip_pruning(model):
-    if not any(type(layer).__name__ == "PruneLowMagnitude" for layer in model.layers):
-        return model
-    import tensorflow_model_optimization as tfmot
-
-    return tfmot.sparsity.keras.strip_pruning(model)
-
-
-def _input_specs(model, where):
-    specs = []
-    names = list(getattr(model, "input_names", None) or [])
-    for i, tensor in enumerate(model.inputs):
-        name = names[i] if i < len(names) else f"input_{i}"
-        shape = list(tensor.shape)
-        if any(d is None for d in shape[1:]):
-            raise ValueError(f"{where}: model input {name!r} has shape {tuple(shape)}; "
-                             f"the MCU model needs a fixed size (build it with a full "
-                             f"input_shape)")
-        specs.append(tf.TensorSpec([1, *shape[1:]], tf.float32, name=name))
-    return specs
-
-
-def _samples(data, specs, where, num_samples):
-    """Calibration samples as lists of (1, ...) float32 arrays, one per model input."""
-    if callable(data) and not isinstance(data, (np.ndarray, tf.data.Dataset)):
-        items = data()
-    elif len(specs) != 1:
-        raise ValueError(f"{where}: a model with {len(specs)} inputs needs representative_data"
-                         f" as a callable yielding lists of arrays, one per input")
-    else:
-        items = data
-    sample_shape = tuple(specs[0].shape[1:]) if len(specs) == 1 else None
-    count = 0
-    for item in items:
-        if isinstance(item, (tuple, list)) and len(specs) == 1:
-            item = item[0]  # (images, labels) or [image]
-        arrays = [np.asarray(a, np.float32) for a in (item if len(specs) > 1 else [item])]
-        if sample_shape is not None and arrays[0].shape == sample_shape:
-            arrays[0] = arrays[0][None]
-        rows = arrays[0].shape[0]
-        for a, spec in zip(arrays, specs):
-            if a.shape[1:] != tuple(spec.shape[1:]):
-                raise ValueError(f"{where}: representative sample of shape {a.shape} does not "
-                                 f"fit model input {spec.name!r} of shape {tuple(spec.shape)}")
-        for r in range(rows):
-            yield [a[r:r + 1] for a in arrays]
-            count += 1
-            if count >= num_samples:
-                return
-    if count == 0:
-        raise ValueError(f"{where}: representative_data yielded no samples")
 
 
 def _check_int8(model, label):
@@ -186,25 +132,7 @@ def export_int8(model, representative_data, path, *, num_samples: int = DEFAULT_
         info.input.scale, info.input.zero_point, info.size_bytes
     """
     where = f"export_int8({os.fspath(path)})"
-    require_keras2(model, where)
-    model = _strip_pruning(model)
-    specs = _input_specs(model, where)
-    samples = list(_samples(representative_data, specs, where, int(num_samples)))
-
-    function = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0],
-                                              training=False), input_signature=specs)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [function.get_concrete_function()], model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: iter(samples)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    try:
-        data = converter.convert()
-    except Exception as error:
-        raise Int8ExportError(f"{where}: the TFLite converter failed (is every layer "
-                              f"int8-quantizable with builtin ops?): {error}") from error
+    data = convert_int8(model, representative_data, num_samples=num_samples, where=where)
     try:
         data, parsed = read_tflite(data, what=f"converted for {os.fspath(path)}")
     except TfliteFileError as error:

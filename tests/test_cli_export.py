@@ -19,10 +19,13 @@ def run(argv):
 def test_export_then_tflm_train(tmp_path, capsys):
     model = tmp_path / "train.tflite"
     assert run(["export", "--width", "0.35", "--image-size", "32", "--weights", "none",
-                "--backward-config", "4/49/0.25", "--calibration-examples", "8",
-                "--policy", "traversal", "--output", str(model)]) == 0
+                "--backward-config", "4/48-49/0.25-0.25", "--calibration-examples", "8",
+                "--policy", "traversal", "--layers-per-step", "1",
+                "--output", str(model)]) == 0
     out = capsys.readouterr().out
     assert "train.json" in out and "chosen on device (traversal)" in out
+    assert "weights at 1 of every 2 steps (layer 0)" in out
+    assert json.loads(model.with_suffix(".json").read_text())["layers_per_step"] == 1
     assert re.search(r"trainable tensors in RAM: \d+ bytes; [1-9]\d* frozen blocks fused", out)
     assert run(["tflm-train", str(model), "--steps", "6", "--test-examples", "10",
                 "--output-dir", str(tmp_path / "out")]) == 0

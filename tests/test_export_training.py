@@ -407,9 +407,10 @@ def test_export_refuses_a_callback_without_device_equivalent(exported, tmp_path)
     from dgst_tf.training.selection import DynamicChannelSelection, WindowChannelSelection
 
     model, x, _, _ = exported
-    with pytest.raises(TrainingExportError, match="layers_per_step=1 has no on-device"):
+    with pytest.raises(TrainingExportError, match="layers_per_step=2 but the policy callback "
+                                                  "has layers_per_step=1"):
         export_training(model, UpdateScheme(SCHEME), x, tmp_path / "a.tflite",
-                        policy=DynamicChannelSelection(layers_per_step=1))
+                        policy=DynamicChannelSelection(layers_per_step=1), layers_per_step=2)
     with pytest.raises(TrainingExportError, match="importance 'grad_norm'"):
         export_training(model, UpdateScheme(SCHEME), x, tmp_path / "b.tflite",
                         policy=DynamicChannelSelection("grad_norm"))

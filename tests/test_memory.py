@@ -120,8 +120,11 @@ def test_optimizer_state_and_dynamic_selection(model):
     assert optimizer_slots(keras.optimizers.Adam()) == 2
     dynamic = training_memory(model, scheme, full_weights_in_sram=True)
     assert dynamic.layer("head").weight_bytes == 3 * 3 * 8 * 16
-    # DGSU's visited bitmask of the 8 input channels: ceil(8 / 8) byte, nothing when static
-    assert dynamic.layer("head").optimizer_bytes == 1
+    # DGSU's visited bitmask of the 8 input channels, ceil(8 / 8) byte, and this step's 4
+    # kept channels as int32; nothing when static or when every channel is kept
+    assert dynamic.layer("head").optimizer_bytes == 1 + 4 * 4
+    every = training_memory(model, UpdateScheme({"head": 1.0}), full_weights_in_sram=True)
+    assert every.layer("head").optimizer_bytes == 0
     assert training_memory(model, scheme).layer("head").optimizer_bytes == 0
     assert dynamic.extra_memory_bits == training_memory(model, scheme).extra_memory_bits
     with pytest.raises(MemoryModelError, match="unknown optimizer 'rmsprop'"):

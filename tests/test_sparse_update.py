@@ -490,8 +490,10 @@ def test_window_selection_is_the_device_window():
 def test_device_policy_names():
     assert DynamicChannelSelection().device_policy == "traversal"
     assert DynamicChannelSelection(traversal=False).device_policy == "magnitude"
-    with pytest.raises(ValueError, match="layers_per_step=2 has no on-device equivalent"):
-        DynamicChannelSelection(layers_per_step=2).device_policy
+    assert DynamicChannelSelection(layers_per_step=2).device_policy == "traversal"
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="layers_per_step must be None or an int >= 1"):
+            DynamicChannelSelection(layers_per_step=bad)
 
 
 def test_dropout_false_trains_without_dropout_as_the_exported_step_does():

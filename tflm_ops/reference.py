@@ -361,12 +361,14 @@ def channel_scores(w: np.ndarray, multiplier, depthwise: bool = False) -> np.nda
     return ((q * q).sum(axis=1) * m[:, None]).sum(axis=0)
 
 
-def select_ranked(scores, k: int, visited=None):
+def select_ranked(scores, k: int, visited=None, active: bool = True):
     """(kept int32 [k] sorted, new visited bitmask or None): DGSU's ranking (Li & Chang
     2024). ``visited``: uint8 bitmask of len(scores) bits (bit c of byte c // 8; policy
     "traversal") or None (policy "magnitude"). If every channel is visited the mask is
     cleared (a new sweep); not-yet-visited channels rank first, then visited ones; within a
     group by score descending; ties to the lower index; the first k are kept and marked.
+    ``active=False`` (a layer the layer schedule, `layer_active`, leaves out this step): the
+    same choice, but nothing is marked (its weights are not updated).
 
         kept, mask = select_ranked(channel_scores(w, m), 4, np.zeros(2, np.uint8))
     """
@@ -384,16 +386,46 @@ def select_ranked(scores, k: int, visited=None):
     if visited is None:
         return kept, None
     bits = ~fresh
-    bits[kept] = True
+    if active:
+        bits[kept] = True
     mask = np.packbits(np.concatenate([bits, np.zeros(-c_in % 8, bool)]), bitorder="little")
     return kept, mask.astype(np.uint8)
 
 
 def select_channels(w: np.ndarray, multiplier, k: int, depthwise: bool = False,
-                    visited=None):
+                    visited=None, active: bool = True):
     """One step of DGST_SELECT_CHANNELS with integer importance: `select_ranked` of
     `channel_scores` (policy "traversal" with a ``visited`` mask, "magnitude" without)."""
-    return select_ranked(channel_scores(w, multiplier, depthwise), k, visited)
+    return select_ranked(channel_scores(w, multiplier, depthwise), k, visited, active)
+
+
+def layer_active(step, layer: int, layers: int, per_step: int | None):
+    """Whether weight-updated layer ``layer`` (0-based, of ``layers``, in the model's
+    execution order, classifier excluded) updates its weights at training step ``step``
+    (0 for the first) when only ``per_step`` of them do per step (DGSU's stage-aware layer
+    choice; Li & Chang 2024 do not publish theirs, this is the project's): the layers take
+    turns, ``per_step`` at a time, in order, wrapping:
+
+        active  <=>  (layer - step * per_step) mod layers  <  per_step      (mod >= 0)
+
+    so step s updates layers s*n, s*n+1, ..., s*n+n-1 (mod layers) and every layer
+    updates ``per_step`` times every ``layers`` steps. ``per_step`` None or >= ``layers``:
+    always active. The others still train their biases. The one definition of the rule:
+    ``dgst_layer_active`` in tflm_ops/core (the device's step is the uint32 ``sgd/step``:
+    equal for steps < 2^32) and `DynamicChannelSelection` (which calls this function on its
+    int64 TensorFlow step) compute exactly this. Works elementwise on NumPy arrays and on
+    TensorFlow tensors (only arithmetic operators).
+
+        [layer_active(s, 1, 3, 1) for s in range(4)]   # [False, True, False, False]
+    """
+    if per_step is None:
+        return True
+    if not 0 <= int(layer) < int(layers) or int(per_step) < 1:
+        raise ValueError(f"layer schedule: need 0 <= layer < layers and per_step >= 1, got "
+                         f"layer {layer}, layers {layers}, per_step {per_step}")
+    if per_step >= layers:
+        return True
+    return (layer - step * per_step) % layers < per_step
 
 
 def select_magnitude(w: np.ndarray, weight_scale, k: int, depthwise: bool = False):

@@ -31,6 +31,8 @@ channel selection of weight-updated layers:
       magnitude|first;
   --selection dynamic chooses them on device at every step by --policy
       traversal|magnitude|window (--policy alone implies dynamic).
+  --layers-per-step N updates the weights of N weight-updated layers per step, in turn
+      (with either selection); the others train only their biases.
 
 from a training run:
   dgst train ... --output-dir OUT
@@ -103,6 +105,11 @@ def _add_training_step_arguments(export) -> None:
                       help="the on-device rule of --selection dynamic: DGSU (unvisited "
                            "channels first, then by weight importance; the default), top-k "
                            "weight importance, or a window moving by k each step")
+    what.add_argument("--layers-per-step", type=int, default=None, metavar="N",
+                      help="update the weights of only N of the weight-updated layers per "
+                           "step, in turn (DGSU's layer schedule, as DynamicChannelSelection("
+                           "layers_per_step=N) in Keras); the others train their biases "
+                           "(default: all layers every step)")
     what.add_argument("--no-fold-pads", dest="fold_pads", action="store_false",
                       help="keep explicit PAD ops (default: exact SAME convs instead)")
     what.add_argument("--fused-blocks", action=argparse.BooleanOptionalAction, default=True,
@@ -218,7 +225,8 @@ def _export(args) -> int:
                            selection=selection, policy=policy,
                            fold_pads=args.fold_pads, fuse_blocks=args.fused_blocks,
                            kept_weights_in_ram=args.kept_weights_in_ram,
-                           rounding=args.rounding, seed=args.seed)
+                           rounding=args.rounding, seed=args.seed,
+                           layers_per_step=args.layers_per_step)
     _print_training_export(info)
     return 0
 
@@ -233,6 +241,9 @@ def _print_training_export(info) -> None:
     for layer in m["layers"]:
         kept = "" if layer["kept"] is None else f", {len(layer['kept'])} input channels"
         kept = f", channels chosen on device ({layer['policy']})" if layer["policy"] else kept
+        if layer.get("schedule"):
+            index, layers, per_step = layer["schedule"]
+            kept += f", weights at {per_step} of every {layers} steps (layer {index})"
         print(f"  {layer['name']:<24} {layer['kind']:<9} {layer['update']}{kept}")
     ram = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in m["params"])
     print(f"trainable tensors in RAM: {ram} bytes; {m['fused_blocks']} frozen blocks fused")

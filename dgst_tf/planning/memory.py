@@ -53,10 +53,13 @@ Assumptions of the MCU runtime (state them when quoting a number):
   classifier's full input.
 - ``full_weights_in_sram=True`` (dynamic channel selection, DGSU): the chosen channels
   change every step, so the whole kernel of a weight-updated layer is in SRAM (and has
-  optimizer state), plus the ``ceil(C/8)``-byte visited bitmask of its channels (counted
-  with the optimizer state; the on-device ranking's C int64 scores are scratch used before
-  the forward pass, not at the peak); the saved input and the weight gradient stay the kept
-  channels.
+  optimizer state); a layer that keeps k < C input channels also holds its selection state
+  for the whole step, counted with the optimizer state: the ``ceil(C/8)``-byte visited
+  bitmask (persistent) and the k int32 indices of this step's channels (chosen before the
+  forward pass, read by the backward pass; the on-device ranking's C int64 scores are
+  scratch used before the forward pass, not at the peak). As `export_training` with a
+  ``policy`` builds it: TFLM's variables are exactly the SRAM parameters and bitmasks plus
+  the step counter. The saved input and the weight gradient stay the kept channels.
 - ``activation_patterns`` (a pattern name for every weight-updated conv, or a dict by
   layer; `dgst_tf.training.activation_patterns`): the saved input is only the pixels the
   pattern's output positions read (`layer_stored_bytes`), as `SparseUpdateModel` with the
@@ -70,7 +73,10 @@ Assumptions of the MCU runtime (state them when quoting a number):
   parameter for the whole step (0 for SGD without momentum, 1 momentum, 2 Adam), plus
   the 4-byte step counter of ``rounding="stochastic"`` int8 updates (`export_training`'s
   default: pass ``rounding="stochastic"`` to count it; the default ``"nearest"`` keeps the
-  figures of round-to-nearest updates, 0 bytes).
+  figures of round-to-nearest updates, 0 bytes). A layer schedule (``layers_per_step``
+  below the number of weight-updated layers, `dgst_tf.tflm_ops.reference.layer_active`)
+  reads the same counter: 4 bytes with ``"nearest"`` too, nothing else (the weight
+  gradient buffers of the layers it leaves out are still planned).
 - ``fused_blocks=True``: frozen conv -> depthwise -> 1x1 chains in front of the first
   updated layer run as one fused op (``DGST_FUSED_BLOCK``) holding its input, its output and
   a few rows; which chains fuse is `dgst_tf.core.block_fusion_rule`, as in the export.
@@ -124,12 +130,17 @@ class MemoryModel:
     def __init__(self, model: keras.Model, input_shape=None, gradient_bytes: int = 4,
                  optimizer: str | int = "sgd", inplace_depthwise: bool = False,
                  full_weights_in_sram: bool = False, activation_patterns=None,
-                 fused_blocks: bool = False, rounding: str = "nearest"):
+                 fused_blocks: bool = False, rounding: str = "nearest",
+                 layers_per_step: int | None = None):
         check_functional(model, "MemoryModel")
         if rounding not in ROUNDING_STATE_BYTES:
             raise MemoryModelError(f"rounding must be one of {tuple(ROUNDING_STATE_BYTES)}, "
                                    f"got {rounding!r}")
+        if layers_per_step is not None and not int(layers_per_step) >= 1:
+            raise MemoryModelError(f"layers_per_step must be None or >= 1, got "
+                                   f"{layers_per_step!r}")
         self.rounding = rounding
+        self.layers_per_step = layers_per_step
         if gradient_bytes not in (1, 2, 4):
             raise MemoryModelError(f"gradient_bytes must be 1, 2 or 4, got {gradient_bytes!r}")
         self.model = model
@@ -156,6 +167,7 @@ class MemoryModel:
                 "full_weights_in_sram": self.full_weights_in_sram,
                 "activation_patterns": self.activation_patterns,
                 "fused_blocks": self.fused_blocks, "rounding": self.rounding,
+                "layers_per_step": self.layers_per_step,
                 "activation_bytes": ACTIVATION_BYTES,
                 "weight_bytes": WEIGHT_BYTES, "bias_bytes": BIAS_BYTES}
 
@@ -277,8 +289,15 @@ class MemoryModel:
         """(parameters in SRAM, optimizer state), bytes held for the whole step."""
         optimizer = sum(r.optimizer_bytes for r in rows)
         if any(r.update == _CLASSIFIER or r.update.startswith("weights") for r in rows):
-            optimizer += ROUNDING_STATE_BYTES[self.rounding]
+            optimizer += self._step_counter_bytes(rows)
         return sum(r.weight_bytes + r.bias_bytes for r in rows), optimizer
+
+    def _step_counter_bytes(self, rows) -> int:
+        """The int32 step counter of stochastic rounding, which a layer schedule shares."""
+        weight_layers = sum(r.update.startswith("weights") for r in rows)
+        if self.layers_per_step is not None and self.layers_per_step < weight_layers:
+            return ROUNDING_STATE_BYTES["stochastic"]
+        return ROUNDING_STATE_BYTES[self.rounding]
 
     def _forward_peak(self, rows, forward_live, saved) -> _Peak:
         """Forward: live activations + what earlier layers saved + SRAM parameters."""
@@ -348,8 +367,8 @@ class MemoryModel:
         row.weight_bytes = sram_weights * WEIGHT_BYTES
         row.bias_bytes = biases * BIAS_BYTES
         row.optimizer_bytes = self.optimizer_slots * 4 * (sram_weights + biases)
-        if mode == "weights" and self.full_weights_in_sram:  # DGSU's visited bitmask
-            row.optimizer_bytes += -(-input_channels(layer) // 8)
+        if mode == "weights" and self.full_weights_in_sram:
+            row.optimizer_bytes += selection_state_bytes(input_channels(layer), k)
         row.weight_gradient_bytes = self.gradient_bytes * (weights + biases)
 
     def _saved_input_bytes(self, step, kept: int) -> int:
@@ -374,6 +393,18 @@ class MemoryModel:
         if isinstance(patterns, str):
             return patterns
         return patterns.get(layer.name)
+
+
+def selection_state_bytes(channels: int, kept: int) -> int:
+    """SRAM of on-device channel selection (DGSU traversal) for a layer keeping ``kept`` of
+    ``channels`` input channels: the visited bitmask and the kept indices (int32); 0 when
+    all are kept (nothing to choose).
+
+        selection_state_bytes(336, 42)   # 42 + 168
+    """
+    if kept >= channels:
+        return 0
+    return -(-channels // 8) + 4 * kept
 
 
 def _fraction_label(ratio: float) -> str:
@@ -423,4 +454,4 @@ def training_memory(model: keras.Model, scheme: UpdateScheme, input_shape=None,
 
 
 __all__ = ["KB", "LayerMemory", "MemoryReport", "MemoryModel", "MemoryModelError",
-           "training_memory", "optimizer_slots", "kb"]
+           "training_memory", "optimizer_slots", "selection_state_bytes", "kb"]

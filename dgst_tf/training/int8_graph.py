@@ -1,17 +1,43 @@
-"""The int8 training graph: a simulated real-quantized model that `model.fit` trains.
+"""The int8 training graph: the exported TFLM training step's algorithm as a Keras model that
+`model.fit` trains.
 
-`int8_training_graph` turns a BN-folded float model into the graph the MCU trains:
-per-output-channel int8 weights held as the trainable values ``W_bar = W / s_w``, int32
-biases ``b_bar = b / (s_w * s_x)``, per-tensor int8 activations (scale and zero point from
-calibration). It is built from ordinary Keras layers (the convs keep their names), so
-`SparseUpdateModel` and the update schemes apply to it unchanged::
+`int8_training_graph` converts a BN-folded float model with the TFLite converter
+(`dgst_tf.core.int8_conversion.convert_int8`, the same call `export_int8` and
+`export_training` make, so the same model and calibration images give the same parameters)
+and rebuilds the Keras graph from the converted model's parameters: every conv / depthwise /
+dense layer keeps its name and holds the converter's int8 weights ``W_bar`` (per-output-channel
+scale ``s_w``) and int32 biases ``b_bar`` as its trainable values, and every op computes what
+TFLM computes (`dgst_tf.training.int8_ops`): integer accumulation, TFLM's fixed-point
+requantization and fused-activation clamp per output, int8 ADD and MEAN, int8 logits
+dequantized for the loss. The backward pass is the device's: at each weight layer the
+gradient of its real output is masked by the 1-bit ReLU mask of its int8 output and
+quantized per example to int8 (``max|g| / 127``), the input gradient is computed from that
+error signal in the device's float32 order, and the weight and bias gradients from it; ADD
+and MEAN pass the real gradient through. Dropout layers disappear (the device has none).
+
+`SparseUpdateModel` and the update schemes apply to it unchanged; with
+`QuantizationAwareScalingSGD` the step is the exported graph's ``DGST_SGD_QAS_UPDATE``, and
+``graph.loss`` is the device's softmax cross-entropy::
 
     from dgst_tf.training.int8_graph import int8_training_graph
     from dgst_tf.training.qas import QuantizationAwareScalingSGD
 
     graph = int8_training_graph(fold_batchnorm(model), calibration_images)
     sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
-    sparse.compile(optimizer=QuantizationAwareScalingSGD(0.01, graph.qas_scales), loss=...)
+    sparse.compile(optimizer=QuantizationAwareScalingSGD(0.01, graph.qas_scales),
+                   loss=graph.loss)
+
+Exactness (batch 1, as on the device). The forward pass is bit-exact with TFLM as long as
+every int32 accumulator and bias stays below 2**24 in magnitude (float32 holds those
+integers and their partial sums exactly; the accumulators of a calibrated int8 model stay far
+below: `max_accumulator` measures it, a larger bias is refused). The backward pass and the
+update step are the device's float32 operations in the device's order, so the int8 weights,
+int32 biases and kept channels equal the exported graph's step after step; the exceptions
+are C library functions: the softmax's ``expf`` (correctly rounded here; glibc's differs
+for ~0.07% of arguments, which can change an error-signal code) and an int32 weight
+gradient recovered from a float32 one with an error above 0.5 (needs a sum of
+``|x - z| * |dy|`` near 2**23 / pixels). With larger batches the error-signal scale is per
+example and the update falls back to the QAS float formula.
 
 ``Int8TrainingGraph.qas_scales`` are the per-channel scales Quantization-Aware Scaling
 (`dgst_tf.training.qas`) divides the gradients by.
@@ -21,89 +47,23 @@ import dataclasses
 import numpy as np
 
 from dgst_tf.core.graph import UnsupportedModelError, check_functional, rebuild
+from dgst_tf.core.int8_conversion import DEFAULT_NUM_SAMPLES, ConvertedModel, convert_int8
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.core.layer_kinds import (WEIGHT_TYPES, is_depthwise, is_unsupported_conv, kernel_of,
-                                      kind_of)
+from dgst_tf.core.layer_kinds import is_depthwise, is_unsupported_conv, kernel_of, kind_of
+from dgst_tf.core.tflite_requantization import (RELU, RELU6, activation_range,
+                                                add_multipliers, conv_multipliers,
+                                                mean_multiplier)
+from dgst_tf.training.int8_ops import (Dequantize, DeviceSoftmaxCrossEntropy, HoldGradient,
+                                       InputQuantizer, Int8Add, Int8Mean, Requantize)
+from dgst_tf.training.qas import ExactStep, Int8Scales
 
-QUANTIZED_TYPES = WEIGHT_TYPES  # the layer kinds quantized (`dgst_tf.core.layer_kinds`)
+__all__ = ["Int8TrainingGraph", "int8_training_graph", "max_accumulator"]
 
-
-def _quantized(layer) -> bool:
-    """Conv2D, DepthwiseConv2D and Dense layers get int8 weights and inputs."""
-    return kind_of(layer) is not None
-
-
-class ActivationQuantizer(keras.layers.Layer):
-    """Real activation -> its int8 code minus the zero point, as an integer-valued float.
-
-    ``q = clip(round(x / scale) + zero_point, -128, 127) - zero_point``; real 0 maps to 0, so
-    zero padding after it is exact. Straight-through gradient (of ``x / scale``).
-    """
-
-    def __init__(self, scale: float, zero_point: int, **kwargs):
-        super().__init__(**kwargs)
-        self.scale, self.zero_point = float(scale), int(zero_point)
-
-    def call(self, x):
-        y = x / self.scale
-        q = tf.clip_by_value(tf.round(y) + self.zero_point, -128.0, 127.0) - self.zero_point
-        return y + tf.stop_gradient(q - y)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "zero_point": self.zero_point}
-
-
-class ChannelRescale(keras.layers.Layer):
-    """int32 accumulator -> real value: multiply output channel c by ``s_w[c] * s_x``."""
-
-    def __init__(self, scales, **kwargs):
-        super().__init__(**kwargs)
-        self.scales = np.asarray(scales, np.float32)
-
-    def call(self, accumulator):
-        return accumulator * self.scales
-
-    def get_config(self):
-        return {**super().get_config(), "scales": self.scales.tolist()}
-
-
-def activation_qparams(low: float, high: float) -> tuple[float, int]:
-    """Asymmetric int8 (scale, zero point) for a range, which always includes 0."""
-    low, high = min(float(low), 0.0), max(float(high), 0.0)
-    scale = max(high - low, 1e-8) / 255.0
-    zero_point = int(np.clip(-128 - round(low / scale), -128, 127))
-    return scale, zero_point
-
-
-def weight_scales(layer) -> np.ndarray:
-    """Per output channel ``s_w = max|W_oc| / 127`` (depthwise: per channel x multiplier)."""
-    kernel = kernel_of(layer).numpy()
-    flat = kernel.reshape(-1, kernel.shape[-2] * kernel.shape[-1]) if is_depthwise(
-        layer) else kernel.reshape(-1, kernel.shape[-1])
-    return np.maximum(np.abs(flat).max(axis=0), 1e-8) / 127.0
-
-
-def calibrate(model: keras.Model, images, batches: int | None = None) -> dict:
-    """{layer name: (min, max)} of the input of every conv/dense layer over ``images``.
-
-    ``images``: an array, or a dataset yielding images or (images, labels).
-    """
-    layers = [l for l in model.layers if _quantized(l)]
-    probe = keras.Model(model.inputs, [l.input for l in layers])
-    if isinstance(images, tf.data.Dataset):
-        images = images.take(batches) if batches else images
-    else:
-        images = [images]
-    lows = {l.name: np.inf for l in layers}
-    highs = {l.name: -np.inf for l in layers}
-    for item in images:
-        x = item[0] if isinstance(item, tuple) else item
-        outputs = probe(x, training=False)
-        outputs = outputs if isinstance(outputs, list) else [outputs]
-        for layer, value in zip(layers, outputs):
-            lows[layer.name] = min(lows[layer.name], float(tf.reduce_min(value)))
-            highs[layer.name] = max(highs[layer.name], float(tf.reduce_max(value)))
-    return {name: (lows[name], highs[name]) for name in lows}
+_WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+# activation function name -> TFLite fused activation code
+_ACTIVATION_CODES = {"linear": 0, "relu": RELU, "relu6": RELU6}
+_SUPPORTED = ("Conv2D, DepthwiseConv2D, Dense, ReLU / ReLU6 fused into them, Add, "
+              "ZeroPadding2D, GlobalAveragePooling2D, Flatten / Reshape, Dropout")
 
 
 @dataclasses.dataclass
@@ -111,57 +71,306 @@ class Int8TrainingGraph:
     """The simulated int8 model and what the QAS optimizer and the exporter need."""
 
     model: keras.Model
-    qas_scales: dict  # variable.ref() -> gradient scale s (QAS multiplies by s^-2)
+    qas_scales: dict  # Int8Scales: variable.ref() -> gradient scale s (QAS multiplies by
+    # s^-2), and what the device's exact update step needs
     input_qparams: dict  # conv/dense layer name -> (s_x, zero point)
     weight_scales: dict  # conv/dense layer name -> s_w per output channel
+    tflite_model: bytes = b""  # the converter's int8 model whose parameters the graph holds
+    op_layers: dict = dataclasses.field(default_factory=dict)  # its op index -> the layer
+    # of ``model`` computing that op's output (centered int8 codes)
+    loss: object = None  # DeviceSoftmaxCrossEntropy: the device's loss on the int8 logits
 
 
 def int8_training_graph(model: keras.Model, calibration_images,
-                        batches: int | None = None) -> Int8TrainingGraph:
-    """The int8 training graph of a BN-folded float ``model`` (see the module doc)."""
-    check_functional(model, "int8_training_graph")
+                        num_samples: int = DEFAULT_NUM_SAMPLES) -> Int8TrainingGraph:
+    """The int8 training graph of a BN-folded float ``model`` (see the module doc), with the
+    parameters of its TFLite conversion calibrated on at most ``num_samples`` of
+    ``calibration_images`` (anything `convert_int8` takes). Raises `UnsupportedModelError`
+    naming the layer for a layer without a counterpart in the converted model. Example::
+
+        graph = int8_training_graph(fold_batchnorm(model), x_train[:64])
+        graph.model(x_train[:1])            # the device's logits, dequantized
+        graph.weight_scales["conv_1"]       # s_w per output channel, as in the exported file
+    """
+    where = "int8_training_graph"
+    check_functional(model, where)
     bn = [l.name for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
     if bn:
-        raise ValueError(f"int8_training_graph: fold BatchNorm first (dgst_tf.fold_batchnorm); "
+        raise ValueError(f"{where}: fold BatchNorm first (dgst_tf.fold_batchnorm); "
                          f"found {bn[:3]}")
     unsupported = [l for l in model.layers if is_unsupported_conv(l)]
     if unsupported:
         raise UnsupportedModelError(
-            f"int8_training_graph: layer {unsupported[0].name!r} "
-            f"({type(unsupported[0]).__name__}) is not supported; supported: Conv2D, "
-            "DepthwiseConv2D, Dense")
-    ranges = calibrate(model, calibration_images, batches)
-    input_qparams, scales_w, new_layers = {}, {}, {}
-
-    def call_layer(layer, args, kwargs):
-        if not _quantized(layer):
-            clone = type(layer).from_config(layer.get_config())
-            out = clone(*args, **kwargs)
-            clone.set_weights(layer.get_weights())
-            return out
-        s_x, zero_point = activation_qparams(*ranges[layer.name])
-        s_w = weight_scales(layer)
-        kernel = kernel_of(layer).numpy()
-        bias = layer.bias.numpy() if layer.use_bias else np.zeros(s_w.shape, np.float32)
-        w_shape = (kernel.shape[-2], kernel.shape[-1]) if is_depthwise(
-            layer) else kernel.shape[-1]
-        w_bar = np.clip(np.round(kernel / s_w.reshape(w_shape)), -127, 127)
-        b_bar = np.round(bias / (s_w * s_x))
-        x = ActivationQuantizer(s_x, zero_point, name=f"{layer.name}_input_quant")(*args)
-        config = dict(layer.get_config(), use_bias=True, activation="linear")
-        new = type(layer).from_config(config)
-        accumulator = new(x)
-        new.set_weights([w_bar.astype(np.float32), b_bar.astype(np.float32)])
-        y = ChannelRescale(s_w * s_x, name=f"{layer.name}_rescale")(accumulator)
-        input_qparams[layer.name], scales_w[layer.name] = (s_x, zero_point), s_w
-        new_layers[layer.name] = (new, s_w, s_x, w_shape)
-        return layer.activation(y) if layer.activation is not keras.activations.linear else y
-
-    graph = rebuild(model, call_layer, name=f"{model.name}_int8")
-    qas = {}
-    for new, s_w, s_x, w_shape in new_layers.values():
-        qas[kernel_of(new).ref()] = tf.constant(np.reshape(s_w, w_shape), tf.float32)
-        qas[new.bias.ref()] = tf.constant(s_w * s_x, tf.float32)
-    return Int8TrainingGraph(graph, qas, input_qparams, scales_w)
+            f"{where}: layer {unsupported[0].name!r} ({type(unsupported[0]).__name__}) is not "
+            "supported; supported: Conv2D, DepthwiseConv2D, Dense")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UnsupportedModelError(f"{where}: model {model.name!r} must have one input and "
+                                    f"one output")
+    data = convert_int8(model, calibration_images, num_samples=num_samples, where=where)
+    builder = _GraphBuilder(model, ConvertedModel(data))
+    rebuilt = rebuild(model, builder.call_layer, name=f"{model.name}_int8")
+    logits = builder.check_complete(rebuilt.outputs[0])
+    graph = keras.Model(rebuilt.inputs,
+                        Dequantize(logits.scale, name="logits_dequantize")(rebuilt.outputs[0]),
+                        name=rebuilt.name)
+    return Int8TrainingGraph(graph, Int8Scales(builder.qas_scales, builder.exact_steps),
+                             builder.input_qparams, builder.weight_scales, data,
+                             builder.op_layers, DeviceSoftmaxCrossEntropy(logits.scale))
 
 
+def max_accumulator(graph: Int8TrainingGraph, images) -> float:
+    """The largest |int32 accumulator| of any conv / dense layer of ``graph`` on ``images``:
+    below 2**24 the float32 forward pass is exact (see the module doc).
+
+        assert max_accumulator(graph, x[:8]) < 2 ** 24
+    """
+    layers = [l for l in graph.model.layers if kind_of(l) is not None]
+    probe = keras.Model(graph.model.inputs, [l.output for l in layers])
+    outputs = probe(images, training=False)
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    return max(float(tf.reduce_max(tf.abs(o))) for o in outputs)
+
+
+class _GraphBuilder:
+    """The `rebuild` callback: each Keras layer call becomes the int8 ops of its converted
+    counterpart, found by structure (weights by layer name, the other ops as consumers of
+    the tensors already matched)."""
+
+    def __init__(self, model: keras.Model, converted: ConvertedModel):
+        self.model, self.converted = model, converted
+        self.tensors = {}  # id(Keras tensor) -> (tensor, converted tensor index)
+        self.op_layers = {}  # converted op index -> Keras layer name
+        self.qas_scales, self.input_qparams, self.weight_scales = {}, {}, {}
+        self.exact_steps = {}
+        self.weight_ops = self._weight_ops()
+
+    def _weight_ops(self) -> dict:
+        """Keras layer name -> its converted conv / depthwise / fully-connected op."""
+        names = [l.name for l in self.model.layers if kind_of(l) is not None]
+        found = {}
+        for op in self.converted.ops:
+            if op.kind not in _WEIGHT_OPS:
+                continue
+            weight_name = f"/{self.converted.tensor(op.inputs[1]).name}"
+            matches = [name for name in names if f"/{name}/" in weight_name]
+            if len(matches) == 1:
+                found[matches[0]] = op
+        return found
+
+    # -- tensors ---------------------------------------------------------------------------
+    def _index(self, tensor) -> int:
+        """The converted tensor a Keras tensor holds the codes of (the image: quantized)."""
+        if id(tensor) not in self.tensors:
+            layer = tensor._keras_history.layer
+            if not isinstance(layer, keras.layers.InputLayer):
+                raise UnsupportedModelError(f"int8_training_graph: tensor of layer "
+                                            f"{layer.name!r} has no converted counterpart")
+            image = self.converted.tensor(self.converted.inputs[0])
+            codes = InputQuantizer(image.scale, image.zero_point,
+                                   name=f"{layer.name}_quantize")(tensor)
+            self.tensors[id(tensor)] = (codes, image.index)
+        return self.tensors[id(tensor)][1]
+
+    def _codes(self, tensor):
+        self._index(tensor)
+        return self.tensors[id(tensor)][0]
+
+    def _bind(self, keras_tensor, index: int, op=None):
+        self.tensors[id(keras_tensor)] = (keras_tensor, int(index))
+        if op is not None:
+            self.op_layers[op.index] = keras_tensor._keras_history.layer.name
+        return keras_tensor
+
+    def _consumer(self, layer, index: int, kind: str):
+        """The one ``kind`` op reading converted tensor ``index``, for Keras ``layer``."""
+        ops = [op for op in self.converted.consumers(index)
+               if op.kind == kind and op.index not in self.op_layers]
+        if len(ops) != 1:
+            kinds = sorted({op.kind for op in self.converted.consumers(index)})
+            raise UnsupportedModelError(
+                f"int8_training_graph: layer {layer.name!r} ({type(layer).__name__}) has no "
+                f"{kind} counterpart in the converted model (ops reading its input: {kinds})")
+        return ops[0]
+
+    # -- layers ----------------------------------------------------------------------------
+    def call_layer(self, layer, args, kwargs):
+        if kind_of(layer) is not None:
+            return self._weight_layer(layer, args[0])
+        code = _relu_code(layer)
+        if code is not None:
+            return self._fused_activation(layer, args[0], code)
+        if isinstance(layer, keras.layers.Add):
+            return self._add(layer, args[0])
+        if isinstance(layer, keras.layers.ZeroPadding2D):
+            return self._pad(layer, args[0])
+        if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+            return self._mean(layer, args[0])
+        if isinstance(layer, (keras.layers.Flatten, keras.layers.Reshape)):
+            return self._reshape(layer, args[0])
+        if isinstance(layer, keras.layers.Dropout) or _is_linear_activation(layer):
+            return args[0]  # no op on the device
+        raise UnsupportedModelError(
+            f"int8_training_graph: layer {layer.name!r} ({type(layer).__name__}) is not "
+            f"supported; supported: {_SUPPORTED}")
+
+    def _weight_layer(self, layer, x):
+        where = f"int8_training_graph: layer {layer.name!r}"
+        op = self.weight_ops.get(layer.name)
+        if op is None or op.inputs[0] != self._index(x):
+            raise UnsupportedModelError(f"{where} ({type(layer).__name__}) has no converted "
+                                        f"op reading its input")
+        own = _ACTIVATION_CODES.get(getattr(layer.activation, "__name__", ""))
+        if own is None or own not in (0, op.activation):
+            raise UnsupportedModelError(f"{where}: activation {layer.activation!r} is not "
+                                        f"supported (none, ReLU or ReLU6 fused by the converter)")
+        if op.activation not in (0, RELU, RELU6):
+            raise UnsupportedModelError(f"{where}: fused activation {op.activation} is not "
+                                        f"supported (none, ReLU or ReLU6)")
+        kernel, bias, s_w = self._parameters(layer, op, where)
+        source, output = (self.converted.tensor(i) for i in (op.inputs[0], op.outputs[0]))
+        new = type(layer).from_config(dict(layer.get_config(), use_bias=True,
+                                           activation="linear"))
+        codes = self._codes(x)
+        accumulator = new(HoldGradient(name=f"{layer.name}_input")(codes))
+        new.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+        multipliers, shifts = conv_multipliers(source.scale, s_w, output.scale)
+        requantize = Requantize(multipliers, shifts, output.scale, output.zero_point,
+                                activation_range(op.activation, output.scale,
+                                                 output.zero_point),
+                                op.activation != 0, source.scale, s_w, layer=new,
+                                name=f"{layer.name}_rescale")
+        y = requantize([accumulator, codes])
+        w_shape = kernel.shape[-2:] if is_depthwise(layer) else (kernel.shape[-1],)
+        for variable, shape in ((kernel_of(new), w_shape), (new.bias, s_w.shape)):
+            self.qas_scales[variable.ref()] = tf.constant(
+                (s_w if variable is kernel_of(new) else requantize.accumulator_scales
+                 ).reshape(shape), tf.float32)
+            self.exact_steps[variable.ref()] = ExactStep(
+                requantize.error_scale, source.scale, s_w.reshape(shape),
+                requantize.accumulator_scales.reshape(shape))
+        self.input_qparams[layer.name] = (source.scale, source.zero_point)
+        self.weight_scales[layer.name] = s_w
+        return self._bind(y, op.outputs[0], op)
+
+    def _parameters(self, layer, op, where):
+        """(Keras-layout int8 kernel, int32 bias, float32 s_w per output channel)."""
+        weights = self.converted.tensor(op.inputs[1])
+        w = weights.data.astype(np.int32)
+        if op.kind == "CONV_2D":
+            kernel = w.transpose(1, 2, 3, 0)  # OHWI -> HWIO
+        elif op.kind == "DEPTHWISE_CONV_2D":  # [1, kh, kw, C * m] -> [kh, kw, C, m]
+            kernel = w[0].reshape(kernel_of(layer).shape)
+        else:
+            kernel = w.T  # [out, in] -> [in, out]
+        if kernel.shape != tuple(kernel_of(layer).shape):
+            raise UnsupportedModelError(f"{where}: converted weights {weights.shape} do not "
+                                        f"fit kernel {tuple(kernel_of(layer).shape)}")
+        channels = int(np.prod(kernel.shape[-2:])) if is_depthwise(layer) else kernel.shape[-1]
+        s_w = np.broadcast_to(weights.scales, (channels,)).astype(np.float32)
+        has_bias = len(op.inputs) > 2 and op.inputs[2] >= 0
+        bias = (self.converted.tensor(op.inputs[2]).data.astype(np.int64) if has_bias
+                else np.zeros(channels, np.int64))
+        if np.abs(bias).max(initial=0) >= 2 ** 24:
+            raise UnsupportedModelError(f"{where}: an int32 bias of {np.abs(bias).max()} is "
+                                        f"not exact in float32 (>= 2**24)")
+        return kernel, bias, s_w
+
+    def _fused_activation(self, layer, x, code: int):
+        """A ReLU / ReLU6 layer: the clamp of the producing op's fused activation."""
+        index = self._index(x)
+        producer = self.converted.producer(index)
+        if producer is None or producer.kind not in _WEIGHT_OPS or producer.activation != code:
+            raise UnsupportedModelError(
+                f"int8_training_graph: layer {layer.name!r} ({type(layer).__name__}) must "
+                f"directly follow a Conv2D / DepthwiseConv2D / Dense whose converted op fuses "
+                f"it (the device has no separate int8 ReLU)")
+        return x
+
+    def _add(self, layer, inputs):
+        if len(inputs) != 2:
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r} adds "
+                                        f"{len(inputs)} tensors; only 2 are supported")
+        first, second = (self._index(t) for t in inputs)
+        op = next((op for op in self.converted.consumers(first) if op.kind == "ADD"
+                   and set(op.inputs) == {first, second} and op.index not in self.op_layers),
+                  None)
+        if op is None or op.activation:
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r} (Add) has "
+                                        f"no converted ADD without fused activation")
+        if op.inputs[0] != first:
+            inputs = inputs[::-1]
+        scales = [self.converted.tensor(i).scale for i in (*op.inputs[:2], op.outputs[0])]
+        y = Int8Add(add_multipliers(*scales), self.converted.tensor(op.outputs[0]).zero_point,
+                    name=layer.name)(
+            [self._codes(t) for t in inputs])
+        return self._bind(y, op.outputs[0], op)
+
+    def _pad(self, layer, x):
+        op = self._consumer(layer, self._index(x), "PAD")
+        source, output = (self.converted.tensor(i) for i in (op.inputs[0], op.outputs[0]))
+        paddings = self.converted.tensor(op.inputs[1]).data
+        expected = [[0, 0], *[list(p) for p in layer.padding], [0, 0]]
+        if (paddings is None or paddings.tolist() != expected or source.scale != output.scale
+                or source.zero_point != output.zero_point):
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r}: its PAD "
+                                        f"differs in padding or quantization")
+        clone = type(layer).from_config(layer.get_config())
+        return self._bind(clone(self._codes(x)), op.outputs[0], op)
+
+    def _mean(self, layer, x):
+        op = self._consumer(layer, self._index(x), "MEAN")
+        axes = self.converted.tensor(op.inputs[1]).data
+        source, output = (self.converted.tensor(i) for i in (op.inputs[0], op.outputs[0]))
+        if axes is None or sorted(np.ravel(axes).tolist()) != [1, 2] or \
+                getattr(layer, "data_format", "channels_last") != "channels_last":
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r}: its MEAN "
+                                        f"is not over height and width")
+        pixels = int(source.shape[1] * source.shape[2])
+        multiplier, shift = mean_multiplier(source.scale, output.scale, pixels)
+        y = Int8Mean(multiplier, shift, output.zero_point,
+                     keepdims=bool(getattr(layer, "keepdims", False)), name=layer.name)(
+            self._codes(x))
+        return self._bind(y, op.outputs[0], op)
+
+    def _reshape(self, layer, x):
+        index = self._index(x)
+        ops = [op for op in self.converted.consumers(index) if op.kind == "RESHAPE"]
+        clone = type(layer).from_config(layer.get_config())
+        y = clone(self._codes(x))
+        if ops:
+            return self._bind(y, ops[0].outputs[0], ops[0])
+        if tuple(y.shape[1:]) != tuple(self._codes(x).shape[1:]):
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r} has no "
+                                        f"converted RESHAPE")
+        return self._bind(y, index)
+
+    def check_complete(self, output):
+        """The logits tensor; raises unless every converted op has a Keras counterpart and
+        the model's output is the converted model's."""
+        unused = [f"{op.index} ({op.kind})" for op in self.converted.ops
+                  if op.index not in self.op_layers]
+        if unused:
+            raise UnsupportedModelError(f"int8_training_graph: converted ops {unused} have no "
+                                        f"Keras counterpart")
+        if self._index(output) != self.converted.outputs[0]:
+            raise UnsupportedModelError("int8_training_graph: the model's output is not the "
+                                        "converted model's")
+        return self.converted.tensor(self.converted.outputs[0])
+
+
+def _relu_code(layer) -> int | None:
+    """The TFLite fused activation a ReLU / ReLU6 layer becomes, None for other layers."""
+    if isinstance(layer, keras.layers.ReLU):
+        if float(layer.negative_slope) or float(layer.threshold):
+            return None
+        if layer.max_value is None:
+            return RELU
+        return RELU6 if float(layer.max_value) == 6.0 else None
+    if isinstance(layer, keras.layers.Activation):
+        return _ACTIVATION_CODES.get(getattr(layer.activation, "__name__", "")) or None
+    return None
+
+
+def _is_linear_activation(layer) -> bool:
+    return isinstance(layer, keras.layers.Activation) and \
+        _ACTIVATION_CODES.get(getattr(layer.activation, "__name__", "")) == 0

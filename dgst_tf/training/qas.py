@@ -14,11 +14,13 @@ channel: ``g(W_bar) * s_w^-2`` and ``g(b_bar) * (s_w * s_x)^-2``. It has no hype
     sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
     sparse.compile(optimizer=QuantizationAwareScalingSGD(0.01, graph.qas_scales), loss=...)
 """
+import dataclasses
 import zlib
 
 import numpy as np
 
 from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.training.int8_ops import ordered_div, ordered_mul, round_half_away
 
 ROUNDINGS = ("stochastic", "nearest")  # as DGST_SGD_QAS_UPDATE
 _MASK32 = 0xFFFFFFFF
@@ -92,12 +94,18 @@ class QuantizationAwareScalingSGD(keras.optimizers.SGD):
     low-precision training (Gupta et al. 2015, "Deep Learning with Limited Numerical
     Precision"). ``"nearest"``: ``w = clip(w - round(lr * g * s^-2), -127, 127)``, round half
     away from zero, the device's rule without stochastic rounding (steps below half an LSB
-    are lost: the ablation). Biases stay float in both (the device rounds them to nearest:
-    their LSB is ``s_x`` times smaller than the weights', so rounding loses nothing
-    measurable).
+    are lost: the ablation). The int32 biases (registered variables of rank 1) round to
+    nearest in both, as the device's update does: ``b = b - round(lr * g * s^-2)``, half
+    away from zero (their LSB is ``s_x`` times smaller than the weights', so the rounding
+    loses nothing measurable, and the simulated biases stay the device's integers).
     Plain SGD only (no momentum), as on the device. ``qas=False`` keeps the int8 kernels
     and their rounding but leaves the gradients unscaled: the "int8 SGD without QAS" ablation
-    of Lin et al. 2022. Example::
+    of Lin et al. 2022. With ``qas_scales`` of an `Int8Scales` (what `int8_training_graph`
+    gives) and batches of one example, the QAS step is the device's in its float32
+    operations: the int32 gradient ``round(g / (dy_scale * s_w * s_x))`` (exact: ``g`` is
+    that integer times that scale up to float32 rounding), then ``((lr * s_x) * dy_scale) /
+    s_w * grad`` for weights and ``((lr * dy_scale) * grad) / (s_w * s_x)`` for biases, with
+    the error signal's scale ``dy_scale`` the layer kept (`ExactStep`). Example::
 
         opt = QuantizationAwareScalingSGD(1e-3, graph.qas_scales, rounding="stochastic",
                                           seed=0)
@@ -112,6 +120,7 @@ class QuantizationAwareScalingSGD(keras.optimizers.SGD):
         if float(self.momentum) or self.nesterov:
             raise ValueError("QuantizationAwareScalingSGD: the int8 weight update is plain "
                              "SGD, as on the device (momentum=0)")
+        self._exact = dict(getattr(qas_scales, "exact_steps", None) or {})
         self.qas_scales = dict(qas_scales or {})
         self.rounding, self.seed, self.qas = rounding, int(seed), bool(qas)
         self._int8_kernels = {}  # var.ref() -> (stream, TFLite index constant)
@@ -128,17 +137,24 @@ class QuantizationAwareScalingSGD(keras.optimizers.SGD):
                 self._int8_kernels[ref] = (layer_stream(path[-2]), index)  # NumPy: any graph
         return self._int8_kernels[ref]
 
+    def _int8(self, variable) -> bool:
+        """An int8 kernel or int32 bias, which `update_step` scales and rounds itself."""
+        return self._int8_kernel(variable) is not None or (
+            variable.ref() in self.qas_scales and len(variable.shape) == 1)
+
     def update_step(self, gradient, variable):
         kernel = self._int8_kernel(variable)
-        if kernel is None or isinstance(gradient, tf.IndexedSlices):
+        if not self._int8(variable) or isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable)
-        step = tf.cast(self.learning_rate, tf.float32) * tf.cast(gradient, tf.float32)
+        step = self._step(tf.cast(gradient, tf.float32), variable, kernel is not None)
+        if kernel is None:  # an int32 bias: DGST_SGD_QAS_UPDATE rounds to nearest
+            step = round_half_away(tf.clip_by_value(step, -2.0 ** 32, 2.0 ** 32))
+            variable.assign(tf.cast(tf.clip_by_value(variable - step, -2.0 ** 31, 2.0 ** 31 - 1),
+                                    variable.dtype))
+            return
         step = tf.clip_by_value(step, -1024.0, 1024.0)
         if self.rounding == "nearest":  # C roundf (half away from zero), exact in float32
-            whole = tf.where(step < 0, tf.math.ceil(step), tf.floor(step))
-            fraction = step - whole
-            change = -(whole + tf.cast(fraction >= 0.5, tf.float32)
-                       - tf.cast(fraction <= -0.5, tf.float32))
+            change = -round_half_away(step)
         else:
             stream, index = kernel
             bits = stochastic_uniform_bits(self.seed, stream, self.iterations,
@@ -148,11 +164,54 @@ class QuantizationAwareScalingSGD(keras.optimizers.SGD):
         new = tf.clip_by_value(variable + change, -127.0, 127.0)
         variable.assign(tf.cast(new, variable.dtype))
 
+    def _step(self, gradient, variable, weights: bool):
+        """lr times the QAS-scaled gradient; the device's float32 step where it is known."""
+        learning_rate = tf.cast(self.learning_rate, tf.float32)
+        scale = self.qas_scales.get(variable.ref()) if self.qas else None
+        exact = self._exact.get(variable.ref()) if self.qas else None
+        step = learning_rate * (gradient if scale is None else gradient / tf.square(scale))
+        if exact is None:
+            return step
+        error_scale = exact.error_scale.read_value()
+        accumulator_scales = tf.constant(exact.accumulator_scales)
+        grad = tf.round(gradient / (error_scale * accumulator_scales))  # the int32 gradient
+        if weights:  # the device's float32 operations, in its order
+            factor = ordered_mul(ordered_mul(learning_rate, np.float32(exact.input_scale)),
+                                 error_scale)
+            device = ordered_mul(ordered_div(factor, exact.weight_scales), grad)
+        else:
+            device = ordered_div(ordered_mul(ordered_mul(learning_rate, error_scale), grad),
+                                 accumulator_scales)
+        return tf.where(tf.math.is_finite(error_scale), device, step)
+
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
         scaled = []
         for grad, var in grads_and_vars:
             scale = self.qas_scales.get(var.ref()) if self.qas else None
-            if grad is not None and scale is not None:
+            if grad is not None and scale is not None and (
+                    not self._int8(var) or isinstance(grad, tf.IndexedSlices)):
                 grad = grad / tf.square(scale)
             scaled.append((grad, var))
         return super().apply_gradients(scaled, *args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactStep:
+    """What the device's update step of one int8 kernel or int32 bias needs besides its
+    gradient: the error signal's scale of the layer's last backward pass (a variable, NaN
+    unless the batch had one example), ``s_x``, and ``s_w`` and ``s_w * s_x`` shaped to
+    broadcast against the variable."""
+
+    error_scale: object
+    input_scale: float
+    weight_scales: np.ndarray
+    accumulator_scales: np.ndarray
+
+
+class Int8Scales(dict):
+    """``{variable.ref(): QAS scale}`` plus ``exact_steps`` ``{variable.ref(): ExactStep}``:
+    `Int8TrainingGraph.qas_scales`, which `QuantizationAwareScalingSGD` takes."""
+
+    def __init__(self, scales=(), exact_steps=None):
+        super().__init__(scales)
+        self.exact_steps = dict(exact_steps or {})

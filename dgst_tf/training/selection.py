@@ -104,7 +104,7 @@ def int8_multipliers(model, layer, weight_scales=None):
     (`dgst_tf.training.int8_graph.int8_training_graph`), else None. The weight scales come from
     ``weight_scales`` (``Int8TrainingGraph.weight_scales``), else from the QAS optimizer's
     ``qas_scales`` (the same numbers), else from the layer's ``<name>_rescale``
-    (``s_w * s_x``: equal ratios up to float rounding)."""
+    (`dgst_tf.training.int8_ops.Requantize`: the same numbers)."""
     from dgst_tf.tflm_ops.reference import score_multipliers
 
     scales = int8_weight_scales(model, layer, weight_scales)
@@ -114,7 +114,7 @@ def int8_multipliers(model, layer, weight_scales=None):
 def int8_weight_scales(model, layer, weight_scales=None):
     """The per-output-channel weight scales of ``layer`` when ``model`` trains the int8
     graph, else None (where they come from: `int8_multipliers`)."""
-    from dgst_tf.training.int8_graph import ChannelRescale
+    from dgst_tf.training.int8_ops import Requantize
 
     scales = (weight_scales or {}).get(layer.name)
     if scales is None:
@@ -124,7 +124,7 @@ def int8_weight_scales(model, layer, weight_scales=None):
     if scales is None:
         base = getattr(model, "base", model)
         rescale = next((l for l in base.layers if l.name == f"{layer.name}_rescale"), None)
-        scales = rescale.scales if isinstance(rescale, ChannelRescale) else None
+        scales = rescale.weight_scales if isinstance(rescale, Requantize) else None
     return None if scales is None else np.ravel(np.asarray(scales, np.float64))
 
 
@@ -179,19 +179,25 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         for bit; on a float model, the float L2 norm of the real weights.
     traversal: channels not yet visited in the current sweep come first; a sweep ends when
         every channel of the layer was visited.
-    layers_per_step: update only this many of the weight-updated layers per step (taken in
-        turn), the others train only their biases; None updates all of them. The exported
-        graph has no equivalent (`device_policy` refuses it).
+    layers_per_step: update the weights of only this many of the weight-updated layers per
+        step, taken in turn (DGSU's stage-aware layer choice; the rule, one definition for
+        Keras, NumPy and the device: `dgst_tf.tflm_ops.reference.layer_active`), the others
+        train only their biases and their channels are chosen but not marked visited; None
+        updates all of them. `export_training(..., policy=cb)` runs the same schedule.
     weight_scales: {layer: s_w} (``Int8TrainingGraph.weight_scales``) for the integer score
         when the optimizer is not the QAS one.
 
-        cb = DynamicChannelSelection("weight_l2", traversal=True)
-        sparse.fit(ds, callbacks=[cb]); export_training(..., policy=cb)  # "traversal"
+        cb = DynamicChannelSelection("weight_l2", traversal=True, layers_per_step=2)
+        sparse.fit(ds, callbacks=[cb]); export_training(..., policy=cb)  # "traversal", 2
     """
 
     def __init__(self, importance="weight_l2", traversal: bool = True,
                  layers_per_step: int | None = None, seed: int = 0, weight_scales=None):
         super().__init__()
+        if layers_per_step is not None and (isinstance(layers_per_step, bool) or not isinstance(
+                layers_per_step, (int, np.integer)) or layers_per_step < 1):
+            raise ValueError(f"layers_per_step must be None or an int >= 1, got "
+                             f"{layers_per_step!r}")
         self.importance = get_importance(importance, seed)
         self.traversal, self.layers_per_step, self.seed = traversal, layers_per_step, seed
         self.weight_scales = weight_scales
@@ -203,11 +209,8 @@ class DynamicChannelSelection(keras.callbacks.Callback):
 
     @property
     def device_policy(self) -> str:
-        """The `export_training` policy running this selection on device."""
-        if self.layers_per_step:
-            raise ValueError(f"layers_per_step={self.layers_per_step} has no on-device "
-                             "equivalent (the exported graph updates every weight-updated "
-                             "layer every step); use layers_per_step=None")
+        """The `export_training` policy running this selection on device (which also takes
+        ``layers_per_step`` from the callback)."""
         if not isinstance(self.importance, WeightL2):
             raise ValueError(f"importance {self.importance.name!r} has no on-device "
                              "equivalent; use importance='weight_l2'")
@@ -222,14 +225,13 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         return lambda state, step: self.importance.scores(kernel_of(layer), state, step, index)
 
     def _build(self, model):
+        from dgst_tf.tflm_ops.reference import layer_active
+
         layers = model.weight_layers
-        count = len(layers)
-        per_step = self.layers_per_step if self.layers_per_step else count
         scorers = [self._scorer(model, layer, i) for i, layer in enumerate(layers)]
 
         def select():
             step = model.selection.step.read_value()
-            start = (step * per_step) % count if count else step
             for i, layer in enumerate(layers):
                 state = model.selection.vars[layer.name]
                 kept = model.selection.specs[layer.name][1]
@@ -237,9 +239,9 @@ class DynamicChannelSelection(keras.callbacks.Callback):
                 sweep = tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
                 state["sweep"].assign(sweep)  # a finished sweep starts again
                 indices, _ = dgsu_select(scorers[i](state, step), kept, sweep, self.traversal)
-                state["indices"].assign(indices)  # marked visited by record_step
-                offset = (i - start) % count
-                state["active"].assign(offset < per_step)
+                state["indices"].assign(indices)  # marked visited by record_step if active
+                state["active"].assign(layer_active(step, i, len(layers),
+                                                    self.layers_per_step))
 
         return select
 

@@ -3,7 +3,8 @@
 `export_training` converts the model to full int8 (`export_int8`), then edits that graph into
 a training step whose ONE Invoke takes one int8 image and an int32 label and does:
 
-- the forward pass with the builtin int8 ops; the trainable weights and biases are variable
+- the forward pass with the builtin int8 ops, its convolutions as ``DGST_CONV2D`` (the same
+  arithmetic, requantization constants in flash); the trainable weights and biases are variable
   tensors in the arena, copied once from read-only constants by ``DGST_VARIABLE_INIT``;
   the forward pass also keeps what the backward pass needs: 1-bit ReLU masks
   (``DGST_RELU_MASK``) and only the kept input channels of weight-updated layers
@@ -30,10 +31,12 @@ child process; `write_inference_model` writes the updated weights back into an i
     write_inference_model("train.tflite", run.params, "updated.tflite")
 
 Modules, in the order the export runs them: `plan` (which op is which layer, what the step
-updates, the supported-graph check), `state` (the graph being built), `forward` (PAD
-folding, variables, what the forward pass keeps), `backward` (gradient ops), `update` (SGD
-ops), `manifest` (writing and checking the JSON), `builder` (`export_training`), `running`
-(TFLM runs and writing updated weights back).
+updates, the supported-graph check), `state` (the graph being built), `schedule` (the step
+counter and the ``layers_per_step`` layer schedule), `forward` (PAD folding, variables, what
+the forward pass keeps), `backward` (gradient ops), `update` (SGD ops), `flash_requant` (the
+convolutions as ``DGST_CONV2D``, requantization constants in flash), `manifest` (writing
+and checking the JSON), `builder` (`export_training`), `running` (TFLM runs and writing
+updated weights back).
 """
 from dgst_tf.export.training.builder import TrainingExport, export_training
 from dgst_tf.export.training.manifest import (MANIFEST_FORMAT, MANIFEST_VERSION,

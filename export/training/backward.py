@@ -25,6 +25,7 @@ from dgst_tf.export.training import update
 from dgst_tf.export.training.forward import merged_weights
 from dgst_tf.export.training.plan import (PASS_THROUGH_OPS, TrainedLayer, TrainingExportError,
                                           conv_options)
+from dgst_tf.export.training.schedule import schedule_words, step_counter
 from dgst_tf.export.training.state import TrainingGraph
 
 __all__ = ["GradientFlow", "add_backward_pass"]
@@ -268,23 +269,27 @@ def _parameter_gradients(graph, layer: TrainedLayer, index, op, geometry, error)
 
 
 def _weight_gradient(graph, layer: TrainedLayer, index, op, geometry, dy, out_channels) -> int:
-    """The int32 gradient of the kept input channels' weights."""
+    """The int32 gradient of the kept input channels' weights (not computed at the steps a
+    layer schedule leaves the layer out: its ops then read the step counter)."""
     editor = graph.editor
     count = len(layer.kept)
     kept_input = graph.kept_inputs[index]
     _, input_zero_point = editor.quantization(int(op.inputs[0]))
-    options = int32_options(*geometry.weight, int(input_zero_point[0]))
+    schedule = schedule_words(layer)
+    step = [step_counter(graph)] if schedule else []
+    options = int32_options(*geometry.weight, int(input_zero_point[0]), *schedule)
     kernel_h, kernel_w = geometry.kernel_hw
     if layer.kind == "depthwise":
         weight_grad = editor.add_tensor(f"{layer.name}/weight_grad", (kernel_h, kernel_w, count),
                                         np.int32)
         graph.backward_ops.append(editor.custom_op(
-            "DGST_DEPTHWISE_WEIGHT_GRAD", [kept_input, layer.kept_tensor, dy], [weight_grad],
-            options))
+            "DGST_DEPTHWISE_WEIGHT_GRAD", [kept_input, layer.kept_tensor, dy] + step,
+            [weight_grad], options))
         return weight_grad
     shape = ((out_channels, count) if layer.kind == "dense"
              else (out_channels, kernel_h, kernel_w, count))
     weight_grad = editor.add_tensor(f"{layer.name}/weight_grad", shape, np.int32)
-    graph.backward_ops.append(editor.custom_op("DGST_CONV2D_WEIGHT_GRAD", [kept_input, dy],
-                                               [weight_grad], options))
+    graph.backward_ops.append(editor.custom_op("DGST_CONV2D_WEIGHT_GRAD",
+                                               [kept_input, dy] + step, [weight_grad],
+                                               options))
     return weight_grad

@@ -17,15 +17,19 @@ from dgst_tf.export import block_fusion
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import TfliteFileError, read_tflite
 from dgst_tf.export.training.backward import add_backward_pass
+from dgst_tf.export.training.flash_requant import FLASH_REQUANT_OP, flash_requant_op
 from dgst_tf.export.training.forward import add_forward_records, add_variables, fold_pads
 from dgst_tf.export.training.manifest import build_manifest, manifest_path_for
 from dgst_tf.export.training.plan import TrainingExportError, find_layer_ops, plan_training
+from dgst_tf.export.training.schedule import assign_layer_schedule
 from dgst_tf.export.training.state import ExportSettings, TrainingGraph
 from dgst_tf.export.training.update import ROUNDING_CODES, advance_step
 
 __all__ = ["export_training", "TrainingExport"]
 
 _POLICIES = (None, "traversal", "magnitude", "window")
+# custom ops of the forward pass that belong to the inference graph (`write_inference_model`)
+_INFERENCE_CUSTOM_OPS = ("CUSTOM:DGST_FUSED_BLOCK", f"CUSTOM:{FLASH_REQUANT_OP}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     num_samples: int = 100, fold_pads: bool = True,
                     fuse_blocks: bool = True, kept_weights_in_ram: bool = True,
                     output_params: bool = True, rounding: str = "stochastic",
-                    seed: int = 0) -> TrainingExport:
+                    seed: int = 0, layers_per_step: int | None = None,
+                    requant_in_flash: bool = True) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
     ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
@@ -59,10 +64,14 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     2024: channels not visited in the current sweep first, then by integer importance; the
     visited bitmask lives in the arena), ``"magnitude"`` (top-k integer importance of the
     current weights), ``"window"`` (k channels moving by k each step), or a
-    `DynamicChannelSelection` / `WindowChannelSelection` callback (its ``device_policy``; a
-    callback with ``layers_per_step`` is refused: the device updates every weight-updated
-    layer every step); the kept channels of each step are then extra outputs
+    `DynamicChannelSelection` / `WindowChannelSelection` callback (its ``device_policy``,
+    and its ``layers_per_step``); the kept channels of each step are then extra outputs
     (``"<layer>/kept"``). The definition is `dgst_tf.tflm_ops.reference.select_channels`.
+    ``layers_per_step``: only this many of the weight-updated layers (classifier excluded)
+    update their weights per step, in turn (`dgst_tf.tflm_ops.reference.layer_active`, as
+    `DynamicChannelSelection(layers_per_step=n)` in Keras); the others' weight gradients are
+    not computed, their biases still train; the position is the step counter ``sgd/step``
+    in the arena (`dgst_tf.export.training.schedule`). None (default): all of them.
     ``fold_pads``: replace explicit PAD + VALID convs by
     exact SAME convs with zero-padded kernels (saves the padded activation copies; not for
     weight-updated layers). ``fuse_blocks``: compute each frozen conv -> depthwise -> 1x1
@@ -79,9 +88,13 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     below one LSB are not lost; u from a hash of ``seed``, the layer, the step counter
     ``sgd/step`` (one int32 variable) and the element, the numbers
     `QuantizationAwareScalingSGD` with the same ``rounding`` and ``seed`` draws) or
-    ``"nearest"`` (round half away from zero, the previous behaviour). Both files are
-    written atomically; the manifest goes to ``path`` with suffix ``.json``. Raises
-    `TrainingExportError` naming the layer for an unsupported layer or scheme. Example::
+    ``"nearest"`` (round half away from zero, the previous behaviour). ``requant_in_flash``:
+    every int8 convolution of the step is a ``DGST_CONV2D``, bit-identical to the builtin op
+    but reading its per-channel requantization multipliers and shifts from a constant (flash)
+    instead of computing them into the arena (8 bytes per output channel; see
+    `dgst_tf.export.training.flash_requant`). Both files are written atomically; the
+    manifest goes to ``path`` with suffix ``.json``. Raises `TrainingExportError` naming the
+    layer for an unsupported layer or scheme. Example::
 
         info = export_training(model, scheme, x_train[:64], "train.tflite")
         info.manifest["params"], info.ops
@@ -92,13 +105,16 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     where = f"export_training({os.fspath(path)})"
     model = _checked_model(model, scheme, learning_rate, where)
     classifier = classifier_layer(model).name
+    layers_per_step = _layers_per_step(policy, layers_per_step, where)
     policy = _device_policy(policy, where)
     if rounding not in ROUNDING_CODES:
         raise TrainingExportError(f"{where}: rounding must be one of {tuple(ROUNDING_CODES)}, "
                                   f"got {rounding!r}")
     settings = ExportSettings(float(learning_rate), selection, policy, num_samples, fold_pads,
                               fuse_blocks, kept_weights_in_ram, output_params,
-                              rounding=rounding, seed=int(seed))
+                              rounding=rounding, seed=int(seed),
+                              layers_per_step=layers_per_step,
+                              requant_in_flash=bool(requant_in_flash))
     editor = _int8_editor(model, representative_images, num_samples)
     folded_pads, fused_blocks = _simplify_forward(editor, model, scheme, classifier, settings,
                                                   where)
@@ -108,6 +124,7 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                                   f"'window', got {policy!r}")
     graph = TrainingGraph(editor, plan, settings, where)
     add_variables(graph, model)
+    assign_layer_schedule(graph, model)
     add_forward_records(graph)
     add_backward_pass(graph)
     advance_step(graph)
@@ -135,6 +152,16 @@ def _device_policy(policy, where):
         return policy.device_policy
     except (AttributeError, ValueError) as error:
         raise TrainingExportError(f"{where}: policy {policy!r}: {error}") from None
+
+
+def _layers_per_step(policy, layers_per_step, where):
+    """``layers_per_step``, or the selection callback's (they must agree if both are given)."""
+    from_policy = getattr(policy, "layers_per_step", None)
+    if from_policy is not None and layers_per_step is not None \
+            and from_policy != layers_per_step:
+        raise TrainingExportError(f"{where}: layers_per_step={layers_per_step} but the policy "
+                                  f"callback has layers_per_step={from_policy}")
+    return layers_per_step if layers_per_step is not None else from_policy
 
 
 def _checked_model(model, scheme, learning_rate, where):
@@ -186,6 +213,8 @@ def _order_ops(graph: TrainingGraph) -> list:
     the inference graph's ops (builtin forward ops and fused blocks)."""
     editor, subgraph = graph.editor, graph.editor.subgraph
     forward = graph.forward_ops()
+    if graph.settings.requant_in_flash:
+        forward = [flash_requant_op(editor, op) or op for op in forward]
     image = int(subgraph.inputs[0])
     subgraph.operators = graph.init_ops + graph.selection_ops + forward + graph.backward_ops
     subgraph.inputs = [image, graph.label]
@@ -198,4 +227,4 @@ def _order_ops(graph: TrainingGraph) -> list:
     forward_ids = {id(op) for op in forward}
     return [position for position, op in enumerate(subgraph.operators)
             if id(op) in forward_ids and (not editor.builtin(op).startswith("CUSTOM:")
-                                          or editor.builtin(op) == "CUSTOM:DGST_FUSED_BLOCK")]
+                                          or editor.builtin(op) in _INFERENCE_CUSTOM_OPS)]

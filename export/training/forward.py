@@ -20,6 +20,7 @@ from dgst_tf.export.tflite_file import schema
 from dgst_tf.export.training.plan import (RELU, RELU6, WEIGHT_OP_KINDS, TrainedLayer,
                                           TrainingExportError, conv_options,
                                           select_kept_channels)
+from dgst_tf.export.training.schedule import schedule_words, step_counter
 from dgst_tf.export.training.state import TrainingGraph
 
 __all__ = ["fold_pads", "make_variable", "merged_weights", "add_variables",
@@ -263,20 +264,23 @@ def _add_kept_channels_tensor(graph: TrainingGraph, layer: TrainedLayer, op) -> 
                                               data=layer.kept)
         return
     layer.kept_tensor = editor.add_tensor(f"{layer.name}/kept", (count,), np.int32)
-    graph.selection_ops.append(_selection_op(editor, layer, op))
+    graph.selection_ops.append(_selection_op(graph, layer, op))
 
 
 # DGST_SELECT_CHANNELS policy codes (tflm_ops/tflm/dgst_select_channels.cc)
 SELECTION_POLICY_CODES = {"window": 0, "magnitude": 1, "traversal": 2}
 
 
-def _selection_op(editor: ModelEditor, layer: TrainedLayer, op):
+def _selection_op(graph: TrainingGraph, layer: TrainedLayer, op):
     """``DGST_SELECT_CHANNELS`` for ``layer.policy``: the integer importance multipliers
     (`reference.score_multipliers` of the weight scales, a constant) and its state variable
     in the arena, zeroed by TFLM at allocation and kept across Invokes: the visited bitmask
-    (traversal, ceil(C / 8) bytes) or the step counter (window, one int32)."""
+    (traversal, ceil(C / 8) bytes) or the step counter (window, one int32). Traversal under
+    a layer schedule also reads ``sgd/step`` and marks nothing at the steps the layer is
+    inactive (`schedule`)."""
     from dgst_tf.tflm_ops.reference import score_multipliers
 
+    editor = graph.editor
     channels = editor.shape(op.inputs[1])[-1]
     state = -1
     if layer.policy == "traversal":
@@ -290,10 +294,12 @@ def _selection_op(editor: ModelEditor, layer: TrainedLayer, op):
     multipliers = score_multipliers(weight_scales)
     importance = editor.add_tensor(f"{layer.name}/selection_multipliers", multipliers.shape,
                                    np.int32, data=multipliers)
+    schedule = schedule_words(layer) if layer.policy == "traversal" else ()
     return editor.custom_op(
-        "DGST_SELECT_CHANNELS", [int(op.inputs[1]), importance, state], [layer.kept_tensor],
+        "DGST_SELECT_CHANNELS", [int(op.inputs[1]), importance, state]
+        + ([step_counter(graph)] if schedule else []), [layer.kept_tensor],
         int32_options(SELECTION_POLICY_CODES[layer.policy],
-                      1 if layer.kind == "depthwise" else 0))
+                      1 if layer.kind == "depthwise" else 0, *schedule))
 
 
 def _keep_input_channels(graph: TrainingGraph, layer: TrainedLayer, index, op) -> None:

@@ -63,6 +63,7 @@ def build_manifest(graph: TrainingGraph, path: pathlib.Path, data: bytes, parsed
         "rounding": settings.rounding, "seed": int(settings.seed),
         "selection": settings.selection if isinstance(settings.selection, str) else "given",
         "policy": settings.policy,
+        "layers_per_step": settings.layers_per_step,
         "scheme": scheme.get_config(),
         "classifier": graph.plan.classifier,
         "layers": [_layer_entry(layer) for layer in graph.layers_in_order()],
@@ -88,7 +89,8 @@ def _layer_entry(layer) -> dict:
     static_kept = None if layer.kept is None or layer.policy else [int(c) for c in layer.kept]
     return {"name": layer.name, "kind": layer.kind, "update": layer.update.mode,
             "ratio": layer.update.ratio, "policy": layer.policy, "kept": static_kept,
-            "selection_state_bytes": layer.selection_state_bytes}
+            "selection_state_bytes": layer.selection_state_bytes,
+            "schedule": list(layer.schedule) if layer.schedule else None}
 
 
 def _param_entry(graph: TrainingGraph, parsed, position: int, entry: dict) -> dict:

@@ -46,6 +46,7 @@ class TrainedLayer:
     kept_tensor: int = -1  # the int32 tensor holding them (constant, or chosen on device)
     policy: str | None = None  # dynamic selection policy evaluated on device, or None
     selection_state_bytes: int = 0  # its arena state: visited bitmask / step counter
+    schedule: tuple | None = None  # (index, layers, per_step) under layers_per_step, or None
     compact: int = -1  # RAM variable with the kept input channels' weights only (static)
     flash: int = -1  # then: the read-only full kernel the other channels are read from
     weights_entry: dict | None = None  # then: its manifest "params" entry

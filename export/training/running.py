@@ -17,6 +17,7 @@ import numpy as np
 from dgst_tf.core.files import write_atomically
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import read_tflite
+from dgst_tf.export.training.flash_requant import FLASH_REQUANT_OP, builtin_conv_op
 from dgst_tf.export.training.manifest import load_manifest
 
 __all__ = ["TrainingRun", "train_tflm", "initial_params", "run_inference_tflm",
@@ -141,8 +142,9 @@ def run_inference_tflm(path, images_q, **kwargs):
 
 def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pathlib.Path:
     """Write an inference `.tflite` (image -> int8 logits: builtin ops, plus
-    ``DGST_FUSED_BLOCK`` if the training model has fused blocks) whose trainable tensors hold
-    ``params`` (as `TrainingRun.params`: "layer/param" -> array). Example::
+    ``DGST_FUSED_BLOCK`` if the training model has fused blocks; its ``DGST_CONV2D`` ops
+    become builtin convolutions again) whose trainable tensors hold ``params`` (as
+    `TrainingRun.params`: "layer/param" -> array). Example::
 
         write_inference_model("train.tflite", run.params, "updated.tflite")
     """
@@ -151,7 +153,8 @@ def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pat
     editor = ModelEditor(model)
     _set_params(editor, path, content, params)
     subgraph = editor.subgraph
-    subgraph.operators = [subgraph.operators[i] for i in content["forward_ops"]]
+    subgraph.operators = [_inference_op(editor, subgraph.operators[i])
+                          for i in content["forward_ops"]]
     to_flash = {m: p["flash"] for p in content["params"] for m in p.get("merged", [])}
     for op in subgraph.operators:  # convs read the (updated) full kernels again
         op.inputs = [to_flash.get(int(t), int(t)) for t in op.inputs]
@@ -163,6 +166,13 @@ def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pat
     data = editor.pack()
     read_tflite(data, what=f"updated inference model for {os.fspath(out_path)}")
     return write_atomically(out_path, data)
+
+
+def _inference_op(editor: ModelEditor, op):
+    """A forward op of the training graph as the inference graph has it."""
+    if editor.builtin(op) == f"CUSTOM:{FLASH_REQUANT_OP}":
+        return builtin_conv_op(editor, op)
+    return op
 
 
 def _set_params(editor: ModelEditor, path, content: dict, params: dict) -> None:

@@ -30,6 +30,8 @@ class ExportSettings:
     output_params: bool = True
     rounding: str = "stochastic"  # weight updates: "stochastic" or "nearest"
     seed: int = 0  # of stochastic rounding
+    requant_in_flash: bool = True  # convolutions as DGST_CONV2D (`flash_requant`)
+    layers_per_step: int | None = None  # the layer schedule (`schedule`); None: all layers
 
 
 @dataclasses.dataclass
@@ -52,7 +54,7 @@ class TrainingGraph:
     kept_inputs: dict = dataclasses.field(default_factory=dict)  # op index -> kept input
     label: int = -1  # the int32 label input
     loss: int = -1  # the float32 loss output
-    sgd_step: int = -1  # the int32 step counter of stochastic rounding (a variable)
+    sgd_step: int = -1  # the int32 step counter sgd/step (a variable; `schedule`)
 
     def layers_in_order(self) -> list[TrainedLayer]:
         return sorted(self.layers.values(), key=lambda layer: layer.op_index)

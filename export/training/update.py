@@ -10,7 +10,9 @@ With ``rounding="stochastic"`` (`ExportSettings`) the weight updates round stoch
 counter-based hash of (seed, `layer_stream` of the layer, the step, the element's index in
 the full kernel): one shared int32 variable ``sgd/step`` counts the steps (4 bytes of arena,
 counted by the memory model), the same numbers `QuantizationAwareScalingSGD` draws. Biases
-round to nearest: their LSB is s_x times finer than the weights', nothing is lost.
+round to nearest: their LSB is s_x times finer than the weights', nothing is lost. Under a
+layer schedule (`schedule`) the weight update of a layer reads ``sgd/step`` too and leaves
+the weights alone at the steps the layer is inactive.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from dgst_tf.export.tflite_builder import int32_options
 from dgst_tf.export.training.plan import TrainedLayer
+from dgst_tf.export.training.schedule import schedule_words, step_counter
 from dgst_tf.export.training.state import TrainingGraph
 from dgst_tf.training.qas import layer_stream
 
@@ -28,7 +31,8 @@ __all__ = ["SGD_WEIGHTS", "SGD_DEPTHWISE_WEIGHTS", "SGD_BIAS", "ROUNDING_CODES",
 SGD_WEIGHTS, SGD_DEPTHWISE_WEIGHTS, SGD_BIAS = 0, 1, 2
 # option word 4 of DGST_SGD_QAS_UPDATE
 ROUNDING_CODES = {"nearest": 0, "stochastic": 1}
-_STEP_INPUT = 5  # the step counter input of a stochastic update
+_STEP_INPUT = 5  # the step counter input of a stochastic or scheduled update
+_ADVANCE_WORD = 8  # option word: 1 on the op that counts the step
 
 
 def _int32(value: int) -> int:
@@ -38,22 +42,18 @@ def _int32(value: int) -> int:
 
 
 def _options(graph: TrainingGraph, op, target_kind: int, stream: int | None = None,
-             advance: int = 0) -> bytes:
-    """The options; with ``stream`` (stochastic rounding) the 5 rounding words too."""
+             schedule: tuple = ()) -> bytes:
+    """The options; with ``stream`` (stochastic rounding) or a ``schedule`` the 5 rounding
+    words too (advance_step 0: `advance_step` sets it), then the schedule words."""
     input_scale, _ = graph.editor.quantization(int(op.inputs[0]))
     words = [target_kind, float(graph.settings.learning_rate), float(input_scale[0])]
     if stream is not None:
         index_c_in = graph.editor.shape(int(op.inputs[1]))[-1]  # of the full kernel
         words += [ROUNDING_CODES["stochastic"], _int32(graph.settings.seed), _int32(stream),
-                  int(index_c_in), advance]
-    return int32_options(*words)
-
-
-def _step_tensor(graph: TrainingGraph) -> int:
-    """The int32 step counter variable shared by the stochastic updates (zero at start)."""
-    if graph.sgd_step < 0:
-        graph.sgd_step = graph.editor.add_tensor("sgd/step", (1,), np.int32, variable=True)
-    return graph.sgd_step
+                  int(index_c_in), 0]
+    elif schedule:
+        words += [ROUNDING_CODES["nearest"], 0, 0, 0, 0]
+    return int32_options(*words, *schedule)
 
 
 def bias_update(graph: TrainingGraph, op, bias_grad: int, weight_scale: int, dy_scale: int):
@@ -82,23 +82,28 @@ def weight_update(graph: TrainingGraph, layer: TrainedLayer, op, weight_grad: in
                 data=weight_scales[layer.kept].astype(np.float32))
     inputs = [target, weight_grad, kept_tensor, scales_tensor, dy_scale]
     kind = SGD_DEPTHWISE_WEIGHTS if depthwise else SGD_WEIGHTS
+    schedule = schedule_words(layer)
     if graph.settings.rounding == "nearest":
-        return editor.custom_op("DGST_SGD_QAS_UPDATE", inputs, [], _options(graph, op, kind))
+        return editor.custom_op("DGST_SGD_QAS_UPDATE", inputs + (
+            [step_counter(graph), -1] if schedule else []), [],
+            _options(graph, op, kind, schedule=schedule))
     index_channels = -1  # the kept channels are the full kernel's
     if layer.compact >= 0:
         index_channels = editor.add_tensor(f"{layer.name}/kept_in_kernel", (count,), np.int32,
                                            data=np.asarray(layer.kept, np.int32))
     return editor.custom_op("DGST_SGD_QAS_UPDATE",
-                            inputs + [_step_tensor(graph), index_channels], [],
-                            _options(graph, op, kind, stream=layer_stream(layer.name)))
+                            inputs + [step_counter(graph), index_channels], [],
+                            _options(graph, op, kind, stream=layer_stream(layer.name),
+                                     schedule=schedule))
 
 
 def advance_step(graph: TrainingGraph) -> None:
-    """Let the last stochastic update of the step increment the step counter (the others
-    all read the same step); nothing to do with round-to-nearest."""
+    """Let the last weight update reading the step counter increment it (every reader --
+    selections, weight gradients, updates -- runs before it and reads the same step), also
+    at a step its layer is inactive; nothing to do without a counter."""
     ops = [op for op in graph.backward_ops
            if len(op.inputs) > _STEP_INPUT and op.inputs[_STEP_INPUT] == graph.sgd_step >= 0]
     if ops:
         words = np.frombuffer(bytes(ops[-1].customOptions), "<i4").copy()
-        words[-1] = 1
+        words[_ADVANCE_WORD] = 1
         ops[-1].customOptions = list(words.astype("<i4").tobytes())

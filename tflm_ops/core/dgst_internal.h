@@ -60,6 +60,17 @@ void dgst_conv2d_weight_grad_s8_ref(const dgst_conv_geometry* g, const int8_t* x
                                     int32_t k, int32_t x_zero_point, const int8_t* dy,
                                     int32_t c_out, int32_t* grad);
 
+/* One output row r of dgst_conv2d_s8 into row [out_w][out_c] (a stage of
+ * dgst_fused_block_s8 too). */
+void dgst_conv2d_row_s8(const dgst_conv_geometry* g, int32_t in_c, int32_t out_c,
+                        const dgst_requant_params* p, const int8_t* x, int32_t r, int8_t* row);
+
+/* One output row r of dgst_depthwise_conv2d_s8 into row [out_w][channels], reading input row
+ * r * stride_h - pad_top + ky from rows[ky] (only the ky inside the input are read). */
+void dgst_depthwise_conv2d_row_s8(const dgst_conv_geometry* g, int32_t channels,
+                                  const dgst_requant_params* p, const int8_t* const* rows,
+                                  int32_t r, int32_t* acc, int8_t* row);
+
 /* floor(a / b) and ceil(a / b) for b > 0 and any sign of a. */
 static inline int32_t dgst_floor_div(int32_t a, int32_t b) {
   int32_t q = a / b;

@@ -120,6 +120,18 @@ void dgst_channel_scores_s8(const int8_t* w, const int32_t* multiplier, int32_t 
                             int32_t taps, int32_t c_in, int32_t depthwise, int64_t* scores);
 void dgst_select_ranked(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visited,
                         int32_t* kept);
+/* The same with active = 0 for a layer the layer schedule leaves out this step: a finished
+ * sweep still restarts and the choice is the same, but nothing is marked visited. */
+void dgst_select_ranked_scheduled(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visited,
+                                  int32_t active, int32_t* kept);
+
+/* Layer schedule (DGSU's stage-aware layer choice, layers_per_step = per_step): 1 if
+ * weight-updated layer `layer` (0-based of `layers`, execution order, classifier excluded)
+ * updates its weights at step `step`, else 0:
+ *   active <=> (layer - step * per_step) mod layers < per_step   (mod >= 0; 1 if
+ *   per_step >= layers). The definition, and why: dgst_tf.tflm_ops.reference.layer_active.
+ * `step` is the graph's uint32 step counter (sgd/step); needs layers >= 1, per_step >= 1. */
+int32_t dgst_layer_active(uint32_t step, int32_t layer, int32_t layers, int32_t per_step);
 void dgst_select_window(int32_t step, int32_t c_in, int32_t k, int32_t* kept);
 void dgst_select_magnitude_s8(const int8_t* w, const float* weight_scale, int32_t c_out,
                               int32_t taps, int32_t c_in, int32_t depthwise, int32_t k,
@@ -197,9 +209,10 @@ typedef struct {
   int32_t act_min, act_max;   /* fused activation range in output codes */
 } dgst_requant_params;
 
-/* The depthwise kernel height dgst_fused_block_s8 supports (its tap-row table is on the
- * stack). */
-#define DGST_FUSED_BLOCK_MAX_DW_H 16
+/* The depthwise kernel height the forward depthwise convolutions support (their tap-row
+ * table is on the stack). */
+#define DGST_DEPTHWISE_MAX_KERNEL_H 16
+#define DGST_FUSED_BLOCK_MAX_DW_H DGST_DEPTHWISE_MAX_KERNEL_H
 
 /* conv (K_h x K_w, any stride, pad top/left) -> depthwise (multiplier 1, kernel height at
  * most DGST_FUSED_BLOCK_MAX_DW_H) -> 1x1 projection, batch 1, no dilation.
@@ -221,6 +234,22 @@ int32_t dgst_fused_block_scratch_bytes(const dgst_fused_block_geometry* g);
 void dgst_fused_block_s8(const dgst_fused_block_geometry* g, const dgst_requant_params* conv,
                          const dgst_requant_params* dw, const dgst_requant_params* project,
                          const int8_t* x, int8_t* y, void* scratch);
+
+/* ---- Forward: one int8 convolution, requantization constants from the caller --------- */
+
+/* y = TFLite's int8 per-channel CONV_2D of x (reference kernel arithmetic, bit for bit) with
+ * the multipliers and shifts of `p` (constants in flash, not arena op data); dilation 1
+ * (g->dilation_* are ignored). x [in_h][in_w][in_c], p->weights OHWI
+ * [out_c][kernel_h][kernel_w][in_c], y [out_h][out_w][out_c]. */
+void dgst_conv2d_s8(const dgst_conv_geometry* g, int32_t in_c, int32_t out_c,
+                    const dgst_requant_params* p, const int8_t* x, int8_t* y);
+
+/* The same for DEPTHWISE_CONV_2D with multiplier 1 and kernel height at most
+ * DGST_DEPTHWISE_MAX_KERNEL_H: p->weights [1][kernel_h][kernel_w][channels]; acc: caller
+ * scratch of `channels` int32. */
+void dgst_depthwise_conv2d_s8(const dgst_conv_geometry* g, int32_t channels,
+                              const dgst_requant_params* p, const int8_t* x, int8_t* y,
+                              int32_t* acc);
 
 #ifdef __cplusplus
 }

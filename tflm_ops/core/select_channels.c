@@ -11,7 +11,8 @@
  *   score[c] = sum_o m[o] * sum_t w[o][t][c]^2      (conv/dense, int64)
  *   score[c] = m[c] * sum_t w[t][c]^2               (depthwise)
  * with m[o] = round(2^16 * s[o]^2 / max_o s[o]^2) from the weight scales, fixed at export.
- * kept[] is returned in increasing order. */
+ * kept[] is returned in increasing order.
+ * Layer schedule (layers_per_step): dgst_layer_active, the rule of reference.layer_active. */
 #include "dgst_train_kernels.h"
 
 static void sort_increasing(int32_t* a, int32_t n) {
@@ -81,8 +82,21 @@ void dgst_channel_scores_s8(const int8_t* w, const int32_t* multiplier, int32_t 
 
 static int32_t bit(const uint8_t* mask, int32_t c) { return (mask[c >> 3] >> (c & 7)) & 1; }
 
+int32_t dgst_layer_active(uint32_t step, int32_t layer, int32_t layers, int32_t per_step) {
+  int64_t offset;
+  if (per_step >= layers) return 1;
+  offset = ((int64_t)layer - ((int64_t)step * per_step) % layers) % layers;
+  if (offset < 0) offset += layers;
+  return offset < per_step;
+}
+
 void dgst_select_ranked(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visited,
                         int32_t* kept) {
+  dgst_select_ranked_scheduled(scores, c_in, k, visited, 1, kept);
+}
+
+void dgst_select_ranked_scheduled(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visited,
+                                  int32_t active, int32_t* kept) {
   int32_t c, j, all = 1;
   if (visited != 0) {
     for (c = 0; c < c_in && all; ++c) all = bit(visited, c);
@@ -103,6 +117,6 @@ void dgst_select_ranked(int64_t* scores, int32_t c_in, int32_t k, uint8_t* visit
     scores[best] = -1;
   }
   sort_increasing(kept, k);
-  if (visited != 0)
+  if (visited != 0 && active)
     for (j = 0; j < k; ++j) visited[kept[j] >> 3] |= (uint8_t)(1u << (kept[j] & 7));
 }

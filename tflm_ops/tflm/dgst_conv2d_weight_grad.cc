@@ -3,10 +3,12 @@
 //   inputs:  0 x_kept int8  [1, in_h, in_w, k]     saved input, kept channels only
 //            (Dense layers: x_kept [1, k], dy [1, c_out], grad [c_out, k])
 //            1 dy     int8  [1, out_h, out_w, c_out]
+//            2 step   int32 [1] variable sgd/step: with a layer schedule only
 //   outputs: 0 grad   int32 [c_out, kernel_h, kernel_w, k]   (OHWI, like TFLite filters)
-//   custom options (little-endian int32 x 8):
+//   custom options (little-endian int32 x 8, or x 11 with a layer schedule):
 //     [1 (format version), stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left,
-//      x_zero_point]
+//      x_zero_point(, layer, layers, per_step)]
+// A layer the schedule leaves out this step computes nothing (dgst_layer_schedule.h).
 // The kernel size comes from the grad shape; bottom/right padding is implied by the sizes.
 // grad[o][i][j][c] = sum_{oy,ox} dy[oy][ox][o] * (x[iy][ix][c] - x_zero_point),
 // iy = oy*stride_h - pad_top + i*dilation_h (taps outside the input contribute 0).
@@ -24,6 +26,7 @@ using namespace dgst_tflm;
 constexpr const char* kOp = "DGST_CONV2D_WEIGHT_GRAD";
 constexpr int kXKeptTensor = 0;
 constexpr int kDyTensor = 1;
+constexpr int kStepTensor = 2;  // with a layer schedule
 constexpr int kGradTensor = 0;  // output
 
 using OpData = ConvGradOpData;  // in_channels = k (kept), out_channels = c_out
@@ -35,11 +38,12 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   auto* data = PreparedOpData<OpData>(node);
   if (data == nullptr) return kTfLiteError;
-  NodeTensorChecker check(kOp, context, node, 2, 1);
+  NodeTensorChecker check(kOp, context, node, data->schedule.on() ? 3 : 2, 1);
   const TfLiteEvalTensor* x = check.Input("input 0 (x_kept)", kXKeptTensor, kTfLiteInt8, -1);
   const TfLiteEvalTensor* dy = check.Input("input 1 (dy)", kDyTensor, kTfLiteInt8, -1);
   const TfLiteEvalTensor* grad = check.Output("output 0 (grad)", kGradTensor, kTfLiteInt32, -1);
   if (!check.ok()) return kTfLiteError;
+  if (data->schedule.on() && !CheckStepInput(kOp, &check, kStepTensor)) return kTfLiteError;
   if (Dim(x, 0) != 1 || Dim(dy, 0) != 1) {
     MicroPrintf("%s: batch size must be 1, got x_kept batch %d and dy batch %d", kOp, Dim(x, 0),
                 Dim(dy, 0));
@@ -70,6 +74,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
+  if (!LayerActive(context, node, kStepTensor, data->schedule)) return kTfLiteOk;
   const TfLiteEvalTensor* x = GetEvalInput(context, node, kXKeptTensor);
   const TfLiteEvalTensor* dy = GetEvalInput(context, node, kDyTensor);
   TfLiteEvalTensor* grad = GetEvalOutput(context, node, kGradTensor);

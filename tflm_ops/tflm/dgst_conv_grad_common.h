@@ -8,6 +8,7 @@
 #define DGST_CONV_GRAD_COMMON_H_
 
 #include "../core/dgst_train_kernels.h"
+#include "dgst_layer_schedule.h"
 #include "dgst_tflm_abi.h"
 #include "dgst_tflm_geometry.h"
 
@@ -15,7 +16,7 @@ namespace dgst_tflm {
 
 // [1 (format version), stride_h, stride_w, dilation_h, dilation_w, pad_top, pad_left]
 constexpr int32_t kInputGradOptionWords = 7;
-// The same, then x_zero_point.
+// The same, then x_zero_point (then, optionally, the layer schedule words).
 constexpr int32_t kWeightGradOptionWords = 8;
 
 // The input-gradient ops' tensors.
@@ -27,9 +28,11 @@ constexpr int kInputGradDxTensor = 0;           // output: float32 [1, in_h, in_
 
 // The per-node data of all four ops. in_channels / out_channels: c_in and c_out of an
 // input gradient (both the channels for depthwise); for a weight gradient the k kept input
-// channels and dy's channels. x_zero_point: weight gradients only.
+// channels and dy's channels. x_zero_point and schedule (dgst_layer_schedule.h; off unless
+// the options have its words): weight gradients only.
 struct ConvGradOpData {
   bool options_ok;
+  LayerSchedule schedule;  // in the padding after options_ok: no arena bytes
   int32_t x_zero_point, in_channels, out_channels;
   dgst_conv_geometry geometry;
 };
@@ -44,10 +47,14 @@ inline bool ReadInputGradOptions(const char* op, const char* buffer, size_t leng
 
 // Options of a weight-gradient op -> geometry and the saved input's zero point (int8).
 inline bool ReadWeightGradOptions(const char* op, const char* buffer, size_t length,
-                                  dgst_conv_geometry* g, int32_t* x_zero_point) {
+                                  dgst_conv_geometry* g, int32_t* x_zero_point,
+                                  LayerSchedule* schedule) {
   int32_t o[kWeightGradOptionWords];
-  if (!ReadOptions(op, buffer, length, o, kWeightGradOptionWords) ||
-      !GeometryFromOptions(op, o, g))
+  const size_t own = sizeof(int32_t) * kWeightGradOptionWords;
+  if (!ReadOptions(op, buffer, length == own + sizeof(int32_t) * kScheduleWords ? own : length,
+                   o, kWeightGradOptionWords) ||
+      !GeometryFromOptions(op, o, g) ||
+      !ReadLayerSchedule(op, buffer, length, kWeightGradOptionWords, schedule))
     return false;
   if (o[7] < -128 || o[7] > 127) {
     MicroPrintf("%s: invalid options: x_zero_point %d must be in [-128, 127]", op,
@@ -72,8 +79,8 @@ inline void* InitWeightGrad(const char* op, DGST_TFLM_TYPE(TfLiteContext) * cont
                             const char* buffer, size_t length) {
   auto* data = NewOpData<ConvGradOpData>(context);
   if (data == nullptr) return nullptr;
-  data->options_ok =
-      ReadWeightGradOptions(op, buffer, length, &data->geometry, &data->x_zero_point);
+  data->options_ok = ReadWeightGradOptions(op, buffer, length, &data->geometry,
+                                           &data->x_zero_point, &data->schedule);
   return data;
 }
 

@@ -126,11 +126,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   g.out_h = Dim(y, 1);
   g.out_w = Dim(y, 2);
   g.out_c = Dim(y, 3);
-  if (Dim(x, 0) != 1 || Dim(y, 0) != 1) {
-    MicroPrintf("%s: batch size must be 1, got x batch %d and y batch %d", kOp, Dim(x, 0),
-                Dim(y, 0));
-    return kTfLiteError;
-  }
+  if (!CheckBatchOne(kOp, x, y)) return kTfLiteError;
   if (Dim(w1, 3) != g.in_c || Dim(w2, 0) != 1 || Dim(w2, 3) != g.mid_c ||
       Dim(w3, 0) != g.out_c || Dim(w3, 1) != 1 || Dim(w3, 2) != 1 || Dim(w3, 3) != g.mid_c) {
     MicroPrintf("%s: weight shapes do not chain: x has %d channels, conv [%d, %d, %d, %d], "

@@ -12,16 +12,20 @@
 //                              traversal: uint8 [ceil(c_in / 8)], the visited bitmask
 //                              window: int32 [1], the step counter (mod c_in)
 //                              magnitude: omitted (-1)
+//            3 step          traversal with a layer schedule only: the int32 [1] variable
+//                            sgd/step (dgst_layer_schedule.h)
 //   outputs: 0 kept          int32 [k]: the channels to update this step, increasing
-//   custom options (little-endian int32 x 3):
+//   custom options (little-endian int32 x 3, or x 6 with a layer schedule):
 //     [1 (format version), policy (0 window, 1 magnitude, 2 traversal), kind (0 conv/dense,
-//      1 depthwise)]
+//      1 depthwise)(, layer, layers, per_step)]
+// A layer the schedule leaves out this step gets the same choice, marked nowhere.
 // traversal (DGSU, Li & Chang 2024): unvisited channels first, then by integer importance
 // (ties: lower index); a sweep restarts once all are visited. magnitude: top-k importance of
 // the current (updated) weights. window: k channels from (step * k) mod c_in. Formulas in
 // dgst_train_kernels.h. Scratch (arena, non-persistent): c_in int64 scores (float32 norms
 // for the float magnitude). Policy 0 keeps the meaning it had as "traversal" in older graphs.
 #include "../core/dgst_train_kernels.h"
+#include "dgst_layer_schedule.h"
 #include "dgst_tflm_abi.h"
 
 namespace {
@@ -33,12 +37,14 @@ constexpr const char* kOp = "DGST_SELECT_CHANNELS";
 constexpr int kWeightsTensor = 0;
 constexpr int kImportanceTensor = 1;
 constexpr int kStateTensor = 2;  // a variable: visited bitmask (traversal) or step (window)
+constexpr int kStepTensor = 3;   // with a layer schedule: sgd/step
 constexpr int kKeptTensor = 0;  // output
 constexpr int32_t kOptionWords = 3;
 enum Policy { kWindow = 0, kMagnitude = 1, kTraversal = 2 };
 
 struct OpData {
   bool options_ok;
+  LayerSchedule schedule;  // in the padding after options_ok
   int32_t policy, kind;
   int32_t c_out, taps, c_in, k;
   bool float_scale;  // magnitude from float32 weight scales (older graphs)
@@ -49,7 +55,11 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
   auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kOptionWords];
-  data->options_ok = ReadOptions(kOp, buffer, length, o, kOptionWords);
+  const bool scheduled = length == sizeof(int32_t) * (kOptionWords + kScheduleWords);
+  data->options_ok =
+      ReadOptions(kOp, buffer, scheduled ? sizeof(int32_t) * kOptionWords : length, o,
+                  kOptionWords) &&
+      ReadLayerSchedule(kOp, buffer, length, kOptionWords, &data->schedule);
   if (!data->options_ok) return data;
   data->policy = o[1];
   data->kind = o[2];
@@ -57,6 +67,11 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
   if (o[1] < kWindow || o[1] > kTraversal || o[2] < 0 || o[2] > 1) {
     MicroPrintf("%s: invalid options: policy %d (0 window, 1 magnitude, 2 traversal), kind %d (0 "
                 "conv/dense, 1 depthwise)", kOp, static_cast<int>(o[1]), static_cast<int>(o[2]));
+    data->options_ok = false;
+  }
+  if (data->schedule.on() && o[1] != kTraversal) {
+    MicroPrintf("%s: a layer schedule needs policy 2 (traversal), got policy %d", kOp,
+                static_cast<int>(o[1]));
     data->options_ok = false;
   }
   return data;
@@ -82,7 +97,7 @@ bool CheckState(NodeTensorChecker& check, const OpData* data) {
 TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   auto* data = PreparedOpData<OpData>(node);
   if (data == nullptr) return kTfLiteError;
-  NodeTensorChecker check(kOp, context, node, 3, 1);
+  NodeTensorChecker check(kOp, context, node, data->schedule.on() ? 4 : 3, 1);
   const TfLiteEvalTensor* w = check.Input("input 0 (w)", kWeightsTensor, kTfLiteInt8, -1);
   const TfLiteEvalTensor* kept = check.Output("output 0 (kept)", kKeptTensor, kTfLiteInt32, 1);
   if (!check.ok()) return kTfLiteError;
@@ -113,6 +128,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
     return kTfLiteError;
   }
   if (!CheckState(check, data)) return kTfLiteError;
+  if (data->schedule.on() && !CheckStepInput(kOp, &check, kStepTensor)) return kTfLiteError;
   if (data->policy == kWindow) return kTfLiteOk;
   const size_t bytes = static_cast<size_t>(data->c_in) *
                        (data->float_scale ? sizeof(float) : sizeof(int64_t));
@@ -149,7 +165,8 @@ TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
                          data->c_in, data->kind == 1, scores);
   uint8_t* visited = data->policy == kTraversal
       ? static_cast<uint8_t*>(GetEvalInput(context, node, kStateTensor)->data.data) : nullptr;
-  dgst_select_ranked(scores, data->c_in, data->k, visited, kept);
+  dgst_select_ranked_scheduled(scores, data->c_in, data->k, visited,
+                               LayerActive(context, node, kStepTensor, data->schedule), kept);
   return kTfLiteOk;
 }
 

@@ -13,20 +13,25 @@
 //                            change every step); omitted (-1) for bias
 //            3 weight_scale  float32 [c_out] / [channels]: per-channel weight scales s_w
 //            4 dy_scale      float32 [1]: the step's output-gradient scale (runtime)
-//            5 step          int32 [1] variable: the training step counter (stochastic
-//                            rounding only; omitted (-1) otherwise)
+//            5 step          int32 [1] variable: the training step counter sgd/step
+//                            (stochastic rounding or a layer schedule; else omitted (-1))
 //            6 index_channels  int32 [k]: the channels of the full kernel the kept ones are
 //                            (stochastic rounding of a compact copy; else omitted (-1))
 //   outputs: none
-//   custom options (little-endian int32 x 4, or x 9 with the rounding words):
+//   custom options (little-endian int32 x 4, x 9 with the rounding words, x 12 with a layer
+//   schedule too):
 //     [1 (format version), kind, lr (float32 bits), x_scale (float32 bits)
-//      (, rounding (0 nearest, 1 stochastic), seed, stream, index_c_in, advance_step)]
+//      (, rounding (0 nearest, 1 stochastic), seed, stream, index_c_in, advance_step
+//       (, layer, layers, per_step))]
+// A layer the schedule (dgst_layer_schedule.h; weights only) leaves out this step keeps its
+// weights; the op with advance_step = 1 still counts the step.
 // Step (tflm_ops/core/sgd_qas_update.c): W_bar -= round(lr*x_scale*dy_scale/s_w[o] * grad),
 // clamped to [-127, 127]; b_bar -= round(lr*dy_scale*grad/(s_w[o]*x_scale)). Stochastic
 // rounding (weights only): W_bar = clamp(W_bar + floor(u - step), -127, 127), u from the
 // hash of (seed, stream, *step, index in the full kernel of index_c_in channels); the op
-// with advance_step = 1 (the graph's last) then increments *step.
+// with advance_step = 1 (the graph's last reader of the step) then increments *step.
 #include "../core/dgst_train_kernels.h"
+#include "dgst_layer_schedule.h"
 #include "dgst_tflm_abi.h"
 
 namespace {
@@ -40,7 +45,7 @@ constexpr int kGradTensor = 1;
 constexpr int kKeptTensor = 2;  // omitted (-1) for a bias
 constexpr int kWeightScaleTensor = 3;
 constexpr int kDyScaleTensor = 4;
-constexpr int kStepTensor = 5;           // stochastic rounding only
+constexpr int kStepTensor = 5;           // stochastic rounding or a layer schedule
 constexpr int kIndexChannelsTensor = 6;  // optional
 constexpr int32_t kOptionWords = 4;
 constexpr int32_t kRoundingOptionWords = 9;
@@ -49,19 +54,29 @@ enum Rounding { kNearest = 0, kStochastic = 1 };
 
 struct OpData {
   bool options_ok;
+  LayerSchedule schedule;  // in the padding after options_ok: no arena bytes
   int32_t kind;
   float lr, x_scale;
   int32_t rounding, seed, stream, index_c_in, advance_step;
   int32_t c_out, kernel_h, kernel_w, c_in, k;  // c_in: channels for depthwise and bias
 };
 
+// Stochastic rounding or a layer schedule read the step counter (input 5).
+bool ReadsStep(const OpData* data) {
+  return data->rounding == kStochastic || data->schedule.on();
+}
+
 void* Init(TfLiteContext* context, const char* buffer, size_t length) {
   auto* data = NewOpData<OpData>(context);
   if (data == nullptr) return nullptr;
   int32_t o[kRoundingOptionWords] = {0};
-  const bool rounding_words = length == sizeof(int32_t) * kRoundingOptionWords;
-  data->options_ok = ReadOptions(kOp, buffer, length, o,
-                                 rounding_words ? kRoundingOptionWords : kOptionWords);
+  const size_t rounding_bytes = sizeof(int32_t) * kRoundingOptionWords;
+  const bool scheduled = length == rounding_bytes + sizeof(int32_t) * kScheduleWords;
+  const bool rounding_words = scheduled || length == rounding_bytes;
+  data->options_ok =
+      ReadOptions(kOp, buffer, scheduled ? rounding_bytes : length, o,
+                  rounding_words ? kRoundingOptionWords : kOptionWords) &&
+      ReadLayerSchedule(kOp, buffer, length, kRoundingOptionWords, &data->schedule);
   if (!data->options_ok) return data;
   data->kind = o[1];
   data->lr = FloatFromBits(o[2]);
@@ -75,6 +90,15 @@ void* Init(TfLiteContext* context, const char* buffer, size_t length) {
       (data->rounding == kStochastic && data->kind == kBias)) {
     MicroPrintf("%s: invalid options: rounding %d (0 nearest, 1 stochastic; weights only), "
                 "index_c_in %d", kOp, static_cast<int>(o[4]), static_cast<int>(o[7]));
+    data->options_ok = false;
+  }
+  if (data->schedule.on() && data->kind == kBias) {
+    MicroPrintf("%s: a bias update has no layer schedule (biases train every step)", kOp);
+    data->options_ok = false;
+  }
+  if (data->advance_step && !ReadsStep(data)) {
+    MicroPrintf("%s: advance_step needs the step counter (stochastic rounding or a layer "
+                "schedule)", kOp);
     data->options_ok = false;
   }
   if (data->kind < kConv || data->kind > kBias || !(data->x_scale > 0.0f) ||
@@ -97,12 +121,7 @@ bool ShapeIs(const TfLiteEvalTensor* t, int rank, const int* dims) {
 // The step counter and the optional index channels of stochastic rounding.
 TfLiteStatus PrepareRounding(TfLiteContext* context, TfLiteNode* node,
                              NodeTensorChecker* check, int k) {
-  const TfLiteEvalTensor* step = check->Input("input 5 (step)", kStepTensor, kTfLiteInt32, 1);
-  if (!check->ok()) return kTfLiteError;
-  if (NumElements(step) != 1) {
-    MicroPrintf("%s: input 5 (step) must hold one int32, got %d", kOp, NumElements(step));
-    return kTfLiteError;
-  }
+  if (!CheckStepInput(kOp, check, kStepTensor)) return kTfLiteError;
   if (GetEvalInput(context, node, kIndexChannelsTensor) == nullptr) return kTfLiteOk;
   const TfLiteEvalTensor* index_channels = check->Input(
       "input 6 (index_channels)", kIndexChannelsTensor, kTfLiteInt32, 1);
@@ -119,8 +138,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   auto* data = PreparedOpData<OpData>(node);
   if (data == nullptr) return kTfLiteError;
   const bool bias = data->kind == kBias;
-  const bool stochastic = data->rounding == kStochastic;
-  NodeTensorChecker check(kOp, context, node, stochastic ? 7 : 5, 0);
+  NodeTensorChecker check(kOp, context, node, ReadsStep(data) ? 7 : 5, 0);
   const TfLiteEvalTensor* param =
       check.Input("input 0 (param)", kParamTensor, bias ? kTfLiteInt32 : kTfLiteInt8, -1);
   const TfLiteEvalTensor* grad = check.Input("input 1 (grad)", kGradTensor, kTfLiteInt32, -1);
@@ -164,7 +182,7 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   }
   kept = check.Input("input 2 (kept)", kKeptTensor, kTfLiteInt32, 1);
   if (!check.ok()) return kTfLiteError;
-  if (stochastic && PrepareRounding(context, node, &check, Dim(kept, 0)) != kTfLiteOk)
+  if (ReadsStep(data) && PrepareRounding(context, node, &check, Dim(kept, 0)) != kTfLiteOk)
     return kTfLiteError;
   data->k = Dim(kept, 0);
   data->kernel_h = param_rank == 4 ? Dim(param, 1) : 1;
@@ -205,9 +223,23 @@ TfLiteStatus Prepare(TfLiteContext* context, TfLiteNode* node) {
   return kTfLiteOk;
 }
 
+// The gradient, the weight scales and dy's scale, as every update reads them.
+struct Gradient {
+  const int32_t* grad;
+  const float* weight_scale;
+  float dy_scale;
+};
+
+Gradient GetGradient(TfLiteContext* context, TfLiteNode* node) {
+  return {static_cast<const int32_t*>(GetEvalInput(context, node, kGradTensor)->data.data),
+          static_cast<const float*>(GetEvalInput(context, node, kWeightScaleTensor)->data.data),
+          *static_cast<const float*>(GetEvalInput(context, node, kDyScaleTensor)->data.data)};
+}
+
 TfLiteStatus EvalStochastic(TfLiteContext* context, TfLiteNode* node, const OpData* data,
-                            int8_t* w, const int32_t* kept) {
-  auto* step = static_cast<int32_t*>(GetEvalInput(context, node, kStepTensor)->data.data);
+                            int8_t* w, const int32_t* kept, const Gradient& g) {
+  const auto* step =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kStepTensor)->data.data);
   const TfLiteEvalTensor* channels = GetEvalInput(context, node, kIndexChannelsTensor);
   const int32_t index_c_in = data->index_c_in > 0 ? data->index_c_in : data->c_in;
   dgst_stochastic_rounding sr = {static_cast<uint32_t>(data->seed),
@@ -217,52 +249,58 @@ TfLiteStatus EvalStochastic(TfLiteContext* context, TfLiteNode* node, const OpDa
     sr.index_channels = static_cast<const int32_t*>(channels->data.data);
     if (!KeptInRange(kOp, sr.index_channels, data->k, index_c_in)) return kTfLiteError;
   }
-  const auto* grad =
-      static_cast<const int32_t*>(GetEvalInput(context, node, kGradTensor)->data.data);
-  const auto* scale =
-      static_cast<const float*>(GetEvalInput(context, node, kWeightScaleTensor)->data.data);
-  const float dy_scale =
-      *static_cast<const float*>(GetEvalInput(context, node, kDyScaleTensor)->data.data);
   if (data->kind == kConv) {
     dgst_sgd_qas_update_conv_sr_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
-                                   kept, data->k, grad, data->lr, data->x_scale, dy_scale,
-                                   scale, &sr);
+                                   kept, data->k, g.grad, data->lr, data->x_scale, g.dy_scale,
+                                   g.weight_scale, &sr);
   } else {
     dgst_sgd_qas_update_depthwise_sr_s8(w, data->kernel_h, data->kernel_w, data->c_in, kept,
-                                        data->k, grad, data->lr, data->x_scale, dy_scale,
-                                        scale, &sr);
+                                        data->k, g.grad, data->lr, data->x_scale, g.dy_scale,
+                                        g.weight_scale, &sr);
   }
-  // wraps like the uint32 step of the hash (int32 overflow would be undefined)
-  if (data->advance_step) *step = static_cast<int32_t>(static_cast<uint32_t>(*step) + 1u);
   return kTfLiteOk;
+}
+
+TfLiteStatus UpdateWeights(TfLiteContext* context, TfLiteNode* node, const OpData* data,
+                           int8_t* w) {
+  const auto* kept =
+      static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
+  if (!KeptInRange(kOp, kept, data->k, data->c_in)) return kTfLiteError;
+  const Gradient g = GetGradient(context, node);
+  if (data->rounding == kStochastic) return EvalStochastic(context, node, data, w, kept, g);
+  if (data->kind == kConv) {
+    dgst_sgd_qas_update_conv_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
+                                kept, data->k, g.grad, data->lr, data->x_scale, g.dy_scale,
+                                g.weight_scale);
+  } else {
+    dgst_sgd_qas_update_depthwise_s8(w, data->kernel_h, data->kernel_w, data->c_in, kept,
+                                     data->k, g.grad, data->lr, data->x_scale, g.dy_scale,
+                                     g.weight_scale);
+  }
+  return kTfLiteOk;
+}
+
+// The last reader of the step counter counts the step.
+void AdvanceStep(TfLiteContext* context, TfLiteNode* node, const OpData* data) {
+  if (!data->advance_step) return;
+  auto* step = static_cast<int32_t*>(GetEvalInput(context, node, kStepTensor)->data.data);
+  // wraps like the uint32 step of the hash (int32 overflow would be undefined)
+  *step = static_cast<int32_t>(static_cast<uint32_t>(*step) + 1u);
 }
 
 TfLiteStatus Eval(TfLiteContext* context, TfLiteNode* node) {
   const auto* data = static_cast<const OpData*>(node->user_data);
   const TfLiteEvalTensor* param = GetEvalInput(context, node, kParamTensor);
-  const auto* grad =
-      static_cast<const int32_t*>(GetEvalInput(context, node, kGradTensor)->data.data);
-  const auto* scale =
-      static_cast<const float*>(GetEvalInput(context, node, kWeightScaleTensor)->data.data);
-  const float dy_scale =
-      *static_cast<const float*>(GetEvalInput(context, node, kDyScaleTensor)->data.data);
   if (data->kind == kBias) {
-    dgst_sgd_qas_update_bias_s32(static_cast<int32_t*>(param->data.data), data->c_in, grad,
-                                 data->lr, data->x_scale, dy_scale, scale);
+    const Gradient g = GetGradient(context, node);
+    dgst_sgd_qas_update_bias_s32(static_cast<int32_t*>(param->data.data), data->c_in, g.grad,
+                                 data->lr, data->x_scale, g.dy_scale, g.weight_scale);
     return kTfLiteOk;
   }
-  const auto* kept =
-      static_cast<const int32_t*>(GetEvalInput(context, node, kKeptTensor)->data.data);
-  if (!KeptInRange(kOp, kept, data->k, data->c_in)) return kTfLiteError;
-  auto* w = static_cast<int8_t*>(param->data.data);
-  if (data->rounding == kStochastic) return EvalStochastic(context, node, data, w, kept);
-  if (data->kind == kConv) {
-    dgst_sgd_qas_update_conv_s8(w, data->c_out, data->kernel_h, data->kernel_w, data->c_in,
-                                kept, data->k, grad, data->lr, data->x_scale, dy_scale, scale);
-  } else {
-    dgst_sgd_qas_update_depthwise_s8(w, data->kernel_h, data->kernel_w, data->c_in, kept,
-                                     data->k, grad, data->lr, data->x_scale, dy_scale, scale);
-  }
+  if (LayerActive(context, node, kStepTensor, data->schedule) &&
+      UpdateWeights(context, node, data, static_cast<int8_t*>(param->data.data)) != kTfLiteOk)
+    return kTfLiteError;
+  AdvanceStep(context, node, data);
   return kTfLiteOk;
 }
 

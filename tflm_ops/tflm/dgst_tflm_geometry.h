@@ -56,6 +56,17 @@ inline bool CheckGeometry(const char* op, const dgst_conv_geometry& g) {
                        g.pad_left);
 }
 
+// x and y of a forward op must have batch 1; prints both batch sizes otherwise.
+inline bool CheckBatchOne(const char* op, const DGST_TFLM_TYPE(TfLiteEvalTensor)* x,
+                          const DGST_TFLM_TYPE(TfLiteEvalTensor)* y) {
+  if (Dim(x, 0) != 1 || Dim(y, 0) != 1) {
+    MicroPrintf("%s: batch size must be 1, got x batch %d and y batch %d", op, Dim(x, 0),
+                Dim(y, 0));
+    return false;
+  }
+  return true;
+}
+
 // Spatial view of a batch-1 activation: rank 4 [1, H, W, C] or rank 2 [1, C] (a Dense
 // layer's vector, H = W = 1). Returns false (after an error naming `what`) otherwise.
 inline bool ActivationView(const char* op, const char* what,

@@ -4,7 +4,7 @@
 //
 //   #include "dgst_train_ops.h"
 //
-//   static tflite::MicroMutableOpResolver<N> resolver;   // N >= builtins + kNumDgstTrainOps (14)
+//   static tflite::MicroMutableOpResolver<N> resolver;   // N >= builtins + kNumDgstTrainOps (15)
 //   resolver.AddConv2D(); ...                             // the model's builtin ops
 //   if (dgst_tflm::AddDgstTrainOps(resolver) != kTfLiteOk) { /* resolver too small */ }
 //
@@ -23,6 +23,7 @@
 namespace tflite {
 
 TFLMRegistration* Register_DGST_BIAS_GRAD();
+TFLMRegistration* Register_DGST_CONV2D();
 TFLMRegistration* Register_DGST_CONV2D_INPUT_GRAD();
 TFLMRegistration* Register_DGST_CONV2D_WEIGHT_GRAD();
 TFLMRegistration* Register_DGST_DEPTHWISE_INPUT_GRAD();
@@ -42,9 +43,9 @@ TFLMRegistration* Register_DGST_VARIABLE_INIT();
 namespace dgst_tflm {
 
 // Resolver slots AddDgstTrainOps uses.
-constexpr unsigned int kNumDgstTrainOps = 14;
+constexpr unsigned int kNumDgstTrainOps = 15;
 
-// AddCustom's all 14 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
+// AddCustom's all 15 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
 // so that this header needs no resolver header). Stops at, and returns, the first error
 // (resolver full, or an op already added: AddCustom accepts each name once).
 template <typename Resolver>
@@ -57,6 +58,7 @@ inline TfLiteStatus AddDgstTrainOps(Resolver& resolver) {
       {"DGST_VARIABLE_INIT", tflite::Register_DGST_VARIABLE_INIT},
       {"DGST_SELECT_CHANNELS", tflite::Register_DGST_SELECT_CHANNELS},
       {"DGST_FUSED_BLOCK", tflite::Register_DGST_FUSED_BLOCK},
+      {"DGST_CONV2D", tflite::Register_DGST_CONV2D},
       {"DGST_RELU_MASK", tflite::Register_DGST_RELU_MASK},
       {"DGST_GATHER_CHANNELS", tflite::Register_DGST_GATHER_CHANNELS},
       {"DGST_SCATTER_CHANNELS", tflite::Register_DGST_SCATTER_CHANNELS},
