@@ -56,15 +56,21 @@ def test_quantized_values_follow_the_formulas(folded):
     assert (float_out.argmax(1) == int8_out.argmax(1)).mean() > 0.8
 
 
-def test_qas_scales_gradients_by_the_formula(folded):
+def _first_gradients(folded):
+    """(int8 graph, its model, trainable variables, their gradients on a small task, their
+    values before any update)."""
     x, y = separable_task(8)
     graph = int8_training_graph(folded, x)
     model = graph.model
     variables = model.trainable_weights
     with tf.GradientTape() as tape:
         loss = LOSS(y, model(x))
-    grads = tape.gradient(loss, variables)
-    start = [v.numpy() for v in variables]
+    return graph, model, variables, tape.gradient(loss, variables), [
+        v.numpy() for v in variables]
+
+
+def test_qas_scales_gradients_by_the_formula(folded):
+    graph, model, variables, grads, start = _first_gradients(folded)
     # round-to-nearest (the int8 simulation's default is stochastic,
     # test_stochastic_rounding_of_the_int8_kernels below)
     QuantizationAwareScalingSGD(0.5, graph.qas_scales, rounding="nearest").apply_gradients(
@@ -133,14 +139,7 @@ def test_stochastic_rounding_of_the_int8_kernels(folded):
     """rounding="stochastic" (the default): the kernels stay int8 integers in [-127, 127],
     each moved by the floor or the ceiling of the QAS float step (-floor(u - step), u in
     [0, 1)); biases round to nearest (test above)."""
-    x, y = separable_task(8)
-    graph = int8_training_graph(folded, x)
-    model = graph.model
-    variables = model.trainable_weights
-    with tf.GradientTape() as tape:
-        loss = LOSS(y, model(x))
-    grads = tape.gradient(loss, variables)
-    start = [v.numpy() for v in variables]
+    graph, model, variables, grads, start = _first_gradients(folded)
     QuantizationAwareScalingSGD(0.05, graph.qas_scales).apply_gradients(zip(grads, variables))
     for var, before, grad in zip(variables, start, grads):
         layer = model.get_layer(var.name.split("/")[0])
