@@ -1,7 +1,7 @@
 # dgst-tf developer entry points. `make test` and `make run` are the two README commands.
 #   make setup   virtualenv + everything the project needs (system packages via apt-get as root)
 #   make test    setup, then the whole test suite (what CI runs)
-#   make run     setup, then the main job on the offline default dataset
+#   make run     setup, then the device pipeline (`dgst device`) on the offline default dataset
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -46,8 +46,10 @@ $(VENV)/.installed: setup.cfg setup.py pyproject.toml
 test: setup
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --durations=15
 
+# the device pipeline on Fashion-MNIST (offline): prune to 1 MB flash, plan for 256 KB SRAM,
+# int8 DGSU training, TFLM check; ends with the device figures (output in device_run/)
 run: setup
-	$(VENV)/bin/dgst train
+	$(VENV)/bin/dgst device
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache tflm_ops/build

@@ -21,6 +21,7 @@ benchmarks/results/<name>.{json,md}.
 import argparse
 import json
 import pathlib
+import sys
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ import _report
 from dgst_tf import data, models
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.int8_conversion import DEFAULT_HEAD_LOGIT_RANGE, DEFAULT_HEAD_WEIGHT_HEADROOM
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.training.methods import build_method
 from dgst_tf.training.int8_graph import int8_training_graph
@@ -54,6 +56,10 @@ def _arguments():
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--learning-rate", type=float, default=0.001)
     p.add_argument("--target-fraction", type=float, default=0.02)
+    p.add_argument("--head-logit-range", type=float, default=DEFAULT_HEAD_LOGIT_RANGE,
+                   help="int8 graph: the new head's logits cover at least +-this")
+    p.add_argument("--head-weight-headroom", type=float, default=DEFAULT_HEAD_WEIGHT_HEADROOM,
+                   help="int8 graph: the new head's weight scales times this")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="one run per variant and seed (model head, data order, rounding)")
     p.add_argument("--name", default="int8_vs_float_cifar10")
@@ -84,7 +90,8 @@ def _model_and_optimizer(args, variant: str, calibration, seed: int):
         return (model, keras.optimizers.SGD(args.learning_rate),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 "float32 simulation")
-    graph = int8_training_graph(model, calibration)
+    graph = int8_training_graph(model, calibration, head_logit_range=args.head_logit_range,
+                                head_weight_headroom=args.head_weight_headroom)
     optimizer = QuantizationAwareScalingSGD(args.learning_rate, graph.qas_scales,
                                             rounding=rounding, seed=seed, qas=qas)
     return (graph.model, optimizer, graph.loss,  # the device's loss on int8 logits
@@ -130,13 +137,15 @@ def _earlier_rows(args, settings: dict) -> list:
     if args.fresh or not path.exists():
         return []
     earlier = json.loads(path.read_text())
-    free = ("seeds", "variants", "train", "validation")  # may differ between runs
+    free = ("seeds", "variants", "train", "validation", "commands")  # differ between runs
 
     def fixed(values):
         return {k: v for k, v in values.items() if k not in free}
 
-    same = fixed(earlier["settings"]) == fixed(settings)
-    return [r for r in earlier["results"] if same and isinstance(r.get("seed"), int)]
+    if fixed(earlier["settings"]) != fixed(settings):
+        return []
+    settings["commands"] = earlier["settings"].get("commands", [earlier["command"]])
+    return [r for r in earlier["results"] if isinstance(r.get("seed"), int)]
 
 
 COLUMNS = ["variant", "seed", "what", "val_top1", "val_top1_std", "train_top1",
@@ -152,6 +161,9 @@ def main():
         "optimizer": "SGD without momentum, batch 1, constant learning rate",
         "augment": "pad-crop + flip", "test set": "not read"}
     rows = _earlier_rows(args, settings)
+    command = " ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:])
+    earlier_commands = settings.get("commands", [])  # the runs whose rows the file holds
+    settings["commands"] = earlier_commands + [c for c in [command] if c not in earlier_commands]
     for seed in args.seeds:
         train, val, calibration = _datasets(args, seed)
         settings |= {"train": train.num_examples, "validation": val.num_examples}

@@ -39,7 +39,7 @@ from tflm_training_memory import LIN_49KB
 from dgst_tf import data, models
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm
-from dgst_tf.core.layer_kinds import kernel_of
+from dgst_tf.core.layer_kinds import kernel_of, tflite_kernel_layout
 from dgst_tf.export.training import export_training, initial_params, train_tflm
 from dgst_tf.training.int8_graph import int8_training_graph, max_accumulator
 from dgst_tf.training.qas import QuantizationAwareScalingSGD
@@ -75,12 +75,6 @@ def _model(args):
     size = (args.image_size, args.image_size, 3)
     return fold_batchnorm(models.mobilenet_v2(1.0, size, classes=10, weights="imagenet",
                                               seed=args.seed))
-
-
-def to_tflite(kernel: np.ndarray) -> np.ndarray:
-    """Keras kernel (HWIO, HWC1 or Dense IO) -> TFLite layout (OHWI, 1HWC, OI): the input
-    channel (the one a selection keeps) is the last axis on both sides of the comparison."""
-    return kernel.transpose(3, 0, 1, 2) if kernel.ndim == 4 else kernel.T
 
 
 def run_tflm(args, model, scheme, calibration, x, y, policy, folder) -> dict:
@@ -169,13 +163,13 @@ def run_keras(args, model, scheme, calibration, x, y, policy, tflm) -> dict:
         step_seconds.append(time.perf_counter() - start)
         losses.append(float(logs["loss"]))
         for name, layer in tflm["layers"].items():
-            kernel = to_tflite(kernel_of(graph.model.get_layer(name)).numpy())
+            kernel = tflite_kernel_layout(kernel_of(graph.model.get_layer(name)).numpy())
             kept = (sparse.selection.numpy(name)["indices"]
                     if name in sparse.selection.specs else None)
             values = compare_step(name, layer, kernel, kept, s)
             for key, value in zip(curves[name], values):
                 curves[name][key].append(value)
-    final = {name: np.round(to_tflite(kernel_of(graph.model.get_layer(name)).numpy()))
+    final = {name: np.round(tflite_kernel_layout(kernel_of(graph.model.get_layer(name)).numpy()))
              for name in tflm["layers"]}
     biases = {name: np.round(graph.model.get_layer(name).bias.numpy()).astype(np.int64)
               for name in tflm["biases"]}

@@ -116,7 +116,7 @@ def dense_and_pruned(args, train, test, shape):
     model = _imagenet(args.image_size, 10, args.seed)
     graph = DependencyGraph(model)
     budget = parse_budget(args.flash_budget)
-    sparsity, predicted = sparsity_for_budget(model, budget, graph)
+    sparsity, predicted = sparsity_for_budget(model, budget, graph, size="weights")
     print(f"sparsity {sparsity:.4f} of every channel family -> {predicted} flash bytes "
           f"(budget {budget})", flush=True)
     start = time.time()

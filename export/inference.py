@@ -24,7 +24,8 @@ import pathlib
 import numpy as np
 
 from dgst_tf.core.files import write_atomically
-from dgst_tf.core.int8_conversion import DEFAULT_NUM_SAMPLES, Int8ConversionError, convert_int8
+from dgst_tf.core.int8_conversion import (DEFAULT_HEAD_LOGIT_RANGE, DEFAULT_HEAD_WEIGHT_HEADROOM,
+                                          DEFAULT_NUM_SAMPLES, Int8ConversionError, convert_int8)
 from dgst_tf.export.tflite_file import (TensorDetails, TfliteFileError, read_tflite, schema,
                                         tensor_details)
 
@@ -114,8 +115,9 @@ def _check_int8(model, label):
     return dict(ops)
 
 
-def export_int8(model, representative_data, path, *, num_samples: int = DEFAULT_NUM_SAMPLES
-                ) -> Int8Export:
+def export_int8(model, representative_data, path, *, num_samples: int = DEFAULT_NUM_SAMPLES,
+                head_logit_range: float = DEFAULT_HEAD_LOGIT_RANGE,
+                head_weight_headroom: float = DEFAULT_HEAD_WEIGHT_HEADROOM) -> Int8Export:
     """Convert a tf-keras ``model`` to a full-int8 TFLite file at ``path`` (written atomically).
 
     ``representative_data`` calibrates the activation ranges: an array of samples
@@ -123,6 +125,8 @@ def export_int8(model, representative_data, path, *, num_samples: int = DEFAULT_
     (batched or not), or a callable yielding lists of arrays (one per model input). At most
     ``num_samples`` samples are used. The model may be BN-folded or not and pruned
     (TF-MOT wrappers are stripped). Its input size must be fixed; the file has batch 1.
+    The classifier head gets ``head_logit_range`` / ``head_weight_headroom`` room to train
+    (`dgst_tf.core.int8_conversion.widen_head`; 0 and 1 keep the converter's parameters).
 
     Raises ``Keras3ModelError`` for Keras 3 models, ``ValueError`` for unusable inputs or
     data, `Int8ExportError` if the converter fails or the result is not full int8; on any
@@ -132,7 +136,9 @@ def export_int8(model, representative_data, path, *, num_samples: int = DEFAULT_
         info.input.scale, info.input.zero_point, info.size_bytes
     """
     where = f"export_int8({os.fspath(path)})"
-    data = convert_int8(model, representative_data, num_samples=num_samples, where=where)
+    data = convert_int8(model, representative_data, num_samples=num_samples, where=where,
+                        head_logit_range=head_logit_range,
+                        head_weight_headroom=head_weight_headroom)
     try:
         data, parsed = read_tflite(data, what=f"converted for {os.fspath(path)}")
     except TfliteFileError as error:

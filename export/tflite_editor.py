@@ -154,16 +154,25 @@ class ModelEditor:
         """Drop tensors that no op, graph input or output uses, and buffers no tensor uses
         (renumbering the rest). Single-subgraph models only."""
         sg = self.subgraph
-        used = set(int(i) for i in sg.inputs) | set(int(i) for i in sg.outputs)
-        for op in sg.operators:
-            used |= {int(i) for i in list(op.inputs) + list(op.outputs) if i >= 0}
-        order = sorted(used)
+        order = sorted(self._used_tensors())
         new_index = {old: new for new, old in enumerate(order)}
         sg.tensors = [sg.tensors[i] for i in order]
         remap = lambda values: [new_index[int(i)] if i >= 0 else -1 for i in values]  # noqa: E731
         sg.inputs, sg.outputs = remap(sg.inputs), remap(sg.outputs)
         for op in sg.operators:
             op.inputs, op.outputs = remap(op.inputs), remap(op.outputs)
+        self.prune_buffers()
+        self.model.signatureDefs = None  # they name tensor indices that changed
+
+    def prune_buffers(self) -> None:
+        """Drop the data of tensors no op, graph input or output uses, and the buffers no
+        tensor or metadata uses (data replaced by `set_data`, say), renumbering the rest;
+        tensor indices do not change."""
+        sg = self.subgraph
+        used = self._used_tensors()
+        for index, tensor in enumerate(sg.tensors):
+            if index not in used:
+                tensor.buffer = 0
         metadata = list(self.model.metadata or [])
         buffers = sorted({0} | {int(t.buffer) for t in sg.tensors}
                          | {int(m.buffer) for m in metadata})
@@ -173,7 +182,13 @@ class ModelEditor:
             t.buffer = new_buffer[int(t.buffer)]
         for m in metadata:
             m.buffer = new_buffer[int(m.buffer)]
-        self.model.signatureDefs = None  # they name tensor indices that changed
+
+    def _used_tensors(self) -> set:
+        sg = self.subgraph
+        used = set(int(i) for i in sg.inputs) | set(int(i) for i in sg.outputs)
+        for op in sg.operators:
+            used |= {int(i) for i in list(op.inputs) + list(op.outputs) if i >= 0}
+        return used
 
     def pack(self) -> bytes:
         return pack_model(self.model)

@@ -26,11 +26,10 @@ from ai_edge_litert import schema_py_generated as schema
 
 # one implementation of atomic writes for the whole project; refuses a missing folder
 from dgst_tf.core.files import write_atomically
+from dgst_tf.core.tflite_flatbuffer import FILE_IDENTIFIER, pack_model
 
 __all__ = ["TfliteFileError", "read_tflite", "write_atomically", "pack_model", "TensorDetails",
            "tensor_details", "numpy_dtype", "schema", "FILE_IDENTIFIER"]
-
-FILE_IDENTIFIER = b"TFL3"
 
 _NUMPY_TYPES = {
     schema.TensorType.FLOAT32: np.float32,
@@ -189,15 +188,3 @@ def _check_model(model, label: str, size: int) -> None:
                 for t in values if values is not None else []:
                     if not -1 <= t < n:
                         fail(f"subgraph {s} operator {o} {kind[:-1]} tensor {t} is out of range")
-
-
-def pack_model(model) -> bytes:
-    """Serialize a schema ``ModelT`` with the ``TFL3`` file identifier.
-
-        data = pack_model(model)
-    """
-    import flatbuffers
-
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(model.Pack(builder), file_identifier=FILE_IDENTIFIER)
-    return bytes(builder.Output())

@@ -52,6 +52,25 @@ def test_manifest_describes_the_step(exported):
     assert m["ops"]["CUSTOM:DGST_GATHER_CHANNELS"] == 1  # project's kept input channels
 
 
+def test_the_file_holds_no_dead_data(exported):
+    """Every constant buffer in the file is read by an op (or is a graph input / output):
+    data the edits replaced (converter weights, requantized copies) is not flashed."""
+    from dgst_tf.export.tflite_file import read_tflite
+
+    _, _, _, info = exported
+    _, model = read_tflite(info.path)
+    graph = model.subgraphs[0]
+    used = set(graph.inputs) | set(graph.outputs)
+    for op in graph.operators:
+        used |= {int(i) for i in list(op.inputs) + list(op.outputs) if i >= 0}
+    live = {int(graph.tensors[i].buffer) for i in used} | {
+        int(m.buffer) for m in model.metadata or []}  # the converter's version records
+    dead = [b for b, buffer in enumerate(model.buffers)
+            if buffer.data is not None and len(buffer.data) and b not in live]
+    assert not dead, f"{sum(len(model.buffers[b].data) for b in dead)} bytes in {len(dead)} " \
+                     f"buffers no op reads"
+
+
 def test_one_step_matches_the_keras_int8_qas_simulation(exported):
     model, x, y, info = exported
     run = train_tflm(info.path, x[:1], y[:1])

@@ -2,7 +2,9 @@
 
 The oracle is arithmetic written out below for `small_models.residual_cnn` (8x8x3 input):
 stem 3x3 conv 8 -> expand 1x1 12 (ReLU6) -> depthwise 3x3 (ReLU6) -> project 1x1 8 ->
-add (skip from stem) -> pad -> head 3x3/2 conv 16 (ReLU) -> global pool -> dense 4.
+add (skip from stem) -> pad -> head 3x3/2 conv 16 (ReLU) -> global pool -> dense 4, with the
+ops and tensors `export_training` emits for it (read off `dgst_tf.export.training`; the
+same graphs against TFLM's arena report: tests/test_memory_vs_tflm.py).
 """
 import math
 import re
@@ -50,63 +52,116 @@ def test_lin_extra_memory_label_by_hand(report):
 
 
 def test_inference_peak_follows_tensor_lifetimes(report):
-    # int8 buffers: input 192 B; stem out 512 (read by expand and add, so alive until add,
-    # whose output overwrites it in place); expand 768; depthwise 768; project 512;
-    # head 256; pool 16; logits 4. Live per op:
-    live = [192 + 512, 512 + 768, 512 + 768 + 768, 512 + 768 + 512, 512 + 512, 512 + 256,
-            256 + 16, 16 + 4]
-    assert live == [704, 1280, 2048, 1792, 1024, 768, 272, 20]
-    assert [r.name for r in report.layers] == STEPS
-    assert report.forward_peak_bytes == 2048
-    assert report.layer("add").activation_bytes == 0  # in place
+    # int8 tensors, each its own buffer (TFLM computes nothing in place): input 192 B; stem
+    # out 512 (read by expand and add); expand 768; depthwise 768 (+ its DGST_CONV2D's 12
+    # int32 accumulators, 48 B of scratch); project 512; add 512; padded add 10x10x8 = 800
+    # (the PAD stays in front of the weight-updated head); head 256; pool 16 (+ MEAN's
+    # 16 int32 accumulators and 24 B of index scratch); logits 4
+    live = {"stem": 192 + 512, "expand": 512 + 768, "depthwise": 512 + 768 + 768 + 48,
+            "project": 512 + 768 + 512, "add": 512 + 512 + 512, "head": 800 + 256,
+            "pool": 256 + 16 + 64 + 16 + 8, "classifier": 16 + 4}
+    assert report.forward_peak_bytes == max(live.values()) == 2096
+    assert report.layer("add").activation_bytes == 512  # not in place
     assert report.layer("expand").activation_bytes == 768
+
+
+# The step `export_training` emits for SCHEME, op by op (the kept channels: expand 4 of 8,
+# depthwise 3 of 12, head 4 of 8; the weights of the kept channels are variables, the full
+# kernel is assembled before the forward conv and before the input gradient)
+STEP_OPS = (["DGST_VARIABLE_INIT"] * 9 + [  # biases of 5 layers, weights of 4
+    "DGST_CONV2D",                                                               # 9 stem
+    "DGST_SCATTER_CHANNELS", "DGST_GATHER_CHANNELS", "DGST_CONV2D", "DGST_RELU_MASK",
+    "DGST_SCATTER_CHANNELS", "DGST_GATHER_CHANNELS", "DGST_CONV2D", "DGST_RELU_MASK",
+    "DGST_CONV2D", "ADD",                                                        # 18 project
+    "PAD", "DGST_SCATTER_CHANNELS", "DGST_GATHER_CHANNELS", "DGST_CONV2D", "DGST_RELU_MASK",
+    "MEAN", "FULLY_CONNECTED",                                                   # 25, 26
+    "DGST_SOFTMAX_XENT_GRAD",                                                    # 27
+    "DGST_QUANTIZE_GRAD", "DGST_CONV2D_INPUT_GRAD", "DGST_BIAS_GRAD",            # classifier
+    "DGST_CONV2D_WEIGHT_GRAD", "DGST_SGD_QAS_UPDATE", "DGST_SGD_QAS_UPDATE",
+    "DGST_QUANTIZE_GRAD", "DGST_SCATTER_CHANNELS", "DGST_CONV2D_INPUT_GRAD",     # 34 head
+    "DGST_BIAS_GRAD", "DGST_CONV2D_WEIGHT_GRAD", "DGST_SGD_QAS_UPDATE", "DGST_SGD_QAS_UPDATE",
+    "DGST_QUANTIZE_GRAD", "DGST_CONV2D_INPUT_GRAD", "DGST_BIAS_GRAD",            # 41 project
+    "DGST_SGD_QAS_UPDATE",
+    "DGST_QUANTIZE_GRAD", "DGST_SCATTER_CHANNELS", "DGST_DEPTHWISE_INPUT_GRAD",  # 45 dw
+    "DGST_BIAS_GRAD", "DGST_DEPTHWISE_WEIGHT_GRAD", "DGST_SGD_QAS_UPDATE", "DGST_SGD_QAS_UPDATE",
+    "DGST_QUANTIZE_GRAD", "DGST_BIAS_GRAD", "DGST_CONV2D_WEIGHT_GRAD",           # 52 expand
+    "DGST_SGD_QAS_UPDATE", "DGST_SGD_QAS_UPDATE"])
+
+
+def test_the_exported_step_op_by_op(model):
+    """The global average pooling has no backward op: the head's error signal is quantized
+    from the pooled gradient (no float 4x4x16 gradient); the stem gets no gradient."""
+    timeline = MemoryModel(model).timeline(UpdateScheme(SCHEME))
+    assert [op.kind for op in timeline.ops] == STEP_OPS
+    assert all(op.steps != (STEPS.index("pool"),) for op in timeline.ops
+               if op.phase == "backward")
+
+
+def _live(tensors, at):
+    """Bytes of the (size, first op, last op) tensors live at op ``at``."""
+    return sum(size for size, first, last in tensors if first <= at <= last)
 
 
 def test_training_step_peak_by_hand(report):
     sram = {  # updated int8 weights (kept slice), int32 biases, classifier
         "expand": 4 * 12 + 4 * 12, "depthwise": 3 * 9 + 4 * 12, "project": 4 * 8,
         "head": 4 * 9 * 16 + 4 * 16, "classifier": 16 * 4 + 4 * 4}
-    constant = sum(sram.values())
-    assert constant == 923
-    # saved kept input channels + 1-bit ReLU masks (only where the gradient flows)
+    constant = sum(sram.values()) + 4  # + the int32 step counter of stochastic rounding
+    assert constant == 927
+    # saved kept input channels (head: of the padded 10x10 input) + 1-bit ReLU masks
     held = {"expand": 8 * 8 * 4 + 8 * 8 * 12 // 8, "depthwise": 8 * 8 * 3 + 8 * 8 * 12 // 8,
-            "head": 8 * 8 * 4 + 4 * 4 * 16 // 8, "classifier": 16}
+            "head": 10 * 10 * 4 + 4 * 4 * 16 // 8, "classifier": 16}
     for name, value in held.items():
         row = report.layer(name)
         assert row.saved_input_bytes + row.mask_bytes == value, name
         assert row.weight_bytes + row.bias_bytes == sram[name], name
     assert report.layer("stem").mask_bytes == 0  # no gradient reaches the stem
-    prefix = np.cumsum([held.get(n, 0) for n in STEPS])
-    act = [704, 1280, 2048, 1792, 1024, 768, 272, 20]
-    assert [r.forward_live_bytes for r in report.layers] == list(act + prefix + constant)
-    # float32 activation gradients live from the backward of their last reader to that of
-    # their producer: expand 3072 [1,2], depthwise 3072 [2,3], project 2048 [3,4],
-    # add 2048 [4,5], head 1024 [5,6], pool 64 [6,7], logits 16 [7]
-    grads = [0, 3072, 6144, 5120, 4096, 3072, 1088, 80]
-    weight_grads = [0, 4 * (48 + 12), 4 * (27 + 12), 4 * 8, 0, 4 * (576 + 16), 0, 4 * (64 + 4)]
-    backward = [g + w + p + constant if i else 0
-                for i, (g, w, p) in enumerate(zip(grads, weight_grads, prefix))]
-    assert [r.backward_live_bytes for r in report.layers] == backward
-    assert report.training_peak_bytes == max(backward) == 7863
-    assert (report.peak_phase, report.peak_layer) == ("backward", "depthwise")
-    assert sum(report.peak_breakdown.values()) == 7863
+    # backward tensors at the head's weight gradient (op 38, STEP_OPS) by their (first,
+    # last) op: what is saved for the later layers' backward, the logits and loss outputs,
+    # the head's int8 error signal and scale, the float gradient of the add (8x8x8 x 4,
+    # read by project's quantization at op 41), the head's int32 bias gradient and kept
+    # slice weight gradient (16 x 3x3 x 4)
+    tensors = [(256, 11, 54), (96, 13, 52), (192, 15, 49), (96, 17, 45), (400, 22, 38),
+               (4, 26, 56), (4, 27, 56), (260, 34, 40), (2048, 36, 41), (64, 37, 39),
+               (2304, 38, 40)]
+    at_weight_grad = _live(tensors, 38)
+    assert at_weight_grad == 256 + 96 + 192 + 96 + 400 + 4 + 4 + 260 + 2048 + 64 + 2304 == 5724
+    assert report.training_peak_bytes == at_weight_grad + constant == 6651
+    assert (report.peak_phase, report.peak_layer) == ("backward", "head")
+    assert report.peak_breakdown == {
+        "activations": 4, "saved tensors and masks": 256 + 96 + 192 + 96 + 400,
+        "activation gradients": 2048, "error signals": 260, "weight gradients": 64 + 2304,
+        "temporary kernels": 0, "scratch": 0, "label and loss": 4, "optimizer state": 4,
+        "parameters in SRAM": 923}
+    # the depthwise's input gradient (op 47): its error signal, the full kernel assembled
+    # for it (3x3x12), the float gradient of expand's output, what expand saved
+    assert report.layer("depthwise").backward_live_bytes == max(
+        256 + 96 + 192 + 8 + 772 + 108 + 3072,          # op 47
+        256 + 96 + 192 + 8 + 772 + 3072 + 48 + 108,     # op 49, its weight gradient
+        256 + 96 + 192 + 96 + 8 + 772 + 3072) + constant  # op 45, its quantization
+    assert report.layer("pool").backward_live_bytes == 0  # no op, no float copy
+    assert report.arena_bytes > report.training_peak_bytes  # + TFLM's structs
 
 
 def test_dense_training_memory_and_saving(model, report):
     dense = training_memory(model, UpdateScheme.full(model))
     assert report.dense_training_bytes == dense.training_peak_bytes
-    assert report.saving_bytes == dense.training_peak_bytes - 7863 > 0
+    assert report.saving_bytes == dense.training_peak_bytes - 6651 > 0
     stem = dense.layer("stem")
     assert stem.saved_input_bytes == 8 * 8 * 3  # the image is saved for the stem's weights
     assert stem.weight_bytes == int(kernel_of(model.get_layer("stem")).shape.num_elements())
 
 
 def test_inplace_depthwise_changes_the_forward_peak(model):
-    report = training_memory(model, UpdateScheme.last_layer(model), inplace_depthwise=True)
-    # depthwise writes over the expand buffer (+ one 8x8 channel of scratch):
-    # 512 + 768 + 64 = 1344 at depthwise; project: 512 + 768 + 512 = 1792 is the peak
-    assert report.layer("depthwise").forward_live_bytes - report.layer(
-        "expand").forward_live_bytes == 1344 - 1280
+    scheme = UpdateScheme.last_layer(model)
+    plain = training_memory(model, scheme, fuse_blocks=False)
+    report = training_memory(model, scheme, inplace_depthwise=True, fuse_blocks=False)
+    # TFLM: at depthwise stem 512 + expand 768 + depthwise 768 + 48 B of accumulators.
+    # In place (tinyengine): depthwise writes over the expand buffer (+ one 8x8 channel of
+    # scratch): 512 + 768 + 64 + 48 = 1392; project: 512 + 768 + 512 = 1792 is the peak
+    assert plain.forward_peak_bytes == 512 + 768 + 768 + 48
+    assert plain.layer("depthwise").forward_live_bytes - report.layer(
+        "depthwise").forward_live_bytes == 768 - 64
     assert report.forward_peak_bytes == 1792
 
 
@@ -125,8 +180,20 @@ def test_optimizer_state_and_dynamic_selection(model):
     assert dynamic.layer("head").optimizer_bytes == 1 + 4 * 4
     every = training_memory(model, UpdateScheme({"head": 1.0}), full_weights_in_sram=True)
     assert every.layer("head").optimizer_bytes == 0
-    assert training_memory(model, scheme).layer("head").optimizer_bytes == 0
-    assert dynamic.extra_memory_bits == training_memory(model, scheme).extra_memory_bits
+    static = training_memory(model, scheme)
+    assert static.layer("head").optimizer_bytes == 0
+    assert static.layer("head").weight_bytes == 3 * 3 * 4 * 16  # the kept channels only
+    assert dynamic.extra_memory_bits == static.extra_memory_bits
+    # the same as export_training's policy names: traversal is DGSU; window keeps an
+    # int32 position; magnitude no state; "static" is the default
+    assert training_memory(model, scheme, policy="traversal").to_dict() == dynamic.to_dict()
+    assert training_memory(model, scheme, policy="window").layer(
+        "head").optimizer_bytes == 4 + 4 * 4
+    assert training_memory(model, scheme, policy="magnitude").layer(
+        "head").optimizer_bytes == 4 * 4
+    assert training_memory(model, scheme, policy="static").to_dict() == static.to_dict()
+    with pytest.raises(MemoryModelError, match="policy must be one of"):
+        MemoryModel(model, policy="random")
     with pytest.raises(MemoryModelError, match="unknown optimizer 'rmsprop'"):
         optimizer_slots("rmsprop")
 
@@ -146,25 +213,29 @@ def test_input_shape_override_and_bad_shapes(model):
 
 
 def test_table_largest_and_chart(report, tmp_path):
-    # held: head 256+32+576+64 = 928, expand 256+96+48+48 = 448, depthwise 192+96+27+48 = 363
+    # held: head 400+32+576+64 = 1072 (the kept channels of its padded input),
+    # expand 256+96+48+48 = 448, depthwise 192+96+27+48 = 363
     assert [(r.name, r.held_bytes) for r in report.largest(3)] == [
-        ("head", 928), ("expand", 448), ("depthwise", 363)]
+        ("head", 1072), ("expand", 448), ("depthwise", 363)]
     text = report.table()
     for name in ("expand", "depthwise", "project", "head", "classifier"):
         assert name in text
-    assert "training step peak:              7.7 KB (backward pass at depthwise" in text
+    assert "training step peak:              6.5 KB (backward pass at head" in text
+    assert "TFLM arena (structs included):" in text
     path = plot_memory(report, tmp_path / "memory.png")
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compare_with_tflm(report, capsys):
-    result = compare_with_tflm(report, 2048 + 512)
-    assert result["difference_bytes"] == 512 and result["ratio"] == pytest.approx(1.25)
-    assert "TFLM arena 2.5 KB vs predicted 2.0 KB" in capsys.readouterr().out
-    assert compare_with_tflm(report, 7863, "training_peak", verbose=False)["difference_bytes"] == 0
+    result = compare_with_tflm(report, 2096 + 524)
+    assert result["difference_bytes"] == 524 and result["ratio"] == pytest.approx(1.25)
+    assert "TFLM arena 2.6 KB vs predicted 2.0 KB" in capsys.readouterr().out
+    assert compare_with_tflm(report, 6651, "training_peak", verbose=False)["difference_bytes"] == 0
+    arena = compare_with_tflm(report, report.arena_bytes + 100, "arena", verbose=False)
+    assert arena["predicted_bytes"] == report.arena_bytes and arena["difference_bytes"] == 100
     with pytest.raises(ValueError, match="what must be one of"):
-        compare_with_tflm(report, 1, what="arena")
+        compare_with_tflm(report, 1, what="heap")
 
 
 # Published tiny-training schemes for MobileNetV2-w0.35 at 128x128
@@ -215,15 +286,20 @@ def test_parse_budget_rejects_bad_values_naming_them(bad):
 
 def test_check_budget_error_names_the_largest_layers(model):
     scheme = UpdateScheme(SCHEME)
-    assert check_budget(model, scheme, budget_bytes="8KB").training_peak_bytes == 7863
+    assert check_budget(model, scheme, budget_bytes="8KB").training_peak_bytes == 6651
     with pytest.raises(MemoryBudgetError) as info:
-        check_budget(model, scheme, budget_bytes=7000)
+        check_budget(model, scheme, budget_bytes=6000)
     message = str(info.value)
-    assert "needs 7.7 KB for a training step but the budget is 6.8 KB (7000 bytes)" in message
-    assert "backward pass at depthwise" in message
+    assert "needs 6.5 KB for a training step but the budget is 5.9 KB (6000 bytes)" in message
+    assert "backward pass at head" in message
     largest = message.split("Largest contributors")[1]
     assert largest.index("head (weights 1/2)") < largest.index("expand (weights 1/2)")
-    assert info.value.report.training_peak_bytes == 7863
+    assert info.value.report.training_peak_bytes == 6651
+    # TFLM's arena: the same tensors plus the interpreter's structs
+    arena = check_budget(model, scheme, budget_bytes="1MB").arena_bytes
+    check_budget(model, scheme, budget_bytes=arena, accounting="arena")
+    with pytest.raises(MemoryBudgetError, match="for TFLM's arena of a training step"):
+        check_budget(model, scheme, budget_bytes=arena - 1, accounting="arena")
     with pytest.raises(MemoryBudgetError, match="extra memory"):
         check_budget(model, scheme, budget_bytes=1850, accounting="extra_memory")
     check_budget(model, scheme, budget_bytes=1851, accounting="extra_memory")
@@ -244,13 +320,13 @@ def test_memory_budget_callback_fails_before_the_first_step(model):
 
     x, y = batch(4)
     with pytest.raises(MemoryBudgetError, match="Largest contributors"):
-        sparse.fit(x, y, batch_size=1, verbose=0, callbacks=[MemoryBudget("7000"), Count()])
+        sparse.fit(x, y, batch_size=1, verbose=0, callbacks=[MemoryBudget("6000"), Count()])
     assert steps == []
     assert all(np.array_equal(a, b) for a, b in zip(before, sparse.base.get_weights()))
     fits = MemoryBudget("8KB")
     sparse.fit(x, y, batch_size=1, verbose=0, callbacks=[fits, Count()])
-    assert len(steps) == 4 and fits.report.training_peak_bytes == 7863
-    # Adam keeps two float32 values per updated parameter: 8 KB no longer fits
+    assert len(steps) == 4 and fits.report.training_peak_bytes == 6651
+    # Adam keeps two float32 values per updated parameter (767 of them): 8 KB no longer fits
     sparse.compile(optimizer=keras.optimizers.Adam(),
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(MemoryBudgetError, match="optimizer state"):
@@ -287,8 +363,9 @@ def test_memory_budget_counts_the_patterns_the_model_stores(model):
 
 
 def test_fused_blocks_by_hand():
-    """fused_blocks=True: a frozen conv -> depthwise -> 1x1 chain holds its input, its output
-    and dw_h + 1 rows (as DGST_FUSED_BLOCK), never the 8x8x8 expansion twice."""
+    """fuse_blocks=True (the default): a frozen conv -> depthwise -> 1x1 chain holds its
+    input, its output and dw_h + 1 rows (as DGST_FUSED_BLOCK), never the 8x8x8 expansion
+    twice."""
     inp = keras.Input((8, 8, 3))
     h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(inp)
     h = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(h)
@@ -296,12 +373,107 @@ def test_fused_blocks_by_hand():
     h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
     model = keras.Model(inp, keras.layers.Dense(2, name="fc")(h))
     scheme = UpdateScheme({})  # classifier only: the whole chain is frozen
-    plain = MemoryModel(model).report(scheme, dense=False)
-    fused = MemoryModel(model, fused_blocks=True).report(scheme, dense=False)
-    assert plain.forward_peak_bytes == 8 * 8 * 8 * 2  # conv output + depthwise output
+    plain = MemoryModel(model, fuse_blocks=False).report(scheme, dense=False)
+    fused = MemoryModel(model).report(scheme, dense=False)
+    assert MemoryModel(model, fused_blocks=True).report(scheme, dense=False).to_dict() == \
+        fused.to_dict()  # the older spelling
+    # conv output + depthwise output + the depthwise's 8 int32 accumulators
+    assert plain.forward_peak_bytes == 8 * 8 * 8 * 2 + 4 * 8
     rows = 3 * 8 * 8 + 8 * 8 + 4 * (3 + 8)  # 3 conv rows, 1 depthwise row, tags, accumulators
     assert fused.forward_peak_bytes == 8 * 8 * 3 + 8 * 8 * 4 + rows
     # a chain with an updated layer in it is not fused
-    inside = MemoryModel(model, fused_blocks=True).report(UpdateScheme({"dw": "bias"}),
-                                                          dense=False)
+    inside = MemoryModel(model).report(UpdateScheme({"dw": "bias"}), dense=False)
     assert inside.forward_peak_bytes == plain.forward_peak_bytes
+
+
+# ------------------------------------------------------------ export_training's options
+def _kinds(model, scheme, **options):
+    return [op.kind for op in MemoryModel(model, **options).timeline(UpdateScheme(scheme)).ops]
+
+
+def test_pads_fold_except_before_weight_updated_layers(model):
+    """fold_pads: the head's 1-pixel pad + 3x3/2 VALID conv is a 4x4 SAME conv (no padded
+    copy), unless the head trains its weights (then PAD writes the 10x10x8 copy and the
+    kept channels are taken from it) or fold_pads=False."""
+    memory = MemoryModel(model)
+    assert memory.graph.folded_kernel(memory.graph.by_layer["head"]) == (4, 4)
+    assert "PAD" not in _kinds(model, {"head": "bias"})
+    assert "PAD" in _kinds(model, {"head": "bias"}, fold_pads=False)
+    assert "PAD" in _kinds(model, {"head": 0.5})
+    folded = memory.report(UpdateScheme({"head": "bias"}), dense=False)
+    padded = MemoryModel(model, fold_pads=False).report(UpdateScheme({"head": "bias"}),
+                                                        dense=False)
+    # at the PAD op: the add output 512 and its padded copy 800 (+ the label, 4 B)
+    assert padded.layer("head").forward_live_bytes >= 512 + 800
+    assert folded.layer("head").forward_live_bytes < padded.layer("head").forward_live_bytes
+
+
+def test_kept_weights_in_ram_and_requantization_in_flash(model):
+    scheme = UpdateScheme(SCHEME)
+    compact = MemoryModel(model).report(scheme, dense=False)
+    whole = MemoryModel(model, kept_weights_in_ram=False).report(scheme, dense=False)
+    # the whole 3x3x8x16 head kernel is the variable; no kernel is assembled
+    assert whole.layer("head").weight_bytes == 3 * 3 * 8 * 16
+    assert compact.layer("head").weight_bytes == 3 * 3 * 4 * 16
+    assert "DGST_SCATTER_CHANNELS" not in _kinds(model, SCHEME, kept_weights_in_ram=False)
+    # before the 3 forward convs and the 2 input gradients (expand computes none)
+    assert _kinds(model, SCHEME).count("DGST_SCATTER_CHANNELS") == 5
+    assert whole.peak_breakdown["parameters in SRAM"] - compact.peak_breakdown[
+        "parameters in SRAM"] == (8 - 4) * 12 + (12 - 3) * 9 + (8 - 4) * 9 * 16
+    builtin = MemoryModel(model, requant_in_flash=False)
+    kinds = _kinds(model, SCHEME, requant_in_flash=False)
+    assert "DGST_CONV2D" not in kinds
+    assert (kinds.count("CONV_2D"), kinds.count("DEPTHWISE_CONV_2D")) == (4, 1)
+    # no int32 accumulator row at the depthwise (12 x 4 B); its op data holds the
+    # per-channel multipliers and shifts instead (8 B per output channel, in the arena)
+    assert compact.layer("depthwise").forward_live_bytes - builtin.report(
+        scheme, dense=False).layer("depthwise").forward_live_bytes == 4 * 12
+    assert builtin.arena_bytes(scheme) > compact.arena_bytes + 8 * (8 + 12 + 12 + 8 + 16) // 2
+
+
+def test_on_device_selection_holds_whole_kernels_indices_and_scores(model):
+    """policy="traversal": one DGST_SELECT_CHANNELS per layer keeping k < C, before the
+    forward pass, with C int64 scores of scratch; the kept indices live to the end."""
+    scheme = UpdateScheme(SCHEME)
+    timeline = MemoryModel(model, policy="traversal").timeline(scheme)
+    select = [i for i, op in enumerate(timeline.ops) if op.kind == "DGST_SELECT_CHANNELS"]
+    assert [timeline.ops[i].steps for i in select] == [(1,), (2,), (5,)]
+    assert select == list(range(select[0], select[0] + 3))
+    assert "DGST_SCATTER_CHANNELS" not in [op.kind for op in timeline.ops]
+    scores = [t.size for t in timeline.tensors if t.part == "scratch" and t.first in select]
+    assert scores == [8 * 8, 12 * 8, 8 * 8]
+    kept = [t for t in timeline.tensors if t.part == "optimizer state"]
+    assert [t.size for t in kept] == [4 * 4, 3 * 4, 4 * 4]
+    assert all(t.last == len(timeline.ops) - 1 for t in kept)
+    # the variables: whole kernels, biases, bitmasks (1, 2, 1 B), the step counter
+    held = timeline.persistent()
+    assert held["parameters in SRAM"] == 12 * 8 + 3 * 3 * 12 + 16 * 3 * 3 * 8 + 16 * 4 + 4 * (
+        12 + 12 + 8 + 16 + 4)
+    assert held["optimizer state"] == 1 + 2 + 1 + 4
+
+
+def test_output_params_change_only_tflm_structs(model):
+    scheme = UpdateScheme(SCHEME)
+    host = MemoryModel(model).report(scheme, dense=False)
+    firmware = MemoryModel(model, output_params=False).report(scheme, dense=False)
+    assert host.training_peak_bytes == firmware.training_peak_bytes
+    # 9 trainable tensors as graph outputs: a TfLiteTensor (64 B) and a pointer (8 B) each,
+    # and their zero points (28 B + 4 B per channel): biases of 12, 12, 8, 16 and 4
+    # channels; weights per output channel (expand 12, head 16), per kept depthwise
+    # channel (3), per tensor (classifier)
+    channels = [12, 12, 8, 16, 4, 12, 3, 16, 1]
+    assert host.arena_bytes - firmware.arena_bytes == sum(72 + 28 + 4 * c for c in channels)
+
+
+def test_gradients_meeting_at_a_fork_are_summed(model):
+    """The stem's output feeds expand and the residual add: its two float gradients (8x8x8
+    x 4 B each) are summed into a third by an ADD op before the stem's quantization."""
+    timeline = MemoryModel(model).timeline(UpdateScheme({"stem": "bias"}))
+    kinds = [op.kind for op in timeline.ops]
+    assert kinds.count("ADD") == 2 and kinds.index("ADD", kinds.index("ADD") + 1) > kinds.index(
+        "DGST_SOFTMAX_XENT_GRAD")
+    sums = [t for t in timeline.tensors if t.name.endswith("grad_sum")]
+    assert [t.size for t in sums] == [8 * 8 * 8 * 4]
+    at = kinds.index("ADD", kinds.index("DGST_SOFTMAX_XENT_GRAD"))
+    parts = [t for t in timeline.tensors if t.part == "activation gradients" and t.last == at]
+    assert sorted(t.size for t in parts) == [8 * 8 * 8 * 4, 8 * 8 * 8 * 4]

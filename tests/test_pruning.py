@@ -15,7 +15,9 @@ from dgst_tf.pruning import (ActivationPattern, BatchNormScale, DependencyGraph,
                              prune_while_training, remove_channels, select_groups,
                              sparsity_for_budget, stored_bytes, with_activation_patterns,
                              zeroed_groups)
+from dgst_tf.jobs.flash_budget import FIRMWARE_ALLOWANCE_BYTES
 from dgst_tf.pruning.group_selection import _kept_count
+from dgst_tf.pruning.model_size import deployable_size
 
 from small_models import batch, residual_cnn
 
@@ -201,11 +203,33 @@ def test_sparsity_for_budget_is_the_smallest_that_fits(mobilenet):
     model, graph = mobilenet
     full = flash_bytes(model)
     budget = full // 2
-    sparsity, size = sparsity_for_budget(model, budget, graph)
+    sparsity, size = sparsity_for_budget(model, budget, graph, size="weights")
     assert size <= budget
     assert flash_bytes(model, groups_to_prune(graph, sparsity - 0.01), graph) > budget
     small = remove_channels(model, select_groups(model, sparsity, graph=graph), graph)
     assert footprint(small).flash_bytes == size
+
+
+def test_sparsity_for_budget_counts_the_deployable_file_by_default(mobilenet):
+    from dgst_tf.pruning.prune_to_budget import DEPLOYABLE_MARGIN, pruned_name
+
+    model, graph = mobilenet
+    budget = flash_bytes(model) // 2
+    sparsity, size = sparsity_for_budget(model, budget, graph)
+    weights_only, _ = sparsity_for_budget(model, budget, graph, size="weights")
+    assert sparsity > weights_only + 0.05  # the file holds more than the weights
+
+    def deployable(s):  # once fine-tuned: no bias is zero any more
+        return deployable_size(model, groups_to_prune(graph, s), graph,
+                               name=pruned_name(model), fine_tuned=True).total
+
+    assert size == deployable(sparsity)
+    assert size * (1 + DEPLOYABLE_MARGIN) <= budget < deployable(sparsity - 0.01)
+    small = remove_channels(model, select_groups(model, sparsity, graph=graph), graph,
+                            name=pruned_name(model))
+    assert deployable_size(small, fine_tuned=True).total == size
+    with pytest.raises(ValueError, match="size must be one of"):
+        sparsity_for_budget(model, budget, graph, size="file")
 
 
 # -------------------------------------------------------------- TF-MOT integration
@@ -402,19 +426,39 @@ def test_cli_prune_writes_a_model_that_fits_the_budget(tmp_path, capsys, trainin
                 tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(image))
     parser = argparse.ArgumentParser()
     add_prune_parser(parser.add_subparsers(dest="command"))
+    budget = FIRMWARE_ALLOWANCE_BYTES + 200 * 1024  # 200 KB left for the training file
     args = parser.parse_args([
         "prune", "--width", "0.35", "--image-size", "32", "--weights", "none",
-        "--flash-budget", "200KB", "--dataset", "folder", "--data", str(tmp_path / "data"),
+        "--flash-budget", str(budget), "--dataset", "folder", "--data", str(tmp_path / "data"),
         *training, "--batch-size", "4", "--output", str(tmp_path / "out" / "pruned.h5"),
         "--report", str(tmp_path / "report.json")])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "fits 200KB" in out and "after" in out
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["pruned.h5"]  # no temp left
     small = keras.models.load_model(tmp_path / "out" / "pruned.h5", compile=False)
-    assert footprint(small).flash_bytes <= 200 * 1024
+    deployable = deployable_size(small).total
+    assert deployable + FIRMWARE_ALLOWANCE_BYTES <= budget
+    assert (f"{deployable} bytes .tflite + {FIRMWARE_ALLOWANCE_BYTES} bytes firmware "
+            f"allowance = {deployable + FIRMWARE_ALLOWANCE_BYTES} bytes fits {budget}") in out
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["fits"] and report["after"]["flash_bytes"] == footprint(small).flash_bytes
+    assert report["fits"] and report["deployable_bytes"] == deployable
+    assert report["firmware_allowance_bytes"] == FIRMWARE_ALLOWANCE_BYTES
+    assert report["after"]["flash_bytes"] == footprint(small).flash_bytes
+    assert report["deployable_before"]["total"] > 2 * deployable
     assert ("distilled from the unpruned model" in report["training"]) == (
         "--distill" in training)
-    assert report["before"]["flash_bytes"] > 2 * report["after"]["flash_bytes"] * 0.9
+
+
+def test_cli_prune_refuses_a_budget_the_firmware_fills(tmp_path):
+    import argparse
+
+    from dgst_tf.cli.prune import add_prune_parser
+
+    parser = argparse.ArgumentParser()
+    add_prune_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prune", "--flash-budget", "100KB", "--firmware-allowance",
+                              "100KB", "--dataset", "none", "--weights", "none",
+                              "--output", str(tmp_path / "p.h5")])
+    with pytest.raises(ValueError, match=r"100KB \(102400 bytes\) leaves nothing .* "
+                                         r"allowance of 102400 bytes"):
+        args.func(args)

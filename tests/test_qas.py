@@ -33,25 +33,32 @@ def folded():
 def test_quantized_values_follow_the_formulas(folded):
     """The converter's parameters the graph holds: ``s_w = max|W_oc| / 127`` per output
     channel, ``W_bar = round(W / s_w)``, ``b_bar = round(b / (s_w s_x))``, in the Keras
-    layouts (a transposed or mis-scaled kernel fails)."""
+    layouts (a transposed or mis-scaled kernel fails); the classifier with the head's
+    weight headroom (its scales times h, its values requantized to them)."""
     x, _ = separable_task(32)
-    graph = int8_training_graph(folded, x)
+    graph = int8_training_graph(folded, x, head_weight_headroom=4)
     for name in ("stem", "depthwise", "head", "classifier"):
+        headroom = 4.0 if name == "classifier" else 1.0
         float_layer, int_layer = folded.get_layer(name), graph.model.get_layer(name)
         kernel = kernel_of(float_layer).numpy()
         flat = kernel.reshape(-1, int(np.prod(kernel.shape[-2:]))) if name == "depthwise" \
             else kernel.reshape(-1, kernel.shape[-1])
-        s_w = np.abs(flat).max(axis=0) / 127
+        s_w = headroom * np.abs(flat).max(axis=0) / 127
         np.testing.assert_allclose(graph.weight_scales[name], s_w, rtol=1e-6)
         w_bar = kernel_of(int_layer).numpy()
-        assert np.array_equal(w_bar, np.round(w_bar)) and np.abs(w_bar).max() == 127
+        assert np.array_equal(w_bar, np.round(w_bar))
+        assert np.abs(w_bar).max() == np.floor(127 / headroom + 0.5), name
         shape = kernel.shape[-2:] if name == "depthwise" else kernel.shape[-1]
-        assert np.abs(w_bar - kernel / s_w.reshape(shape)).max() <= 0.5 + 1e-3, name
+        rounding = 0.5 + 0.5 / headroom  # twice rounded: by the converter, then to s_w
+        assert np.abs(w_bar - kernel / s_w.reshape(shape)).max() <= rounding + 1e-3, name
         s_x, _ = graph.input_qparams[name]
         np.testing.assert_allclose(int_layer.bias.numpy(),
-                                   float_layer.bias.numpy() / (s_w * s_x), atol=0.5 + 1e-3)
-    # the int8 graph approximates the float model
-    float_out, int8_out = folded(x).numpy(), graph.model(x).numpy()
+                                   float_layer.bias.numpy() / (s_w * s_x),
+                                   atol=rounding + 1e-3)
+    # the int8 graph approximates the float model (at the converter's own logit resolution:
+    # the widened head's LSB, 32 / 255, is as large as these untrained logits)
+    narrow = int8_training_graph(folded, x, head_logit_range=0, head_weight_headroom=1)
+    float_out, int8_out = folded(x).numpy(), narrow.model(x).numpy()
     assert np.abs(float_out - int8_out).max() < 0.1 * np.abs(float_out).max()
     assert (float_out.argmax(1) == int8_out.argmax(1)).mean() > 0.8
 

@@ -101,12 +101,13 @@ def test_search_scheme_on_a_model_uses_its_memory_model():
     model = residual_cnn()
     table = analytic_contributions(model, layers=["expand", "depthwise", "project", "head"])
     mm = MemoryModel(model)
-    for accounting, budget in (("extra_memory", 1500), ("training_peak", 7000)):
+    for accounting, budget in (("extra_memory", 1500), ("training_peak", 7000),
+                               ("arena", 12000)):
         result = search_scheme(model, table, budget, accounting=accounting, evaluations=200,
                                memory_model=mm)
         report = training_memory(model, result.scheme)
-        used = report.extra_memory_bytes if accounting == "extra_memory" else \
-            report.training_peak_bytes
+        used = {"extra_memory": report.extra_memory_bytes, "arena": report.arena_bytes,
+                "training_peak": report.training_peak_bytes}[accounting]
         assert used == result.memory_bytes <= budget
         assert result.weights  # the budget leaves room for some weights
         check_budget(model, result.scheme, budget_bytes=budget, accounting=accounting)
@@ -184,3 +185,31 @@ def test_dgst_plan_writes_a_scheme_that_fits(tmp_path, capsys):
         run_plan([*common, "--budget", "1KB"])
     with pytest.raises(ValueError, match="cannot read memory budget 'lots'"):
         run_plan([*common, "--budget", "lots"])
+
+
+def test_dgst_plan_describes_the_exported_dgsu_step_by_default(tmp_path, capsys):
+    """Without options `dgst plan` budgets TFLM's arena of the step `export_training` emits
+    with on-device traversal selection (DGSU): whole kernels of weight-updated layers in
+    SRAM, fused blocks, requantization in flash, the trainable tensors as outputs."""
+    from dgst_tf.models import mobilenet_v2
+
+    out = tmp_path / "scheme.json"
+    common = ["--width", "0.35", "--image-size", "32", "--evaluations", "100",
+              "--output", str(out)]
+    assert run_plan([*common, "--budget", "160KB"]) == 0
+    text = capsys.readouterr().out
+    assert "on the arena; selection traversal" in text and "TFLM arena (structs included)" in text
+    scheme = UpdateScheme.load(out)
+    assert any(u.updates_weights for u in scheme.layers.values())
+    model = mobilenet_v2(0.35, (32, 32, 3), classes=10, weights=None)
+    dgsu = MemoryModel(model, policy="traversal")
+    assert dgsu.arena_bytes(scheme) <= 160 * 1024
+    assert f"arena {dgsu.arena_bytes(scheme) / 1024:.1f} KB of 160.0 KB" in text
+    # the static step holds only the kept channels' weights: never more than DGSU's
+    assert MemoryModel(model).arena_bytes(scheme) <= dgsu.arena_bytes(scheme)
+    assert run_plan([*common, "--budget", "160KB", "--policy", "static",
+                     "--memory", "training_peak"]) == 0
+    assert "on the training peak; selection static" in capsys.readouterr().out
+    check_budget(model, UpdateScheme.load(out), budget_bytes="160KB")
+    with pytest.raises(ValueError, match="--selection dynamic needs an on-device --policy"):
+        run_plan([*common, "--selection", "dynamic", "--policy", "static"])

@@ -6,8 +6,10 @@
     dgst tflm-train train.tflite --dataset cifar10 --steps 100 --test-examples 200
 
     dgst train --output-dir OUT ...                  # adapt on the host, then
-    dgst export --from-train OUT --output OUT/train.tflite   # its model, scheme, channels
-    # = --model OUT/model.keras --scheme OUT/scheme.json --selection-state OUT/selection.json
+    dgst export --from-train OUT --output OUT/train.tflite   # its model, scheme, selection
+    # static training: = --model OUT/model.keras --scheme OUT/scheme.json
+    #                    --selection-state OUT/selection.json
+    # dynamic (DGSU): the same rule on device, --policy and --layers-per-step as trained
 
 Channel selection of weight-updated layers: see `CHANNEL_SELECTION` (and `dgst export --help`).
 
@@ -19,6 +21,7 @@ and TFLM's arena bytes.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 
 from dgst_tf.cli.common_args import SELECTION_HELP, SELECTIONS, add_dataset_arguments
@@ -34,7 +37,8 @@ channel selection of weight-updated layers:
   --layers-per-step N updates the weights of N weight-updated layers per step, in turn
       (with either selection); the others train only their biases.
 
-from a training run:
+from a training run (a dynamic one exports its on-device rule and layer schedule;
+--selection static exports its last kept channels instead):
   dgst train ... --output-dir OUT
   dgst export --from-train OUT --dataset D --output OUT/train.tflite
   dgst tflm-train OUT/train.tflite --dataset D
@@ -82,7 +86,8 @@ def _add_training_step_arguments(export) -> None:
                       help="write only the full-int8 inference model")
     what.add_argument("--from-train", default=None, metavar="DIR",
                       help="the --output-dir of `dgst train`: its model.keras, scheme.json "
-                           "and selection.json (instead of --model/--scheme/--selection-state)")
+                           "and selection.json (instead of --model/--scheme/--selection-state;"
+                           " a dynamic run's policy and layers per step)")
     what.add_argument("--scheme", dest="scheme_path", default=None,
                       help="UpdateScheme JSON (from `dgst plan` or `dgst train`)")
     what.add_argument("--backward-config", default=None,
@@ -148,7 +153,14 @@ def _resolve_from_train(args) -> None:
                          "--model, --scheme, --backward-config and --selection-state")
     outputs = TrainOutputs(args.from_train).check()
     args.model, args.scheme_path = str(outputs.model), str(outputs.scheme)
-    args.selection_state = str(outputs.selection)
+    saved = json.loads(outputs.selection.read_text())
+    if saved.get("policy") and args.selection != "static":
+        # trained with an on-device rule: the device runs it too, with its layer schedule
+        args.selection, args.policy = "dynamic", args.policy or saved["policy"]
+        if args.layers_per_step is None:
+            args.layers_per_step = saved.get("layers_per_step")
+    else:
+        args.selection_state = str(outputs.selection)
 
 
 def _scheme(args, model):

@@ -8,6 +8,8 @@
     dgst export [options]     write the model as a TFLM training step (.tflite + .json) or int8 model
                               (--from-train OUT: the model `dgst train` adapted)
     dgst tflm-train MODEL     run N training steps in TFLM: loss, accuracy, arena bytes
+    dgst device [options]     the whole flow on the device's budgets, resumable: prune -> plan
+                              -> int8 DGSU training -> TFLM check -> int8 test accuracy
 """
 import argparse
 import dataclasses
@@ -35,6 +37,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an UpdateScheme JSON file (from `dgst plan`); overrides --method")
     parser.add_argument("--selection", choices=SELECTIONS, default=defaults.selection,
                         help=SELECTION_HELP + " (with --scheme; a --method brings its own)")
+    parser.add_argument("--layers-per-step", type=int, default=defaults.layers_per_step,
+                        metavar="N", help="dynamic selection: update the weights of only N "
+                        "weight-updated layers per step, in turn (DGSU's layer schedule; "
+                        "`dgst export --from-train` carries it to the device)")
     parser.add_argument("--train-examples", type=int, default=defaults.train_examples,
                         help="use this many training images (0 = all)")
     parser.add_argument("--test-examples", type=int, default=defaults.test_examples,
@@ -113,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(train)
     train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
     train.set_defaults(func=_cmd_train)
+    from dgst_tf.cli.device import add_device_parser
     from dgst_tf.cli.export import add_export_parsers
     from dgst_tf.cli.plan import add_plan_parser
     from dgst_tf.cli.prune import add_prune_parser
@@ -120,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)
     add_prune_parser(sub)
     add_export_parsers(sub)
+    add_device_parser(sub)
     return parser
 
 

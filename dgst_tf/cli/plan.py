@@ -3,10 +3,15 @@
     dgst plan --model mobilenet_v2 --width 0.35 --image-size 128 --budget 256KB
     dgst plan --width 1.0 --image-size 96 --budget 99KB --memory extra_memory \
         --contributions measured --dataset cifar10 --search evolutionary --output scheme.json
-    dgst plan --budget 256KB --selection dynamic    # DGSU: whole kernels stay in SRAM
+    dgst plan --budget 256KB --selection static    # channels fixed at export (Lin et al.)
 
-Prints the chosen scheme, its memory breakdown and dense vs sparse; writes the scheme
-JSON (`UpdateScheme.save`) that ``dgst train --scheme`` and `SparseUpdateModel` take.
+The memory is that of the training step `export_training` (``dgst export``) emits by
+default: fused frozen blocks, folded pads, requantization in flash, stochastic rounding,
+and -- here by default -- the channels chosen on device every step (``--policy
+traversal``, DGSU), so the whole kernels of weight-updated layers stay in SRAM. By default
+the budget limits TFLM's whole arena for the step (``--memory arena``). Prints the chosen
+scheme, its memory breakdown and dense vs sparse; writes the scheme JSON
+(`UpdateScheme.save`) that ``dgst train --scheme`` and `SparseUpdateModel` take.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import json
 
 from dgst_tf.cli.common_args import SELECTION_HELP, SELECTIONS, add_dataset_arguments
 from dgst_tf.cli.model_args import add_model_arguments, model_from_args
+
+PLAN_POLICIES = ("static", "traversal", "magnitude", "window")
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,22 +37,39 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     memory = plan.add_argument_group("memory")
     memory.add_argument("--budget", default="256KB",
                         help="bytes or a size: 256KB, 1MB (KB = 1024 bytes)")
-    memory.add_argument("--memory", dest="accounting", default="training_peak",
-                        choices=("training_peak", "extra_memory"),
-                        help="what the budget limits: the whole training step (default) or "
-                             "Lin et al.'s extra-memory label")
+    memory.add_argument("--memory", dest="accounting", default="arena",
+                        choices=("arena", "training_peak", "extra_memory"),
+                        help="what the budget limits: TFLM's whole arena for the step "
+                             "(default; 64-bit host structs), the step's tensors at their "
+                             "peak, or Lin et al.'s extra-memory label")
     memory.add_argument("--gradient-bytes", type=int, default=4, choices=(1, 2, 4),
-                        help="bytes per activation-gradient element (4: float32)")
+                        help="bytes per activation-gradient element (4: float32, as exported)")
     memory.add_argument("--optimizer", default="sgd", choices=("sgd", "momentum", "adam"))
     memory.add_argument("--inplace-depthwise", action="store_true",
-                        help="the runtime computes depthwise convs in place (tinyengine)")
-    memory.add_argument("--fused-blocks", action=argparse.BooleanOptionalAction,
-                        default=False,
-                        help="frozen conv -> depthwise -> 1x1 chains run row by row (the "
-                             "training export's DGST_FUSED_BLOCK; default off here)")
-    memory.add_argument("--selection", choices=SELECTIONS, default="static",
-                        help=SELECTION_HELP + "; dynamic keeps whole kernels in SRAM "
-                             "(default static)")
+                        help="a runtime that computes depthwise convs in place (tinyengine)")
+    step = plan.add_argument_group("exported step (as export_training / dgst export)")
+    step.add_argument("--selection", choices=SELECTIONS, default=None,
+                      help=SELECTION_HELP + "; static = --policy static; dynamic keeps whole "
+                           "kernels in SRAM (default: dynamic, by --policy)")
+    step.add_argument("--policy", default="traversal", choices=PLAN_POLICIES,
+                      help="how the device chooses the kept channels each step (traversal: "
+                           "DGSU; default), or static (chosen at export)")
+    step.add_argument("--layers-per-step", type=int, default=None,
+                      help="only this many weight-updated layers update per step, in turn")
+    step.add_argument("--fused-blocks", action=argparse.BooleanOptionalAction, default=True,
+                      help="frozen conv -> depthwise -> 1x1 chains run row by row "
+                           "(DGST_FUSED_BLOCK; default on, as exported)")
+    step.add_argument("--fold-pads", action=argparse.BooleanOptionalAction, default=True,
+                      help="explicit pads folded into SAME convs (default on, as exported)")
+    step.add_argument("--requant-in-flash", action=argparse.BooleanOptionalAction,
+                      default=True, help="requantization constants in flash (default on)")
+    step.add_argument("--kept-weights-in-ram", action=argparse.BooleanOptionalAction,
+                      default=True, help="static selection: only the kept channels' weights "
+                                         "in RAM (default on)")
+    step.add_argument("--rounding", default="stochastic", choices=("stochastic", "nearest"))
+    step.add_argument("--output-params", action=argparse.BooleanOptionalAction, default=True,
+                      help="trainable tensors as graph outputs (default, as dgst export "
+                           "writes it; --no-output-params: the firmware graph)")
     search = plan.add_argument_group("search")
     search.add_argument("--contributions", default="analytic",
                         choices=("analytic", "measured"),
@@ -88,6 +112,16 @@ def _measured_table(args, model):
     return measure_contributions(model, train, val, settings=settings)
 
 
+def _policy(args) -> str | None:
+    """The on-device selection policy (None: static) from --selection and --policy."""
+    if args.selection == "static":
+        return None
+    if args.selection == "dynamic" and args.policy == "static":
+        raise ValueError("--selection dynamic needs an on-device --policy: traversal, "
+                         "magnitude or window")
+    return None if args.policy == "static" else args.policy
+
+
 def run_plan(args) -> int:
     """Run ``dgst plan`` from parsed arguments (0 on success)."""
     from dgst_tf.planning.budget import parse_budget
@@ -96,12 +130,16 @@ def run_plan(args) -> int:
     from dgst_tf.planning.search import search_scheme
 
     budget = parse_budget(args.budget)
+    policy = _policy(args)
     model = model_from_args(args)[0]
     memory_model = MemoryModel(model, (args.image_size, args.image_size, 3),
                                gradient_bytes=args.gradient_bytes, optimizer=args.optimizer,
-                               inplace_depthwise=args.inplace_depthwise,
-                               full_weights_in_sram=args.selection == "dynamic",
-                               fused_blocks=args.fused_blocks)
+                               inplace_depthwise=args.inplace_depthwise, policy=policy,
+                               fuse_blocks=args.fused_blocks, fold_pads=args.fold_pads,
+                               requant_in_flash=args.requant_in_flash,
+                               kept_weights_in_ram=args.kept_weights_in_ram,
+                               rounding=args.rounding, layers_per_step=args.layers_per_step,
+                               output_params=args.output_params)
     if args.contributions == "measured":
         table = _measured_table(args, model)
     else:
@@ -109,7 +147,7 @@ def run_plan(args) -> int:
     print(f"model     {model.name}: {len(memory_model.convs)} convs, input "
           f"{args.image_size}x{args.image_size}x3, {args.classes} classes")
     print(f"budget    {kb(budget)} ({budget} bytes) on the {args.accounting.replace('_', ' ')}"
-          f"; contributions {table.source}"
+          f"; selection {policy or 'static'}; contributions {table.source}"
           + (" (proxy: later layers gain more)" if table.source == "analytic" else ""))
     result = search_scheme(model, table, budget, accounting=args.accounting,
                            method=args.search, evaluations=args.evaluations, seed=args.seed,
@@ -123,8 +161,9 @@ def run_plan(args) -> int:
     report = memory_model.report(result.scheme)
     print(report.table())
     result.scheme.save(args.output)
+    selection = "static" if policy is None else "dynamic"
     print(f"wrote     {args.output}  (train with: dgst train --scheme {args.output} "
-          f"--selection {args.selection} --width {args.width:g} --image-size {args.image_size})")
+          f"--selection {selection} --width {args.width:g} --image-size {args.image_size})")
     if args.chart:
         from dgst_tf.planning.memory_report import plot_memory
 

@@ -1,14 +1,16 @@
-"""`dgst prune`: channel-prune a model so its int8 weights fit a flash budget.
+"""`dgst prune`: channel-prune a model so its training step fits a device's flash.
 
     dgst prune --width 1.0 --image-size 96 --flash-budget 1MB --output pruned.h5
     dgst prune --sparsity 0.3 --dataset none --epochs 0 --output oneshot.h5
 
-Finds the family sparsity whose pruned model fits ``--flash-budget`` (int8 weights +
-int32 biases, BatchNorm folded), fine-tunes on ``--dataset`` while TF-MOT's
-PolynomialDecay schedule masks channel groups (`dgst_tf.pruning`), strips the wrappers,
-removes the channels physically, evaluates, and writes the smaller tf-keras model
-(atomically). ``--epochs 0`` prunes once without data (accuracy collapses without
-fine-tuning; use it for sizes only).
+Finds the family sparsity whose pruned model's deployable training ``.tflite`` (what
+`dgst export` writes for on-device training, sized without exporting:
+`dgst_tf.pruning.model_size.deployable_size`) plus the firmware allowance
+(`dgst_tf.jobs.flash_budget.FIRMWARE_ALLOWANCE_BYTES`, ``--firmware-allowance``) fits
+``--flash-budget``, fine-tunes on ``--dataset`` while TF-MOT's PolynomialDecay schedule masks
+channel groups (`dgst_tf.pruning`), strips the wrappers, removes the channels physically,
+evaluates, and writes the smaller tf-keras model (atomically). ``--epochs 0`` prunes once
+without data (accuracy collapses without fine-tuning; use it for sizes only).
 """
 from __future__ import annotations
 
@@ -32,8 +34,12 @@ def add_prune_parser(subparsers) -> argparse.ArgumentParser:
     add_model_arguments(prune, width=1.0, image_size=96)
     target = prune.add_argument_group("target")
     target.add_argument("--flash-budget", default="1MB",
-                        help="int8 weights + int32 biases must fit this (bytes, 900KB, 1MB; "
-                             "KB = 1024 bytes)")
+                        help="device flash: the deployable training .tflite + the firmware "
+                             "allowance must fit this (bytes, 900KB, 1MB; KB = 1024 bytes)")
+    target.add_argument("--firmware-allowance", default=None,
+                        help="flash of the firmware (TFLM runtime, kernels, dgst ops, "
+                             "application; bytes or 200KB); default: the measured "
+                             "dgst_tf.jobs.flash_budget.FIRMWARE_ALLOWANCE_BYTES")
     target.add_argument("--sparsity", type=float, default=None,
                         help="prune this fraction of every channel family instead of "
                              "deriving it from --flash-budget")
@@ -92,12 +98,14 @@ def _row(name, fp, accuracy=None) -> str:
 
 def _prune(args, model, graph, sparsity, options, train):
     """(pruned model, how): fine-tuned while TF-MOT masks channel groups, or one-shot."""
+    from dgst_tf.core.graph import copy_model
     from dgst_tf.core.keras_compat import keras
     from dgst_tf.pruning import prune_while_training, remove_channels, select_groups
+    from dgst_tf.pruning.prune_to_budget import pruned_name
 
     if args.dataset != "none" and args.epochs > 0:
         steps = train.steps_per_epoch
-        teacher = _frozen_copy(model) if args.distill else None
+        teacher = copy_model(model) if args.distill else None
         schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate,
                                                           steps * args.epochs)
         result = prune_while_training(
@@ -111,17 +119,8 @@ def _prune(args, model, graph, sparsity, options, train):
         return result.model, how
     removed = select_groups(model, sparsity, importance=args.importance, graph=graph,
                             **options)
-    small = remove_channels(model, removed, graph, name=f"{model.name}_pruned")
+    small = remove_channels(model, removed, graph, name=pruned_name(model))
     return small, "one-shot (no fine-tuning)"
-
-
-def _frozen_copy(model):
-    """The unpruned model as a distillation teacher (its weights, not shared variables)."""
-    from dgst_tf.core.keras_compat import keras
-
-    teacher = keras.models.clone_model(model)
-    teacher.set_weights(model.get_weights())
-    return teacher
 
 
 def _accuracy(model, test):
@@ -134,22 +133,51 @@ def _accuracy(model, test):
     return float(model.evaluate(test.dataset, verbose=0)[1])
 
 
-def _sparsity(args, model, graph, budget, options):
-    """(family sparsity, how it was chosen): --sparsity, or the smallest that fits."""
+def _sparsity(args, model, graph, room, options):
+    """(family sparsity, how it was chosen): --sparsity, or the smallest whose deployable
+    training file fits ``room`` bytes (the budget less the firmware allowance)."""
     from dgst_tf.pruning import sparsity_for_budget
 
     if args.sparsity is not None:
         return float(args.sparsity), f"--sparsity {float(args.sparsity):g}"
-    sparsity, _ = sparsity_for_budget(model, budget, graph, **options)
-    return sparsity, f"smallest that fits {args.flash_budget} ({budget} bytes)"
+    sparsity, _ = sparsity_for_budget(model, room, graph, **options)
+    return sparsity, (f"smallest whose training .tflite fits {args.flash_budget} less the "
+                      f"firmware allowance ({room} bytes)")
+
+
+def _flash_room(args) -> tuple[int, int, int]:
+    """(budget, firmware allowance, bytes left for the training file) from the arguments."""
+    from dgst_tf.jobs.flash_budget import FIRMWARE_ALLOWANCE_BYTES
+    from dgst_tf.planning.budget import parse_budget
+
+    budget = parse_budget(args.flash_budget)
+    allowance = (FIRMWARE_ALLOWANCE_BYTES if args.firmware_allowance is None
+                 else parse_budget(args.firmware_allowance))
+    if budget <= allowance:
+        raise ValueError(f"--flash-budget {args.flash_budget} ({budget} bytes) leaves nothing "
+                         f"for the model after the firmware allowance of {allowance} bytes")
+    return budget, allowance, budget - allowance
+
+
+def _print_flash(args, before, after, budget, allowance) -> bool:
+    """Print the deployable training files before and after; True if it fits now."""
+    needed = after.total + allowance
+    fits = needed <= budget
+    print(f"deploy    training .tflite {before.total} -> {after.total} bytes (weights "
+          f"{after.weights}, quantization {after.quantization}, requantization "
+          f"{after.requantization}, training {after.training}, tables {after.structure})")
+    print(f"flash     {after.total} bytes .tflite + {allowance} bytes firmware allowance = "
+          f"{needed} bytes {'fits' if fits else 'does NOT fit'} {args.flash_budget} "
+          f"({budget} bytes)")
+    return fits
 
 
 def run_prune(args) -> int:
     """Run ``dgst prune`` from parsed arguments (0 on success)."""
     from dgst_tf.core import runtime
     from dgst_tf.models.model_file import MODEL_SUFFIXES, save_model_atomically
-    from dgst_tf.planning.budget import parse_budget
     from dgst_tf.pruning import DependencyGraph, footprint, reduction
+    from dgst_tf.pruning.model_size import deployable_size
 
     runtime.limit_threads()
     runtime.seed_everything(args.seed)
@@ -157,6 +185,7 @@ def run_prune(args) -> int:
         raise ValueError(f"--epochs must be >= 0, got {args.epochs}")
     if pathlib.Path(args.output).suffix not in MODEL_SUFFIXES:
         raise ValueError(f"--output {args.output!r}: use a .h5 or .keras file name")
+    budget, allowance, room = _flash_room(args)
     train = test = None
     if args.dataset != "none":
         train, test = _load_data(args)
@@ -164,30 +193,26 @@ def run_prune(args) -> int:
     model, description = model_from_args(args, classes=classes)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     graph = DependencyGraph(model)
-    before = footprint(model)
-    budget = parse_budget(args.flash_budget)
+    before, deploy_before = footprint(model), deployable_size(model)
     options = dict(exclude=args.exclude, round_to=args.round_to,
                    min_channels=args.min_channels)
-    sparsity, how = _sparsity(args, model, graph, budget, options)
+    sparsity, how = _sparsity(args, model, graph, room, options)
     print(f"model     {description}: {model.name}, input {'x'.join(map(str, shape))}, "
           f"{len(graph.groups())} prunable channel groups in {len(graph.families())} families")
     print(f"sparsity  {sparsity:.4f} of every family ({how}), importance {args.importance}")
     start = time.time()
     small, how = _prune(args, model, graph, sparsity, options, train)
-    after = footprint(small)
+    after, deploy_after = footprint(small), deployable_size(small)
     accuracy = _accuracy(small, test)
     print(f"pruned    {how} in {time.time() - start:.0f} s")
-    print(f"{'':<9}{'parameters':>12}{'flash KB':>12}{'act. peak KB':>14}{'MMACs':>10}"
+    print(f"{'':<9}{'parameters':>12}{'weights KB':>12}{'act. peak KB':>14}{'MMACs':>10}"
           f"{'accuracy':>10}")
     print(_row("before", before))
     print(_row("after", after, accuracy))
     saved = reduction(before, after)
     print("saved     " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%"
                                    for k, v in saved.items()))
-    fits = after.flash_bytes <= budget
-    if args.sparsity is None or fits:
-        print(f"flash     {after.flash_bytes} bytes "
-              f"{'fits' if fits else 'does NOT fit'} {args.flash_budget} ({budget} bytes)")
+    fits = _print_flash(args, deploy_before, deploy_after, budget, allowance)
     path = save_model_atomically(small, args.output)
     print(f"wrote     {path}")
     if args.report:
@@ -195,9 +220,11 @@ def run_prune(args) -> int:
 
         write_json_atomically(args.report, {
             "model": description, "sparsity": sparsity, "importance": args.importance,
-            "flash_budget_bytes": budget, "fits": fits, "before": before.as_dict(),
-            "after": after.as_dict(), "reduction": saved, "test_accuracy": accuracy,
-            "training": how, "output": str(path)})
+            "flash_budget_bytes": budget, "firmware_allowance_bytes": allowance,
+            "deployable_bytes": deploy_after.total, "fits": fits, "before": before.as_dict(),
+            "after": after.as_dict(), "deployable_before": deploy_before.as_dict(),
+            "deployable_after": deploy_after.as_dict(), "reduction": saved,
+            "test_accuracy": accuracy, "training": how, "output": str(path)})
         print(f"wrote     {args.report}")
     return 0
 

@@ -49,3 +49,19 @@ def channels_for_ratio(ratio: float, channels: int) -> int:
         channels_for_ratio(0.25, 96)  # 24
     """
     return max(1, min(channels, int(round(ratio * channels))))
+
+
+def extra_taps_for_same(size: int, out: int, kernel: int, stride: int, dilation: int,
+                        pad_before: int) -> int | None:
+    """Zero taps to append to a kernel along one axis so that SAME padding equals an
+    explicit ``pad_before`` (a PAD op folded into its convolution), or None. Example::
+
+        extra_taps_for_same(9, 5, 3, 2, 1, pad_before=1)  # 0: SAME already pads 1 before
+    """
+    if -(-size // stride) != out:
+        return None
+    for extra in range(0, 3):
+        if (same_pad_before(size, out, kernel + extra, stride, dilation) == pad_before
+                and (dilation == 1 or extra == 0)):
+            return extra
+    return None

@@ -104,3 +104,14 @@ def check_single_use(model: keras.Model, where: str) -> None:
                 f"{where}: layer {node.layer.name!r} ({type(node.layer).__name__}) is called "
                 "more than once; shared layers are not supported")
         seen.add(node.layer.name)
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """An independent copy of ``model``: same graph, its own variables holding the same
+    weights (a distillation teacher, a fresh start). Example::
+
+        teacher = copy_model(model)
+    """
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy

@@ -30,7 +30,7 @@ from dgst_tf.core.keras_compat import keras
 __all__ = ["LayerKind", "KINDS", "CONV2D", "DEPTHWISE", "DENSE", "CONV_TYPES",
            "WEIGHT_TYPES", "UNSUPPORTED_CONV_TYPES", "kind_of", "is_conv", "is_depthwise",
            "is_dense", "is_pointwise", "is_unsupported_conv", "kernel_of", "input_channels",
-           "weights_per_channel", "channels_for_ratio"]
+           "weights_per_channel", "channels_for_ratio", "tflite_kernel_layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,3 +125,12 @@ def weights_per_channel(layer) -> int:
     for d in shape:
         total *= d
     return total // shape[kind.channel_axis]
+
+
+def tflite_kernel_layout(kernel):
+    """A Keras kernel (Conv2D HWIO, DepthwiseConv2D HWC1, Dense IO) in TFLite's layout (OHWI,
+    1HWC, OI); the input channel stays the last axis. Example::
+
+        tflite_kernel_layout(kernel_of(layer).numpy()).shape
+    """
+    return kernel.transpose(3, 0, 1, 2) if kernel.ndim == 4 else kernel.T

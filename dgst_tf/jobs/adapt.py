@@ -44,6 +44,7 @@ class AdaptConfig:
     target_fraction: float = 0.02
     scheme_path: str | None = None  # an UpdateScheme JSON (e.g. from `dgst plan`)
     selection: str = "dynamic"  # channel choice for scheme_path: "dynamic" or "static"
+    layers_per_step: int | None = None  # dynamic: update this many layers' weights per step
     train_examples: int | None = 2000
     test_examples: int | None = 1000
     epochs: int = 2
@@ -62,6 +63,11 @@ class AdaptConfig:
             raise ValueError("dataset='folder' needs data_path (an image-folder tree)")
         if self.selection not in ("dynamic", "static"):
             raise ValueError(f"selection must be 'dynamic' or 'static', got {self.selection!r}")
+        if self.layers_per_step is not None and (self.selection == "static" and self.scheme_path
+                                                 or not self.scheme_path
+                                                 and self.method != "dgsu"):
+            raise ValueError("layers_per_step is the layer schedule of dynamic selection: use "
+                             "method='dgsu' or a scheme_path with selection='dynamic'")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.batch_size < 1 or self.epochs < 1:
@@ -96,11 +102,14 @@ def build_model(config: AdaptConfig, num_classes: int):
     )
     if config.scheme_path:
         scheme = UpdateScheme.load(config.scheme_path)
-        callbacks = [DynamicChannelSelection(seed=config.seed) if config.selection == "dynamic"
+        callbacks = [DynamicChannelSelection(layers_per_step=config.layers_per_step,
+                                             seed=config.seed)
+                     if config.selection == "dynamic"
                      else StaticChannelSelection("magnitude+", seed=config.seed)]
     else:
         scheme, callbacks = build_method(config.method, model, config.target_fraction,
-                                         seed=config.seed)
+                                         seed=config.seed,
+                                         layers_per_step=config.layers_per_step)
     sparse = SparseUpdateModel(model, scheme, activation_patterns=config.activation_pattern)
     if config.budget:  # checked before the first step, with the breakdown in the error
         callbacks = [MemoryBudget(config.budget, full_weights_in_sram=_dynamic(callbacks)),

@@ -81,8 +81,21 @@ def selection_state(sparse, callbacks) -> dict:
                         "kept": [int(c) for c in state["indices"]],
                         "active": bool(state["active"]),
                         "visited": int(state["visited"].sum())}
-    return {"selection": selection_mode(callbacks),
-            "step": int(sparse.selection.step.numpy()), "layers": layers}
+    state = {"selection": selection_mode(callbacks),
+             "step": int(sparse.selection.step.numpy()), "layers": layers}
+    dynamic = [c for c in callbacks if hasattr(c, "device_policy")]
+    if dynamic:  # the rule `dgst export --from-train` runs on device
+        policy = dynamic[0]
+        state |= {"policy": _device_policy(policy),
+                  "layers_per_step": getattr(policy, "layers_per_step", None)}
+    return state
+
+
+def _device_policy(callback):
+    try:
+        return callback.device_policy
+    except ValueError:  # an importance without an on-device twin: export it statically
+        return None
 
 
 def save_train_outputs(folder, sparse, callbacks, result: dict) -> TrainOutputs:

@@ -7,7 +7,9 @@
     sparse.fit(ds, callbacks=[MemoryBudget("256KB")])        # fails before the first step
 
 The budget is compared with the whole training-step peak (`MemoryReport.training_peak_bytes`)
-by default, or with Lin et al.'s "extra memory" label (``accounting="extra_memory"``).
+by default, with TFLM's whole arena for the step, its structs included
+(``accounting="arena"``, `MemoryReport.arena_bytes`), or with Lin et al.'s "extra memory"
+label (``accounting="extra_memory"``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dgst_tf.core.keras_compat import keras
 from dgst_tf.planning.memory import MemoryModel
 from dgst_tf.planning.memory_report import KB, MemoryReport, kb
 
-ACCOUNTINGS = ("training_peak", "extra_memory")
+ACCOUNTINGS = ("training_peak", "arena", "extra_memory")
 _UNITS = {"": 1, "b": 1, "kb": KB, "kib": KB, "k": KB, "mb": KB * KB, "mib": KB * KB,
           "m": KB * KB}
 _BUDGET = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
@@ -57,9 +59,12 @@ def parse_budget(value) -> int:
 
 
 def report_value(report: MemoryReport, accounting: str) -> int:
-    """The number a budget is compared with: the training peak or Lin's label, in bytes."""
+    """The number a budget is compared with: the training peak, TFLM's arena or Lin's
+    label, in bytes."""
     if accounting == "training_peak":
         return report.training_peak_bytes
+    if accounting == "arena":
+        return report.arena_bytes
     if accounting == "extra_memory":
         return report.extra_memory_bytes
     raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
@@ -69,12 +74,12 @@ def budget_message(report: MemoryReport, budget_bytes: int,
                    accounting: str = "training_peak", n_largest: int = 5) -> str:
     """Why ``report`` does not fit ``budget_bytes``: totals, the largest layers, the table."""
     needed = report_value(report, accounting)
-    what = ("a training step" if accounting == "training_peak"
-            else "Lin et al.'s extra memory")
+    what = {"training_peak": "a training step", "arena": "TFLM's arena of a training step",
+            "extra_memory": "Lin et al.'s extra memory"}[accounting]
     lines = [f"scheme {report.scheme_name!r} on {report.model_name} needs {kb(needed)} for "
              f"{what} but the budget is {kb(budget_bytes)} ({budget_bytes} bytes): "
              f"{kb(needed - budget_bytes)} over."]
-    if accounting == "training_peak":
+    if accounting != "extra_memory":
         lines.append(f"Peak: {report.peak_phase} pass at {report.peak_layer}: " + ", ".join(
             f"{k} {kb(v)}" for k, v in report.peak_breakdown.items() if v) + ".")
         if report.forward_peak_bytes >= budget_bytes:
@@ -96,8 +101,8 @@ def check_budget(model: keras.Model, scheme, input_shape=None, budget_bytes=None
         report = check_budget(model, scheme, (128, 128, 3), "256KB")
         check_budget(model, scheme, budget_bytes="100KB", accounting="extra_memory")
 
-    ``memory_options`` go to `MemoryModel` (gradient_bytes, optimizer, inplace_depthwise,
-    full_weights_in_sram).
+    ``memory_options`` go to `MemoryModel` (its defaults: the graph `export_training` emits
+    by default; e.g. ``policy="traversal"``, ``output_params=False``, ``optimizer``).
     """
     if budget_bytes is None:
         raise ValueError("check_budget needs budget_bytes, e.g. '256KB'")
@@ -114,7 +119,7 @@ class MemoryBudget(keras.callbacks.Callback):
     """Fails ``fit`` of a `SparseUpdateModel` before the first step if its scheme does not fit.
 
         sparse.fit(ds, callbacks=[MemoryBudget("256KB")])
-        sparse.fit(ds, callbacks=[MemoryBudget("256KB", full_weights_in_sram=True),
+        sparse.fit(ds, callbacks=[MemoryBudget("256KB", policy="traversal"),
                                   DynamicChannelSelection()])   # DGSU: whole kernels in SRAM
 
     Uses the model's optimizer for the optimizer state (SGD 0, momentum 1, Adam 2 slots)

@@ -1,17 +1,19 @@
-"""Analytic int8 memory of one training step (batch 1) for a Keras CNN and an `UpdateScheme`.
+"""Analytic int8 memory of one training step (batch 1) for a Keras CNN and an `UpdateScheme`,
+as the step `export_training` emits runs it in TFLM.
 
-Answers, before any training: does a scheme fit the MCU, and what takes the memory::
+Answers, before any training or export: does a scheme fit the MCU, and what takes the memory::
 
     from dgst_tf.planning.memory import training_memory
 
     report = training_memory(model, scheme, input_shape=(128, 128, 3))
     report.extra_memory_bytes      # Lin et al.'s "extra memory" label (`extra_memory`)
-    report.training_peak_bytes     # what the MCU must have for a whole training step
-    report.dense_training_bytes    # the same for full (dense) training
+    report.training_peak_bytes     # the step's tensors at their peak (variables included)
+    report.arena_bytes             # TFLM's whole arena for the step (its structs included)
+    report.dense_training_bytes    # the training peak of full (dense) training
     print(report.table())          # per-layer breakdown
     report.largest(3)              # the layers that hold the most memory
 
-Two accountings:
+Three figures:
 
 - **Lin et al.'s "extra memory" label** (Lin et al. 2022), exactly as tiny-training computes
   it (``nelem_saved_for_backward``), in bits: for every bias-updated conv, its 1-bit output
@@ -21,91 +23,98 @@ Two accountings:
   element; nothing for momentum or the classifier weights. ``H_in, W_in`` is the unpadded
   input (PyTorch pads inside the conv). A non-classifier Dense is a 1x1 conv on a 1x1 map.
   (`dgst_tf.planning.extra_memory`.)
-- **The whole training-step peak**: the larger of the forward and the backward peak, each
-  at batch 1 and the worst layer. Forward at a layer: the live activation buffers, plus the
-  saved tensors and masks already written by the layers before it, plus the parameters
-  that live in SRAM. Backward at a layer: the live activation-gradient buffers, that
-  layer's weight-gradient buffer, the saved tensors and masks not yet consumed, plus the
-  parameters in SRAM.
+- **The training-step peak**: at every op of the exported step
+  (`dgst_tf.planning.step_timeline`: the ops in the exporter's order and each tensor from
+  the op that writes it to the op that last reads it), the tensors live plus the variables
+  held for the whole step; the largest over the forward and the backward ops. Packed
+  perfectly: on the exported graphs TFLM's planner reaches this bound.
+- **TFLM's arena** (`dgst_tf.planning.tflm_runtime`): the same peak with TFLM's 16-byte
+  alignment, plus the interpreter's own structs and op data (64-bit host TFLM).
 
-Assumptions of the MCU runtime (state them when quoting a number):
+The step, with `export_training`'s defaults (each an option of `MemoryModel`, named as
+there):
 
-- int8 activations (1 byte per element); frozen weights and biases stay in flash; updated
-  weights (only the kept-channel slice ``W[:, :, kept, :]``) are int8 in SRAM, updated
-  biases int32 in SRAM; the classifier is always trained, its int8 weights and int32 bias
-  in SRAM.
-- BatchNormalization is folded into the conv before it; ReLU/activations and
-  ``ZeroPadding2D`` are fused into the op that produces their input (padding is done by
-  the conv kernel), Dropout/Flatten/Reshape are free. Only when the tensor they read has
-  another reader do they become an op with its own buffer.
-- Tensor lifetimes: a buffer lives from the op that writes it until its last reader, in
-  the model's execution order; an op's inputs and output are live at once, so a conv is
-  never in place. Elementwise ops (Add, Multiply...) write into an input that dies there
-  (of the same size). ``inplace_depthwise=True`` lets a depthwise conv (multiplier 1)
-  overwrite its input when it dies there, channel by channel with one input channel of
-  scratch (tinyengine's in-place depthwise; TFLM does not).
-- The buffers are packed perfectly (no fragmentation): a planner gets within a few % of
-  this lower bound on chain-like CNNs.
-- Saved for the backward pass: the kept input channels of each weight-updated layer (a
-  copy, written when the layer runs), 1 bit per element for each ReLU (clamp) the
-  gradient passes through, 8 bits per element for other nonlinear activations, the
-  argmax (1 byte per output element) of a max-pool, the inputs of a Multiply; the
-  classifier's full input.
-- ``full_weights_in_sram=True`` (dynamic channel selection, DGSU): the chosen channels
-  change every step, so the whole kernel of a weight-updated layer is in SRAM (and has
-  optimizer state); a layer that keeps k < C input channels also holds its selection state
-  for the whole step, counted with the optimizer state: the ``ceil(C/8)``-byte visited
-  bitmask (persistent) and the k int32 indices of this step's channels (chosen before the
-  forward pass, read by the backward pass; the on-device ranking's C int64 scores are
-  scratch used before the forward pass, not at the peak). As `export_training` with a
-  ``policy`` builds it: TFLM's variables are exactly the SRAM parameters and bitmasks plus
-  the step counter. The saved input and the weight gradient stay the kept channels.
+- int8 activations; frozen weights and biases in flash; every updated layer's int32 bias
+  is a variable in the arena; a weight-updated conv keeps only the kept input channels'
+  weights in RAM (``kept_weights_in_ram``), the full kernel it reads is assembled in a
+  temporary just before the forward conv and before its input gradient; the classifier is
+  always trained, int8 weights and int32 bias in RAM.
+- ``fuse_blocks``: frozen conv -> depthwise -> 1x1 chains in front of the first updated
+  layer run as one fused op holding its input, its output and a few rows
+  (`dgst_tf.core.block_fusion_rule`). ``fold_pads``: an explicit ``ZeroPadding2D`` before
+  a conv becomes an exact SAME conv (no padded copy), except before weight-updated layers.
+  ``requant_in_flash``: convolutions read their requantization constants from flash
+  (False: 8 bytes per output channel of TFLM op data).
+- BatchNormalization is folded; activations are fused into the op before them;
+  Dropout/Flatten/Reshape are free. Every op's inputs and output are live at once; TFLM
+  computes nothing in place (``inplace_depthwise=True``: a runtime such as tinyengine's
+  where elementwise ops and depthwise convs overwrite an input that dies there, the latter
+  with one input channel of scratch).
+- Saved for the backward pass, from the first updated layer on: 1-bit masks of the ReLU /
+  ReLU6 outputs of the convs the gradient passes; each weight-updated layer's kept input
+  channels (the input itself when all are kept; the padded input when a padding stays);
+  the classifier's input. (Ops the exporter does not train through: 8 bits per element
+  for other nonlinear activations, the argmax of a max-pool, the inputs of a Multiply.)
+- Backward, as the exporter builds it: the float32 gradient of the logits; per conv/dense
+  the int8 error signal (``dy``, 1 byte per output element, and its scale), which the
+  layer's input-gradient, bias-gradient and weight-gradient ops read -- after a global
+  average pooling it is quantized straight from the pooled gradient, so no float gradient
+  of the pool's input exists; the float input gradient (``gradient_bytes`` per element,
+  4) written before the update and read by the layer before; gradients meeting at a fork
+  are summed into a new tensor, a masked gradient another op still reads is copied
+  first; the int32 bias gradient and the int32 gradient of the kept weight slice, each
+  freed by its SGD update right after. Backpropagation stops at the first updated layer.
+- Optimizer state, held for the whole step: ``optimizer_slots`` float32 values per
+  updated parameter (0 for the exporter's SGD; 1 momentum, 2 Adam, for Keras training);
+  the int32 step counter of ``rounding="stochastic"`` (the default) or of a layer schedule
+  (``layers_per_step`` below the number of weight-updated layers; the layers it leaves out
+  keep their buffers).
+- ``policy`` ("traversal", "magnitude", "window"; None: static selection at export): the
+  kept channels are chosen on device each step, so every weight-updated layer holds its
+  whole kernel in RAM and, if it keeps k < C channels, its selection state (traversal: the
+  ``ceil(C/8)``-byte visited bitmask; window: an int32 position) and this step's k int32
+  indices (a graph output), with C int64 scores of scratch while choosing
+  (``full_weights_in_sram=True`` is the older spelling of ``policy="traversal"``).
 - ``activation_patterns`` (a pattern name for every weight-updated conv, or a dict by
-  layer; `dgst_tf.training.activation_patterns`): the saved input is only the pixels the
-  pattern's output positions read (`layer_stored_bytes`), as `SparseUpdateModel` with the
-  same argument stores it. Lin et al.'s label is unchanged (it has no patterns).
-- Backward: activation gradients of ``gradient_bytes`` per element (4: float32, as
-  tiny-training's compiler emits by default; 1 for int8 gradients); the gradient of a
-  tensor is written by the backward of its last reader and freed after the backward of
-  its producer; backpropagation stops at the first updated layer. A weight-updated
-  layer's weight and bias gradient buffer exists only during its own backward step (SGD
-  applies it at once). Optimizer state: ``optimizer_slots`` float32 values per updated
-  parameter for the whole step (0 for SGD without momentum, 1 momentum, 2 Adam), plus
-  the 4-byte step counter of ``rounding="stochastic"`` int8 updates (`export_training`'s
-  default: pass ``rounding="stochastic"`` to count it; the default ``"nearest"`` keeps the
-  figures of round-to-nearest updates, 0 bytes). A layer schedule (``layers_per_step``
-  below the number of weight-updated layers, `dgst_tf.tflm_ops.reference.layer_active`)
-  reads the same counter: 4 bytes with ``"nearest"`` too, nothing else (the weight
-  gradient buffers of the layers it leaves out are still planned).
-- ``fused_blocks=True``: frozen conv -> depthwise -> 1x1 chains in front of the first
-  updated layer run as one fused op (``DGST_FUSED_BLOCK``) holding its input, its output and
-  a few rows; which chains fuse is `dgst_tf.core.block_fusion_rule`, as in the export.
+  layer; `dgst_tf.training.activation_patterns`, Keras training only): the saved input is
+  only the pixels the pattern's output positions read (`layer_stored_bytes`). Lin et al.'s
+  label is unchanged.
+- ``output_params`` (True, as `export_training`'s default: the host graph; False: the
+  firmware graph) only changes TFLM's structs: the trainable tensors as graph outputs.
 - KB means 1024 bytes, as in tiny-training's labels.
 
-The graph analysis (tensor lifetimes, buffers) is `dgst_tf.planning.memory_graph`, the
-report types and charts `dgst_tf.planning.memory_report`; this module does the accounting.
+The graph analysis (tensor values, buffers) is `dgst_tf.planning.memory_graph`, the step's
+ops and tensors `dgst_tf.planning.step_timeline`, TFLM's own bytes
+`dgst_tf.planning.tflm_runtime`, the report types and charts
+`dgst_tf.planning.memory_report`; this module decides what each layer holds and does the
+accounting.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Iterable, Mapping
 
 from dgst_tf.core.graph import check_functional
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import input_channels, is_dense, kernel_of, weights_per_channel
+from dgst_tf.planning import tflm_runtime
 from dgst_tf.planning.extra_memory import extra_memory_label
 from dgst_tf.planning.memory_graph import (ACTIVATION_BYTES, MemoryModelError, analyse_graph,
-                                           bias_count, has_weights, saved_for_backward)
+                                           bias_count)
 from dgst_tf.planning.memory_report import KB, LayerMemory, MemoryReport, kb
+from dgst_tf.planning.step_timeline import (PARTS, PERSISTENT_PARTS, LayerPlan,
+                                            TimelineOptions, build_timeline)
 from dgst_tf.training.scheme import (LayerUpdate, UpdateScheme, classifier_layer, conv_layers,
                                      kept_channels)
 
 WEIGHT_BYTES = 1      # int8 weights
 BIAS_BYTES = 4        # int32 biases
+GRADIENT_ACCUMULATOR_BYTES = 4  # int32 bias and weight gradients
 OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "sgd_momentum": 1, "adam": 2}
 # the int32 step counter of stochastic rounding (its random numbers are hashes: no state)
 ROUNDING_STATE_BYTES = {"stochastic": 4, "nearest": 0}
+# on-device channel selection (`export_training`'s ``policy``); None / "static": at export
+POLICIES = (None, "static", "traversal", "magnitude", "window")
 _CLASSIFIER = "classifier"  # update mode of the classifier (always trained in full)
 
 
@@ -121,17 +130,22 @@ class _Peak:
 
 class MemoryModel:
     """The graph of ``model`` analysed once at ``input_shape``; ``report(scheme)`` is fast.
+    The defaults describe the graph `export_training` emits by default (module doc).
 
         mm = MemoryModel(model, (128, 128, 3))
-        mm.report(scheme).training_peak_bytes
+        mm.report(scheme).training_peak_bytes, mm.report(scheme).arena_bytes
+        MemoryModel(model, (128, 128, 3), policy="traversal", output_params=False)  # firmware
         mm.extra_memory_bits(bias_layers=names[-16:], weights={"block_16_expand": 0.25})
     """
 
     def __init__(self, model: keras.Model, input_shape=None, gradient_bytes: int = 4,
                  optimizer: str | int = "sgd", inplace_depthwise: bool = False,
                  full_weights_in_sram: bool = False, activation_patterns=None,
-                 fused_blocks: bool = False, rounding: str = "nearest",
-                 layers_per_step: int | None = None):
+                 fused_blocks: bool | None = None, rounding: str = "stochastic",
+                 layers_per_step: int | None = None, *, policy: str | None = None,
+                 fuse_blocks: bool = True, fold_pads: bool = True,
+                 kept_weights_in_ram: bool = True, requant_in_flash: bool = True,
+                 output_params: bool = True):
         check_functional(model, "MemoryModel")
         if rounding not in ROUNDING_STATE_BYTES:
             raise MemoryModelError(f"rounding must be one of {tuple(ROUNDING_STATE_BYTES)}, "
@@ -139,17 +153,25 @@ class MemoryModel:
         if layers_per_step is not None and not int(layers_per_step) >= 1:
             raise MemoryModelError(f"layers_per_step must be None or >= 1, got "
                                    f"{layers_per_step!r}")
-        self.rounding = rounding
-        self.layers_per_step = layers_per_step
+        if policy not in POLICIES:
+            raise MemoryModelError(f"policy must be one of {POLICIES}, got {policy!r}")
         if gradient_bytes not in (1, 2, 4):
             raise MemoryModelError(f"gradient_bytes must be 1, 2 or 4, got {gradient_bytes!r}")
+        self.rounding = rounding
+        self.layers_per_step = layers_per_step
+        self.policy = _device_policy(policy, full_weights_in_sram)
+        self.full_weights_in_sram = self.policy is not None
         self.model = model
         self.gradient_bytes = int(gradient_bytes)
         self.optimizer_slots = optimizer_slots(optimizer)
         self.inplace_depthwise = bool(inplace_depthwise)
-        self.full_weights_in_sram = bool(full_weights_in_sram)
         self.activation_patterns = activation_patterns
-        self.fused_blocks = bool(fused_blocks)
+        self.fuse_blocks = bool(fuse_blocks if fused_blocks is None else fused_blocks)
+        self.fused_blocks = self.fuse_blocks
+        self.fold_pads = bool(fold_pads)
+        self.kept_weights_in_ram = bool(kept_weights_in_ram)
+        self.requant_in_flash = bool(requant_in_flash)
+        self.output_params = bool(output_params)
         self.input_shape = self._input_shape(input_shape)
         self.classifier = classifier_layer(model)
         self.convs = conv_layers(model)
@@ -163,13 +185,17 @@ class MemoryModel:
     @property
     def settings(self) -> dict:
         return {"gradient_bytes": self.gradient_bytes, "optimizer_slots": self.optimizer_slots,
-                "inplace_depthwise": self.inplace_depthwise,
+                "inplace_depthwise": self.inplace_depthwise, "policy": self.policy,
                 "full_weights_in_sram": self.full_weights_in_sram,
                 "activation_patterns": self.activation_patterns,
-                "fused_blocks": self.fused_blocks, "rounding": self.rounding,
+                "fuse_blocks": self.fuse_blocks, "fold_pads": self.fold_pads,
+                "kept_weights_in_ram": self.kept_weights_in_ram,
+                "requant_in_flash": self.requant_in_flash,
+                "output_params": self.output_params, "rounding": self.rounding,
                 "layers_per_step": self.layers_per_step,
                 "activation_bytes": ACTIVATION_BYTES,
-                "weight_bytes": WEIGHT_BYTES, "bias_bytes": BIAS_BYTES}
+                "weight_bytes": WEIGHT_BYTES, "bias_bytes": BIAS_BYTES,
+                "arena": "TFLM (64-bit host structs)"}
 
     def _input_shape(self, input_shape) -> tuple:
         if len(self.model.inputs) != 1:
@@ -217,41 +243,87 @@ class MemoryModel:
         return report
 
     def training_peak_bytes(self, scheme: UpdateScheme) -> int:
-        """Just the training-step peak of ``scheme`` (no dense comparison)."""
-        return self._report(scheme).training_peak_bytes
+        """Just the training-step peak of ``scheme`` (no report; fast, for searches)."""
+        timeline = self.timeline(scheme)
+        return int(sum(timeline.live().values()).max()) + sum(timeline.persistent().values())
+
+    def arena_bytes(self, scheme: UpdateScheme) -> int:
+        """Just TFLM's arena for the step of ``scheme`` (no report; fast, for searches)."""
+        return tflm_runtime.arena_bytes(self.timeline(scheme))
+
+    def timeline(self, scheme: UpdateScheme):
+        """The exported step's ops and tensors for ``scheme`` (`step_timeline.StepTimeline`).
+
+            [op.kind for op in mm.timeline(scheme).ops][:3]
+        """
+        updated = self._updated_steps(scheme)
+        return self._timeline(updated, self._needs_gradient(updated))[1]
+
+    def _timeline(self, updated: dict, grad: list) -> tuple:
+        """({step index: LayerPlan}, StepTimeline) of the updated steps."""
+        plans = {index: self._plan(self.steps[index], *update)
+                 for index, update in updated.items()}
+        options = TimelineOptions(
+            fold_pads=self.fold_pads, fuse_blocks=self.fuse_blocks,
+            requant_in_flash=self.requant_in_flash, gradient_bytes=self.gradient_bytes,
+            inplace=self.inplace_depthwise, output_params=self.output_params,
+            counter_bytes=self._step_counter_bytes(plans),
+            stochastic=self.rounding == "stochastic")
+        return plans, build_timeline(self.graph, plans, grad, options)
 
     def _report(self, scheme: UpdateScheme) -> MemoryReport:
         updated = self._updated_steps(scheme)
         grad = self._needs_gradient(updated)
+        plans, timeline = self._timeline(updated, grad)
         notes = set()
-        rows = [self._layer_row(step, updated.get(step.index), grad[step.output], notes)
+        rows = [self._layer_row(step, plans.get(step.index), grad[step.output], notes)
                 for step in self.steps]
-        # what the layers up to each step have saved for the backward pass
-        saved = list(itertools.accumulate(r.saved_input_bytes + r.mask_bytes for r in rows))
-        forward_live = self.graph.forward_activation_live
-        if self.fused_blocks and updated:
-            forward_live = self.graph.fused_liveness(min(updated))
-        forward = self._forward_peak(rows, forward_live, saved)
-        backward = self._backward_peak(rows, grad, saved)
+        live = timeline.live()
+        held = timeline.persistent()
+        total = sum(live.values()) + sum(held.values())
+        forward, backward = self._peaks(timeline, rows, live, held, total)
         peak = backward if backward.bytes > forward.bytes else forward
         extra_bits = self.label.classifier_bits + sum(r.extra_memory_bits for r in rows)
         rows[self._by_layer[self.classifier.name].index].extra_memory_bits += \
             self.label.classifier_bits
+        working = live["activations"] + live["scratch"]
+        inference = [i for i, op in enumerate(timeline.ops) if op.phase != "backward"]
         return MemoryReport(
             model_name=self.model.name, scheme_name=scheme.name,
             input_shape=self.input_shape, layers=rows, extra_memory_bits=extra_bits,
-            forward_peak_bytes=max(forward_live),
+            forward_peak_bytes=int(working[inference].max()),
             training_peak_bytes=peak.bytes, peak_phase=peak.phase, peak_layer=peak.layer,
-            peak_breakdown=peak.breakdown, settings=self.settings, notes=sorted(notes))
+            peak_breakdown=peak.breakdown, settings=self.settings, notes=sorted(notes),
+            arena_bytes=tflm_runtime.arena_bytes(timeline))
+
+    def _peaks(self, timeline, rows, live, held, total) -> tuple:
+        """The forward and backward peaks; sets each row's live bytes (its ops' largest)."""
+        peaks = {"forward": _Peak(), "backward": _Peak()}
+        for i, op in enumerate(timeline.ops):
+            phase = "backward" if op.phase == "backward" else "forward"
+            here = int(total[i])
+            for index in op.steps:
+                row = rows[index]
+                if phase == "forward":
+                    row.forward_live_bytes = max(row.forward_live_bytes, here)
+                else:
+                    row.backward_live_bytes = max(row.backward_live_bytes, here)
+            if here > peaks[phase].bytes:
+                breakdown = {part: int(live[part][i]) for part in PARTS}
+                for part in PERSISTENT_PARTS:
+                    breakdown[part] = breakdown.get(part, 0) + held[part]
+                layer = rows[op.steps[0]].name if op.steps else ""
+                peaks[phase] = _Peak(here, phase, layer, breakdown)
+        return peaks["forward"], peaks["backward"]
 
     def _updated_steps(self, scheme: UpdateScheme) -> dict:
         """Step index -> (mode, LayerUpdate) of every updated layer, the classifier included."""
         updated = {}
-        for step in self.steps:
+        for step, facts in zip(self.steps, self.graph.facts):
             layer = step.layer
             if layer is self.classifier:
                 updated[step.index] = (_CLASSIFIER, LayerUpdate("weights", 1.0))
-            elif has_weights(layer):
+            elif facts.weighted:
                 update = scheme.update_for(layer.name)
                 if update.mode != "frozen":
                     updated[step.index] = (update.mode, update)
@@ -264,8 +336,9 @@ class MemoryModel:
             grad[step.output] = step.index in updated or any(grad[v] for v in step.inputs)
         return grad
 
-    def _layer_row(self, step, update, in_grad: bool, notes: set) -> LayerMemory:
-        """One step's row: its output buffer, its parameters, what it saves for backward."""
+    def _layer_row(self, step, plan: LayerPlan | None, in_grad: bool,
+                   notes: set) -> LayerMemory:
+        """One step's row: its output buffer, what it holds, what it saves for backward."""
         layer = step.layer
         out = self.values[step.output]
         row = LayerMemory(layer.name, type(layer).__name__, "-", out.shape)
@@ -273,111 +346,77 @@ class MemoryModel:
         if buf.first_step == step.index and out.producer == step.index and \
                 not any(self.values[v].buffer == out.buffer for v in step.inputs):
             row.activation_bytes = buf.size_bytes
-        if has_weights(layer):
+        facts = self.graph.facts[step.index]
+        if facts.weighted:
             row.update = "frozen"
-        if update is not None:
-            self._parameters(row, step, *update)
+        if plan is not None:
+            self._fill_row(row, step, plan)
         if in_grad:
-            bits, saved_elements, note = saved_for_backward(step, self.values)
-            row.saved_input_bytes += saved_elements
-            row.mask_bytes = -(-out.elements * bits // 8)
-            if note:
-                notes.add(note)
+            row.saved_input_bytes += facts.saved_elements * ACTIVATION_BYTES
+            row.mask_bytes = -(-out.elements * facts.mask_bits // 8)
+            if facts.note:
+                notes.add(facts.note)
         return row
 
-    def _sram_parts(self, rows) -> tuple:
-        """(parameters in SRAM, optimizer state), bytes held for the whole step."""
-        optimizer = sum(r.optimizer_bytes for r in rows)
-        if any(r.update == _CLASSIFIER or r.update.startswith("weights") for r in rows):
-            optimizer += self._step_counter_bytes(rows)
-        return sum(r.weight_bytes + r.bias_bytes for r in rows), optimizer
+    def _fill_row(self, row: LayerMemory, step, plan: LayerPlan) -> None:
+        layer = step.layer
+        row.update = plan.mode if plan.mode in ("bias", _CLASSIFIER) else \
+            f"weights {_fraction_label(plan.kept / plan.channels)}"
+        row.kept_channels = plan.kept
+        row.saved_input_bytes = plan.saved_bytes
+        row.weight_bytes, row.bias_bytes = plan.weight_bytes, plan.bias_bytes
+        row.optimizer_bytes = plan.state_bytes + plan.kept_index_bytes
+        row.weight_gradient_bytes = plan.weight_gradient_bytes + plan.bias_gradient_bytes
+        if plan.mode != _CLASSIFIER:
+            row.extra_memory_bits = self.label.layer_bits(layer.name, plan.kept)
 
-    def _step_counter_bytes(self, rows) -> int:
+    def _plan(self, step, mode: str, update: LayerUpdate) -> LayerPlan:
+        """What an updated layer holds and keeps in the exported step (module doc)."""
+        layer = step.layer
+        biases = bias_count(layer)  # the exporter trains a zero bias where there is none
+        bias = dict(bias_bytes=BIAS_BYTES * biases,
+                    bias_gradient_bytes=GRADIENT_ACCUMULATOR_BYTES * biases)
+        if mode == "bias":
+            return LayerPlan("bias", state_bytes=self.optimizer_slots * 4 * biases, **bias)
+        channels = input_channels(layer)
+        kept = channels if mode == _CLASSIFIER else kept_channels(layer, update)
+        kernel = int(kernel_of(layer).shape.num_elements())
+        partial = kept < channels
+        dynamic = self.policy is not None and partial
+        compact = (not dynamic and partial and self.kept_weights_in_ram
+                   and not is_dense(layer))
+        weights = kept * weights_per_channel(layer) if compact else kernel
+        state = self.optimizer_slots * 4 * (weights + biases)
+        if dynamic:
+            state += selection_state_bytes(channels, kept, self.policy) - 4 * kept
+        return LayerPlan(
+            _CLASSIFIER if mode == _CLASSIFIER else "weights", kept=kept, channels=channels,
+            saved_bytes=self._saved_input_bytes(step, kept), weight_bytes=weights * WEIGHT_BYTES,
+            state_bytes=state, kept_index_bytes=4 * kept if dynamic else 0,
+            weight_gradient_bytes=GRADIENT_ACCUMULATOR_BYTES * kept * weights_per_channel(layer),
+            kernel_bytes=kernel * WEIGHT_BYTES if compact else 0, dynamic=dynamic,
+            compact=compact, policy=self.policy if dynamic else None,
+            selection_variable=dynamic and self.policy in ("traversal", "window"), **bias)
+
+    def _step_counter_bytes(self, plans: dict) -> int:
         """The int32 step counter of stochastic rounding, which a layer schedule shares."""
-        weight_layers = sum(r.update.startswith("weights") for r in rows)
+        weight_layers = sum(plan.mode == "weights" for plan in plans.values())
         if self.layers_per_step is not None and self.layers_per_step < weight_layers:
             return ROUNDING_STATE_BYTES["stochastic"]
         return ROUNDING_STATE_BYTES[self.rounding]
 
-    def _forward_peak(self, rows, forward_live, saved) -> _Peak:
-        """Forward: live activations + what earlier layers saved + SRAM parameters."""
-        params, optimizer = self._sram_parts(rows)
-        peak = _Peak()
-        for step, row in zip(self.steps, rows):
-            act = forward_live[step.index]
-            row.forward_live_bytes = act + saved[step.index] + params + optimizer
-            if row.forward_live_bytes > peak.bytes:
-                peak = _Peak(row.forward_live_bytes, "forward", row.name, {
-                    "activations": act, "saved tensors and masks": saved[step.index],
-                    "parameters in SRAM": params, "optimizer state": optimizer})
-        return peak
-
-    def _gradient_liveness(self, grad) -> list:
-        """Activation-gradient bytes live at each step's backward."""
-        live = [0] * len(self.steps)
-        for value in self.values:
-            if grad[value.index] and value.producer >= 0:
-                for s in range(value.producer, value.last_use + 1):
-                    live[s] += value.elements * self.gradient_bytes
-        return live
-
-    def _backward_peak(self, rows, grad, saved) -> _Peak:
-        """Backward: live activation gradients + this layer's weight gradient + the saved
-        tensors and masks not yet consumed + SRAM parameters."""
-        params, optimizer = self._sram_parts(rows)
-        grad_live = self._gradient_liveness(grad)
-        peak = _Peak()
-        for step, row in zip(self.steps, rows):
-            if not grad[step.output]:
-                continue
-            live = grad_live[step.index] + row.weight_gradient_bytes
-            row.backward_live_bytes = live + saved[step.index] + params + optimizer
-            if row.backward_live_bytes > peak.bytes:
-                peak = _Peak(row.backward_live_bytes, "backward", row.name, {
-                    "activation gradients": grad_live[step.index],
-                    "weight gradients": row.weight_gradient_bytes,
-                    "saved tensors and masks": saved[step.index],
-                    "parameters in SRAM": params, "optimizer state": optimizer})
-        return peak
-
-    def _parameters(self, row, step, mode: str, update: LayerUpdate) -> None:
-        """SRAM parameters, saved input, gradient buffer and Lin bits of an updated layer."""
-        layer = step.layer
-        biases = bias_count(layer) if (layer.use_bias or layer is not self.classifier) else 0
-        inp = self.values[step.inputs[0]]
-        weights = sram_weights = 0
-        if mode == _CLASSIFIER:
-            row.update = _CLASSIFIER
-            weights = int(kernel_of(layer).shape.num_elements())
-            row.kept_channels = int(kernel_of(layer).shape[0])
-            row.saved_input_bytes = inp.elements * ACTIVATION_BYTES
-        elif mode == "weights":
-            k = kept_channels(layer, update)
-            row.update = f"weights {_fraction_label(update.ratio)}"
-            row.kept_channels = k
-            weights = k * weights_per_channel(layer)
-            if self.full_weights_in_sram:
-                sram_weights = int(kernel_of(layer).shape.num_elements())
-            row.saved_input_bytes = self._saved_input_bytes(step, k)
-            row.extra_memory_bits = self.label.layer_bits(layer.name, k)
-        else:
-            row.update = "bias"
-            row.extra_memory_bits = self.label.layer_bits(layer.name)
-        sram_weights = max(sram_weights, weights)
-        row.weight_bytes = sram_weights * WEIGHT_BYTES
-        row.bias_bytes = biases * BIAS_BYTES
-        row.optimizer_bytes = self.optimizer_slots * 4 * (sram_weights + biases)
-        if mode == "weights" and self.full_weights_in_sram:
-            row.optimizer_bytes += selection_state_bytes(input_channels(layer), k)
-        row.weight_gradient_bytes = self.gradient_bytes * (weights + biases)
-
     def _saved_input_bytes(self, step, kept: int) -> int:
-        """The kept input channels a weight-updated layer saves (only the pixels its
-        activation pattern reads, if it has one)."""
+        """The kept input channels a weight-updated layer saves: of the padded input when a
+        padding stays in front of it (weight-updated layers keep theirs), only the pixels
+        its activation pattern reads if it has one."""
         inp = self.values[step.inputs[0]]
         pattern = self._pattern_for(step.layer)
         if pattern is None:
-            return inp.elements // inp.shape[-1] * kept * ACTIVATION_BYTES
+            (top, bottom), (left, right) = step.explicit_padding
+            pixels = inp.elements // inp.shape[-1]
+            if len(inp.shape) == 3:
+                pixels = (inp.shape[0] + top + bottom) * (inp.shape[1] + left + right)
+            return pixels * kept * ACTIVATION_BYTES
         from dgst_tf.training.activation_patterns import layer_stored_bytes
 
         return ACTIVATION_BYTES * layer_stored_bytes(
@@ -395,16 +434,27 @@ class MemoryModel:
         return patterns.get(layer.name)
 
 
-def selection_state_bytes(channels: int, kept: int) -> int:
-    """SRAM of on-device channel selection (DGSU traversal) for a layer keeping ``kept`` of
-    ``channels`` input channels: the visited bitmask and the kept indices (int32); 0 when
-    all are kept (nothing to choose).
+def _device_policy(policy, full_weights_in_sram: bool) -> str | None:
+    """The on-device selection policy (None: static); ``full_weights_in_sram=True`` with
+    no policy is traversal (DGSU)."""
+    if policy == "static":
+        return None
+    if policy is None and full_weights_in_sram:
+        return "traversal"
+    return policy
+
+
+def selection_state_bytes(channels: int, kept: int, policy: str = "traversal") -> int:
+    """SRAM of on-device channel selection for a layer keeping ``kept`` of ``channels`` input
+    channels: its state (traversal: the visited bitmask; window: an int32 position;
+    magnitude: none) and this step's kept indices (int32); 0 when all are kept.
 
         selection_state_bytes(336, 42)   # 42 + 168
     """
     if kept >= channels:
         return 0
-    return -(-channels // 8) + 4 * kept
+    state = {"traversal": -(-channels // 8), "window": 4, "magnitude": 0}[policy]
+    return state + 4 * kept
 
 
 def _fraction_label(ratio: float) -> str:
@@ -454,4 +504,4 @@ def training_memory(model: keras.Model, scheme: UpdateScheme, input_shape=None,
 
 
 __all__ = ["KB", "LayerMemory", "MemoryReport", "MemoryModel", "MemoryModelError",
-           "training_memory", "optimizer_slots", "selection_state_bytes", "kb"]
+           "POLICIES", "training_memory", "optimizer_slots", "selection_state_bytes", "kb"]

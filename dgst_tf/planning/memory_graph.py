@@ -5,11 +5,12 @@ write, which buffer holds each tensor and when, and the per-layer facts the acco
     from dgst_tf.planning.memory_graph import analyse_graph
 
     graph = analyse_graph(model, (128, 128, 3))
-    graph.forward_activation_live      # activation bytes live while each op runs
+    graph.buffers                      # which tensor lives in which buffer, when
     graph.fusable_chains(stop=10)      # conv -> depthwise -> 1x1 chains run as one fused op
 
-The runtime assumptions (fused activations and padding, in-place elementwise ops, buffer
-lifetimes) are stated in `dgst_tf.planning.memory`.
+The runtime assumptions (fused activations and padding, in-place ops, buffer lifetimes) are
+stated in `dgst_tf.planning.memory`; the ops and tensors of the exported training step built
+on this graph are `dgst_tf.planning.step_timeline`.
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import functools
 import math
 
 from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
+from dgst_tf.core.geometry import extra_taps_for_same
 from dgst_tf.core.graph import UnsupportedModelError, nodes_in_order
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import (CONV2D, DEPTHWISE, is_dense, is_depthwise, kernel_of,
                                       kind_of)
 
-__all__ = ["ACTIVATION_BYTES", "MemoryModelError", "Value", "Step", "Buffer", "MemoryGraph",
-           "analyse_graph", "has_weights", "bias_count", "mask_bits", "saved_for_backward"]
+__all__ = ["ACTIVATION_BYTES", "MemoryModelError", "Value", "Step", "StepFacts", "Buffer",
+           "MemoryGraph", "analyse_graph", "has_weights", "bias_count", "mask_bits",
+           "saved_for_backward"]
 
 ACTIVATION_BYTES = 1  # int8 activations
 
@@ -166,6 +169,39 @@ def saved_for_backward(step: Step, values: list) -> tuple:
     return bits, saved, note
 
 
+@dataclasses.dataclass(frozen=True)
+class StepFacts:
+    """What the accounting asks about a step, worked out once: its op ``kind`` ("conv",
+    "depthwise", "dense", "sum" for Add, "pool" for global average pooling, "other"),
+    output ``channels`` (biases) of a weight layer, and what it saves for its backward
+    pass (`saved_for_backward`)."""
+
+    kind: str
+    channels: int = 0
+    mask_bits: int = 0
+    saved_elements: int = 0
+    note: str | None = None
+
+    @property
+    def weighted(self) -> bool:
+        return self.kind in ("conv", "depthwise", "dense")
+
+
+_FACT_KINDS = {CONV2D: "conv", DEPTHWISE: "depthwise"}
+_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalAveragePooling1D)
+
+
+def _step_facts(step: "Step", values: list) -> StepFacts:
+    layer = step.layer
+    bits, saved, note = saved_for_backward(step, values)
+    if has_weights(layer):
+        kind = "dense" if is_dense(layer) else _FACT_KINDS[kind_of(layer)]
+        return StepFacts(kind, bias_count(layer), bits, saved, note)
+    kind = "sum" if isinstance(layer, keras.layers.Add) else \
+        "pool" if isinstance(layer, _POOLS) else "other"
+    return StepFacts(kind, 0, bits, saved, note)
+
+
 @dataclasses.dataclass
 class MemoryGraph:
     """Steps, values and buffers of one model at one input shape (see `analyse_graph`)."""
@@ -174,46 +210,81 @@ class MemoryGraph:
     values: list
     output_values: list        # value indices of the model outputs
     buffers: list = dataclasses.field(default_factory=list)
-    forward_activation_live: list = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def by_layer(self) -> dict:
         """Layer name -> its step (layers fused into a step have none)."""
         return {s.layer.name: s for s in self.steps}
 
-    def fusable_chains(self, stop: int | None = None) -> list:
+    @functools.cached_property
+    def facts(self) -> list:
+        """`StepFacts` of every step, in order."""
+        return [_step_facts(step, self.values) for step in self.steps]
+
+    @functools.cached_property
+    def _chains(self) -> dict:
+        return {}
+
+    def folded_kernel(self, step: Step) -> tuple | None:
+        """The (kh, kw) kernel with which ``step`` computes its explicit zero padding as an
+        exact ``SAME`` convolution (the training export's PAD folding: trailing zero taps),
+        or None when it has no padding to fold or no such kernel exists.
+
+            graph.folded_kernel(graph.by_layer["block_1_depthwise"])   # (4, 4)
+        """
+        if step.index not in self._folded:
+            self._folded[step.index] = self._fold(step)
+        return self._folded[step.index]
+
+    @functools.cached_property
+    def _folded(self) -> dict:
+        return {}
+
+    def _fold(self, step: Step) -> tuple | None:
+        layer = step.layer
+        if step.explicit_padding == _NO_PADDING or kind_of(layer) not in _CHAIN_KINDS \
+                or str(layer.padding).lower() != "valid" or len(step.inputs) != 1:
+            return None
+        inp, out = self.values[step.inputs[0]], self.values[step.output]
+        taps = [extra_taps_for_same(inp.shape[axis], out.shape[axis],
+                                    int(layer.kernel_size[axis]), int(layer.strides[axis]),
+                                    int(layer.dilation_rate[axis]),
+                                    step.explicit_padding[axis][0]) for axis in (0, 1)]
+        if None in taps:
+            return None
+        return tuple(int(k) + t for k, t in zip(layer.kernel_size, taps))
+
+    def fusable_chains(self, stop: int | None = None, fold_pads: bool = True) -> list:
         """(conv, depthwise, 1x1 conv) steps before step ``stop`` that the training export
-        runs as one ``DGST_FUSED_BLOCK`` (`dgst_tf.core.block_fusion_rule`).
+        runs as one ``DGST_FUSED_BLOCK`` (`dgst_tf.core.block_fusion_rule`); a padding that
+        stays a PAD op (``fold_pads=False``, or no exact SAME kernel) breaks a chain.
 
             [(a.layer.name, b.layer.name, c.layer.name) for a, b, c in graph.fusable_chains()]
         """
-        described = [_chain_op(step) for step in self.steps]
-        chains = fusable_chains(described, stop, {0, *self.output_values})
-        return [tuple(self.steps[i] for i in chain) for chain in chains]
+        key = (stop, bool(fold_pads))
+        if key not in self._chains:  # the search asks again for every candidate
+            described = [_chain_op(step, self._reads_pad(step, fold_pads))
+                         for step in self.steps]
+            chains = fusable_chains(described, stop, {0, *self.output_values})
+            self._chains[key] = [tuple(self.steps[i] for i in chain) for chain in chains]
+        return list(self._chains[key])
 
-    def fused_liveness(self, stop: int) -> list:
-        """Forward activation bytes per step when the chains before ``stop`` are fused: the
-        chain holds its input, its output and a few rows, never the expanded tensors."""
-        live = list(self.forward_activation_live)
-        for a, b, c in self.fusable_chains(stop):
-            mid, dw = self.values[a.output], self.values[b.output]
-            dw_h = int(b.layer.kernel_size[0])
-            rows = (dw_h * mid.shape[1] * mid.shape[2] + dw.shape[1] * dw.shape[2]
-                    ) * ACTIVATION_BYTES + 4 * (dw_h + mid.shape[2])
-            fused = live[a.index] - self.buffers[mid.buffer].size_bytes \
-                + self.values[c.output].elements * ACTIVATION_BYTES + rows
-            for s in (a.index, b.index, c.index):
-                live[s] = fused
-        return live
+    def _reads_pad(self, step: Step, fold_pads: bool) -> bool:
+        """Whether ``step`` reads the output of a PAD op in the exported graph."""
+        if step.explicit_padding == _NO_PADDING:
+            return False
+        return not (fold_pads and self.folded_kernel(step) is not None)
 
 
-def _chain_op(step: Step) -> ChainOp:
-    """A step in the fusion rule's terms (activations fused into it included)."""
+def _chain_op(step: Step, reads_pad: bool = False) -> ChainOp:
+    """A step in the fusion rule's terms (activations fused into it included); a step that
+    reads a PAD op reads a tensor of its own."""
     layer = step.layer
     kind = _CHAIN_KINDS.get(kind_of(layer))
+    inputs = tuple(("pad", v) if reads_pad else v for v in step.inputs)
     if kind is None:
-        return ChainOp("other", tuple(step.inputs), step.output)
-    return ChainOp(kind, tuple(step.inputs), step.output, kernel=tuple(layer.kernel_size),
+        return ChainOp("other", inputs, step.output)
+    return ChainOp(kind, inputs, step.output, kernel=tuple(layer.kernel_size),
                    strides=tuple(layer.strides), dilation=tuple(layer.dilation_rate),
                    depth_multiplier=int(getattr(layer, "depth_multiplier", 1)),
                    activation=step.activation())
@@ -222,16 +293,16 @@ def _chain_op(step: Step) -> ChainOp:
 # ------------------------------------------------------------------------------ analysis
 def analyse_graph(model: keras.Model, input_shape: tuple,
                   inplace_depthwise: bool = False) -> MemoryGraph:
-    """Steps, values, buffers and forward activation liveness of a functional ``model`` at
-    ``input_shape`` (H, W, C), batch 1. ``inplace_depthwise``: a depthwise conv (multiplier
-    1) may overwrite an input that dies there.
+    """Steps, values and buffers of a functional ``model`` at ``input_shape`` (H, W, C),
+    batch 1. Every value has its own buffer (TFLM's planner computes nothing in place);
+    ``inplace_depthwise``: a runtime like tinyengine's, where elementwise ops write into an
+    input that dies there and a depthwise conv (multiplier 1) overwrites its input.
 
         graph = analyse_graph(model, (128, 128, 3))
-        max(graph.forward_activation_live)    # inference peak, bytes
+        len(graph.buffers)    # one per value here
     """
     graph = _GraphBuilder(model, input_shape).build()
     graph.buffers = _assign_buffers(graph, inplace_depthwise)
-    graph.forward_activation_live = _activation_liveness(graph)
     return graph
 
 
@@ -330,9 +401,11 @@ def _shape_without_batch(shape) -> tuple:
 
 def _in_place(step: Step, inplace_depthwise: bool) -> bool:
     layer = step.layer
+    if not inplace_depthwise:
+        return False
     if isinstance(layer, _ELEMENTWISE):
         return True
-    if inplace_depthwise and is_depthwise(layer):
+    if is_depthwise(layer):
         return int(layer.depth_multiplier) == 1
     return False
 
@@ -358,16 +431,3 @@ def _assign_buffers(graph: MemoryGraph, inplace_depthwise: bool) -> list:
             buffers.append(Buffer(value.elements * ACTIVATION_BYTES,
                                   max(value.producer, 0), value.last_use))
     return buffers
-
-
-def _activation_liveness(graph: MemoryGraph) -> list:
-    """Activation bytes live while each step runs (its inputs and output included)."""
-    live = [0] * len(graph.steps)
-    for buf in graph.buffers:
-        for s in range(buf.first_step, buf.last_step + 1):
-            live[s] += buf.size_bytes
-    for step in graph.steps:  # an in-place depthwise conv needs one input channel aside
-        inp = graph.values[step.inputs[0]]
-        if is_depthwise(step.layer) and graph.values[step.output].buffer == inp.buffer:
-            live[step.index] += inp.elements // inp.shape[-1] * ACTIVATION_BYTES
-    return live

@@ -7,7 +7,7 @@ and peaks (`MemoryReport`, with its text table), a PNG chart, and a check agains
     report = training_memory(model, scheme, (128, 128, 3))   # a MemoryReport
     print(report.table())                       # per-layer breakdown and summary
     plot_memory(report, "memory.png")            # per-layer bars + dense vs sparse
-    compare_with_tflm(report, arena_bytes)       # once the exporter gives a TFLM arena size
+    compare_with_tflm(report, arena_bytes, "arena")   # against TFLM's arena of the export
 
 The numbers and their assumptions come from `dgst_tf.planning.memory`. KB means 1024 bytes.
 """
@@ -72,6 +72,7 @@ class MemoryReport:
 
         report = training_memory(model, scheme, (128, 128, 3))
         report.training_peak_bytes, report.extra_memory_bytes, report.largest(3)
+        report.arena_bytes        # TFLM's arena: the training peak + TFLM's own structs
     """
 
     model_name: str
@@ -87,6 +88,7 @@ class MemoryReport:
     dense_training_bytes: int | None = None
     settings: dict = dataclasses.field(default_factory=dict)
     notes: list = dataclasses.field(default_factory=list)
+    arena_bytes: int | None = None  # TFLM's whole arena for the step (its structs too)
 
     @property
     def extra_memory_bytes(self) -> int:
@@ -97,6 +99,13 @@ class MemoryReport:
     def extra_memory_kb(self) -> float:
         """Lin et al.'s label in KB (bits / 8 / 1024, as tiny-training prints it)."""
         return self.extra_memory_bits / 8 / KB
+
+    @property
+    def runtime_bytes(self) -> int | None:
+        """TFLM's own part of the arena: structs, op data and alignment."""
+        if self.arena_bytes is None:
+            return None
+        return self.arena_bytes - self.training_peak_bytes
 
     @property
     def saving_bytes(self) -> int | None:
@@ -134,6 +143,9 @@ class MemoryReport:
             f"({self.peak_phase} pass at {self.peak_layer}: "
             + ", ".join(f"{k} {kb(v)}" for k, v in self.peak_breakdown.items() if v) + ")",
         ]
+        if self.arena_bytes is not None:
+            lines.append(f"TFLM arena (structs included):   {kb(self.arena_bytes)} "
+                         f"(+{kb(self.runtime_bytes)} TFLM structs, op data, alignment)")
         if self.dense_training_bytes is not None:
             saving = self.saving_bytes
             lines.append(f"dense (full) training peak:      {kb(self.dense_training_bytes)} "
@@ -193,7 +205,8 @@ _PARTS = (("saved_input_bytes", "saved input (kept channels)", "#4c72b0"),
           ("weight_bytes", "updated weights (int8)", "#55a868"),
           ("bias_bytes", "updated biases (int32)", "#c44e52"),
           ("optimizer_bytes", "optimizer state", "#8172b3"))
-_WHAT = {"forward_peak": "forward_peak_bytes", "training_peak": "training_peak_bytes"}
+_WHAT = {"forward_peak": "forward_peak_bytes", "training_peak": "training_peak_bytes",
+         "arena": "arena_bytes"}
 
 
 def plot_memory(report: MemoryReport, path, title: str | None = None) -> str:
@@ -274,9 +287,11 @@ def compare_with_tflm(report: MemoryReport, tflm_arena_bytes: int,
                       what: str = "forward_peak", verbose: bool = True) -> dict:
     """Predicted vs TFLM's arena (``print_allocations`` of the exported model).
 
-    ``what``: "forward_peak" for an inference graph, "training_peak" for the exported
-    training step. Returns ``{"predicted_bytes", "tflm_arena_bytes", "difference_bytes"
-    (TFLM - predicted), "ratio" (TFLM / predicted)}`` and prints one line if ``verbose``.
+    ``what``: "forward_peak" for an inference graph, "training_peak" for the tensors of
+    the exported training step, "arena" for its whole arena (TFLM's structs included: the
+    figure ``print_allocations`` totals). Returns ``{"predicted_bytes",
+    "tflm_arena_bytes", "difference_bytes" (TFLM - predicted), "ratio" (TFLM /
+    predicted)}`` and prints one line if ``verbose``.
 
         compare_with_tflm(report, 245_760)   # TFLM 240.0 KB vs predicted 240.0 KB: +0.0 KB
     """
@@ -285,7 +300,10 @@ def compare_with_tflm(report: MemoryReport, tflm_arena_bytes: int,
     arena = int(tflm_arena_bytes)
     if arena <= 0:
         raise ValueError(f"tflm_arena_bytes must be positive, got {tflm_arena_bytes!r}")
-    predicted = int(getattr(report, _WHAT[what]))
+    predicted = getattr(report, _WHAT[what])
+    if predicted is None:
+        raise ValueError(f"the report of {report.scheme_name!r} has no {what} figure")
+    predicted = int(predicted)
     result = {"what": what, "predicted_bytes": predicted, "tflm_arena_bytes": arena,
               "difference_bytes": arena - predicted, "ratio": arena / predicted}
     if verbose:

@@ -109,10 +109,12 @@ def memory_function(memory_model: MemoryModel, conv_names, accounting: str = "ex
                 conv_names[len(conv_names) - n_bias:] if n_bias else [], weights)
             return -(-bits // 8)
         return extra
-    if accounting == "training_peak":
-        def peak(n_bias, weights):
-            return memory_model.training_peak_bytes(scheme_for(conv_names, n_bias, weights))
-        return peak
+    if accounting in ("training_peak", "arena"):
+        measure = getattr(memory_model, f"{accounting}_bytes")
+
+        def step_memory(n_bias, weights):
+            return measure(scheme_for(conv_names, n_bias, weights))
+        return step_memory
     raise ValueError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
 
 
@@ -303,10 +305,13 @@ def search_scheme(model, table: ContributionTable, budget_bytes, input_shape=Non
                   **memory_options) -> SearchResult:
     """Search the best scheme for ``model`` within ``budget_bytes`` (see the module doc).
 
-    ``accounting``: "extra_memory" (Lin et al.'s label, as in the paper) or
-    "training_peak" (the whole step; slower). ``memory_options`` go to `MemoryModel`.
+    ``accounting``: "extra_memory" (Lin et al.'s label, as in the paper), "training_peak"
+    (the whole step's tensors; slower) or "arena" (TFLM's arena of the step). The memory
+    of a step is that of the graph `export_training` emits; ``memory_options`` go to
+    `MemoryModel` (e.g. ``policy="traversal"`` for on-device DGSU selection).
 
-        result = search_scheme(model, table, "256KB", (128, 128, 3), "training_peak")
+        result = search_scheme(model, table, "256KB", (128, 128, 3), "arena",
+                               policy="traversal", output_params=False)
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

@@ -6,7 +6,7 @@ pattern pruning: DGSU's offline step before on-device training.
 
     graph = pruning.DependencyGraph(model)                  # coupled channel groups
     graph.group("block_1_project", 0).layers()              # what goes with one channel
-    sparsity, _ = pruning.sparsity_for_budget(model, 1024 * 1024)   # fit 1 MB of flash
+    sparsity, _ = pruning.sparsity_for_budget(model, 864 * 1024)    # training file, bytes
     result = pruning.prune_while_training(model, train_ds, sparsity, epochs=2)
     pruning.footprint(result.model).flash_bytes             # int8 weights + int32 biases
 
@@ -23,7 +23,7 @@ One concept per module: `dependency_graph` (coupled channel groups), `channel_we
 (the weights each group owns), `group_importance` (scores, registry `GROUP_IMPORTANCES`),
 `group_selection` (which groups a sparsity masks), `tfmot_wrapper` (the TF-MOT wrapper and
 its shared pruner), `channel_removal` (the physically smaller model), `model_size` (flash,
-activation peak, MACs) and `prune_to_budget` (the whole offline step). Activation patterns
+activation peak, MACs, the deployable training file) and `prune_to_budget` (the whole offline step). Activation patterns
 live in `dgst_tf.training.activation_patterns` (the train step uses them without TF-MOT)
 and are re-exported here.
 """
@@ -58,10 +58,20 @@ from dgst_tf.pruning.group_importance import (
     segment_sum_of_squares,
 )
 from dgst_tf.pruning.group_selection import group_scores, groups_to_prune, select_groups
-from dgst_tf.pruning.model_size import Footprint, flash_bytes, footprint, reduction
+from dgst_tf.pruning.model_size import (
+    DeployableSize,
+    DeployableSizeModel,
+    Footprint,
+    deployable_bytes,
+    deployable_size,
+    flash_bytes,
+    footprint,
+    reduction,
+)
 from dgst_tf.pruning.prune_to_budget import (
     PruningResult,
     prune_while_training,
+    pruned_name,
     sparsity_for_budget,
 )
 from dgst_tf.pruning.tfmot_wrapper import (
@@ -81,7 +91,8 @@ __all__ = [
     "RandomGroupImportance", "RandomImportance",
     "WeightTerm", "get_group_importance", "segment_sum_of_squares",
     "remove_channels", "mask_groups", "zeroed_groups", "footprint", "Footprint",
-    "flash_bytes", "sparsity_for_budget", "reduction",
+    "flash_bytes", "sparsity_for_budget", "pruned_name", "reduction", "deployable_size",
+    "deployable_bytes", "DeployableSize", "DeployableSizeModel",
     "ActivationPattern", "get_pattern", "PATTERNS", "ConvGeometry", "store_for_conv",
     "weight_gradient_from_stored", "pattern_conv2d", "pattern_depthwise_conv2d",
     "stored_bytes", "layer_stored_bytes", "with_activation_patterns",

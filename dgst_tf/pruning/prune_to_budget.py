@@ -1,14 +1,17 @@
 """Pruning a model to a flash budget: pick the sparsity, prune while fine-tuning, remove.
 
 DGSU's offline step (Li & Chang 2024) before on-device training: `sparsity_for_budget` finds
-the smallest family sparsity whose int8 weights + int32 biases fit the budget (counted on
-group sets of the right size, no weights looked at), and `prune_while_training` ramps
-TF-MOT's ``PolynomialDecay`` up to it while the model is fine-tuned, strips the wrappers and
-removes the masked channels physically::
+the smallest family sparsity whose pruned model fits the budget (counted on group sets of
+the right size, no weights looked at): by default the deployable training-step ``.tflite``
+(`dgst_tf.pruning.model_size.deployable_size`: weights, biases, requantization constants,
+per-channel quantization, the training step's constants, the flatbuffer), or only the int8
+weights + int32 biases (``size="weights"``). `prune_while_training` ramps TF-MOT's
+``PolynomialDecay`` up to it while the model is fine-tuned, strips the wrappers and removes
+the masked channels physically::
 
     from dgst_tf.pruning import prune_while_training, sparsity_for_budget
 
-    sparsity, _ = sparsity_for_budget(model, 1024 * 1024)      # fit 1 MB of flash
+    sparsity, _ = sparsity_for_budget(model, 1024 * 1024)      # a 1 MB training .tflite
     result = prune_while_training(model, train_ds, sparsity, epochs=2)
     result.model, result.family_sparsity
 """
@@ -27,42 +30,86 @@ from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.pruning.channel_removal import mask_groups, remove_channels, zeroed_groups
 from dgst_tf.pruning.dependency_graph import DependencyGraph
 from dgst_tf.pruning.group_selection import GroupSelector, groups_to_prune, select_groups
-from dgst_tf.pruning.model_size import flash_bytes
+from dgst_tf.pruning.model_size import DeployableSizeModel, flash_bytes
 from dgst_tf.pruning.tfmot_wrapper import prune_channel_groups
 from dgst_tf.training.distillation import Distiller
 
-__all__ = ["sparsity_for_budget", "prune_while_training", "PruningResult"]
+__all__ = ["sparsity_for_budget", "prune_while_training", "PruningResult", "pruned_name",
+           "SIZES", "DEPLOYABLE_MARGIN"]
+
+SIZES = ("deployable", "weights")  # what sparsity_for_budget fits into the budget
+_MOST = 0.999  # the highest family sparsity sparsity_for_budget tries
+# The analytic deployable size is within -0.1 % .. +1.5 % of the file export_training writes
+# for the models tests/test_flash_budget.py exports (MobileNetV2: within 0.1 %): fit it with
+# this much room so that the real file fits too.
+DEPLOYABLE_MARGIN = 0.01
+
+
+def pruned_name(model: keras.Model) -> str:
+    """The name `prune_while_training` gives the pruned model (it is in the exported
+    file's tensor names, so the deployable size counts it)."""
+    return f"{model.name}_pruned"
 
 
 def sparsity_for_budget(model: keras.Model, budget_bytes: int,
                         graph: DependencyGraph | None = None, exclude=(), round_to: int = 1,
-                        min_channels: int = 1, tolerance: float = 1e-4) -> tuple[float, int]:
-    """The smallest family sparsity whose pruned model fits ``budget_bytes`` of flash
-    (int8 weights + int32 biases), and its flash bytes.
+                        min_channels: int = 1, tolerance: float = 1e-4, *,
+                        size: str = "deployable", scheme=None, input_shape=None,
+                        margin: float | None = None, **export_options) -> tuple[float, int]:
+    """The smallest family sparsity whose pruned model fits ``budget_bytes``, and its size.
+
+    ``size``: ``"deployable"`` (default) counts the training-step ``.tflite``
+    `export_training` writes for the pruned, fine-tuned model (`deployable_size` with
+    ``fine_tuned=True``; ``scheme``: its `UpdateScheme`, None = classifier only;
+    ``export_options``: `export_training`'s);
+    ``"weights"`` counts int8 weights + int32 biases (`flash_bytes`). ``margin``: the size
+    times ``1 + margin`` must fit (default `DEPLOYABLE_MARGIN` for the deployable estimate,
+    0 for the exact weights count). Raises ValueError naming the budget and the minimum
+    size when even 99.9 % of every prunable family leaves too many bytes.
 
         sparsity, nbytes = sparsity_for_budget(model, parse_budget("1MB"))
     """
     graph = graph or DependencyGraph(model)
+    measure = _size_measure(model, graph, size, scheme, input_shape, export_options)
+    if margin is None:
+        margin = DEPLOYABLE_MARGIN if size == "deployable" else 0.0
 
-    def size(s):
-        return flash_bytes(model, groups_to_prune(graph, s, exclude, round_to, min_channels),
-                           graph)
+    def size_at(s):
+        return measure(groups_to_prune(graph, s, exclude, round_to, min_channels))
 
-    if size(0.0) <= budget_bytes:
-        return 0.0, size(0.0)
-    high = 0.999
-    if size(high) > budget_bytes:
-        raise ValueError(f"even pruning {high:.1%} of every prunable family leaves "
-                         f"{size(high)} bytes, more than the {budget_bytes}-byte budget "
-                         "(the unprunable parts are too large)")
+    def fits(s):
+        return size_at(s) * (1.0 + margin) <= budget_bytes
+
+    if fits(0.0):
+        return 0.0, int(size_at(0.0))
+    high = _MOST
+    if not fits(high):
+        raise ValueError(f"flash budget {budget_bytes} bytes is below the minimum {size} size "
+                         f"pruning can reach: {size_at(high)} bytes (+{margin:.1%} margin) "
+                         f"with {high:.1%} of every prunable family pruned; the unprunable "
+                         f"parts are too large")
     low = 0.0
     while high - low > tolerance:
         mid = (low + high) / 2
-        if size(mid) <= budget_bytes:
+        if fits(mid):
             high = mid
         else:
             low = mid
-    return float(high), int(size(high))
+    return float(high), int(size_at(high))
+
+
+def _size_measure(model, graph, size, scheme, input_shape, export_options):
+    """removed groups -> bytes, for ``size`` (see `sparsity_for_budget`)."""
+    if size == "weights":
+        if scheme is not None or export_options:
+            raise ValueError("sparsity_for_budget: scheme and export options only apply to "
+                             "size='deployable'")
+        return lambda removed: flash_bytes(model, removed, graph)
+    if size != "deployable":
+        raise ValueError(f"sparsity_for_budget: size must be one of {SIZES}, got {size!r}")
+    sizer = DeployableSizeModel(model, scheme, graph, input_shape, pruned_name(model),
+                                fine_tuned=True, **export_options)
+    return lambda removed: sizer.size(removed).total
 
 
 @dataclasses.dataclass
@@ -152,7 +199,7 @@ def prune_while_training(model: keras.Model, dataset, final_sparsity: float, *,
     masked_graph = DependencyGraph(masked)
     target = select_groups(masked, final_sparsity, graph=masked_graph, **selection)
     masked, masked_graph, removed = _mask_at_least(masked, masked_graph, target)
-    small = remove_channels(masked, removed, masked_graph, name=f"{model.name}_pruned")
+    small = remove_channels(masked, removed, masked_graph, name=pruned_name(model))
     family = GroupSelector(masked_graph, None, exclude).family_sparsity_of(
         masked_graph.keep_vector(removed))
     return PruningResult(small, masked, removed, family, dict(history.history), schedule)

@@ -47,7 +47,9 @@ import dataclasses
 import numpy as np
 
 from dgst_tf.core.graph import UnsupportedModelError, check_functional, rebuild
-from dgst_tf.core.int8_conversion import DEFAULT_NUM_SAMPLES, ConvertedModel, convert_int8
+from dgst_tf.core.int8_conversion import (DEFAULT_HEAD_LOGIT_RANGE,
+                                          DEFAULT_HEAD_WEIGHT_HEADROOM, DEFAULT_NUM_SAMPLES,
+                                          ConvertedModel, convert_int8)
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import is_depthwise, is_unsupported_conv, kernel_of, kind_of
 from dgst_tf.core.tflite_requantization import (RELU, RELU6, activation_range,
@@ -82,10 +84,13 @@ class Int8TrainingGraph:
 
 
 def int8_training_graph(model: keras.Model, calibration_images,
-                        num_samples: int = DEFAULT_NUM_SAMPLES) -> Int8TrainingGraph:
+                        num_samples: int = DEFAULT_NUM_SAMPLES, *,
+                        head_logit_range: float = DEFAULT_HEAD_LOGIT_RANGE,
+                        head_weight_headroom: float = DEFAULT_HEAD_WEIGHT_HEADROOM
+                        ) -> Int8TrainingGraph:
     """The int8 training graph of a BN-folded float ``model`` (see the module doc), with the
     parameters of its TFLite conversion calibrated on at most ``num_samples`` of
-    ``calibration_images`` (anything `convert_int8` takes). Raises `UnsupportedModelError`
+    ``calibration_images`` (anything `convert_int8` takes; the head widened as there). Raises `UnsupportedModelError`
     naming the layer for a layer without a counterpart in the converted model. Example::
 
         graph = int8_training_graph(fold_batchnorm(model), x_train[:64])
@@ -106,7 +111,9 @@ def int8_training_graph(model: keras.Model, calibration_images,
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise UnsupportedModelError(f"{where}: model {model.name!r} must have one input and "
                                     f"one output")
-    data = convert_int8(model, calibration_images, num_samples=num_samples, where=where)
+    data = convert_int8(model, calibration_images, num_samples=num_samples, where=where,
+                        head_logit_range=head_logit_range,
+                        head_weight_headroom=head_weight_headroom)
     builder = _GraphBuilder(model, ConvertedModel(data))
     rebuilt = rebuild(model, builder.call_layer, name=f"{model.name}_int8")
     logits = builder.check_complete(rebuilt.outputs[0])

@@ -37,8 +37,15 @@ def expansion_convs(model: keras.Model) -> list:
 
 
 def build_method(name: str, model: keras.Model, target_fraction: float = 0.02,
-                 blocks: int = 8, importance: str = "weight_l2", seed: int = 0):
-    """(scheme, callbacks) for method ``name`` (one of METHODS) on ``model``."""
+                 blocks: int = 8, importance: str = "weight_l2", seed: int = 0,
+                 layers_per_step: int | None = None):
+    """(scheme, callbacks) for method ``name`` (one of METHODS) on ``model``;
+    ``layers_per_step``: DGSU's layer schedule (`DynamicChannelSelection`), dgsu only.
+
+        scheme, callbacks = build_method("dgsu", model, 0.02, layers_per_step=2)
+    """
+    if layers_per_step is not None and name != "dgsu":
+        raise ValueError(f"layers_per_step is DGSU's layer schedule; method {name!r} has none")
     if name == "full":
         return UpdateScheme.full(model), []
     if name == "last_layer":
@@ -61,5 +68,5 @@ def build_method(name: str, model: keras.Model, target_fraction: float = 0.02,
         layers = [l.name for l in pointwise_convs(model) if order[l.name] >= first]
         scheme = UpdateScheme.for_target_fraction(model, layers, target_fraction, name="dgsu")
         return scheme, [DynamicChannelSelection(importance=importance, traversal=True,
-                                                seed=seed)]
+                                                layers_per_step=layers_per_step, seed=seed)]
     raise ValueError(f"unknown method {name!r}; choose from {METHODS}")

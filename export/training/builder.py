@@ -13,6 +13,7 @@ import pathlib
 import tempfile
 
 from dgst_tf.core.files import write_atomically
+from dgst_tf.core.int8_conversion import DEFAULT_HEAD_LOGIT_RANGE, DEFAULT_HEAD_WEIGHT_HEADROOM
 from dgst_tf.export import block_fusion
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import TfliteFileError, read_tflite
@@ -51,7 +52,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     fuse_blocks: bool = True, kept_weights_in_ram: bool = True,
                     output_params: bool = True, rounding: str = "stochastic",
                     seed: int = 0, layers_per_step: int | None = None,
-                    requant_in_flash: bool = True) -> TrainingExport:
+                    requant_in_flash: bool = True,
+                    head_logit_range: float = DEFAULT_HEAD_LOGIT_RANGE,
+                    head_weight_headroom: float = DEFAULT_HEAD_WEIGHT_HEADROOM
+                    ) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
     ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
@@ -92,7 +96,9 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     every int8 convolution of the step is a ``DGST_CONV2D``, bit-identical to the builtin op
     but reading its per-channel requantization multipliers and shifts from a constant (flash)
     instead of computing them into the arena (8 bytes per output channel; see
-    `dgst_tf.export.training.flash_requant`). Both files are written atomically; the
+    `dgst_tf.export.training.flash_requant`). ``head_logit_range``,
+    ``head_weight_headroom``: room for the classifier to train, as in `convert_int8` (the
+    Keras simulation `int8_training_graph` takes the same two). Both files are written atomically; the
     manifest goes to ``path`` with suffix ``.json``. Raises `TrainingExportError` naming the
     layer for an unsupported layer or scheme. Example::
 
@@ -115,7 +121,9 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                               rounding=rounding, seed=int(seed),
                               layers_per_step=layers_per_step,
                               requant_in_flash=bool(requant_in_flash))
-    editor = _int8_editor(model, representative_images, num_samples)
+    editor = _int8_editor(model, representative_images, num_samples,
+                          head_logit_range=head_logit_range,
+                          head_weight_headroom=head_weight_headroom)
     folded_pads, fused_blocks = _simplify_forward(editor, model, scheme, classifier, settings,
                                                   where)
     plan = plan_training(editor, model, scheme, classifier, where)
@@ -129,6 +137,7 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     add_backward_pass(graph)
     advance_step(graph)
     forward_ops = _order_ops(graph)
+    editor.prune_buffers()  # the converter's data that the edits replaced is not flashed
     data = editor.pack()
     try:
         data, parsed = read_tflite(data, what=f"training graph for {os.fspath(path)}")
@@ -183,13 +192,13 @@ def _checked_model(model, scheme, learning_rate, where):
     return model
 
 
-def _int8_editor(model, representative_images, num_samples) -> ModelEditor:
+def _int8_editor(model, representative_images, num_samples, **head) -> ModelEditor:
     """A `ModelEditor` on the full-int8 conversion of ``model`` (`export_int8`)."""
     from dgst_tf.export.inference import export_int8
 
     with tempfile.TemporaryDirectory(prefix="dgst-train-export-") as folder:
         converted = pathlib.Path(folder) / "inference.tflite"
-        export_int8(model, representative_images, converted, num_samples=num_samples)
+        export_int8(model, representative_images, converted, num_samples=num_samples, **head)
         _, parsed = read_tflite(converted)
     return ModelEditor(parsed)
 

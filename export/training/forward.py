@@ -12,7 +12,7 @@ import collections
 
 import numpy as np
 
-from dgst_tf.core.geometry import same_pad_before
+from dgst_tf.core.geometry import extra_taps_for_same
 from dgst_tf.export import block_fusion
 from dgst_tf.export.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
@@ -78,19 +78,9 @@ def _extra_taps_for_same(editor, op, pad) -> tuple | None:
     kernel = editor.shape(op.inputs[1])
     in_h, in_w = editor.shape(int(pad.inputs[0]))[1:3]
     out_h, out_w = editor.shape(op.outputs[0])[1:3]
-    extra = (_extra_taps_along(in_h, out_h, kernel[1], stride_h, dilation_h, paddings[1][0]),
-             _extra_taps_along(in_w, out_w, kernel[2], stride_w, dilation_w, paddings[2][0]))
+    extra = (extra_taps_for_same(in_h, out_h, kernel[1], stride_h, dilation_h, paddings[1][0]),
+             extra_taps_for_same(in_w, out_w, kernel[2], stride_w, dilation_w, paddings[2][0]))
     return None if None in extra else extra
-
-
-def _extra_taps_along(size, out, kernel, stride, dilation, pad_before) -> int | None:
-    if -(-size // stride) != out:
-        return None
-    for extra in range(0, 3):
-        if (same_pad_before(size, out, kernel + extra, stride, dilation) == pad_before
-                and (dilation == 1 or extra == 0)):
-            return extra
-    return None
 
 
 def _grow_kernel_to_same(editor, op, extra_taps, unpadded_input) -> None:

@@ -13,7 +13,9 @@
 //   resolver.AddCustom("DGST_BIAS_GRAD", tflite::Register_DGST_BIAS_GRAD());
 //
 // Each Register_* returns the same static registration on every call. Not used by the pip
-// (host Python) build, which registers through DgstRegister_* instead.
+// (host Python) build, which registers through DgstRegister_* instead. A complete example:
+// tflm_ops/firmware/dgst_train_main.cc (resolver sized as the model's builtins +
+// kNumDgstTrainOps; the library built by `make -C tflm_ops tflm-cortex-m7`).
 #ifndef DGST_TRAIN_OPS_H_
 #define DGST_TRAIN_OPS_H_
 

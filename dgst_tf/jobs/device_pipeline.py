@@ -1,0 +1,381 @@
+"""The device pipeline: prune -> plan -> int8 DGSU training -> TFLM check -> evaluation,
+on the device's terms, into one output folder (the job behind ``dgst device``).
+
+1. ``prune``: the pretrained MobileNetV2 with a new classifier, channel-pruned
+   (`dgst_tf.jobs.device_prune`, distillation from the unpruned model) until the deployable
+   training `.tflite` + the firmware allowance fits ``flash_budget`` (skipped, and recorded
+   so, if it fits already). Writes ``pruned.keras``.
+2. ``plan``: the deepest DGSU scheme whose step fits ``sram_budget`` analytically and in
+   TFLM's arena of the firmware graph (`dgst_tf.jobs.device_plan`); the firmware file must
+   still fit flash. Writes ``scheme.json`` and ``deploy_train.tflite`` (+ ``.json``).
+3. ``train``: batch-1 int8 QAS DGSU training of the Keras simulation of that graph
+   (`dgst_tf.jobs.device_int8`; <= ``target_fraction`` of conv weights per step). Writes
+   ``trained_weights.npz``.
+4. ``check``: the training graph (with parameter outputs) starting from the trained
+   state runs ``check_steps`` steps in TFLM and in Keras: channels, int8 weights and int32
+   biases must be identical; the adapted int8 inference model is written
+   (``adapted.tflite``, `write_inference_model`).
+5. ``evaluate``: test accuracy of ``adapted.tflite`` run by TFLM; its predictions must equal
+   the Keras int8 simulation's; ``report.json`` and ``report.png``.
+
+Each stage records its settings in ``<stage>.stage.json`` (`dgst_tf.jobs.stages`): a second
+call with the same config skips finished stages; a stage that cannot meet its budget raises
+`StageBudgetError` naming the stage and the numbers. Example::
+
+    from dgst_tf.jobs.device_pipeline import DeviceConfig, run_device_pipeline
+
+    report = run_device_pipeline(DeviceConfig(output_dir="out", image_size=64))
+    report["evaluate"]["test_accuracy"], report["plan"]["arena_bytes"]
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from dgst_tf import data, models
+from dgst_tf.core import runtime
+from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.files import write_json_atomically
+from dgst_tf.core.keras_compat import keras
+from dgst_tf.export.inference import quantize
+from dgst_tf.export.tflite_file import read_tflite, tensor_details
+from dgst_tf.export.training import (export_training, load_manifest, run_inference_tflm,
+                                     write_inference_model)
+from dgst_tf.jobs import device_int8
+from dgst_tf.jobs.device_plan import (device_export_options, dgsu_scheme, export_deployable,
+                                      plan_dgsu)
+from dgst_tf.jobs.device_prune import prune_to_flash
+from dgst_tf.jobs.device_report import plot_report
+from dgst_tf.jobs.stages import StageBudgetError, StageFolder, settings_digest
+from dgst_tf.models.model_file import save_model_atomically
+from dgst_tf.planning.budget import parse_budget
+from dgst_tf.training.scheme import UpdateScheme
+
+__all__ = ["DeviceConfig", "STAGES", "StageBudgetError", "run_device_pipeline"]
+
+STAGES = ("prune", "plan", "train", "check", "evaluate")
+
+
+@dataclasses.dataclass
+class DeviceConfig:
+    """Settings of one device pipeline run (offline defaults: Fashion-MNIST, ImageNet
+    MobileNetV2-1.0 at 64 px, pruned to 1 MB flash, 256 KB SRAM)."""
+
+    output_dir: str = "device_run"
+    dataset: str = "fashion_mnist"
+    data_path: str | None = None
+    width: float = 1.0  # the offline ImageNet weights exist for width 1.0 only
+    image_size: int = 64
+    weights: str | None = "imagenet"  # None: random initialisation (tests)
+    flash_budget: str = "1MB"
+    sram_budget: str = "256KB"
+    firmware_allowance: int | None = None  # bytes; None: FIRMWARE_ALLOWANCE_BYTES
+    # prune
+    prune_examples: int = 1000
+    prune_epochs: int = 1
+    prune_batch_size: int = 32
+    prune_learning_rate: float = 0.003
+    temperature: float = 4.0
+    prune_attempts: int = 3
+    # plan
+    blocks: int = 8
+    target_fraction: float = 0.02
+    layers_per_step: int | None = None
+    # train
+    train_examples: int = 1000
+    validation_examples: int = 200
+    calibration_examples: int = 64
+    epochs: int = 2
+    learning_rate: float = 0.001
+    # check + evaluate
+    check_steps: int = 4
+    test_examples: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.dataset not in data.DATASETS:
+            raise ValueError(f"dataset must be one of {data.DATASETS}, got {self.dataset!r}")
+        for name in ("blocks", "epochs", "check_steps", "train_examples", "test_examples",
+                     "calibration_examples", "validation_examples", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 < self.target_fraction <= 1:
+            raise ValueError(f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        parse_budget(self.flash_budget), parse_budget(self.sram_budget)
+
+    @property
+    def flash_budget_bytes(self) -> int:
+        return parse_budget(self.flash_budget)
+
+    @property
+    def sram_budget_bytes(self) -> int:
+        return parse_budget(self.sram_budget)
+
+    def allowance_bytes(self) -> int:
+        if self.firmware_allowance is not None:
+            return int(self.firmware_allowance)
+        from dgst_tf.jobs.flash_budget import FIRMWARE_ALLOWANCE_BYTES
+
+        return int(FIRMWARE_ALLOWANCE_BYTES)
+
+
+@dataclasses.dataclass
+class _Data:
+    """The images of a run, as float arrays preprocessed for the model."""
+
+    calibration: np.ndarray
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_check: np.ndarray
+    y_check: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: int
+
+
+def _load_data(config: DeviceConfig) -> _Data:
+    """Disjoint training-split images for calibration, training, validation and the TFLM
+    check (class-balanced, seeded), and the test images."""
+    common = dict(path=config.data_path, image_size=(config.image_size,) * 2,
+                  seed=config.seed, preprocessing=models.preprocessing_for(config.weights))
+    sizes = [config.calibration_examples, config.train_examples, config.validation_examples,
+             config.check_steps]
+    x, y = data.load_arrays(config.dataset, "train", limit=sum(sizes), **common)
+    cut = np.cumsum(sizes)[:-1]
+    xs, ys = np.split(x, cut), np.split(y, cut)
+    x_test, y_test = data.load_arrays(config.dataset, "test", limit=config.test_examples,
+                                      **common)
+    classes = data.load(config.dataset, "test", path=config.data_path, limit=1,
+                        image_size=(8, 8)).num_classes
+    return _Data(xs[0], xs[1], ys[1], xs[2], ys[2], xs[3], ys[3], x_test, y_test, classes)
+
+
+def _settings(config: DeviceConfig, *fields, after=None) -> dict:
+    """The config fields a stage depends on, and the digest of the stage before it."""
+    values = {name: getattr(config, name) for name in fields}
+    return values | {"after": after}
+
+
+_DATA = ("dataset", "data_path", "image_size", "weights", "seed", "calibration_examples",
+         "train_examples", "validation_examples", "check_steps")
+
+
+class _Run:
+    """One pipeline run: the config, its folder, data and models built on demand."""
+
+    def __init__(self, config: DeviceConfig, verbose: int):
+        self.config, self.verbose = config, verbose
+        self.folder = StageFolder(config.output_dir, STAGES)
+        self._data = self._folded = self._sim = None
+        self.results = {}
+
+    @property
+    def data(self) -> _Data:
+        if self._data is None:
+            self._data = _load_data(self.config)
+        return self._data
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(f"[dgst device] {message}", flush=True)
+
+    def stage(self, name: str, settings: dict, body) -> dict:
+        """Skip ``name`` if it finished with ``settings``; else run ``body() -> (outputs,
+        result)`` and record it."""
+        done = self.folder.done(name, settings)
+        if done is not None:
+            self.say(f"{name}: done before with the same settings, skipped")
+            self.results[name] = done
+            return done
+        self.say(f"{name}: running")
+        self.folder.start(name)
+        for report in ("report.json", "report.png"):  # describes the stages being redone
+            self.folder.path(report).unlink(missing_ok=True)
+        start = time.time()
+        outputs, result = body()
+        result = result | {"seconds": round(time.time() - start, 1)}
+        self.results[name] = self.folder.finish(name, settings, outputs, result)
+        return self.results[name]
+
+    def after(self, name: str) -> str:
+        return settings_digest(self.results[name])
+
+    # -- models -----------------------------------------------------------------------
+    def folded(self):
+        """The pruned model with BatchNorm folded (what the exporter and the simulation see)."""
+        if self._folded is None:
+            pruned = keras.models.load_model(self.folder.path("pruned.keras"), compile=False)
+            self._folded = fold_batchnorm(pruned)
+        return self._folded
+
+    def scheme(self) -> UpdateScheme:
+        return UpdateScheme.load(self.folder.path("scheme.json"))
+
+    def new_sim(self) -> device_int8.Int8Dgsu:
+        c = self.config
+        return device_int8.Int8Dgsu.build(self.folded(), self.data.calibration, self.scheme(),
+                                          learning_rate=c.learning_rate, seed=c.seed,
+                                          layers_per_step=c.layers_per_step)
+
+    def trained_sim(self, fresh: bool = False) -> device_int8.Int8Dgsu:
+        """A simulation holding the trained weights from ``trained_weights.npz`` (shared
+        between calls unless ``fresh``: a fresh one may train further)."""
+        if fresh or self._sim is None:
+            sim = self.new_sim()
+            device_int8.load_weights(sim.graph.model, self.folder.path("trained_weights.npz"))
+            if fresh:
+                return sim
+            self._sim = sim
+        return self._sim
+
+    def export_options(self) -> dict:
+        c = self.config
+        return device_export_options(c.learning_rate, c.seed, c.layers_per_step)
+
+
+# -- stages -----------------------------------------------------------------------------
+def _prune(run: _Run):
+    c = run.config
+    model = models.mobilenet_v2(width=c.width, input_shape=(c.image_size, c.image_size, 3),
+                                classes=run.data.classes, weights=c.weights, seed=c.seed)
+    scratch = run.folder.path(".prune_measure.tflite")
+
+    def deployable_bytes(candidate) -> int:
+        folded = fold_batchnorm(candidate)
+        scheme = dgsu_scheme(folded, c.blocks, c.target_fraction, c.seed)
+        try:
+            return export_deployable(folded, scheme, run.data.calibration, scratch,
+                                     **run.export_options()).stat().st_size
+        finally:
+            scratch.unlink(missing_ok=True)
+            scratch.with_suffix(".json").unlink(missing_ok=True)
+
+    n = min(c.prune_examples, len(run.data.x_train))
+    pruned, record = prune_to_flash(
+        model, run.data.x_train[:n], run.data.y_train[:n],
+        flash_budget=c.flash_budget_bytes, allowance=c.allowance_bytes(),
+        deployable_bytes=deployable_bytes, epochs=c.prune_epochs,
+        batch_size=c.prune_batch_size, learning_rate=c.prune_learning_rate,
+        temperature=c.temperature, attempts=c.prune_attempts, seed=c.seed,
+        size_options=run.export_options() | {"scheme": dgsu_scheme(
+            fold_batchnorm(model), c.blocks, c.target_fraction, c.seed)})
+    save_model_atomically(pruned, run.folder.path("pruned.keras"))
+    return ["pruned.keras"], record | {"parameters": int(pruned.count_params())}
+
+
+def _plan(run: _Run):
+    c = run.config
+    path = run.folder.path("deploy_train.tflite")
+    plan = plan_dgsu(run.folded(), run.data.calibration, run.data.y_val, path,
+                     sram_budget=c.sram_budget_bytes, blocks=c.blocks,
+                     target_fraction=c.target_fraction, learning_rate=c.learning_rate,
+                     seed=c.seed, layers_per_step=c.layers_per_step)
+    allowance = c.allowance_bytes()
+    if plan.file_bytes + allowance > c.flash_budget_bytes:
+        path.unlink()
+        path.with_suffix(".json").unlink()
+        raise StageBudgetError("plan", f"the deployable training file of the {plan.blocks}-"
+                               f"block scheme is {plan.file_bytes} B + allowance {allowance} B"
+                               f" = {plan.file_bytes + allowance} B, over the flash budget "
+                               f"of {c.flash_budget_bytes} B")
+    write_json_atomically(run.folder.path("scheme.json"), plan.scheme.get_config())
+    return (["scheme.json", "deploy_train.tflite", "deploy_train.json"],
+            {"blocks": plan.blocks, "analytic_bytes": plan.analytic_bytes,
+             "arena_bytes": plan.arena_bytes, "file_bytes": plan.file_bytes,
+             "allowance_bytes": allowance, "flash_budget_bytes": c.flash_budget_bytes,
+             "sram_budget_bytes": c.sram_budget_bytes, "tried": plan.tried,
+             "layers": sorted(plan.scheme.get_config().get("layers", {}))})
+
+
+def _train(run: _Run):
+    c, d = run.config, run.data
+    sim = run.new_sim()
+    history, steps = sim.fit(d.x_train, d.y_train, epochs=c.epochs, seed=c.seed,
+                             validation=(d.x_val, d.y_val), verbose=run.verbose > 1)
+    device_int8.save_weights(sim.graph.model, run.folder.path("trained_weights.npz"))
+    updated = max(steps["updated_fraction"])
+    if updated > c.target_fraction + 1e-9:
+        raise StageBudgetError("train", f"a step updated {100 * updated:.3f}% of the conv "
+                               f"weights, more than {100 * c.target_fraction:g}%")
+    return ["trained_weights.npz"], {
+        "val_accuracy_per_epoch": history.get("val_accuracy", []),
+        "train_accuracy_per_epoch": history.get("accuracy", []),
+        "loss_per_epoch": history.get("loss", []), "steps": steps,
+        "max_updated_fraction": updated, "final_coverage": steps["coverage"][-1],
+        "train_examples": len(d.x_train)}
+
+
+def _check(run: _Run):
+    c, d = run.config, run.data
+    start = run.folder.path("check_start.tflite")
+    info = export_training(run.folded(), run.scheme(), d.calibration, start,
+                           output_params=True, **run.export_options())
+    sim = run.trained_sim(fresh=True)
+    params = device_int8.tflite_params(sim.graph.model, info.manifest)
+    write_inference_model(info.path, params, run.folder.path("adapted.tflite"))
+    trained = device_int8.with_initial_params(info.path, params,
+                                              run.folder.path("check_trained.tflite"))
+    comparison = device_int8.compare_steps(sim, trained, d.x_check, d.y_check)
+    device_int8.load_weights(sim.graph.model, run.folder.path("trained_weights.npz"))
+    run._sim = sim  # the trained state again, for evaluate (forward only)
+    if comparison["channel_mismatches"] or comparison["param_mismatches"]:
+        raise StageBudgetError("check", f"TFLM and the Keras int8 simulation differ after "
+                               f"{comparison['steps']} steps from the trained state: channels "
+                               f"{comparison['channel_mismatches'][:5]}, differing elements "
+                               f"{comparison['param_mismatches']}")
+    outputs = ["adapted.tflite", "check_start.tflite", "check_start.json",
+               "check_trained.tflite", "check_trained.json"]
+    return outputs, comparison | {"adapted_bytes":
+                                  run.folder.path("adapted.tflite").stat().st_size}
+
+
+def _evaluate(run: _Run):
+    d = run.data
+    path = run.folder.path("adapted.tflite")
+    _, parsed = read_tflite(path)
+    codes = quantize(d.x_test, tensor_details(parsed, int(parsed.subgraphs[0].inputs[0])))
+    tflm = run_inference_tflm(path, codes[:, None]).outputs[0].reshape(len(d.x_test), -1)
+    keras_codes = run.trained_sim().int8_logits(
+        d.x_test, load_manifest(run.folder.path("check_start.tflite")))
+    differing = int((tflm != keras_codes).any(axis=1).sum())
+    predictions = tflm.argmax(axis=1)
+    same = int((predictions == keras_codes.argmax(axis=1)).sum())
+    if differing:
+        raise StageBudgetError("evaluate", f"the adapted model's TFLM logits differ from the "
+                               f"Keras int8 simulation's on {differing} of {len(d.x_test)} "
+                               f"test images ({same} equal predictions)")
+    return [], {"test_accuracy": float((predictions == d.y_test).mean()),
+                "test_examples": len(d.x_test), "runtime": "TFLM (host)",
+                "predictions_equal_keras": same, "logits_equal_keras": len(d.x_test)}
+
+
+def _write_report(run: _Run) -> dict:
+    report = {"config": dataclasses.asdict(run.config), **run.results}
+    write_json_atomically(run.folder.path("report.json"), report)
+    plot_report(report, run.folder.path("report.png"))
+    return report
+
+
+def run_device_pipeline(config: DeviceConfig, verbose: int = 1) -> dict:
+    """Run (or resume) every stage into ``config.output_dir``; the report as a dict (also
+    written to ``report.json``). Raises `StageBudgetError` if a budget cannot be met."""
+    runtime.seed_everything(config.seed)
+    run = _Run(config, verbose)
+    c = config
+    run.stage("prune", _settings(c, *_DATA, "width", "flash_budget", "firmware_allowance",
+                                 "prune_examples", "prune_epochs", "prune_batch_size",
+                                 "prune_learning_rate", "temperature", "prune_attempts",
+                                 "blocks", "target_fraction", "learning_rate",
+                                 "layers_per_step"), lambda: _prune(run))
+    run.stage("plan", _settings(c, "sram_budget", "blocks", "target_fraction",
+                                "learning_rate", "layers_per_step", after=run.after("prune")),
+              lambda: _plan(run))
+    run.stage("train", _settings(c, "epochs", after=run.after("plan")), lambda: _train(run))
+    run.stage("check", _settings(c, after=run.after("train")), lambda: _check(run))
+    run.stage("evaluate", _settings(c, "test_examples", after=run.after("check")),
+              lambda: _evaluate(run))
+    return _write_report(run)

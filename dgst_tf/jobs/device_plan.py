@@ -1,0 +1,102 @@
+"""The device plan: the DGSU scheme whose training step fits the SRAM budget, first by the
+analytic memory model, then confirmed by TFLM's arena of the exported graph.
+
+DGSU (Li & Chang 2024) updates <= ``target_fraction`` of the conv weights per step, spread
+over the pointwise convs of the last ``blocks`` inverted-residual blocks, with channels
+chosen on device every step (``policy="traversal"``), so the whole kernels of the updated
+layers sit in SRAM. `plan_dgsu` tries ``blocks`` = max, max - 1, ..., 1 and keeps the first
+(deepest) scheme whose analytic arena (`dgst_tf.planning.memory` describing the exporter's
+graph: fused blocks, stochastic rounding, dynamic selection) and whose TFLM
+arena (the firmware graph: ``export_training(..., policy="traversal",
+output_params=False)``) both fit. Example::
+
+    plan = plan_dgsu(folded_model, images, labels, "out/deploy_train.tflite",
+                     sram_budget=256 * 1024, blocks=8, target_fraction=0.02,
+                     learning_rate=0.001, seed=0)
+    plan.blocks, plan.analytic_bytes, plan.arena_bytes, plan.file_bytes
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from dgst_tf.export.training import export_training, train_tflm
+from dgst_tf.jobs.stages import StageBudgetError
+from dgst_tf.planning.memory import training_memory
+from dgst_tf.training.methods import build_method
+
+__all__ = ["DevicePlan", "device_export_options", "export_deployable", "plan_dgsu",
+           "dgsu_scheme"]
+
+
+@dataclasses.dataclass
+class DevicePlan:
+    """The chosen scheme and its memory, analytic and measured by TFLM."""
+
+    scheme: object  # UpdateScheme
+    blocks: int
+    analytic_bytes: int
+    arena_bytes: int
+    file_bytes: int
+    tried: list  # [{"blocks", "analytic_bytes", "arena_bytes" (None: not exported)}]
+
+
+def device_export_options(learning_rate: float, seed: int,
+                          layers_per_step: int | None = None) -> dict:
+    """The `export_training` options of the on-device DGSU step (the Keras int8 simulation
+    `dgst_tf.jobs.device_int8` runs the same algorithm)."""
+    return dict(learning_rate=learning_rate, policy="traversal", rounding="stochastic",
+                seed=seed, layers_per_step=layers_per_step)
+
+
+def dgsu_scheme(model, blocks: int, target_fraction: float, seed: int = 0):
+    """DGSU's `UpdateScheme` over the last ``blocks`` blocks of ``model``."""
+    scheme, _ = build_method("dgsu", model, target_fraction, blocks=blocks, seed=seed)
+    return scheme
+
+
+def export_deployable(model, scheme, images, path, **options) -> pathlib.Path:
+    """Write the firmware's training graph (no parameter outputs) for ``scheme``; its path."""
+    return export_training(model, scheme, images, path, output_params=False, **options).path
+
+
+def _analytic_bytes(model, scheme, layers_per_step) -> int:
+    """The analytic TFLM arena of one step of the firmware graph `export_deployable` writes
+    (traversal selection, stochastic rounding, no parameter outputs)."""
+    report = training_memory(model, scheme, dense=False, policy="traversal",
+                             rounding="stochastic", output_params=False,
+                             layers_per_step=layers_per_step)
+    return int(report.arena_bytes)
+
+
+def plan_dgsu(model, images, labels, path, *, sram_budget: int, blocks: int,
+              target_fraction: float, learning_rate: float, seed: int,
+              layers_per_step: int | None = None) -> DevicePlan:
+    """The deepest DGSU scheme (most blocks, <= ``blocks``) whose step fits ``sram_budget``
+    bytes both analytically and in TFLM's arena and updates <= ``target_fraction`` of the
+    conv weights per step (whole channels); its firmware graph is left at ``path``.
+    Raises `StageBudgetError` (stage "plan") with every size tried if none fits."""
+    options = device_export_options(learning_rate, seed, layers_per_step)
+    tried = []
+    for n in range(int(blocks), 0, -1):
+        scheme = dgsu_scheme(model, n, target_fraction, seed)
+        fraction = float(scheme.updated_weight_fraction(model))
+        analytic = _analytic_bytes(model, scheme, layers_per_step)
+        tried.append({"blocks": n, "updated_fraction": fraction, "analytic_bytes": analytic,
+                      "arena_bytes": None})
+        if analytic > sram_budget or fraction > target_fraction:  # whole channels: can be over
+            continue
+        written = export_deployable(model, scheme, images, path, **options)
+        arena = int(train_tflm(written, images[:1], labels[:1]).arena_bytes)
+        tried[-1]["arena_bytes"] = arena
+        if arena <= sram_budget:
+            return DevicePlan(scheme, n, analytic, arena, written.stat().st_size, tried)
+    pathlib.Path(path).unlink(missing_ok=True)
+    pathlib.Path(path).with_suffix(".json").unlink(missing_ok=True)
+    sizes = "; ".join(f"{t['blocks']} blocks: {100 * t['updated_fraction']:.2f}% of conv "
+                      f"weights, analytic {t['analytic_bytes']} B"
+                      + ("" if t["arena_bytes"] is None else f", TFLM arena {t['arena_bytes']} B")
+                      for t in tried)
+    raise StageBudgetError("plan", f"no DGSU scheme (1..{blocks} blocks, "
+                           f"{100 * target_fraction:g}% of conv weights per step) fits the SRAM "
+                           f"budget of {sram_budget} B: {sizes}")
