@@ -15,7 +15,7 @@ PACKAGE_DIRS = {"dgst_tf": "dgst_tf", "export": "dgst_tf.export", "tflm_ops": "d
 # Stages in pipeline order: a module may import its own stage and earlier ones only.
 STAGES = ["dgst_tf.core", "dgst_tf.models", "dgst_tf.data", "dgst_tf.tflm_ops",
           "dgst_tf.training", "dgst_tf.planning", "dgst_tf.pruning", "dgst_tf.export",
-          "dgst_tf.jobs", "dgst_tf.cli"]
+          "dgst_tf.jobs", "dgst_tf.federated", "dgst_tf.cli"]
 
 
 def _modules() -> dict:

@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 SELECTIONS = ("dynamic", "static")
 SELECTION_HELP = ("which input channels of a weight-updated layer a step updates: dynamic "
                   "= new ones every step (DGSU, Li & Chang 2024), static = fixed before "
@@ -32,4 +35,27 @@ def add_dataset_arguments(group, default: str = "cifar10", extra: tuple = (),
                             "the offline locations)")
 
 
-__all__ = ["SELECTIONS", "SELECTION_HELP", "add_dataset_arguments"]
+def add_config_arguments(parser, config_class, helps: dict, *, optional_types=None,
+                         choices=None, bool_type=None) -> None:
+    """One ``--field-name`` flag per field of the dataclass ``config_class`` (``data_path``
+    is ``--data``), defaulting to the field's default. ``optional_types``: the type of
+    fields whose default is None; ``choices``: per field; booleans are
+    ``--flag/--no-flag`` unless ``bool_type`` parses a value. Example::
+
+        add_config_arguments(parser, DeviceConfig, {"seed": "every random choice"})
+        DeviceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DeviceConfig)})
+    """
+    optional_types, choices = optional_types or {}, choices or {}
+    for field in dataclasses.fields(config_class):
+        kind = optional_types.get(field.name, type(field.default))
+        flag = "--data" if field.name == "data_path" else "--" + field.name.replace("_", "-")
+        if kind is bool and bool_type is None:
+            how = {"action": argparse.BooleanOptionalAction}
+        else:
+            how = {"type": bool_type if kind is bool else kind,
+                   "choices": choices.get(field.name)}
+        parser.add_argument(flag, dest=field.name, default=field.default,
+                            help=helps.get(field.name), **how)
+
+
+__all__ = ["SELECTIONS", "SELECTION_HELP", "add_dataset_arguments", "add_config_arguments"]

@@ -10,6 +10,7 @@
     dgst tflm-train MODEL     run N training steps in TFLM: loss, accuracy, arena bytes
     dgst device [options]     the whole flow on the device's budgets, resumable: prune -> plan
                               -> int8 DGSU training -> TFLM check -> int8 test accuracy
+    dgst federate [options]   federated sparse fine-tuning of simulated devices (Flower on Ray)
 """
 import argparse
 import dataclasses
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
     train.set_defaults(func=_cmd_train)
     from dgst_tf.cli.device import add_device_parser
+    from dgst_tf.cli.federate import add_federate_parser
     from dgst_tf.cli.export import add_export_parsers
     from dgst_tf.cli.plan import add_plan_parser
     from dgst_tf.cli.prune import add_prune_parser
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parser(sub)
     add_export_parsers(sub)
     add_device_parser(sub)
+    add_federate_parser(sub)
     return parser
 
 

@@ -1,0 +1,125 @@
+"""Federated fine-tuning on CIFAR-10: dense FedAvg vs last layer vs Lin static vs DGSU.
+
+    python benchmarks/federated_cifar10.py --clients 10 --rounds 10 --partition dirichlet \
+        --alpha 0.1 --train-examples 2000 --image-size 32 --weights imagenet --width 1.0
+
+Every method runs the same federation (`dgst_tf.federated.simulation.run_federated`: Flower
+on Ray, the same seeded partition, the same rounds) and differs only in what a device's
+batch-1 step updates (`dgst_tf.training.methods`): ``full`` (dense fine-tuning, sent dense:
+FedAvg), ``last_layer``, ``sparse_update`` (Lin et al.'s static channels) and ``dgsu``.
+``--compare-plain`` adds DGSU aggregated by plain FedAvg (zeros for the channels a device did
+not send) beside the per-channel average. The dense baseline is not checked against the SRAM
+budget (``--sram-budget`` applies to the sparse methods only): it is the reference a
+microcontroller could not run. Writes benchmarks/results/<name>.{json,md} (one row per method
+and round: test accuracy, mean / max uplink bytes per device) and <name>.png (accuracy per
+round, and accuracy against the cumulative uplink bytes of one device).
+"""
+import argparse
+import os
+import time
+
+import _report
+
+from dgst_tf.core import runtime
+from dgst_tf.federated.config import FederatedConfig
+from dgst_tf.federated.simulation import run_federated
+
+METHODS = ("full", "last_layer", "sparse_update", "dgsu")
+
+
+def _arguments():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--compare-plain", action="store_true",
+                   help="also run DGSU with plain FedAvg instead of the per-channel average")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--data", dest="data_path", default=None)
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--train-examples", type=int, default=2000)
+    p.add_argument("--test-examples", type=int, default=1000)
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--weights", default="imagenet", help="imagenet or none")
+    p.add_argument("--learning-rate", type=float, default=0.01)
+    p.add_argument("--target-fraction", type=float, default=0.02)
+    p.add_argument("--encoding", default="int8", choices=("int8", "fp16", "fp32"))
+    p.add_argument("--sram-budget", default="none",
+                   help="SRAM budget of the sparse methods' step (none: unchecked)")
+    p.add_argument("--num-cpus", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="federated_cifar10")
+    return p.parse_args()
+
+
+def _config(args, method: str, per_channel: bool) -> FederatedConfig:
+    budget = None if method == "full" or args.sram_budget == "none" else args.sram_budget
+    return FederatedConfig(
+        dataset=args.dataset, data_path=args.data_path, train_examples=args.train_examples,
+        test_examples=args.test_examples, clients=args.clients, rounds=args.rounds,
+        partition=args.partition, alpha=args.alpha, per_channel=per_channel,
+        width=args.width, image_size=args.image_size,
+        weights=None if args.weights == "none" else args.weights, method=method,
+        target_fraction=args.target_fraction, learning_rate=args.learning_rate,
+        sram_budget=budget, encoding=args.encoding, seed=args.seed, num_cpus=args.num_cpus)
+
+
+def _rows(label: str, results: dict) -> list[dict]:
+    rows, sent = [], 0
+    for r in results["rounds"]:
+        uplink = r.get("uplink_bytes", [0])
+        sent += sum(uplink) / len(uplink)
+        rows.append({"method": label, "round": r["round"], "accuracy": r["accuracy"],
+                     "uplink_mean_bytes": round(sum(uplink) / len(uplink)),
+                     "uplink_max_bytes": max(uplink), "cumulative_uplink_bytes": round(sent),
+                     "updated_channel_fraction": r.get("updated_channel_fraction", 0.0)})
+    return rows
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == label]
+        accuracy = [100 * r["accuracy"] for r in mine]
+        by_round.plot([r["round"] for r in mine], accuracy, marker="o", label=label)
+        by_bytes.plot([r["cumulative_uplink_bytes"] / 1024 for r in mine], accuracy,
+                      marker="o", label=label)
+    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy per round")
+    by_bytes.set(xlabel="uplink KB sent by one device (cumulative)", xscale="symlog",
+                 ylabel="test accuracy (%)", title="accuracy per uplink byte")
+    by_round.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    args = _arguments()
+    runtime.limit_threads(1)
+    runs = [(m, m, True) for m in args.methods]
+    if args.compare_plain:
+        runs.append(("dgsu (plain FedAvg)", "dgsu", False))
+    rows = []
+    for label, method, per_channel in runs:
+        start = time.time()
+        results = run_federated(_config(args, method, per_channel))
+        rows += _rows(label, results)
+        print(f"{label}: accuracy per round "
+              f"{[round(r['accuracy'], 4) for r in results['rounds']]}, "
+              f"{time.time() - start:.0f} s", flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("methods", "name")}
+    print(_report.write(args.name, settings, rows,
+                        ["method", "round", "accuracy", "uplink_mean_bytes",
+                         "uplink_max_bytes", "cumulative_uplink_bytes",
+                         "updated_channel_fraction"]))
+    _plot(rows, os.path.join(os.path.dirname(__file__), "results", f"{args.name}.png"))
+
+
+if __name__ == "__main__":
+    main()
