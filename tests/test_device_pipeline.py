@@ -26,6 +26,7 @@ from dgst_tf.jobs.device_pipeline import (STAGES, DeviceConfig, StageBudgetError
                                           _load_data, run_device_pipeline)
 from dgst_tf.jobs.device_plan import device_export_options, dgsu_scheme, export_deployable
 from dgst_tf.training.scheme import UpdateScheme
+from test_sparse_update import _StopAfterEpoch
 
 ALLOWANCE = 20000
 TINY = dict(dataset="fashion_mnist", width=0.25, image_size=32, weights=None,
@@ -166,3 +167,60 @@ def test_cli_refuses_a_flash_budget_the_firmware_allowance_fills(tmp_path, capsy
     assert "stage 'prune'" in message and "50000 B" in message and "40960 B" in message
     folder = tmp_path / "out"
     assert not folder.exists() or sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_int8_training_killed_and_resumed_from_its_backup_equals_an_uninterrupted_run(
+        tmp_path):
+    """The train stage's in-stage resume: int8 weights, the optimizer step (so the cosine
+    schedule and the stochastic rounding), the selection's sweep and the per-step records
+    all continue where the killed run stopped."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, size=6)
+    folded = fold_batchnorm(models.mobilenet_v2(0.25, (32, 32, 3), classes=10, weights=None,
+                                                seed=0))
+    scheme = dgsu_scheme(folded, 2, 0.02, 0)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(1)  # same order every epoch
+
+    def sim():
+        schedule = device_int8.keras.optimizers.schedules.CosineDecay(0.05, 3 * len(x))
+        return device_int8.Int8Dgsu.build(folded, x[:4], scheme, learning_rate=schedule,
+                                          seed=0)
+
+    straight = sim()
+    history, steps = straight.fit(data, epochs=3)
+    killed = sim()
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit(data, epochs=3, backup_dir=tmp_path / "backup",
+                   callbacks=[_StopAfterEpoch(2)])  # a killed session
+    assert (tmp_path / "backup" / "records.json").is_file()
+    resumed = sim()
+    history_resumed, steps_resumed = resumed.fit(data, epochs=3,
+                                                 backup_dir=tmp_path / "backup")
+    for a, b in zip(straight.sparse.weights, resumed.sparse.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+    assert int(resumed.sparse.optimizer.iterations.numpy()) == 3 * len(x)
+    assert steps_resumed == steps and len(steps["loss"]) == 3 * len(x)
+    assert (straight.resumed_at_epoch, resumed.resumed_at_epoch) == (0, 2)
+    assert history_resumed == history and len(history["loss"]) == 3
+    assert not (tmp_path / "backup").exists()  # removed once the fit finished
+    moved = sum(int((a.numpy() != b.numpy()).sum()) for a, b in
+                zip(straight.sparse.weights, sim().sparse.weights))
+    assert moved > 0
+
+
+def test_validation_evaluation_never_reads_the_test_set_and_augment_needs_a_stream():
+    config = DeviceConfig(output_dir="unused", evaluate_on="validation", stream=True,
+                          augment=True, **(TINY | dict(train_examples=40)))
+    d = _load_data(config)
+    x, y = d.evaluation()
+    assert x is d.x_val and len(x) == config.validation_examples
+    assert d._test is None  # the test split was not loaded
+    dataset, examples = d.training()
+    assert examples == 40 and len(list(dataset)) == 40
+    with pytest.raises(ValueError, match="augment needs stream=True"):
+        DeviceConfig(augment=True)
+    with pytest.raises(ValueError, match="evaluate_on must be one of"):
+        DeviceConfig(evaluate_on="train")

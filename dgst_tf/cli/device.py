@@ -2,6 +2,7 @@
 
     dgst device                                   # Fashion-MNIST, MobileNetV2-1.0 pruned to fit, 64 px
     dgst device --dataset cifar10 --width 1.0 --image-size 128 --output-dir runs/c10
+    dgst device --dataset cifar10 --stream --augment --lr-schedule cosine --evaluate-on validation
 
 prune (deployable training .tflite + firmware allowance <= --flash-budget) -> plan (DGSU
 scheme whose TFLM arena <= --sram-budget) -> batch-1 int8 QAS DGSU training -> TFLM check
@@ -25,6 +26,13 @@ _HELP = {
     "target_fraction": "fraction of conv weights updated per step",
     "layers_per_step": "DGSU's layer schedule: update N layers' weights per step",
     "check_steps": "TFLM steps compared with the Keras int8 simulation",
+    "lr_schedule": "cosine: decay the learning rate to 0 over the training stage (Keras; "
+                   "the exported step keeps a constant rate)",
+    "stream": "stream the training images from a 10%% hold-out split of the train set "
+              "(large datasets) instead of holding them in memory",
+    "augment": "pad-crop + flip of the streamed training images (needs --stream)",
+    "evaluate_on": "validation: score the adapted model on the validation images and never "
+                   "read the test set (choosing settings)",
 }
 # fields whose default is None: their type
 _OPTIONAL_TYPES = {"data_path": str, "weights": str, "firmware_allowance": int,
@@ -37,16 +45,14 @@ def add_device_parser(subparsers) -> argparse.ArgumentParser:
         sub = parser.add_subparsers(dest="command")
         add_device_parser(sub)
     """
-    from dgst_tf.jobs.device_pipeline import DeviceConfig
+    from dgst_tf.cli.common_args import add_config_arguments
+    from dgst_tf.jobs.device_pipeline import LR_SCHEDULES, SPLITS, DeviceConfig
 
     device = subparsers.add_parser(
         "device", help="prune, plan, int8 DGSU training, TFLM check and evaluation",
         description=__doc__.splitlines()[0])
-    for field in dataclasses.fields(DeviceConfig):
-        kind = _OPTIONAL_TYPES.get(field.name, type(field.default))
-        flag = "--data" if field.name == "data_path" else "--" + field.name.replace("_", "-")
-        device.add_argument(flag, dest=field.name, type=kind, default=field.default,
-                            help=_HELP.get(field.name))
+    add_config_arguments(device, DeviceConfig, _HELP, optional_types=_OPTIONAL_TYPES,
+                         choices={"lr_schedule": LR_SCHEDULES, "evaluate_on": SPLITS})
     device.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 stages, 2 Keras")
     device.set_defaults(func=run_device)
     return device
@@ -72,8 +78,9 @@ def _figures(report: dict) -> list[str]:
         f"{len(train['loss_per_epoch'])} epochs",
         f"TFLM check     {report['check']['steps']} steps from the trained state identical to "
         f"the Keras int8 simulation (channels, int8 weights, int32 biases)",
-        f"int8 accuracy  {100 * evaluate['test_accuracy']:.2f}% on {evaluate['test_examples']} "
-        f"test images (adapted int8 model in TFLM; logits equal the Keras simulation's)",
+        f"int8 accuracy  {100 * evaluate['accuracy']:.2f}% on "
+        f"{evaluate[evaluate['evaluated_on'] + '_examples']} {evaluate['evaluated_on']} images "
+        f"(adapted int8 model in TFLM; logits equal the Keras simulation's)",
     ]
 
 

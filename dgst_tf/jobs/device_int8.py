@@ -11,7 +11,7 @@ into a training `.tflite` as its starting state (so TFLM continues from where Ke
 stopped), and `compare_steps` runs a few steps on both sides and lists what differs::
 
     sim = Int8Dgsu.build(folded_model, calibration, scheme, learning_rate=0.001, seed=0)
-    history = sim.fit(x, y, epochs=1, seed=0)
+    history, steps = sim.fit(batch1_dataset(x, y, seed=0), epochs=1, backup_dir="backup")
     params = tflite_params(sim.graph.model, manifest)       # "layer/param" -> int array
     with_initial_params("train.tflite", params, "continue.tflite")
 """
@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import pathlib
+import shutil
 
 import numpy as np
 
-from dgst_tf.core.files import write_atomically
+from dgst_tf.core.files import write_atomically, write_json_atomically
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import kernel_of, tflite_kernel_layout
 from dgst_tf.export.tflite_editor import ModelEditor
@@ -36,20 +38,64 @@ from dgst_tf.training.qas import QuantizationAwareScalingSGD
 from dgst_tf.training.selection import DynamicChannelSelection
 from dgst_tf.training.sparse_model import SparseUpdateModel
 
-__all__ = ["Int8Dgsu", "StepRecorder", "compare_steps", "load_weights", "save_weights",
-           "tflite_params", "with_initial_params"]
+__all__ = ["Int8Dgsu", "StepRecorder", "batch1_dataset", "compare_steps", "load_weights",
+           "save_weights", "tflite_params", "with_initial_params"]
 
 
 class StepRecorder(keras.callbacks.Callback):
-    """Per training step: loss, fraction of conv weights updated, coverage."""
+    """Per training step: loss, fraction of conv weights updated, coverage; per epoch: the
+    fit's logs. With ``path`` the records are written (atomically) after every epoch and a
+    resumed fit (`keras.callbacks.BackupAndRestore`) continues them: at its first epoch the
+    records of that epoch and later ones are dropped, so they match the restored state."""
 
-    def __init__(self):
+    KEYS = ("loss", "updated_fraction", "coverage")
+
+    def __init__(self, path=None):
         super().__init__()
-        self.steps = {"loss": [], "updated_fraction": [], "coverage": []}
+        self.path = None if path is None else pathlib.Path(path)
+        self.epochs = []  # per epoch: {"logs": {...}, "steps": {key: [per step]}}
+        self._current = None
+        self.first_epoch = None  # the first epoch this fit ran (> 0: resumed)
+
+    @property
+    def steps(self) -> dict:
+        """{key: [value per step]} over every recorded epoch, then the running one."""
+        epochs = self.epochs + ([{"steps": self._current}] if self._current else [])
+        return {key: [v for e in epochs for v in e["steps"][key]] for key in self.KEYS}
+
+    @property
+    def history(self) -> dict:
+        """{metric: [value per finished epoch]}, as `keras.callbacks.History` has it."""
+        keys = dict.fromkeys(k for e in self.epochs for k in e["logs"])
+        return {k: [e["logs"][k] for e in self.epochs if k in e["logs"]] for k in keys}
+
+    def on_train_begin(self, logs=None):
+        self._resumed = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._resumed and self.path is not None and self.path.is_file():
+            self.epochs = json.loads(self.path.read_text())["epochs"][:epoch]
+        if not self._resumed:
+            self.first_epoch = epoch
+        self._resumed = True
+        self._current = {key: [] for key in self.KEYS}
 
     def on_train_batch_end(self, batch, logs=None):
-        for key, values in self.steps.items():
+        for key, values in self._current.items():
             values.append(float((logs or {}).get(key, float("nan"))))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append({"logs": {k: float(v) for k, v in (logs or {}).items()},
+                            "steps": self._current})
+        self._current = None
+        if self.path is not None:
+            write_json_atomically(self.path, {"epochs": self.epochs})
+
+
+def batch1_dataset(x, y, seed: int):
+    """Images and labels as the batch-1 training stream, a new seeded order every epoch."""
+    return (tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(1))
 
 
 @dataclasses.dataclass
@@ -59,10 +105,13 @@ class Int8Dgsu:
     graph: object  # Int8TrainingGraph
     sparse: SparseUpdateModel
     selection: DynamicChannelSelection
+    resumed_at_epoch: int = 0  # the first epoch the last `fit` ran (> 0: from a backup)
 
     @classmethod
-    def build(cls, folded_model, calibration, scheme, *, learning_rate: float, seed: int,
+    def build(cls, folded_model, calibration, scheme, *, learning_rate, seed: int,
               layers_per_step: int | None = None) -> "Int8Dgsu":
+        """``learning_rate``: a float (the device's constant step size) or a Keras
+        ``LearningRateSchedule`` of the optimizer's step (restored with it by `fit`'s backup)."""
         graph = int8_training_graph(folded_model, calibration)
         sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
         sparse.compile(optimizer=QuantizationAwareScalingSGD(
@@ -72,16 +121,25 @@ class Int8Dgsu:
                                             layers_per_step=layers_per_step, seed=seed)
         return cls(graph, sparse, selection)
 
-    def fit(self, x, y, *, epochs: int, seed: int, validation=None, verbose: int = 0):
-        """Batch-1 training, a new seeded order every epoch; (history, per-step records)."""
-        data = (tf.data.Dataset.from_tensor_slices((x, y))
-                .shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(1))
-        recorder = StepRecorder()
-        history = self.sparse.fit(data, epochs=epochs, verbose=verbose,
-                                  callbacks=[self.selection, recorder],
-                                  validation_data=validation, validation_batch_size=32)
-        return ({k: [float(v) for v in vals] for k, vals in history.history.items()},
-                recorder.steps)
+    def fit(self, dataset, *, epochs: int, validation=None, verbose: int = 0,
+            backup_dir=None, callbacks=()):
+        """Train on the batch-1 ``dataset`` (`batch1_dataset` or a `dgst_tf.data` split);
+        (history, per-step records). With ``backup_dir``, Keras' ``BackupAndRestore``
+        (as ``dgst train --backup-dir``) keeps the int8 weights, the optimizer's step (its
+        learning-rate schedule and stochastic rounding) and the channel selection's state
+        after every epoch, and a later call with the same ``backup_dir`` continues from the
+        last finished epoch (its data order restarts); the folder is removed at the end."""
+        recorder = StepRecorder(None if backup_dir is None
+                                else pathlib.Path(backup_dir, "records.json"))
+        run = [self.selection, recorder, *callbacks]
+        if backup_dir is not None:  # after the recorder: its records are never behind
+            run.append(keras.callbacks.BackupAndRestore(str(backup_dir)))
+        self.sparse.fit(dataset, epochs=epochs, verbose=verbose, callbacks=run,
+                        validation_data=validation, validation_batch_size=32)
+        if backup_dir is not None:  # Keras removes only its own files
+            shutil.rmtree(backup_dir, ignore_errors=True)
+        self.resumed_at_epoch = int(recorder.first_epoch or 0)
+        return recorder.history, recorder.steps
 
     def start_steps(self) -> None:
         """Install the per-step channel selection for `train_on_batch` (fit does it)."""

@@ -10,13 +10,21 @@ on the device's terms, into one output folder (the job behind ``dgst device``).
    still fit flash. Writes ``scheme.json`` and ``deploy_train.tflite`` (+ ``.json``).
 3. ``train``: batch-1 int8 QAS DGSU training of the Keras simulation of that graph
    (`dgst_tf.jobs.device_int8`; <= ``target_fraction`` of conv weights per step). Writes
-   ``trained_weights.npz``.
+   ``trained_weights.npz``. Resumes inside the stage: after every epoch the simulation's
+   int8 weights, optimizer step and channel-selection state are backed up
+   (``train.backup-<digest>/``, Keras' ``BackupAndRestore`` as ``dgst train --backup-dir``),
+   so a killed run continues from its last finished epoch. Optional: ``lr_schedule="cosine"``
+   (a Keras-side schedule; the exported step has a constant learning rate), ``stream=True``
+   (training images streamed from a 10% hold-out split, for CIFAR-10 at full size) with
+   ``augment=True`` (pad-crop + flip).
 4. ``check``: the training graph (with parameter outputs) starting from the trained
    state runs ``check_steps`` steps in TFLM and in Keras: channels, int8 weights and int32
    biases must be identical; the adapted int8 inference model is written
    (``adapted.tflite``, `write_inference_model`).
-5. ``evaluate``: test accuracy of ``adapted.tflite`` run by TFLM; its predictions must equal
-   the Keras int8 simulation's; ``report.json`` and ``report.png``.
+5. ``evaluate``: accuracy of ``adapted.tflite`` run by TFLM on the test images, or with
+   ``evaluate_on="validation"`` on the validation images (the test set is then never read:
+   for choosing settings); its logits must equal the Keras int8 simulation's;
+   ``report.json`` and ``report.png``.
 
 Each stage records its settings in ``<stage>.stage.json`` (`dgst_tf.jobs.stages`): a second
 call with the same config skips finished stages; a stage that cannot meet its budget raises
@@ -30,6 +38,7 @@ call with the same config skips finished stages; a stage that cannot meet its bu
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 
 import numpy as np
@@ -56,6 +65,8 @@ from dgst_tf.training.scheme import UpdateScheme
 __all__ = ["DeviceConfig", "STAGES", "StageBudgetError", "run_device_pipeline"]
 
 STAGES = ("prune", "plan", "train", "check", "evaluate")
+LR_SCHEDULES = ("constant", "cosine")
+SPLITS = ("test", "validation")  # what the evaluate stage scores
 
 
 @dataclasses.dataclass
@@ -89,9 +100,13 @@ class DeviceConfig:
     calibration_examples: int = 64
     epochs: int = 2
     learning_rate: float = 0.001
+    lr_schedule: str = "constant"  # "cosine": decay to 0 over the run (Keras only; see doc)
+    stream: bool = False  # True: training images streamed from the 10% hold-out split
+    augment: bool = False  # pad-crop + flip of the streamed training images
     # check + evaluate
     check_steps: int = 4
     test_examples: int = 500
+    evaluate_on: str = "test"  # "validation": choose settings without reading the test set
     seed: int = 0
 
     def __post_init__(self):
@@ -103,6 +118,13 @@ class DeviceConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 < self.target_fraction <= 1:
             raise ValueError(f"target_fraction must be in (0, 1], got {self.target_fraction}")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("evaluate_on", SPLITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        if self.augment and not self.stream:
+            raise ValueError("augment needs stream=True (augmentation is part of the "
+                             "streamed training pipeline)")
         parse_budget(self.flash_budget), parse_budget(self.sram_budget)
 
     @property
@@ -121,37 +143,78 @@ class DeviceConfig:
         return int(FIRMWARE_ALLOWANCE_BYTES)
 
 
-@dataclasses.dataclass
 class _Data:
-    """The images of a run, as float arrays preprocessed for the model."""
+    """The images of a run, as float arrays preprocessed for the model; the training images
+    as a batch-1 stream (`training`); the test images read only when first asked for.
 
-    calibration: np.ndarray
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_check: np.ndarray
-    y_check: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    classes: int
+    ``stream=False``: every image in memory, disjoint class-balanced parts of the train
+    split (calibration, training, validation, check; pruning uses the training images).
+    ``stream=True`` (CIFAR-10 at full size): validation images from a seeded, stratified
+    10% hold-out of the train split (as the CIFAR-10 benchmarks), training images streamed
+    from the rest (optionally augmented), and calibration, check and pruning images the
+    first ones of that rest (so also training images)."""
+
+    def __init__(self, config: DeviceConfig):
+        self.config = config
+        self.common = dict(path=config.data_path, image_size=(config.image_size,) * 2,
+                           seed=config.seed,
+                           preprocessing=models.preprocessing_for(config.weights))
+        self.classes = data.load(config.dataset, "train", path=config.data_path, limit=1,
+                                 image_size=(8, 8)).num_classes
+        self._test = None
+        (self._load_holdout if config.stream else self._load_carved)()
+
+    def _load_carved(self):
+        c = self.config
+        sizes = [c.calibration_examples, c.train_examples, c.validation_examples,
+                 c.check_steps]
+        x, y = data.load_arrays(c.dataset, "train", limit=sum(sizes), **self.common)
+        xs, ys = np.split(x, np.cumsum(sizes)[:-1]), np.split(y, np.cumsum(sizes)[:-1])
+        self.calibration, (self.x_val, self.y_val) = xs[0], (xs[2], ys[2])
+        self.x_train, self.y_train = self.x_prune, self.y_prune = xs[1], ys[1]
+        self.x_check, self.y_check = xs[3], ys[3]
+
+    def _load_holdout(self):
+        c = self.config
+        self.x_val, self.y_val = data.load_arrays(
+            c.dataset, "train", limit=c.validation_examples, subset="validation",
+            **self.common)
+        sizes = [c.calibration_examples, c.check_steps, c.prune_examples]
+        x, y = data.load_arrays(c.dataset, "train", limit=sum(sizes), subset="training",
+                                **self.common)
+        xs, ys = np.split(x, np.cumsum(sizes)[:-1]), np.split(y, np.cumsum(sizes)[:-1])
+        self.calibration, (self.x_check, self.y_check) = xs[0], (xs[1], ys[1])
+        self.x_prune, self.y_prune = xs[2], ys[2]
+
+    def training(self):
+        """(batch-1 training dataset, number of images per epoch)."""
+        c = self.config
+        if not c.stream:
+            return (device_int8.batch1_dataset(self.x_train, self.y_train, c.seed),
+                    len(self.x_train))
+        split = data.load(c.dataset, "train", batch_size=1, limit=c.train_examples,
+                          validation_split=0.1, subset="training", shuffle=True,
+                          augment=c.augment, **self.common)
+        return split.dataset, split.num_examples
+
+    def evaluation(self):
+        """(images, labels) the evaluate stage scores: ``config.evaluate_on``."""
+        if self.config.evaluate_on == "validation":
+            return self.x_val, self.y_val
+        return self.x_test, self.y_test
+
+    def _test_arrays(self):
+        if self._test is None:
+            self._test = data.load_arrays(self.config.dataset, "test",
+                                          limit=self.config.test_examples, **self.common)
+        return self._test
+
+    x_test = property(lambda self: self._test_arrays()[0])
+    y_test = property(lambda self: self._test_arrays()[1])
 
 
 def _load_data(config: DeviceConfig) -> _Data:
-    """Disjoint training-split images for calibration, training, validation and the TFLM
-    check (class-balanced, seeded), and the test images."""
-    common = dict(path=config.data_path, image_size=(config.image_size,) * 2,
-                  seed=config.seed, preprocessing=models.preprocessing_for(config.weights))
-    sizes = [config.calibration_examples, config.train_examples, config.validation_examples,
-             config.check_steps]
-    x, y = data.load_arrays(config.dataset, "train", limit=sum(sizes), **common)
-    cut = np.cumsum(sizes)[:-1]
-    xs, ys = np.split(x, cut), np.split(y, cut)
-    x_test, y_test = data.load_arrays(config.dataset, "test", limit=config.test_examples,
-                                      **common)
-    classes = data.load(config.dataset, "test", path=config.data_path, limit=1,
-                        image_size=(8, 8)).num_classes
-    return _Data(xs[0], xs[1], ys[1], xs[2], ys[2], xs[3], ys[3], x_test, y_test, classes)
+    return _Data(config)
 
 
 def _settings(config: DeviceConfig, *fields, after=None) -> dict:
@@ -161,7 +224,7 @@ def _settings(config: DeviceConfig, *fields, after=None) -> dict:
 
 
 _DATA = ("dataset", "data_path", "image_size", "weights", "seed", "calibration_examples",
-         "train_examples", "validation_examples", "check_steps")
+         "train_examples", "validation_examples", "check_steps", "stream")
 
 
 class _Run:
@@ -215,10 +278,13 @@ class _Run:
     def scheme(self) -> UpdateScheme:
         return UpdateScheme.load(self.folder.path("scheme.json"))
 
-    def new_sim(self) -> device_int8.Int8Dgsu:
+    def new_sim(self, learning_rate=None) -> device_int8.Int8Dgsu:
+        """A fresh simulation at ``learning_rate`` (a float or a schedule; None: the
+        device's constant ``config.learning_rate``)."""
         c = self.config
+        rate = c.learning_rate if learning_rate is None else learning_rate
         return device_int8.Int8Dgsu.build(self.folded(), self.data.calibration, self.scheme(),
-                                          learning_rate=c.learning_rate, seed=c.seed,
+                                          learning_rate=rate, seed=c.seed,
                                           layers_per_step=c.layers_per_step)
 
     def trained_sim(self, fresh: bool = False) -> device_int8.Int8Dgsu:
@@ -254,9 +320,9 @@ def _prune(run: _Run):
             scratch.unlink(missing_ok=True)
             scratch.with_suffix(".json").unlink(missing_ok=True)
 
-    n = min(c.prune_examples, len(run.data.x_train))
+    n = c.prune_examples
     pruned, record = prune_to_flash(
-        model, run.data.x_train[:n], run.data.y_train[:n],
+        model, run.data.x_prune[:n], run.data.y_prune[:n],
         flash_budget=c.flash_budget_bytes, allowance=c.allowance_bytes(),
         deployable_bytes=deployable_bytes, epochs=c.prune_epochs,
         batch_size=c.prune_batch_size, learning_rate=c.prune_learning_rate,
@@ -291,11 +357,20 @@ def _plan(run: _Run):
              "layers": sorted(plan.scheme.get_config().get("layers", {}))})
 
 
-def _train(run: _Run):
+def _train(run: _Run, settings: dict):
+    """Train, resuming inside the stage: the simulation's state is backed up after every
+    epoch in ``train.backup-<settings digest>`` (removed when the stage finishes)."""
     c, d = run.config, run.data
-    sim = run.new_sim()
-    history, steps = sim.fit(d.x_train, d.y_train, epochs=c.epochs, seed=c.seed,
-                             validation=(d.x_val, d.y_val), verbose=run.verbose > 1)
+    dataset, examples = d.training()
+    sim = run.new_sim(c.learning_rate if c.lr_schedule == "constant" else
+                      keras.optimizers.schedules.CosineDecay(c.learning_rate,
+                                                             max(1, examples * c.epochs)))
+    backup = run.folder.path(f"train.backup-{settings_digest(settings)}")
+    for stale in run.folder.folder.glob("train.backup-*"):  # of other settings
+        if stale != backup:
+            shutil.rmtree(stale)
+    history, steps = sim.fit(dataset, epochs=c.epochs, validation=(d.x_val, d.y_val),
+                             verbose=run.verbose > 1, backup_dir=backup)
     device_int8.save_weights(sim.graph.model, run.folder.path("trained_weights.npz"))
     updated = max(steps["updated_fraction"])
     if updated > c.target_fraction + 1e-9:
@@ -306,7 +381,8 @@ def _train(run: _Run):
         "train_accuracy_per_epoch": history.get("accuracy", []),
         "loss_per_epoch": history.get("loss", []), "steps": steps,
         "max_updated_fraction": updated, "final_coverage": steps["coverage"][-1],
-        "train_examples": len(d.x_train)}
+        "train_examples": examples, "lr_schedule": c.lr_schedule, "augment": c.augment,
+        "resumed_at_epoch": sim.resumed_at_epoch}
 
 
 def _check(run: _Run):
@@ -334,23 +410,25 @@ def _check(run: _Run):
 
 
 def _evaluate(run: _Run):
-    d = run.data
+    split = run.config.evaluate_on
+    x, y = run.data.evaluation()
     path = run.folder.path("adapted.tflite")
     _, parsed = read_tflite(path)
-    codes = quantize(d.x_test, tensor_details(parsed, int(parsed.subgraphs[0].inputs[0])))
-    tflm = run_inference_tflm(path, codes[:, None]).outputs[0].reshape(len(d.x_test), -1)
+    codes = quantize(x, tensor_details(parsed, int(parsed.subgraphs[0].inputs[0])))
+    tflm = run_inference_tflm(path, codes[:, None]).outputs[0].reshape(len(x), -1)
     keras_codes = run.trained_sim().int8_logits(
-        d.x_test, load_manifest(run.folder.path("check_start.tflite")))
+        x, load_manifest(run.folder.path("check_start.tflite")))
     differing = int((tflm != keras_codes).any(axis=1).sum())
     predictions = tflm.argmax(axis=1)
     same = int((predictions == keras_codes.argmax(axis=1)).sum())
     if differing:
         raise StageBudgetError("evaluate", f"the adapted model's TFLM logits differ from the "
-                               f"Keras int8 simulation's on {differing} of {len(d.x_test)} "
-                               f"test images ({same} equal predictions)")
-    return [], {"test_accuracy": float((predictions == d.y_test).mean()),
-                "test_examples": len(d.x_test), "runtime": "TFLM (host)",
-                "predictions_equal_keras": same, "logits_equal_keras": len(d.x_test)}
+                               f"Keras int8 simulation's on {differing} of {len(x)} "
+                               f"{split} images ({same} equal predictions)")
+    accuracy = float((predictions == y).mean())
+    return [], {f"{split}_accuracy": accuracy, f"{split}_examples": len(x),
+                "evaluated_on": split, "accuracy": accuracy, "runtime": "TFLM (host)",
+                "predictions_equal_keras": same, "logits_equal_keras": len(x)}
 
 
 def _write_report(run: _Run) -> dict:
@@ -366,16 +444,19 @@ def run_device_pipeline(config: DeviceConfig, verbose: int = 1) -> dict:
     runtime.seed_everything(config.seed)
     run = _Run(config, verbose)
     c = config
+    # not the learning rate: one constant of the measured file, it does not change its size
     run.stage("prune", _settings(c, *_DATA, "width", "flash_budget", "firmware_allowance",
                                  "prune_examples", "prune_epochs", "prune_batch_size",
                                  "prune_learning_rate", "temperature", "prune_attempts",
-                                 "blocks", "target_fraction", "learning_rate",
-                                 "layers_per_step"), lambda: _prune(run))
+                                 "blocks", "target_fraction", "layers_per_step"),
+              lambda: _prune(run))
     run.stage("plan", _settings(c, "sram_budget", "blocks", "target_fraction",
                                 "learning_rate", "layers_per_step", after=run.after("prune")),
               lambda: _plan(run))
-    run.stage("train", _settings(c, "epochs", after=run.after("plan")), lambda: _train(run))
+    train = _settings(c, "epochs", "lr_schedule", "augment", after=run.after("plan"))
+    run.stage("train", train, lambda: _train(run, train))
     run.stage("check", _settings(c, after=run.after("train")), lambda: _check(run))
-    run.stage("evaluate", _settings(c, "test_examples", after=run.after("check")),
+    run.stage("evaluate", _settings(c, "evaluate_on", "test_examples",
+                                    after=run.after("check")),
               lambda: _evaluate(run))
     return _write_report(run)

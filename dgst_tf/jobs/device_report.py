@@ -42,9 +42,10 @@ def _accuracy(ax, report: dict) -> None:
             label="validation (Keras int8)")
     ax.plot(epochs, [100 * a for a in train["train_accuracy_per_epoch"]], "s--",
             label="training (Keras int8)")
-    test = report.get("evaluate", {}).get("test_accuracy")
-    if test is not None:
-        ax.axhline(100 * test, color="k", linestyle=":", label="test, adapted int8 (TFLM)")
+    evaluate = report.get("evaluate", {})
+    if "accuracy" in evaluate:
+        ax.axhline(100 * evaluate["accuracy"], color="k", linestyle=":",
+                   label=f"{evaluate['evaluated_on']}, adapted int8 (TFLM)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("top-1 %")
     ax.set_title("accuracy per epoch")

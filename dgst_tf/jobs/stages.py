@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import shutil
 
 from dgst_tf.core.files import write_json_atomically
 
@@ -95,3 +96,17 @@ class StageFolder:
         write_json_atomically(self.marker(stage), {"stage": stage, "settings": _plain(settings),
                                                    "outputs": list(outputs), "result": result})
         return result
+
+    def copy_finished(self, stage: str, source) -> bool:
+        """Copy ``stage``'s outputs and marker from the folder of another run of the same job
+        (e.g. a sibling that differs only in later settings), unless this folder has a marker
+        for it; True if copied. The copy is a cache only: `done` still compares the recorded
+        settings with this run's, so a stage of other settings runs again."""
+        record = StageFolder(source, self.order)._read(stage)
+        if self.marker(stage).exists() or record is None:
+            return False
+        self.start(stage)
+        for name in record.get("outputs", []):
+            shutil.copy2(pathlib.Path(source, name), self.path(name))
+        shutil.copy2(pathlib.Path(source, self.marker(stage).name), self.marker(stage))
+        return True
