@@ -139,7 +139,8 @@ def test_measured_contributions_are_cached(monkeypatch, tmp_path):
     model = residual_cnn()
     train, val = batch(32, seed=1), batch(16, seed=2)
     kwargs = dict(layers=["expand", "head"], ratios=(0.5, 1.0), bias_counts=[],
-                  settings=FineTuneSettings(steps=3, batch_size=8), progress=False)
+                  settings=FineTuneSettings(steps=3, batch_size=8), progress=False,
+                  parallel=False)  # in this process, where the counting patch applies
     first = measure_contributions(model, train, val, **kwargs)
     # runs: classifier only, biases of the last 1 (head) and 4 (from expand) convs,
     # and 2 layers x 2 ratios on top of them
@@ -156,6 +157,41 @@ def test_measured_contributions_are_cached(monkeypatch, tmp_path):
     path = tmp_path / "table.json"
     first.save(path)
     assert ContributionTable.load(path).to_dict() == first.to_dict()
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for this module's parallel tests (started once: it is slow)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_contribution_runs_on_ray_give_the_sequential_table(tmp_path, monkeypatch, local_ray):
+    """Two Ray workers, each run in a worker process: the same table, run by run."""
+    monkeypatch.setenv("DGST_CACHE_DIR", str(tmp_path))
+    model = residual_cnn()
+    train, val = batch(32, seed=1), batch(16, seed=2)
+    kwargs = dict(layers=["expand", "head"], ratios=(0.5, 1.0), bias_counts=[],
+                  settings=FineTuneSettings(steps=4, batch_size=8, learning_rate=0.1),
+                  progress=False, cache=False)
+    sequential = measure_contributions(model, train, val, parallel=False, **kwargs)
+    on_ray = measure_contributions(model, train, val, parallel=True, workers=2, **kwargs)
+    assert on_ray.to_dict() == sequential.to_dict()
+    # the runs differ (a table of equal values would not show a mix-up of runs)
+    assert len({round(g, 6) for gains in sequential.weight_gain.values()
+                for g in gains.values()} | set(sequential.bias_gain.values())) > 2
+
+
+def test_parallel_runs_come_back_with_their_index(local_ray):
+    from dgst_tf.core.parallel_runs import run_in_parallel
+
+    results = dict(run_in_parallel(np.add, [(1,), (2,), (5,)], shared=(10,), workers=2))
+    assert results == {0: 11, 1: 12, 2: 15}
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        next(run_in_parallel(np.add, [(1,)], workers=0))
 
 
 def run_plan(argv):

@@ -181,15 +181,19 @@ class FineTuneSettings:
 def measure_contributions(model: keras.Model, train, validation, layers=None,
                           ratios=RATIOS, bias_counts=None,
                           settings: FineTuneSettings | None = None, cache: bool = True,
-                          progress: bool = True, data_key: str | None = None
-                          ) -> ContributionTable:
+                          progress: bool = True, data_key: str | None = None,
+                          parallel: bool = True, ray_address: str | None = None,
+                          workers: int | None = None) -> ContributionTable:
     """Measure dAcc_b and dAcc_w with short fine-tuning runs (see the module doc).
 
     ``train`` / ``validation``: ``(x, y)`` arrays, a batched ``tf.data.Dataset`` of
     ``(x, y)`` or a `dgst_tf.data.DatasetSplit`. ``layers``: candidate weight layers
     (default: `candidate_layers`); runs = 1 + len(bias_counts) + len(layers) * len(ratios).
     ``data_key`` names the data in the cache key (default: a hash of the arrays, or of the
-    split's files / the first batch of a dataset).
+    split's files / the first batch of a dataset). The runs are independent: with
+    ``parallel`` they run on Ray (`dgst_tf.core.parallel_runs`; a local instance with
+    ``workers`` runs at a time, default the usable cores, or the cluster at ``ray_address``),
+    and give the same table as ``parallel=False`` (one after another in this process).
 
         table = measure_contributions(model, (x_train, y_train), (x_val, y_val),
                                       layers=["expand", "head"], ratios=(0.5, 1.0))
@@ -207,8 +211,9 @@ def measure_contributions(model: keras.Model, train, validation, layers=None,
         print(f"contribution analysis: {len(todo)} fine-tuning runs of {settings.steps} steps "
               f"({len(plan.runs) - len(todo)} cached)" + (f", cache {cache_path}" if cache else ""))
     if todo:
+        runner = dict(parallel=parallel, ray_address=ray_address, workers=workers)
         _run_missing(folded, plan.runs, todo, results, train, validation, settings,
-                     progress, cache_path, key_settings)
+                     progress, cache_path, key_settings, runner)
     baseline = results["bias:0"]
     bias_gain = {k: results[f"bias:{k}"] - baseline for k in plan.bias_counts}
     weight_gain = {name: {r: results[f"weights:{name}:{r!r}"]
@@ -253,20 +258,33 @@ class _RunPlan:
 
 
 def _run_missing(folded, runs, todo, results, train, validation, settings, progress,
-                 cache_path, key_settings) -> None:
-    """Fine-tune the ``todo`` runs into ``results``, caching after every run."""
+                 cache_path, key_settings, runner: dict) -> None:
+    """Fine-tune the ``todo`` runs into ``results``, caching after every finished run."""
     from tqdm.auto import tqdm
 
-    initial = folded.get_weights()
     # every run sees the same batches in the same order: runs differ only in the scheme
-    train_arrays = _training_sample(train, settings)
-    val_arrays = _arrays(validation)
+    shared = (keras.layers.serialize(folded), folded.get_weights(), _training_sample(train, settings),
+              _arrays(validation), settings)
+    schemes = [(runs[key],) for key in todo]
+    if runner["parallel"]:
+        from dgst_tf.core.parallel_runs import run_in_parallel
+
+        finished = run_in_parallel(_fine_tune_copy, schemes, shared=shared,
+                                   address=runner["ray_address"], workers=runner["workers"])
+    else:
+        finished = ((i, _fine_tune_copy(*shared, *scheme)) for i, scheme in enumerate(schemes))
     # tqdm shows the time left, estimated from the runs done so far
-    for key in tqdm(todo, desc="contribution runs", unit="run", disable=not progress):
-        results[key] = _fine_tune(folded, initial, runs[key], train_arrays, val_arrays,
-                                  settings)
+    for index, accuracy in tqdm(finished, total=len(todo), desc="contribution runs",
+                                unit="run", disable=not progress):
+        results[todo[index]] = accuracy
         if cache_path is not None:
             write_json_atomically(cache_path, {"settings": key_settings, "results": results})
+
+
+def _fine_tune_copy(serialized_model, initial_weights, train, validation, settings, scheme):
+    """`_fine_tune` of a model rebuilt from its serialized config (what a Ray worker gets)."""
+    model = keras.layers.deserialize(serialized_model)
+    return _fine_tune(model, initial_weights, scheme, train, validation, settings)
 
 
 def _bias_scheme(names, k, weights=None) -> UpdateScheme:
