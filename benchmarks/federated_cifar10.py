@@ -22,6 +22,7 @@ import _report
 
 from dgst_tf.core import runtime
 from dgst_tf.federated.config import FederatedConfig
+from dgst_tf.federated.leakage.privacy import composed_epsilon
 from dgst_tf.federated.simulation import run_federated
 
 METHODS = ("full", "last_layer", "sparse_update", "dgsu")
@@ -48,6 +49,10 @@ def _arguments():
     p.add_argument("--encoding", default="int8", choices=("int8", "fp16", "fp32"))
     p.add_argument("--sram-budget", default="none",
                    help="SRAM budget of the sparse methods' step (none: unchecked)")
+    p.add_argument("--clip-norm", type=float, default=0.0,
+                   help="device-level DP: clip each round's update to this L2 norm (0: off)")
+    p.add_argument("--noise-multiplier", type=float, default=0.0,
+                   help="Gaussian noise std / clip norm on every sent value")
     p.add_argument("--num-cpus", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="federated_cifar10")
@@ -63,7 +68,8 @@ def _config(args, method: str, per_channel: bool) -> FederatedConfig:
         width=args.width, image_size=args.image_size,
         weights=None if args.weights == "none" else args.weights, method=method,
         target_fraction=args.target_fraction, learning_rate=args.learning_rate,
-        sram_budget=budget, encoding=args.encoding, seed=args.seed, num_cpus=args.num_cpus)
+        sram_budget=budget, encoding=args.encoding, clip_norm=args.clip_norm,
+        noise_multiplier=args.noise_multiplier, seed=args.seed, num_cpus=args.num_cpus)
 
 
 def _rows(label: str, results: dict) -> list[dict]:
@@ -114,6 +120,9 @@ def main() -> None:
               f"{[round(r['accuracy'], 4) for r in results['rounds']]}, "
               f"{time.time() - start:.0f} s", flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("methods", "name")}
+    if args.noise_multiplier:  # one release per round, composed over the rounds
+        settings["epsilon_all_rounds_delta_1e-5"] = composed_epsilon(
+            args.noise_multiplier, args.rounds, 1e-5)
     print(_report.write(args.name, settings, rows,
                         ["method", "round", "accuracy", "uplink_mean_bytes",
                          "uplink_max_bytes", "cumulative_uplink_bytes",

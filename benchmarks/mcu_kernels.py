@@ -6,8 +6,15 @@
 ``--real``: one training step of the real ImageNet MobileNetV2-1.0 tail (classifier, head
 conv, block 16; dgst_tf.tflm_ops.real_vectors exports it unless an .npz is given), on its real
 layer shapes: instructions per kernel, per training-step part and layer, sparse (2% of the
-input channels) vs dense weight gradients and updates. Writes
-benchmarks/results/mcu_kernels_real.{json,md} (build under tflm_ops/build/real).
+input channels) vs dense weight gradients and updates, and CMSIS-NN's forward
+arm_convolve_1x1_s8 (and _fast) on the same 1x1 layers and data as the practical reference
+(tflm_ops/mcu/cmsis_nn_reference.c; CMSIS-NN unpacked from the pinned archive in TFLM_DEPS
+into tflm_ops/build/cmsis_nn). Writes benchmarks/results/mcu_kernels_real.{json,md} (build
+under tflm_ops/build/real).
+
+Both modes also print instructions per MAC before / after the issue-21 kernel work: "before"
+is benchmarks/results/mcu_kernels_baseline.json (the same firmware measured on the kernels
+of commit 477b992).
 
 Builds the firmware of tflm_ops/mcu (make mcu mcu-m4 mcu-nodsp), runs each in QEMU with
 ``-icount shift=6`` and reads the exact instruction count of every kernel call (CMSDK
@@ -49,6 +56,18 @@ SWEEPS = ("b3_expand", "b15_expand")  # layers whose weight gradient runs at sev
 
 
 REAL_BUILD = os.path.join(TFLM_OPS, "build", "real")
+CMSIS_BUILD = os.path.join(TFLM_OPS, "build", "cmsis_nn")
+THIRD_PARTY = os.environ.get("TFLM_DEPS", os.path.join(ROOT, "..", "shared", "third_party"))
+CMSIS_ARCHIVE = "cmsis-nn-4ab83cc3.tar.gz"
+CMSIS_SOURCES = ("Source/ConvolutionFunctions/arm_convolve_1x1_s8.c",
+                 "Source/ConvolutionFunctions/arm_convolve_1x1_s8_fast.c",
+                 "Source/NNSupportFunctions/arm_nn_mat_mult_nt_t_s8.c")
+CPU_FLAGS = {"m7": ["-mcpu=cortex-m7", "-mfpu=fpv5-d16", "-mfloat-abi=hard"],
+             "m4": ["-mcpu=cortex-m4", "-mfpu=fpv4-sp-d16", "-mfloat-abi=hard"]}
+BASELINE = os.path.join(HERE, "results", "mcu_kernels_baseline.json")
+# kernel families of issue 21 and their targets (instructions per MAC, Cortex-M7)
+TARGETS = {"conv2d_weight_grad_s8": 2.0, "classifier": 3.0, "depthwise_weight_grad_s8": 4.0,
+           "fused_block": 6.0}
 
 
 def build(args):
@@ -201,10 +220,202 @@ def main():
         payload = json.load(f)
     payload.update(payload_extra)
     write_atomically(json_path, json.dumps(payload, indent=1))
-    md = _markdown(table, wgrad, sparse, mem, extra)
+    before_after = _before_after("synthetic", index)
+    payload["before_after"] = before_after
+    write_atomically(json_path, json.dumps(payload, indent=1))
+    md = _markdown(table, wgrad, sparse, mem, extra) + _before_after_markdown(before_after)
     write_atomically(os.path.join(HERE, "results", "mcu_kernels.md"), "\n".join(md))
     print("\n".join(md[md.index("## Weight gradient: optimized vs straightforward loop "
                                 "(instructions per MAC)"):]))
+
+
+def _family(case: str, kernel: str) -> str | None:
+    """The issue-21 kernel family of a (case, kernel) row, or None."""
+    if kernel == "conv2d_weight_grad_s8":
+        return "classifier" if case.startswith(("fc", "classifier")) else kernel
+    return kernel if kernel in ("depthwise_weight_grad_s8", "fused_block") else None
+
+
+def _before_after(vectors: str, index: dict) -> list[dict]:
+    """Instructions per MAC before (mcu_kernels_baseline.json) and now, per (case, kernel) of
+    the issue-21 families, M7 and M4 (the real dense chunks: their first part only)."""
+    with open(BASELINE) as f:
+        before = json.load(f)[vectors]
+    rows = []
+    for (case, kernel), r in index["m7"].items():
+        family = _family(case, kernel)
+        if family is None or not r["macs"] or re.search(r"_part[1-9]\d*$", case):
+            continue
+        row = {"case": case, "kernel": kernel, "family": family, "target": TARGETS[family],
+               "macs": r["macs"]}
+        for v in ("m7", "m4"):
+            old = before[v].get(f"{case}/{kernel}")
+            row[f"{v}_before"] = round(old["instructions"] / r["macs"], 3) if old else ""
+            row[f"{v}_after"] = round(index[v][case, kernel]["instructions"] / r["macs"], 3)
+        row["met"] = row["m7_after"] <= row["target"]
+        rows.append(row)
+    return rows
+
+
+def _before_after_markdown(rows: list[dict]) -> list[str]:
+    md = ["## Issue 21: instructions per MAC before / after (Cortex-M7 target)", "",
+          "| case | kernel | MACs | M7 before | M7 after | M4 before | M4 after | target (M7) "
+          "| met |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['case']} | {r['kernel']} | {r['macs']} | {r['m7_before']} | "
+                  f"{r['m7_after']} | {r['m4_before']} | {r['m4_after']} | <= {r['target']} | "
+                  f"{'yes' if r['met'] else 'no'} |")
+    md += ["", "before: benchmarks/results/mcu_kernels_baseline.json (kernels of commit "
+           "477b992, same harness and vectors). Every row is bit-exact against reference.py on "
+           "both cores (the firmware checks each output).", ""]
+    return md
+
+
+# ----------------------------------------------------------------------------- CMSIS-NN
+def _cmsis_tree() -> str:
+    """CMSIS-NN unpacked from the pinned archive into a git-ignored build folder."""
+    import tarfile
+    tree = os.path.join(CMSIS_BUILD, "cmsis-nn")
+    stamp = os.path.join(CMSIS_BUILD, "unpacked.stamp")
+    if not os.path.exists(stamp):
+        archive = os.path.join(THIRD_PARTY, CMSIS_ARCHIVE)
+        if not os.path.exists(archive):
+            sys.exit(f"CMSIS-NN archive {archive} not found (set TFLM_DEPS to the folder of "
+                     f"the pinned TFLM archives)")
+        tmp = tree + ".tmp"
+        subprocess.run(["rm", "-rf", tree, tmp], check=True)
+        os.makedirs(tmp)
+        with tarfile.open(archive) as tar:
+            for m in tar.getmembers():
+                m.name = m.name.split("/", 1)[1] if "/" in m.name else ""
+                if m.name:
+                    tar.extract(m, tmp)
+        os.rename(tmp, tree)
+        open(stamp, "w").close()
+    return tree
+
+
+def _cmsis_header(npz: str, seed: int = 0) -> tuple[str, list[dict]]:
+    """cmsis_layers.h: the real 1x1 layers (x, weights, bias of the --real step) with TFLite
+    requantization constants (QuantizeMultiplier(x_scale * weight_scale / y_scale),
+    y_scale = 6 / 255, the ReLU6 output range)."""
+    import numpy as np
+    from dgst_tf.core.tflite_requantization import quantize_multiplier
+    z = np.load(npz)
+    rng = np.random.default_rng(seed)
+    lines, layers = ["/* generated by benchmarks/mcu_kernels.py --real */", "#include <stdint.h>"], []
+    for name in (str(n) for n in z["meta/layers"]):
+        w = z[f"{name}/w"]
+        if str(z[f"{name}/kind"]) != "conv" or w.shape[1:3] != (1, 1) or name == "classifier":
+            continue
+        x = z[f"{name}/x"].astype(np.int8)
+        h, wd, c_in = x.shape
+        c_out = w.shape[0]
+        x_scale = float(z[f"{name}/x_scale"])
+        ws = np.asarray(z[f"{name}/weight_scale"], np.float64)
+        mult, shift = zip(*(quantize_multiplier(x_scale * float(s) / (6.0 / 255.0)) for s in ws))
+        bias = z[f"{name}/bias"].astype(np.int32) if f"{name}/bias" in z else \
+            rng.integers(-3000, 3000, c_out).astype(np.int32)
+        arrays = {"x": ("int8_t", x.ravel()), "w": ("int8_t", w.reshape(c_out, c_in).ravel()),
+                  "bias": ("int32_t", bias.ravel()), "mult": ("int32_t", np.array(mult)),
+                  "shift": ("int32_t", np.array(shift))}
+        for field, (ctype, values) in arrays.items():
+            lines.append(f"static const {ctype} {name}_{field}[{values.size}] = {{"
+                         + ", ".join(str(int(v)) for v in values) + "};")
+        lines.append(f"#define {name}_x_offset ({-int(z[f'{name}/x_zero_point'])})")
+        lines.append(f"#define {name}_y_offset (-128)")
+        layers.append({"layer": name, "h": h, "w": wd, "c_in": c_in, "c_out": c_out})
+    lines.append("#define DGST_CMSIS_LAYERS(X) " + " ".join(
+        f"X({L['layer']}, {L['h']}, {L['w']}, {L['c_in']}, {L['c_out']})" for L in layers))
+    return "\n".join(lines) + "\n", layers
+
+
+def cmsis_reference(npz: str) -> tuple[dict, list[dict], dict]:
+    """Build and run the CMSIS-NN reference firmware on M7 and M4: rows per variant."""
+    tree = _cmsis_tree()
+    header, layers = _cmsis_header(npz)
+    os.makedirs(CMSIS_BUILD, exist_ok=True)
+    with open(os.path.join(CMSIS_BUILD, "cmsis_layers.h"), "w") as f:
+        f.write(header)
+    mcu, core = os.path.join(TFLM_OPS, "mcu"), os.path.join(TFLM_OPS, "core")
+    sources = [os.path.join(mcu, "cmsis_nn_reference.c"), os.path.join(mcu, "startup.c"),
+               os.path.join(core, "conv2d_forward.c")] + [os.path.join(tree, s)
+                                                          for s in CMSIS_SOURCES]
+    flags = ["-mthumb", "-O2", "-std=c99", "-ffp-contract=off", "-ffunction-sections",
+             "-fdata-sections", f"-I{core}", f"-I{mcu}", f"-I{os.path.join(tree, 'Include')}",
+             f"-I{CMSIS_BUILD}"]
+    results = {}
+    for v, machine in (("m7", "mps2-an500"), ("m4", "mps2-an386")):
+        elf = os.path.join(CMSIS_BUILD, v, "firmware.elf")
+        os.makedirs(os.path.dirname(elf), exist_ok=True)
+        proc = subprocess.run(["arm-none-eabi-gcc", *CPU_FLAGS[v], *flags,
+                               f'-DDGST_CPU_NAME="cortex-{v}"', *sources, "--specs=nano.specs",
+                               "--specs=rdimon.specs", "-nostartfiles", f"-L{mcu}",
+                               "-Wl,--gc-sections", "-T", os.path.join(mcu, "mps2_qemu.ld"),
+                               "-o", elf, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"CMSIS-NN reference firmware ({v}) failed to build:\n{proc.stderr[-3000:]}")
+        proc = subprocess.run(["qemu-system-arm", "-M", machine, *QEMU_FLAGS, "-kernel", elf],
+                              capture_output=True, text=True, timeout=300)
+        rows = [dict(zip(("case", "kernel", "instructions", "macs"), m.groups()[:4]))
+                for m in LINE.finditer(proc.stdout)]
+        bad = [m.group(0) for m in LINE.finditer(proc.stdout) if m.group(7) != "ok"]
+        if proc.returncode != 0 or bad or not rows:
+            sys.exit(f"CMSIS-NN reference firmware ({v}): exit {proc.returncode}, "
+                     f"CMSIS-NN and dgst outputs differ or nothing ran:\n{proc.stdout[-3000:]}")
+        for r in rows:
+            r["instructions"], r["macs"] = int(r["instructions"]), int(r["macs"])
+        results[v] = rows
+    settings = {"cmsis_nn": CMSIS_ARCHIVE, "cmsis_sources": list(CMSIS_SOURCES),
+                "cmsis_cflags": " ".join(flags[:4]) + " (+ -mcpu/-mfpu as the kernels)",
+                "cmsis_requantization": "QuantizeMultiplier(x_scale * weight_scale / (6/255)), "
+                                        "output offset -128, activation [-128, 127]"}
+    return results, layers, settings
+
+
+def _cmsis_rows(cmsis: dict, wgrad: list[dict]) -> list[dict]:
+    """Per layer: instructions per MAC of the forward 1x1 conv (CMSIS-NN, dgst) and of this
+    project's weight gradient on the same layer (sparse, dense), M7 and M4."""
+    rows = []
+    by = {v: {(r["case"], r["kernel"]): r for r in rows_v} for v, rows_v in cmsis.items()}
+    for (case, kernel), r in by["m7"].items():
+        if kernel != "cmsis_nn_convolve_1x1_s8":
+            continue
+        row = {"layer": case, "macs": r["macs"]}
+        for v in ("m7", "m4"):
+            for kern, key in (("cmsis_nn_convolve_1x1_s8", "cmsis"),
+                              ("cmsis_nn_convolve_1x1_s8_fast", "cmsis_fast"),
+                              ("dgst_conv2d_s8", "dgst_forward")):
+                q = by[v][case, kern]
+                row[f"{v}_{key}_per_mac"] = round(q["instructions"] / q["macs"], 3)
+        w = next((w for w in wgrad if w["layer"] == case), None)
+        if w:
+            row["m7_wgrad_sparse_per_mac"] = w["m7_sparse_per_mac"]
+            row["m7_wgrad_dense_per_mac"] = w["m7_dense_per_mac"]
+            row["m4_wgrad_sparse_per_mac"] = round(w["m4_sparse"] / w["macs_sparse"], 3)
+            row["m4_wgrad_dense_per_mac"] = round(w["m4_dense"] / w["macs_dense"], 3)
+        rows.append(row)
+    return rows
+
+
+def _cmsis_markdown(rows: list[dict]) -> list[str]:
+    md = ["## The practical reference: CMSIS-NN forward 1x1 conv on the same layers "
+          "(instructions per MAC)", "",
+          "| layer | MACs (dense) | M7 CMSIS-NN arm_convolve_1x1_s8 | M7 ..._fast | "
+          "M7 dgst forward | M7 dgst weight grad sparse | M7 dgst weight grad dense | "
+          "M4 CMSIS-NN | M4 dgst weight grad sparse, dense |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['layer']} | {r['macs']:,} | {r['m7_cmsis_per_mac']} | "
+                  f"{r['m7_cmsis_fast_per_mac']} | {r['m7_dgst_forward_per_mac']} | "
+                  f"{r.get('m7_wgrad_sparse_per_mac', '')} | {r.get('m7_wgrad_dense_per_mac', '')}"
+                  f" | {r['m4_cmsis_per_mac']} | {r.get('m4_wgrad_sparse_per_mac', '')}, "
+                  f"{r.get('m4_wgrad_dense_per_mac', '')} |")
+    md += ["", "Same input activations and weights as the training step above; CMSIS-NN's "
+           "output equals dgst_conv2d_s8's (TFLite reference arithmetic) bit for bit in the "
+           "firmware. A forward MAC and a weight-gradient MAC are the same multiply-add "
+           "(both layers' MAC count is H x W x C_in x C_out when dense).", ""]
+    return md
 
 
 def _markdown(table: str, wgrad: list, sparse: list, mem: dict, extra: dict) -> list[str]:
@@ -408,16 +619,22 @@ def main_real(args):
                 "npz": npz, "ratio": ratio, **info,
                 "counting": "instructions = timer0 ticks x 40 / 64 (icount shift 6, 25 MHz timer)",
                 "host_only": host_only}
+    cmsis, cmsis_layers, cmsis_settings = cmsis_reference(npz)
+    settings.update(cmsis_settings)
     table = _report.write("mcu_kernels_real", settings, rows, columns)
     json_path = os.path.join(HERE, "results", "mcu_kernels_real.json")
     with open(json_path) as f:
         payload = json.load(f)
+    before_after = _before_after("real", index)
+    cmsis_rows = _cmsis_rows(cmsis, wgrad)
     payload.update({"layers": layers, "step_parts": parts, "step_totals": totals,
                     "dense_vs_sparse_weight_grad": wgrad, "memory": mem, "stack": extra,
-                    "all_results": results})
+                    "all_results": results, "before_after": before_after,
+                    "cmsis_nn_reference": cmsis_rows, "cmsis_nn_results": cmsis})
     write_atomically(json_path, json.dumps(payload, indent=1))
 
-    md = _real_markdown(table, layers, parts, totals, wgrad, mem, extra, ratio, host_only)
+    md = (_real_markdown(table, layers, parts, totals, wgrad, mem, extra, ratio, host_only)
+          + _cmsis_markdown(cmsis_rows) + _before_after_markdown(before_after))
     write_atomically(os.path.join(HERE, "results", "mcu_kernels_real.md"), "\n".join(md))
     print("\n".join(md[md.index("## Layers (real shapes, backward order)"):]))
 

@@ -13,7 +13,14 @@
    convolutions' requantization constants in flash (`DGST_CONV2D`), all defaults of
    `export_training`, with static and with on-device DGSU selection (`policy="traversal"`),
    and the inference-only model for reference; also at 96x96 (--sizes). Weights do not
-   change memory: random init.
+   change memory: random init. Issue 21's rows: TFLM's offline memory plan with the ops
+   that compute in place (`dgst_tf.export.training.offline_plan`) and weight gradients in
+   chunks (`offline_plan=`, `weight_grad_chunk_bytes=`, defaults of `export_training`)
+   against the same graph planned online by TFLM with whole gradients; the memory model's
+   arena for the 64-bit host (against TFLM's report) and for a 32-bit Cortex-M TFLM
+   (analytic: the same tensors, 32-bit structs). The device pipeline's graph too (a pruned
+   MobileNetV2 with its DGSU scheme, the firmware graph ``dgst device`` writes;
+   --device-run reads a finished run's pruned.keras and scheme.json): analytic vs TFLM.
 2. CIFAR-10: ImageNet MobileNetV2 (width 1.0, the pretrained width offline) with the same
    scheme, N steps in TFLM (batch 1, int8, QAS) on real CIFAR-10 training images: loss of
    the first and last tenth of the steps, held-out accuracy before and after (updated
@@ -22,6 +29,7 @@
 Writes benchmarks/results/tflm_training_memory.{json,md} and tflm_training_cifar10.*.
 """
 import argparse
+import json
 import pathlib
 import tempfile
 import time
@@ -31,11 +39,13 @@ import numpy as np
 
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.keras_compat import keras
 from dgst_tf.cli.export import load_arrays
 from dgst_tf.export.inference import export_int8
 from dgst_tf.export.tflm.runner import run_tflm
 from dgst_tf.export.training import (export_training, initial_params, run_inference_tflm,
                                      train_tflm, write_inference_model)
+from dgst_tf.planning.arena_plan import DEFAULT_WEIGHT_GRAD_CHUNK_BYTES
 from dgst_tf.planning.memory import KB, MemoryModel
 from dgst_tf.planning.memory_report import compare_with_tflm
 from dgst_tf.models import mobilenet_v2
@@ -89,48 +99,31 @@ def _memory_rows(args, tmp, size, full):
                  "analytic_kb": _kb(report.forward_peak_bytes), "analytic_what": "inference peak"})
     bias_only = UpdateScheme.from_backward_config(model, LIN_49KB[0], "", "")
     # (fold PADs, trainable tensors as outputs, scheme, fuse frozen blocks, device policy,
-    #  requantization constants in flash)
-    variants = ([(False, True, scheme, False, None, False),
-                 (True, True, scheme, False, None, False),
-                 (True, False, scheme, False, None, False),
-                 (True, False, scheme, True, None, False),
-                 (True, False, scheme, True, "traversal", False)] if full else []) + [
-        (True, False, scheme, True, None, True), (True, False, scheme, True, "traversal", True),
-        (True, False, bias_only, True, None, True)]
-    for fold, outputs, chosen, fuse, policy, flash in variants:
-        report = MemoryModel(model, fused_blocks=fuse, rounding="stochastic",
-                             full_weights_in_sram=policy is not None).report(chosen)
+    #  requantization constants in flash, offline memory plan + chunked weight gradients)
+    variants = ([(False, True, scheme, False, None, False, False),
+                 (True, True, scheme, False, None, False, False),
+                 (True, False, scheme, False, None, False, False),
+                 (True, False, scheme, True, None, False, False),
+                 (True, False, scheme, True, "traversal", False, False),
+                 (True, False, scheme, True, None, True, False),
+                 (True, False, scheme, True, "traversal", True, False)] if full else []) + [
+        (True, False, scheme, True, None, True, True),
+        (True, False, scheme, True, "traversal", True, True),
+        (True, False, bias_only, True, None, True, True)]
+    for fold, outputs, chosen, fuse, policy, flash, planned in variants:
+        options = dict(fold_pads=fold, output_params=outputs, fuse_blocks=fuse,
+                       requant_in_flash=flash, offline_plan=planned)
+        memory = MemoryModel(model, policy=policy, **options,
+                             weight_grad_chunk_bytes=DEFAULT_WEIGHT_GRAD_CHUNK_BYTES
+                             if planned else 0)
+        report = memory.report(chosen)
         info = export_training(model, chosen, images, tmp / f"train_{fold}.tflite",
-                               learning_rate=0.001, fold_pads=fold, output_params=outputs,
-                               fuse_blocks=fuse, policy=policy, requant_in_flash=flash)
+                               learning_rate=0.001, policy=policy, **options,
+                               weight_grad_chunk_bytes=DEFAULT_WEIGHT_GRAD_CHUNK_BYTES
+                               if planned else 0)
         run = train_tflm(info.path, images[:2], labels[:2])
-        cats = run.result.allocations
-        compare = compare_with_tflm(report, run.arena_bytes, what="training_peak")
-        rows.append({
-            "model": f"{size}x{size} training step"
-                     + (", bias-only last 16 + classifier" if chosen is bias_only else "") + (
-                ", PADs folded into SAME convs" if fold else ", explicit PAD") + (
-                f", {info.manifest['fused_blocks']} frozen blocks fused" if fuse else "") + (
-                f", DGSU {policy} selection on device" if policy else "") + (
-                ", requantization in flash (DGST_CONV2D)" if flash
-                else ", builtin convs (requantization in arena)") + (
-                ", trainable tensors as outputs (host read-back)" if outputs
-                else " (firmware graph: loss + logits out)"),
-            "arena_kb": _kb(run.arena_bytes), "head_kb": _kb(run.result.arena_head_bytes),
-            "tail_kb": _kb(run.result.arena_tail_bytes),
-            "variables_kb": _kb(cats.get("TfLiteTensor variable buffer data", 0)),
-            "op_data_kb": _kb(cats.get("Persistent buffer data", 0)),
-            "quant_params_kb": _kb(cats.get("Persistent TfLiteTensor quantization data", 0)),
-            "analytic_kb": _kb(report.training_peak_bytes), "analytic_what": "training peak",
-            "analytic_held_kb": _kb(report.peak_breakdown["parameters in SRAM"]
-                                    + report.peak_breakdown["optimizer state"]),
-            "tflm_minus_analytic_kb": _kb(compare["difference_bytes"]),
-            "lin_label_kb": round(report.extra_memory_kb, 1), "tinyengine_kb": TINYENGINE_KB,
-            "fits_256kb": run.arena_bytes <= BUDGET_KB * KB,
-            "trainable_params_kb": _kb(sum(
-                int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
-                for p in info.manifest["params"])),
-            "file_kb": _kb(info.manifest["size_bytes"])})
+        rows.append(_training_row(size, run, info, report, memory, chosen, policy,
+                                  (fold, outputs, fuse, flash, planned, chosen is bias_only)))
     settings = {}
     for label, fuse, dgsu in (("", False, False), ("fused_", True, False),
                               ("fused_dgsu_", True, True)):
@@ -140,6 +133,98 @@ def _memory_rows(args, tmp, size, full):
                      f"{label}training_peak_kb": _kb(lin.training_peak_bytes),
                      f"{label}peak_at": f"{lin.peak_phase} {lin.peak_layer}"}
     return settings, rows
+
+
+def _variant_label(size, info, policy, fold, outputs, fuse, flash, planned, bias_only):
+    return (f"{size}x{size} training step"
+            + (", bias-only last 16 + classifier" if bias_only else "")
+            + (", PADs folded into SAME convs" if fold else ", explicit PAD")
+            + (f", {info.manifest['fused_blocks']} frozen blocks fused" if fuse else "")
+            + (f", DGSU {policy} selection on device" if policy else "")
+            + (", requantization in flash (DGST_CONV2D)" if flash
+               else ", builtin convs (requantization in arena)")
+            + (", offline memory plan (in-place ops) + chunked weight gradients" if planned
+               else ", TFLM's online plan")
+            + (", trainable tensors as outputs (host read-back)" if outputs
+               else " (firmware graph: loss + logits out)"))
+
+
+def _training_row(size, run, info, report, memory, chosen, policy, flags) -> dict:
+    """One training-step row: TFLM's arena and its categories, the memory model's."""
+    fold, outputs, fuse, flash, planned, bias_only = flags
+    cats = run.result.allocations
+    compare_with_tflm(report, run.arena_bytes, what="arena")  # prints the comparison
+    cortex_m = MemoryModel(memory.model, policy=policy, fold_pads=fold,
+                           output_params=outputs, fuse_blocks=fuse, requant_in_flash=flash,
+                           offline_plan=planned, tflm_target="cortex-m",
+                           weight_grad_chunk_bytes=memory.weight_grad_chunk_bytes)
+    return {
+        "model": _variant_label(size, info, policy, fold, outputs, fuse, flash, planned,
+                                bias_only),
+        "arena_kb": _kb(run.arena_bytes), "head_kb": _kb(run.result.arena_head_bytes),
+        "tail_kb": _kb(run.result.arena_tail_bytes),
+        "variables_kb": _kb(cats.get("TfLiteTensor variable buffer data", 0)),
+        "op_data_kb": _kb(cats.get("Persistent buffer data", 0)),
+        "structs_kb": _kb(cats.get("TfLiteEvalTensor data", 0)
+                          + cats.get("NodeAndRegistration struct", 0)),
+        "quant_params_kb": _kb(cats.get("Persistent TfLiteTensor quantization data", 0)),
+        "analytic_arena_kb": _kb(report.arena_bytes),
+        "analytic_vs_tflm_pct": round(100 * (report.arena_bytes / run.arena_bytes - 1), 2),
+        "analytic_32bit_kb": _kb(cortex_m.arena_bytes(chosen)),
+        "analytic_training_peak_kb": _kb(report.training_peak_bytes),
+        "lin_label_kb": round(report.extra_memory_kb, 1), "tinyengine_kb": TINYENGINE_KB,
+        "fits_141kb": run.arena_bytes <= TINYENGINE_KB * KB,
+        "trainable_params_kb": _kb(sum(
+            int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+            for p in info.manifest["params"])),
+        "file_kb": _kb(info.manifest["size_bytes"])}
+
+
+def device_rows(args, tmp) -> list:
+    """The device pipeline's graph: a pruned MobileNetV2 with its DGSU scheme, exported as
+    ``dgst device`` exports deploy_train.tflite (a finished run's pruned.keras and
+    scheme.json with --device-run, else a seeded 40% channel-group pruning of MobileNetV2
+    1.0 at --device-size with `dgsu_scheme`)."""
+    from dgst_tf.jobs.device_plan import device_export_options, dgsu_scheme, export_deployable
+
+    if args.device_run:
+        folder = pathlib.Path(args.device_run)
+        model = fold_batchnorm(keras.models.load_model(folder / "pruned.keras",
+                                                       compile=False))
+        scheme = UpdateScheme.from_config(json.loads((folder / "scheme.json").read_text()))
+        what = f"pruned model and scheme of a `dgst device` run ({folder.name})"
+    else:
+        model = fold_batchnorm(_pruned(args.device_size, args.seed))
+        scheme = dgsu_scheme(model, 2, 0.02, args.seed)
+        what = "MobileNetV2 1.0, seeded 40% of channel groups removed"
+    size = model.inputs[0].shape[1]
+    images = np.random.default_rng(args.seed).uniform(-1, 1, (8, size, size, 3)).astype(
+        np.float32)
+    path = export_deployable(model, scheme, images, tmp / "deploy_train.tflite",
+                             num_samples=8, **device_export_options(0.001, args.seed))
+    run = train_tflm(path, images[:2], np.array([1, 2]))
+    rows = []
+    for target in ("host", "cortex-m"):
+        memory = MemoryModel(model, policy="traversal", output_params=False,
+                             tflm_target=target)
+        analytic = memory.arena_bytes(scheme)
+        rows.append({"model": f"{what}, {size}x{size}, DGSU traversal firmware graph",
+                     "target": target, "analytic_arena_kb": _kb(analytic),
+                     "tflm_arena_kb": _kb(run.arena_bytes) if target == "host" else None,
+                     "analytic_vs_tflm_pct": round(100 * (analytic / run.arena_bytes - 1), 2)
+                     if target == "host" else None,
+                     "head_kb": _kb(run.result.arena_head_bytes)})
+    return rows
+
+
+def _pruned(size: int, seed: int):
+    from dgst_tf.pruning import DependencyGraph, remove_channels
+
+    model = mobilenet_v2(1.0, (size, size, 3), classes=10, weights=None, seed=seed)
+    groups = [g.index for g in DependencyGraph(model).groups()]
+    dropped = np.random.default_rng(seed).choice(groups, int(0.4 * len(groups)),
+                                                 replace=False)
+    return remove_channels(model, sorted(int(g) for g in dropped))
 
 
 def moved_weights(before: dict, after: dict) -> str:
@@ -215,17 +300,24 @@ def main():
                    choices=("stochastic", "nearest"),
                    help="int8 weight-update rounding of the exported graph")
     p.add_argument("--skip-cifar", action="store_true")
+    p.add_argument("--device-run", default=None,
+                   help="a finished `dgst device` folder (pruned.keras, scheme.json) for the "
+                        "device pipeline's graph; default: a seeded pruned MobileNetV2")
+    p.add_argument("--device-size", type=int, default=64,
+                   help="input size of the seeded pruned MobileNetV2 (no --device-run)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     runtime.limit_threads(1)
     with tempfile.TemporaryDirectory(prefix="dgst-bench-") as tmp:
         tmp = pathlib.Path(tmp)
         settings, rows = memory_rows(args, tmp)
+        settings["device_graph"] = device_rows(args, tmp)
         print(_report.write("tflm_training_memory", settings, rows, [
             "model", "arena_kb", "head_kb", "tail_kb", "variables_kb", "op_data_kb",
-            "quant_params_kb", "analytic_kb", "analytic_held_kb", "analytic_what",
-            "tflm_minus_analytic_kb",
-            "lin_label_kb", "tinyengine_kb", "fits_256kb", "trainable_params_kb", "file_kb"]))
+            "structs_kb", "quant_params_kb", "analytic_kb", "analytic_what",
+            "analytic_arena_kb", "analytic_vs_tflm_pct",
+            "analytic_32bit_kb", "analytic_training_peak_kb", "lin_label_kb", "tinyengine_kb",
+            "fits_141kb", "trainable_params_kb", "file_kb"]))
         if not args.skip_cifar:
             settings, rows = cifar_rows(args, tmp)
             print(_report.write("tflm_training_cifar10", settings, rows, [

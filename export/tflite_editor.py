@@ -150,9 +150,10 @@ class ModelEditor:
         op.builtinOptions = options
         return op
 
-    def prune(self) -> None:
+    def prune(self) -> dict:
         """Drop tensors that no op, graph input or output uses, and buffers no tensor uses
-        (renumbering the rest). Single-subgraph models only."""
+        (renumbering the rest); returns ``{old index: new index}`` of the tensors kept.
+        Single-subgraph models only."""
         sg = self.subgraph
         order = sorted(self._used_tensors())
         new_index = {old: new for new, old in enumerate(order)}
@@ -163,6 +164,7 @@ class ModelEditor:
             op.inputs, op.outputs = remap(op.inputs), remap(op.outputs)
         self.prune_buffers()
         self.model.signatureDefs = None  # they name tensor indices that changed
+        return new_index
 
     def prune_buffers(self) -> None:
         """Drop the data of tensors no op, graph input or output uses, and the buffers no

@@ -42,3 +42,34 @@ def batch(n: int, seed: int = 1, input_shape=(8, 8, 3), classes: int = 4):
     rng = np.random.default_rng(seed)
     return (rng.normal(size=(n, *input_shape)).astype(np.float32),
             rng.integers(0, classes, size=n).astype(np.int32))
+
+
+def tflite_kernel(kernel, depthwise: bool):
+    """A Keras kernel in TFLite's layout (OHWI; depthwise 1HWC; dense [out, in])."""
+    if depthwise:
+        return kernel[..., 0][None]
+    return kernel.transpose(3, 0, 1, 2) if kernel.ndim == 4 else kernel.T
+
+
+def assert_layers_equal_tflm_step(graph, sparse, run, layers, step: int) -> None:
+    """After ``step``, the Keras int8 simulation ``graph`` (trained through ``sparse``) holds
+    the int8 weights, int32 biases and kept channels that the TFLM run ``run`` output, for
+    every layer named in ``layers``."""
+    from dgst_tf.core.layer_kinds import kernel_of
+
+    names = run.manifest["outputs"]
+    for name in layers:
+        layer = graph.model.get_layer(name)
+        if f"{name}/weights" in names:
+            depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
+            np.testing.assert_array_equal(
+                tflite_kernel(kernel_of(layer).numpy(), depthwise),
+                run.result.outputs[names.index(f"{name}/weights")][step],
+                f"{name} step {step}")
+        np.testing.assert_array_equal(
+            layer.bias.numpy(), run.result.outputs[names.index(f"{name}/bias")][step],
+            f"{name} bias step {step}")
+        if f"{name}/kept" in run.kept:
+            np.testing.assert_array_equal(
+                np.sort(sparse.selection.numpy(name)["indices"]),
+                np.sort(run.kept[f"{name}/kept"][step]), f"{name} kept step {step}")

@@ -150,7 +150,8 @@ def test_train_export_tflm_train_chain_connects(tmp_path, capsys):
                      "--verbose", "0", "--output-dir", str(out)]) == 0, capsys.readouterr().err
     assert f"--from-train {out}" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [
-        "model.keras", "result.json", "scheme.json", "selection.json"]  # no temp files left
+        "accuracy.png", "model.keras", "result.json", "scheme.json", "selection.json",
+        "selection.png"]  # no temp files left
     selection = json.loads((out / "selection.json").read_text())
     assert selection["selection"] == "static" and selection["layers"]
     assert UpdateScheme.load(out / "scheme.json").layers

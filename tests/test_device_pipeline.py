@@ -83,11 +83,17 @@ def test_every_stage_meets_its_budget(finished):
     assert 0 < max(fractions) <= config.target_fraction
     assert len(train["val_accuracy_per_epoch"]) == config.epochs
     assert 0 < train["steps"]["coverage"][-1] <= 1
+    # the report's heat map: every step's channels counted, in the plan's layers
+    updates = train["channel_updates"]
+    assert updates["steps"] == len(fractions) and updates["coverage"] == train["steps"]["coverage"]
+    scheme = UpdateScheme.load(pathlib.Path(folder, "scheme.json"))
+    assert set(updates["counts"]) == {n for n, u in scheme.layers.items() if u.updates_weights}
+    assert all(sum(c) > 0 for c in updates["counts"].values())
     # TFLM continued from the trained state and matched Keras, after moving weights
     check = report["check"]
     assert check["channel_mismatches"] == [] and check["param_mismatches"] == {}
     assert check["params_moved"] > 0 and check["params_compared"] >= 3
-    for name in ("report.json", "report.png", "adapted.tflite", "pruned.keras"):
+    for name in ("report.json", "report.png", "memory.png", "adapted.tflite", "pruned.keras"):
         assert pathlib.Path(folder, name).stat().st_size > 0
     assert json.loads((pathlib.Path(folder) / "report.json").read_text()) == \
         json.loads(json.dumps(report))

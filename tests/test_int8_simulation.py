@@ -5,7 +5,7 @@ leave the same channels, int8 weights, int32 biases and losses on both sides."""
 import numpy as np
 import pytest
 
-from small_models import batch, residual_cnn
+from small_models import assert_layers_equal_tflm_step, batch, residual_cnn
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.graph import UnsupportedModelError
@@ -286,7 +286,7 @@ def test_steps_with_dgsu_and_stochastic_rounding_equal_the_tflm_graphs(setup, tm
                            learning_rate=LR, policy="traversal", rounding="stochastic",
                            output_params=True)
     run = train_tflm(info.path, x, y)
-    names = run.manifest["outputs"]
+    assert all(f"{n}/weights" in run.manifest["outputs"] for n in WEIGHT_LAYERS)
     graph = int8_training_graph(model, calibration)  # fresh weights: this test trains them
     sparse = SparseUpdateModel(graph.model, UpdateScheme(SCHEME), fold_bn=False)
     sparse.compile(optimizer=QuantizationAwareScalingSGD(LR, graph.qas_scales,
@@ -305,21 +305,7 @@ def test_steps_with_dgsu_and_stochastic_rounding_equal_the_tflm_graphs(setup, tm
                                       run.logits[step], f"logits step {step}")
         loss = sparse.train_on_batch(x[step:step + 1], y[step:step + 1], return_dict=True)
         assert loss["loss"] == pytest.approx(run.losses[step], rel=1e-5), step
-        for name in WEIGHT_LAYERS:
-            layer = graph.model.get_layer(name)
-            kernel = kernel_of(layer).numpy()
-            tflite = (kernel[..., 0][None] if name == "depthwise"
-                      else kernel.transpose(3, 0, 1, 2) if kernel.ndim == 4 else kernel.T)
-            np.testing.assert_array_equal(
-                tflite, run.result.outputs[names.index(f"{name}/weights")][step],
-                f"{name} step {step}")
-            np.testing.assert_array_equal(
-                layer.bias.numpy(), run.result.outputs[names.index(f"{name}/bias")][step],
-                f"{name} bias step {step}")
-            if f"{name}/kept" in run.kept:
-                np.testing.assert_array_equal(
-                    np.sort(sparse.selection.numpy(name)["indices"]),
-                    np.sort(run.kept[f"{name}/kept"][step]), f"{name} channels step {step}")
+        assert_layers_equal_tflm_step(graph, sparse, run, WEIGHT_LAYERS, step)
     for name in WEIGHT_LAYERS:  # the comparison is not vacuous: the weights really moved
         moved = (kernel_of(graph.model.get_layer(name)).numpy() != start[name]).sum()
         assert moved >= 10, (name, moved)

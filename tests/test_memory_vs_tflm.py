@@ -1,12 +1,17 @@
 """The analytic memory model against TFLM's arena report of the graph `export_training`
-really emits: MobileNetV2-0.35 with Lin et al.'s 49 KB scheme (tiny-training's published
-``backward_config``) at 96x96, static and on-device (DGSU traversal) selection, firmware and
-host graphs. The oracle is TFLM's ``print_allocations`` (`train_tflm`) and the exported file
-itself (its ops and tensors); nothing is copied from a previous run.
+really emits, on two graphs: MobileNetV2-0.35 with Lin et al.'s 49 KB scheme (tiny-training's
+published ``backward_config``) at 96x96, static and on-device (DGSU traversal) selection,
+firmware and host graphs; and a channel-pruned MobileNetV2 with the device pipeline's DGSU
+scheme and export options (`dgst_tf.jobs.device_plan`: the firmware graph ``dgst device``
+writes as deploy_train.tflite). The oracle is TFLM's ``print_allocations`` (`train_tflm`)
+and the exported file itself (its ops, tensors and offline memory plan); nothing is copied
+from a previous run.
 
 128x128 exports take longer; the same comparison prints for any size with
 
     python tests/test_memory_vs_tflm.py 128 96
+
+and `benchmarks/tflm_training_memory.py` measures both graphs at full size.
 """
 import pathlib
 import sys
@@ -41,6 +46,23 @@ def lin_49kb(size: int):
     scheme = UpdateScheme.from_backward_config(model, *PUBLISHED[49])
     images = np.random.default_rng(0).uniform(-1, 1, (8, size, size, 3)).astype(np.float32)
     return model, scheme, images
+
+
+def pruned_dgsu(size: int, width: float = 0.35, removed: float = 0.4, seed: int = 0):
+    """A MobileNetV2 with a seeded ``removed`` fraction of its prunable channel groups
+    removed (`dgst_tf.pruning.remove_channels`), BatchNorm folded, the device pipeline's
+    DGSU scheme over its last 2 blocks at 2% of the conv weights (`dgsu_scheme`), and
+    calibration images."""
+    from dgst_tf.jobs.device_plan import dgsu_scheme
+    from dgst_tf.pruning import DependencyGraph, remove_channels
+
+    model = mobilenet_v2(width, (size, size, 3), classes=10, weights=None, seed=seed)
+    groups = [g.index for g in DependencyGraph(model).groups()]
+    rng = np.random.default_rng(seed)
+    dropped = rng.choice(groups, int(removed * len(groups)), replace=False)
+    model = fold_batchnorm(remove_channels(model, sorted(int(g) for g in dropped)))
+    images = rng.uniform(-1, 1, (8, size, size, 3)).astype(np.float32)
+    return model, dgsu_scheme(model, 2, 0.02, seed), images
 
 
 def export_and_run(model, scheme, images, path, policy, outputs):
@@ -81,15 +103,36 @@ def test_analytic_arena_is_within_5_percent_of_tflm(mobilenet, exported, policy,
     for kind in ("DGST_SELECT_CHANNELS", "DGST_FUSED_BLOCK", "DGST_SCATTER_CHANNELS",
                  "DGST_QUANTIZE_GRAD", "DGST_CONV2D"):
         assert kinds.count(kind) == info.ops.get(f"CUSTOM:{kind}", 0), kind
-    # what TFLM plans (activations, gradients, scratch) at its busiest op: the head conv's
-    # float output gradient (46 KB, never materialized) would show here
-    assert tflm_runtime.planned_peak_bytes(timeline) == pytest.approx(
-        run.result.arena_head_bytes, rel=0.01)
+    # what TFLM plans (activations, gradients, scratch): the export's offline plan with its
+    # in-place ops and TFLM's own placement of the scratch buffers, byte for byte
+    assert tflm_runtime.planned_peak_bytes(timeline) == run.result.arena_head_bytes
     # the variables: trainable tensors, selection state, step counter (16-byte aligned)
     variables = run.result.allocations["TfLiteTensor variable buffer data"]
     aligned = sum(-(-size // 16) * 16 for _, size, _ in timeline.variables if size)
     assert abs(variables - aligned) <= 16
     assert sum(size for _, size, _ in timeline.variables) == sum(timeline.persistent().values())
+
+
+def test_pruned_dgsu_device_graph_is_within_5_percent(tmp_path):
+    """The second graph: the firmware graph the device pipeline exports for a pruned
+    MobileNetV2 (DGSU traversal selection on device, stochastic rounding)."""
+    from dgst_tf.jobs.device_plan import device_export_options, export_deployable
+
+    model, scheme, images = pruned_dgsu(64)
+    path = export_deployable(model, scheme, images, tmp_path / "deploy_train.tflite",
+                             num_samples=8, **device_export_options(0.001, 0))
+    run = train_tflm(path, images[:2], np.array([3, 1]))
+    memory = MemoryModel(model, policy="traversal", output_params=False)
+    result = compare_with_tflm(memory.report(scheme, dense=False), run.arena_bytes, "arena")
+    assert abs(result["ratio"] - 1) <= 0.05, result
+    timeline = memory.timeline(scheme)
+    subgraph = ModelEditor(read_tflite(path)[1]).subgraph
+    assert len(timeline.ops) == len(subgraph.operators)
+    assert tflm_runtime.planned_peak_bytes(timeline) == run.result.arena_head_bytes
+    # the 32-bit structs are smaller; the tensors are the same bytes
+    cortex_m = MemoryModel(model, policy="traversal", output_params=False,
+                           tflm_target="cortex-m").arena_bytes(scheme)
+    assert run.arena_bytes - 20 * 1024 < cortex_m < memory.arena_bytes(scheme)
 
 
 def main(sizes) -> None:

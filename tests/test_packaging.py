@@ -34,6 +34,15 @@ def test_wheel_holds_the_exporter_subpackages_and_the_tflm_library(wheel):
                      "dgst_tf/export/tflm/_child.py", "dgst_tf/tflm_ops/reference.py"):
         assert expected in names, f"{expected} missing from {wheel.name}"
     assert not any(n.startswith("export/") for n in names), "export/ must install as dgst_tf.export"
+    # every package of the source tree (a new subpackage must be listed in setup.cfg)
+    for source, installed in (("dgst_tf", "dgst_tf"), ("export", "dgst_tf/export"),
+                              ("tflm_ops", "dgst_tf/tflm_ops")):
+        for init in (ROOT / source).rglob("__init__.py"):
+            package = init.parent.relative_to(ROOT / source).as_posix()
+            if "build" in package.split("/"):
+                continue
+            expected = f"{installed}/{package}/__init__.py".replace("/./", "/")
+            assert expected in names, f"package {expected} missing from {wheel.name}"
 
 
 def test_installed_copy_imports_outside_the_checkout_and_finds_its_library(wheel, tmp_path):

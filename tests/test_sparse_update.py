@@ -112,21 +112,41 @@ def _graph_ops(graph) -> list:
 FILTER_GRADIENTS = {"Conv2DBackpropFilter", "DepthwiseConv2dNativeBackpropFilter"}
 
 
+def _pointwise_kernel_gradient(op):
+    """For an x^T dy MatMul reshaped into a [1, 1, k, C_out] kernel gradient (how the sparse
+    step computes a pointwise conv's), that reshape; else None."""
+    if op.type != "MatMul" or not op.get_attr("transpose_a"):
+        return None
+    reshapes = [c for c in op.outputs[0].consumers()
+                if c.type == "Reshape" and c.outputs[0].shape.rank == 4]
+    return reshapes[0] if reshapes else None
+
+
 def _filter_gradients(concrete) -> list:
     """(op type, input activation shape, dy shape, kernel gradient shape) of every conv
-    filter-gradient op of the traced step."""
-    return [(op.type, op.inputs[0].shape.as_list(), op.inputs[2].shape.as_list(),
-             op.outputs[0].shape.as_list())
-            for op in _graph_ops(concrete.graph) if op.type in FILTER_GRADIENTS]
+    filter gradient of the traced step: the filter-gradient ops, and for pointwise convs
+    the x^T dy matmul over the pixels (op type "Conv2DBackpropFilter", shapes as NHWC)."""
+    found = []
+    for op in _graph_ops(concrete.graph):
+        if op.type in FILTER_GRADIENTS:
+            found.append((op.type, op.inputs[0].shape.as_list(), op.inputs[2].shape.as_list(),
+                          op.outputs[0].shape.as_list()))
+        elif _pointwise_kernel_gradient(op) is not None:
+            (_, k), (_, c_out) = op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            found.append(("Conv2DBackpropFilter", [None, None, None, k],
+                          [None, None, None, c_out],
+                          _pointwise_kernel_gradient(op).outputs[0].shape.as_list()))
+    return found
 
 
 def _dense_weight_gradients(concrete) -> list:
     """(activation shape, dy shape, kernel gradient shape) of every dense weight-gradient
-    matmul (x^T dy: the only MatMul with transpose_a) of the traced step."""
+    matmul (x^T dy: a MatMul with transpose_a, not a pointwise conv's) of the traced step."""
     return [[op.inputs[0].shape.as_list(), op.inputs[1].shape.as_list(),
              op.outputs[0].shape.as_list()]
             for op in _graph_ops(concrete.graph)
-            if op.type == "MatMul" and op.get_attr("transpose_a")]
+            if op.type == "MatMul" and op.get_attr("transpose_a")
+            and _pointwise_kernel_gradient(op) is None]
 
 
 def _assert_filter_gradients_see_only_selected_channels(sparse, concrete):
@@ -162,8 +182,9 @@ def test_traced_graph_has_weight_gradients_only_for_selected_layers():
     types = _graph_op_types(concrete)
     # expand and head are weight-updated Conv2Ds, depthwise a weight-updated depthwise conv;
     # project is bias-only and stem (before the first updated layer) gets nothing at all.
-    assert types.count("Conv2DBackpropFilter") == 2
-    assert types.count("DepthwiseConv2dNativeBackpropFilter") == 1
+    kinds = [f[0] for f in _filter_gradients(concrete)]
+    assert kinds.count("Conv2DBackpropFilter") == 2  # expand (pointwise: a matmul), head
+    assert kinds.count("DepthwiseConv2dNativeBackpropFilter") == 1
     # Input gradients: head, project, depthwise need them; expand is the first updated
     # layer and the stem lies before it, so backprop stops there.
     assert types.count("Conv2DBackpropInput") == 2  # head, project

@@ -17,8 +17,10 @@ from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import numpy_dtype, read_tflite
 from dgst_tf.export.tflm.ops_loader import host_ops
 from dgst_tf.export.tflm.runner import TflmError, run_tflm
-from dgst_tf.export.training import export_training, train_tflm
+from dgst_tf.export.training import (TrainingExportError, export_training, initial_params,
+                                     train_tflm)
 from dgst_tf.export.training.flash_requant import builtin_conv_op, flash_requant_op
+from dgst_tf.planning import tflm_runtime
 from dgst_tf.planning.memory import MemoryModel
 from dgst_tf.training.scheme import UpdateScheme
 
@@ -180,3 +182,104 @@ def test_mobilenet_v2_035_lin_49kb_dgsu_on_device_fits_256kb(tmp_path):
                          full_weights_in_sram=True).report(scheme)
     params = report.peak_breakdown["parameters in SRAM"]
     assert params <= run.result.allocations[VARIABLES] <= params + 1024
+
+
+# -- the offline memory plan and chunked weight gradients ---------------------------------
+# frozen blocks in front (fused, in place over their input), bias-only depthwise layers on
+# the gradient path (their float input gradient written around their dy), weight-updated
+# convs and the classifier (chunked weight gradients), every error signal in place
+_PLAN_SCHEME = {"block_15_expand": 0.25, "block_15_depthwise": "bias",
+                "block_15_project": "bias", "block_16_expand": 0.5,
+                "block_16_depthwise": "bias", "block_16_project": 0.25, "head_conv": "bias"}
+
+
+@pytest.fixture(scope="module")
+def small_mobilenet():
+    from dgst_tf.models import mobilenet_v2
+
+    model = fold_batchnorm(mobilenet_v2(0.35, (32, 32, 3), classes=4, weights=None, seed=0))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (14, 32, 32, 3)).astype(np.float32)
+    return model, x[:8], x[8:], rng.integers(0, 4, 6)
+
+
+@pytest.mark.parametrize("policy", [None, "traversal"])
+def test_offline_plan_and_weight_grad_chunks_change_no_value(small_mobilenet, tmp_path,
+                                                             policy):
+    """The step with TFLM's offline memory plan (ops in place: fused blocks, error signals,
+    depthwise input gradients) and weight gradients in chunks trains bit for bit as the
+    step TFLM plans online with whole gradients -- losses, logits, every trainable tensor
+    and the channels chosen on device over 6 steps -- in no larger an arena head."""
+    from dgst_tf.export.training.offline_plan import in_place_aliases, tensor_lifetimes
+
+    model, calibration, x, y = small_mobilenet
+    runs, infos = {}, {}
+    for planned in (True, False):
+        info = export_training(model, UpdateScheme(_PLAN_SCHEME), calibration,
+                               tmp_path / f"{planned}.tflite", learning_rate=0.05,
+                               num_samples=8, policy=policy, output_params=True,
+                               offline_plan=planned,
+                               weight_grad_chunk_bytes=2048 if planned else 0)
+        infos[planned], runs[planned] = info, train_tflm(info.path, x, y)
+    planned, online = runs[True], runs[False]
+    np.testing.assert_array_equal(planned.losses, online.losses)
+    np.testing.assert_array_equal(planned.logits, online.logits)
+    assert planned.params.keys() == online.params.keys()
+    for name in planned.params:
+        np.testing.assert_array_equal(planned.params[name], online.params[name], err_msg=name)
+    for name in online.kept:
+        np.testing.assert_array_equal(planned.kept[name], online.kept[name], err_msg=name)
+    assert any(np.any(planned.params[n] != v) for n, v in initial_params(
+        infos[True].path).items())  # the step trains
+    # every in-place kind is used, the gradients are chunked
+    editor = ModelEditor(read_tflite(infos[True].path)[1])
+    writers = {int(t): editor.builtin(op) for op in editor.subgraph.operators
+               for t in op.outputs}
+    kinds = {writers[y] for _, y, _ in in_place_aliases(editor, tensor_lifetimes(editor))}
+    assert kinds == {"CUSTOM:DGST_FUSED_BLOCK", "CUSTOM:DGST_QUANTIZE_GRAD",
+                     "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD"}
+    grads = "CUSTOM:DGST_CONV2D_WEIGHT_GRAD"
+    assert infos[True].ops[grads] > infos[False].ops[grads]
+    assert infos[True].manifest["offline_plan"]["in_place"] >= 3
+    assert infos[False].manifest["offline_plan"] is None
+    assert planned.result.arena_head_bytes <= online.result.arena_head_bytes
+    # the memory model places both as TFLM does: the offline plan (and the scratch buffers
+    # around it) and TFLM's own greedy planner, byte for byte
+    for flag, run in ((True, planned), (False, online)):
+        timeline = MemoryModel(model, policy=policy, offline_plan=flag,
+                               weight_grad_chunk_bytes=2048 if flag else 0).timeline(
+            UpdateScheme(_PLAN_SCHEME))
+        assert tflm_runtime.planned_peak_bytes(timeline) == run.result.arena_head_bytes, flag
+
+
+def test_offline_plan_is_in_the_model_metadata(small_mobilenet, tmp_path):
+    """The plan is the ``OfflineMemoryAllocation`` metadata TFLM reads: one offset per
+    tensor, -1 for constants and variables, 16-byte aligned offsets below the head TFLM
+    reports for the planned ones (its head: the plan plus the scratch buffers)."""
+    from dgst_tf.export.training.offline_plan import OFFLINE_PLAN_METADATA
+
+    model, calibration, x, y = small_mobilenet
+    info = export_training(model, UpdateScheme(_PLAN_SCHEME), calibration,
+                           tmp_path / "t.tflite", learning_rate=0.05, num_samples=8,
+                           output_params=False)
+    editor = ModelEditor(read_tflite(info.path)[1])
+    entry = [m for m in editor.model.metadata if m.name == OFFLINE_PLAN_METADATA]
+    assert len(entry) == 1
+    words = np.frombuffer(bytes(editor.model.buffers[entry[0].buffer].data), "<i4")
+    tensors = editor.subgraph.tensors
+    assert words[2] == len(tensors) and len(words) == 3 + len(tensors)
+    offsets = words[3:]
+    for index, tensor in enumerate(tensors):
+        if editor.data(index) is not None or tensor.isVariable:
+            assert offsets[index] == -1, editor.name(index)
+    planned = offsets[offsets >= 0]
+    assert len(planned) > 20 and not np.any(planned % 16)
+    run = train_tflm(info.path, x[:1], y[:1])
+    assert info.manifest["offline_plan"]["head_bytes"] <= run.result.arena_head_bytes
+
+
+def test_weight_grad_chunk_bytes_is_checked(small_mobilenet, tmp_path):
+    model, calibration, _, _ = small_mobilenet
+    with pytest.raises(TrainingExportError, match="weight_grad_chunk_bytes must be an int"):
+        export_training(model, UpdateScheme(_PLAN_SCHEME), calibration, tmp_path / "t.tflite",
+                        weight_grad_chunk_bytes=-1)

@@ -7,8 +7,11 @@
     elf = cortex_m.build_firmware("train.tflite", "build/fw")      # builds TFLM if missing
     run = cortex_m.run_firmware(elf, [images_q, labels])           # N steps = N Invokes
     run.outputs[0][:, 0], run.arena_bytes, run.instructions        # losses, arena, per step
+    run.ops["DGST_CONV2D"]                # (invokes, instructions) per operator type
     again = cortex_m.run_firmware(elf, [x, y], flash="dev.flash")  # a device that persists
     again.loaded, again.commit            # state loaded at boot, committed after the steps
+    m4 = cortex_m.build_firmware("train.tflite", "build/fw_m4", cpu="m4")  # mps2-an386
+    ref = cortex_m.build_firmware("train.tflite", "build/fw_ref", cmsis_nn=False)
 
 ``python -m dgst_tf.tflm_ops.cortex_m embed MODEL DIR`` writes the firmware's model_data.cc
 and model_ops.h (the Makefile's ``tflm-firmware`` target calls it). Needs make,
@@ -30,11 +33,14 @@ import sys
 import numpy as np
 
 __all__ = ["CPUS", "FirmwareError", "FirmwareRun", "build_library", "build_firmware",
-           "run_firmware", "embed_model", "model_kernels", "model_ops"]
+           "run_firmware", "state_params", "embed_model", "model_kernels", "model_ops"]
 
 HERE = pathlib.Path(__file__).resolve().parent
 # cpu -> QEMU machine (mps2-an500: Cortex-M7, mps2-an386: Cortex-M4)
 CPUS = {"m7": "mps2-an500", "m4": "mps2-an386"}
+# linker scripts: the STM32F746 budget (ld fails when the firmware does not fit), or QEMU's
+# whole memory (to run and measure a firmware that does not fit)
+LDSCRIPTS = {True: HERE / "mcu" / "stm32f746_budget.ld", False: HERE / "mcu" / "mps2_qemu.ld"}
 QEMU_FLAGS = ["-nographic", "-semihosting", "-icount", "shift=6,align=off,sleep=off"]
 # TfLiteType -> NumPy dtype (the types a training graph's outputs have)
 _DTYPES = {1: np.float32, 2: np.int32, 3: np.uint8, 4: np.int64, 6: np.bool_, 7: np.int16,
@@ -74,6 +80,7 @@ class FirmwareRun:
     instructions: np.ndarray  # int64 [steps]
     stack_bytes: int
     log: str
+    ops: dict = dataclasses.field(default_factory=dict)  # op name -> (invokes, instructions)
     state_tensors: list = dataclasses.field(default_factory=list)
     loaded: dict | None = None
     loaded_state: bytes | None = None
@@ -89,11 +96,13 @@ def _tool(name: str, package: str) -> str:
 
 
 @contextlib.contextmanager
-def _lock():
-    """One TFLM build at a time (not tflm_ops/build/.lock, which guards the quick host build)."""
+def _lock(name: str):
+    """One make at a time on the TFLM tree (``"tree"``: unpacking it) or on one library and
+    its firmwares (``"library-m7"``, ...), across processes: the libraries of other CPUs
+    build meanwhile (not tflm_ops/build/.lock, which guards the quick host build)."""
     folder = HERE.parent / "build" / "tflm"  # the Makefile's TFLM_BUILD
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
+    with open(folder / f".lock-{name}", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -101,16 +110,22 @@ def _lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _make(*args: str, timeout: float) -> str:
+def _make(*args: str, timeout: float, library: str) -> str:
+    """``make -C tflm_ops args`` for ``library`` (its key: m7, m4, m7-ref, m4-ref), the tree
+    made ready first."""
     _tool("make", "make")
     _tool("arm-none-eabi-gcc", "gcc-arm-none-eabi libnewlib-arm-none-eabi")
-    with _lock():
-        proc = subprocess.run(["make", "-C", str(HERE), f"PYTHON={sys.executable}", *args],
-                              capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise FirmwareError(f"make {' '.join(args)} failed ({proc.returncode}):\n"
-                            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    tree = [a for a in args if a.startswith("TFLM_DIR=")]
+    out = ""
+    for target, lock in ((["tflm-tree", *tree], "tree"), (list(args), f"library-{library}")):
+        with _lock(lock):
+            proc = subprocess.run(["make", "-C", str(HERE), f"PYTHON={sys.executable}",
+                                   *target], capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise FirmwareError(f"make {' '.join(target)} failed ({proc.returncode}):\n"
+                                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        out += proc.stdout
+    return out
 
 
 def _cpu(cpu: str) -> str:
@@ -124,15 +139,17 @@ def _tflm_args(tflm_dir) -> list:
 
 
 def build_library(cpu: str = "m7", tflm_dir=None, kernels=(),
-                  timeout: float = 3600.0) -> str:
-    """``make tflm-cortex-<cpu>``: TFLM's microlite library with CMSIS-NN and the dgst ops,
-    all TFLM kernels or only the kernel files ``kernels`` (see `model_kernels`). Nothing is
-    rebuilt when it is up to date. Returns make's output. Example::
+                  timeout: float = 3600.0, *, cmsis_nn: bool = True) -> str:
+    """``make tflm-cortex-<cpu>``: TFLM's microlite library with the dgst ops and CMSIS-NN
+    (``cmsis_nn=False``: TFLM's reference kernels, ``tflm-cortex-<cpu>-ref``), all TFLM
+    kernels or only the kernel files ``kernels`` (see `model_kernels`). Nothing is rebuilt
+    when it is up to date. Returns make's output. Example::
 
         cortex_m.build_library("m7")      # about 6 minutes on 2 idle cores the first time
     """
-    return _make(f"tflm-cortex-{_cpu(cpu)}", *_tflm_args(tflm_dir),
-                 f"TFLM_KERNELS={' '.join(kernels)}", timeout=timeout)
+    key = _cpu(cpu) + ("" if cmsis_nn else "-ref")
+    return _make(f"tflm-cortex-{key}", *_tflm_args(tflm_dir),
+                 f"TFLM_KERNELS={' '.join(kernels)}", timeout=timeout, library=key)
 
 
 def model_kernels(model) -> list:
@@ -144,11 +161,18 @@ def model_kernels(model) -> list:
 
 
 def build_firmware(model, fw_dir, *, cpu: str = "m7", arena_bytes: int = 131072,
-                   tflm_dir=None, timeout: float = 3600.0) -> pathlib.Path:
-    """Build the training firmware of ``model`` (an exported training .tflite) in ``fw_dir``,
-    building the TFLM library first if it is missing (with the TFLM kernels the model's
-    builtins need, `model_kernels`). Returns firmware.elf (size.txt and
-    firmware.map beside it). Example::
+                   tflm_dir=None, timeout: float = 3600.0, cmsis_nn: bool = True,
+                   fit_budget: bool = True, kernels=None) -> pathlib.Path:
+    """Build the training firmware of ``model`` (an exported training .tflite, or any
+    .tflite whose custom ops are dgst ops, e.g. an inference model) in ``fw_dir``, building
+    the TFLM library first if it is missing (with the TFLM kernels the model's builtins
+    need, `model_kernels`, or the kernel files ``kernels``: give the union of several
+    models' to build their firmwares without rebuilding the library in between; CMSIS-NN
+    or, ``cmsis_nn=False``, the reference kernels).
+    ``fit_budget``: link against the STM32F746 budget (1 MB flash, 320 KB RAM; a firmware
+    that does not fit fails to link), or, False, against QEMU's 4 MB + 4 MB so that it can
+    run and `linker_map.read_map` says by how much it is over. Returns firmware.elf
+    (size.txt and firmware.map beside it). Example::
 
         elf = cortex_m.build_firmware("train.tflite", "build/fw", arena_bytes=64 * 1024)
     """
@@ -156,12 +180,18 @@ def build_firmware(model, fw_dir, *, cpu: str = "m7", arena_bytes: int = 131072,
     if not model.is_file():
         raise FileNotFoundError(f"build_firmware: no model file {model}")
     fw_dir = pathlib.Path(fw_dir).resolve()
+    for what, path in (("model", model), ("fw_dir", fw_dir)):
+        if any(c.isspace() for c in str(path)):
+            raise ValueError(f"build_firmware: {what} {str(path)!r} contains whitespace, "
+                             "which make cannot handle in file names")
     fw_dir.mkdir(parents=True, exist_ok=True)
-    kernels = model_kernels(model)
-    build_library(cpu, tflm_dir, kernels, timeout)
+    kernels = model_kernels(model) if kernels is None else sorted(kernels)
+    build_library(cpu, tflm_dir, kernels, timeout, cmsis_nn=cmsis_nn)
     _make("tflm-firmware", f"CPU={cpu}", f"MODEL={model}", f"FW_DIR={fw_dir}",
           f"ARENA_BYTES={int(arena_bytes)}", f"TFLM_KERNELS={' '.join(kernels)}",
-          *_tflm_args(tflm_dir), timeout=timeout)
+          f"TFLM_OPTIMIZED={'cmsis_nn' if cmsis_nn else 'none'}",
+          f"FW_LDSCRIPT={LDSCRIPTS[bool(fit_budget)]}", *_tflm_args(tflm_dir),
+          timeout=timeout, library=cpu + ("" if cmsis_nn else "-ref"))
     return fw_dir / "firmware.elf"
 
 
@@ -207,7 +237,7 @@ def run_firmware(elf, inputs, *, cpu: str = "m7", timeout: float = 600.0, flash=
     if (proc.returncode != 0 or "\ndone" not in log) and not (power_cut and cut):
         raise FirmwareError(f"{elf} in qemu-system-arm -M {CPUS[cpu]} exited with "
                             f"{proc.returncode}:\n{log[-3000:]}")
-    if flash is not None:
+    if flash is not None and (work / "flash.bin").exists():  # none: a model without state
         shutil.copyfile(work / "flash.bin", flash)
     run = _parse(log, (work / "outputs.bin").read_bytes(), steps, elf)
     run.power_cut_after = int(cut[1]) if cut else None
@@ -236,12 +266,46 @@ def _parse(log: str, data: bytes, steps: int, elf) -> FirmwareRun:
                                                          log, re.M)], np.int64)
     arena = re.search(r"^arena_used_bytes (\d+)$", log, re.M)
     stack = re.search(r"^stack_bytes (\d+)$", log, re.M)
-    return FirmwareRun(outputs, int(arena[1]), instructions, int(stack[1]), log,
+    ops = {m[1]: (int(m[2]), int(m[3])) for m in
+           re.finditer(r"^op (\S+) invokes (\d+) instructions (\d+)$", log, re.M)}
+    return FirmwareRun(outputs, int(arena[1]), instructions, int(stack[1]), log, ops,
                        [(int(m[1]), int(m[2])) for m in
                         re.finditer(r"^state_tensor (\d+) bytes (\d+)$", log, re.M)],
                        _fields(log, "store loaded", ("slot", "sequence", "steps")), None,
                        _fields(log, "store commit",
                                ("slot", "sequence", "steps", "erases", "programs")))
+
+
+def state_params(run: FirmwareRun, manifest: dict) -> dict:
+    """The trainable tensors of a training state the firmware loaded at boot
+    (``run.loaded_state``, the variable tensors in ``run.state_tensors`` order), as
+    ``{"layer/param": array}`` for the ``params`` of the model's manifest (for a weight kept
+    in RAM as its kept channels, those channels: the shape of the manifest entry). Boot
+    with no steps to read the committed state of a device. Example::
+
+        after = cortex_m.run_firmware(elf, [images[:0], labels[:0]], flash="dev.flash")
+        params = cortex_m.state_params(after, info.manifest)
+    """
+    if run.loaded_state is None:
+        raise ValueError("state_params: the run loaded no state from flash (a fresh device, "
+                         "or one without a flash file)")
+    offsets, offset = {}, 0
+    for index, nbytes in run.state_tensors:
+        offsets[index] = (offset, nbytes)
+        offset += nbytes
+    params = {}
+    for entry in manifest["params"]:
+        key = f"{entry['layer']}/{entry['param']}"
+        if entry["tensor"] not in offsets:
+            raise ValueError(f"state_params: {key} (tensor {entry['tensor']}) is not a state "
+                             "tensor of this firmware: another model's manifest?")
+        start, nbytes = offsets[entry["tensor"]]
+        value = np.frombuffer(run.loaded_state[start:start + nbytes], np.dtype(entry["dtype"]))
+        if value.size != int(np.prod(entry["shape"])):
+            raise ValueError(f"state_params: {key} has {nbytes} bytes in the state, the "
+                             f"manifest says {entry['dtype']} {entry['shape']}")
+        params[key] = value.reshape(entry["shape"]).copy()
+    return params
 
 
 def _fields(log: str, prefix: str, names: tuple) -> dict | None:

@@ -53,7 +53,9 @@ def add_device_parser(subparsers) -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0])
     add_config_arguments(device, DeviceConfig, _HELP, optional_types=_OPTIONAL_TYPES,
                          choices={"lr_schedule": LR_SCHEDULES, "evaluate_on": SPLITS})
-    device.add_argument("--verbose", type=int, default=1, help="0 quiet, 1 stages, 2 Keras")
+    device.add_argument("--verbose", type=int, default=1,
+                        help="0 quiet, 1 stages and the train stage's progress (a bar with "
+                             "its ETA in a terminal, a line per epoch in a log)")
     device.set_defaults(func=run_device)
     return device
 

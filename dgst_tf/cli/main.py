@@ -82,7 +82,8 @@ def _cmd_train(args) -> int:
         options[key] = options[key] or None
     if options["weights"] == "none":
         options["weights"] = None
-    result = run(AdaptConfig(**options), verbose=args.verbose)
+    verbose = args.verbose if args.verbose is not None else 1 if sys.stdout.isatty() else 2
+    result = run(AdaptConfig(**options), verbose=verbose)
     print(f"dataset        {args.dataset}: {result['train_examples']} train / "
           f"{result['test_examples']} test images at {args.image_size}x{args.image_size}")
     what = f"scheme {args.scheme_path} ({args.selection})" if args.scheme_path else (
@@ -108,7 +109,22 @@ def _cmd_train(args) -> int:
         out = TrainOutputs(args.output_dir)
         print(f"wrote          {out.model}, {out.scheme.name}, {out.selection.name}, "
               f"{out.result.name} (export them: dgst export --from-train {out.folder})")
+        _write_train_figures(out.folder)
     return 0
+
+
+def _write_train_figures(folder) -> None:
+    """The channel-selection heat map and accuracy curves beside result.json (a missing
+    matplotlib costs only the pictures: the run's files are already written)."""
+    from dgst_tf.jobs.figures import write_train_figures
+
+    try:
+        paths = write_train_figures(folder)
+    except ImportError as err:
+        print(f"no figures     {err}", file=sys.stderr)
+        return
+    print(f"wrote          {', '.join(p.name for p in paths)} (pictures: channel updates per "
+          f"layer and coverage, accuracy per epoch)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         func=_cmd_info)
     train = sub.add_parser("train", help="adapt the pretrained model to a dataset")
     _add_train_arguments(train)
-    train.add_argument("--verbose", type=int, default=2, help="Keras progress: 0, 1 or 2")
+    train.add_argument("--verbose", type=int, default=None,
+                       help="Keras progress: 0, 1 (a bar per epoch with its ETA) or 2 (a "
+                            "line per epoch); default 1 in a terminal, else 2")
     train.set_defaults(func=_cmd_train)
     from dgst_tf.cli.device import add_device_parser
     from dgst_tf.cli.federate import add_federate_parser

@@ -11,12 +11,16 @@ and -- here by default -- the channels chosen on device every step (``--policy
 traversal``, DGSU), so the whole kernels of weight-updated layers stay in SRAM. By default
 the budget limits TFLM's whole arena for the step (``--memory arena``). Prints the chosen
 scheme, its memory breakdown and dense vs sparse; writes the scheme JSON
-(`UpdateScheme.save`) that ``dgst train --scheme`` and `SparseUpdateModel` take.
+(`UpdateScheme.save`) that ``dgst train --scheme`` and `SparseUpdateModel` take, and beside
+it ``<scheme>_memory.png``: per layer, the SRAM in use against the budget and what it holds
+(`dgst_tf.jobs.figures.memory_bars`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
+import sys
 
 from dgst_tf.cli.common_args import SELECTION_HELP, SELECTIONS, add_dataset_arguments
 from dgst_tf.cli.model_args import add_model_arguments, model_from_args
@@ -84,6 +88,12 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--train-examples", type=int, default=400)
     data.add_argument("--validation-examples", type=int, default=200)
     data.add_argument("--steps", type=int, default=50, help="SGD steps per fine-tuning run")
+    data.add_argument("--workers", type=int, default=None,
+                      help="fine-tuning runs at a time on a local Ray (default: the cores)")
+    data.add_argument("--ray-address", default=None,
+                      help="run them on this Ray cluster instead (every node needs dgst-tf)")
+    data.add_argument("--no-ray", dest="parallel", action="store_false",
+                      help="run them one after another in this process")
     data.add_argument("--batch-size", type=int, default=8)
     data.add_argument("--learning-rate", type=float, default=0.01)
     out = plan.add_argument_group("output")
@@ -109,7 +119,8 @@ def _measured_table(args, model):
                     subset="validation", **common)
     settings = FineTuneSettings(steps=args.steps, batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, seed=args.seed)
-    return measure_contributions(model, train, val, settings=settings)
+    return measure_contributions(model, train, val, settings=settings, parallel=args.parallel,
+                                 ray_address=args.ray_address, workers=args.workers)
 
 
 def _policy(args) -> str | None:
@@ -164,6 +175,7 @@ def run_plan(args) -> int:
     selection = "static" if policy is None else "dynamic"
     print(f"wrote     {args.output}  (train with: dgst train --scheme {args.output} "
           f"--selection {selection} --width {args.width:g} --image-size {args.image_size})")
+    _write_memory_bars(report, budget, args)
     if args.chart:
         from dgst_tf.planning.memory_report import plot_memory
 
@@ -178,4 +190,25 @@ def run_plan(args) -> int:
     return 0
 
 
-__all__ = ["add_plan_parser", "run_plan"]
+def memory_bars_path(output) -> pathlib.Path:
+    """Where `dgst plan` writes the per-layer memory bars: beside the scheme JSON
+    (``plan/scheme.json`` -> ``plan/scheme_memory.png``)."""
+    output = pathlib.Path(output)
+    return output.with_name(f"{output.stem}_memory.png")
+
+
+def _write_memory_bars(report, budget: int, args) -> None:
+    """Per-layer memory against the budget (`dgst_tf.jobs.figures.memory_bars`); a missing
+    matplotlib costs only the picture."""
+    from dgst_tf.jobs.figures import memory_bars, save_png
+
+    try:
+        path = save_png(memory_bars(report, budget, args.accounting),
+                        memory_bars_path(args.output))
+    except ImportError as err:
+        print(f"no figure {err}", file=sys.stderr)
+        return
+    print(f"wrote     {path}  (per layer: SRAM in use against the budget, what it holds)")
+
+
+__all__ = ["add_plan_parser", "memory_bars_path", "run_plan"]

@@ -83,7 +83,8 @@ def consumers(model: keras.Model) -> dict[str, list[str]]:
     result = {layer.name: [] for layer in model.layers}
     for node in nodes_in_order(model):
         for parent in node.parent_nodes:
-            result[parent.layer.name].append(node.layer.name)
+            # a Sequential model's input layer is not in model.layers
+            result.setdefault(parent.layer.name, []).append(node.layer.name)
     return result
 
 

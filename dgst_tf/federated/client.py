@@ -20,6 +20,7 @@ from dgst_tf.federated import payload
 from dgst_tf.federated.client_data import calibration_images, client_data, with_classes
 from dgst_tf.federated.config import FederatedConfig
 from dgst_tf.federated.device import SimulatedDevice
+from dgst_tf.federated.leakage.privacy import clip_and_noise_entries
 
 GLOBAL_MODEL, ROUND, UPDATE, PAYLOAD, METRICS = (
     "global-model", "round", "update", "payload", "metrics")
@@ -45,9 +46,12 @@ def device_update(config: FederatedConfig, weights, partition_id: int, server_ro
     device = device_for(config)
     images, labels = client_data(config, partition_id)
     device.set_selection_state(selection_state)
-    after, loss = device.train(weights, images, labels,
-                               seed=config.seed * 1_000_003 + server_round * 1009 + partition_id)
+    seed = config.seed * 1_000_003 + server_round * 1009 + partition_id
+    after, loss = device.train(weights, images, labels, seed=seed)
     entries = payload.sparse_update(weights, after)
+    if config.clip_norm:  # device-level DP: the released update is clipped and noised
+        entries = clip_and_noise_entries(entries, config.clip_norm, config.noise_multiplier,
+                                         seed)
     blob = payload.encode(entries, config.encoding)
     metrics = {"num-examples": len(labels), "uplink-bytes": len(blob),
                "channels-sent": int(sum(len(e.channels) for e in entries)),

@@ -28,8 +28,10 @@ class FederatedConfig:
     ("imagenet" or None), ``method`` (`dgst_tf.training.methods`), ``target_fraction``,
     ``blocks``, ``int8`` (the device's int8 QAS step, `device`), ``learning_rate``,
     ``local_epochs`` (batch 1), ``sram_budget`` (None: no
-    check), ``encoding`` of the uplink. Simulation: ``num_cpus`` for Ray (one client per
-    CPU at a time), ``round_timeout`` seconds."""
+    check), ``encoding`` of the uplink, ``clip_norm`` / ``noise_multiplier`` (device-level
+    DP: each round's update clipped to that L2 norm plus Gaussian noise,
+    `dgst_tf.federated.leakage.privacy`; clip norm 0: off). Simulation: ``num_cpus`` for
+    Ray (one client per CPU at a time), ``round_timeout`` seconds."""
     dataset: str = "fashion_mnist"
     data_path: str | None = None
     train_examples: int = 500
@@ -52,6 +54,8 @@ class FederatedConfig:
     local_epochs: int = 1
     sram_budget: str | None = "512KB"
     encoding: str = "int8"
+    clip_norm: float = 0.0
+    noise_multiplier: float = 0.0
     seed: int = 0
     num_cpus: int = 1
     round_timeout: float = 900.0
@@ -68,6 +72,10 @@ class FederatedConfig:
         if not self.alpha > 0 or not self.learning_rate > 0 or not self.round_timeout > 0:
             raise ValueError(f"alpha, learning_rate and round_timeout must be > 0, got "
                              f"{self.alpha}, {self.learning_rate}, {self.round_timeout}")
+        if not (self.clip_norm >= 0 and self.noise_multiplier >= 0) or (
+                self.noise_multiplier and not self.clip_norm):
+            raise ValueError(f"clip_norm and noise_multiplier must be >= 0 and noise needs a "
+                             f"clip_norm, got {self.clip_norm!r}, {self.noise_multiplier!r}")
         if self.train_examples < self.clients:
             raise ValueError(f"train_examples ({self.train_examples}) must be at least the "
                              f"number of clients ({self.clients})")

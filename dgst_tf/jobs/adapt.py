@@ -13,6 +13,7 @@ the adapted model, its scheme and channel selection next to ``result.json``
     print(result["test_accuracy"])
 """
 import dataclasses
+import pathlib
 import time
 
 from dgst_tf import data, models
@@ -27,6 +28,7 @@ from dgst_tf.training.methods import METHODS, build_method
 from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 from dgst_tf.training.sparse_model import SparseUpdateModel
+from dgst_tf.training.update_counts import ChannelUpdateCounter
 
 DATASETS = data.DATASETS
 
@@ -172,6 +174,9 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
     runtime.seed_everything(config.seed)
     train, test = load_splits(config)
     model, callbacks = build_model(config, len(train.class_names))
+    # selection.json's per-channel counts, resumed with the run from its backup
+    counts = pathlib.Path(config.backup_dir, "channel_updates.json") if config.backup_dir else None
+    callbacks = [*callbacks, ChannelUpdateCounter(counts)]
     history, train_seconds = _fit(model, callbacks, train, config, verbose)
     _, test_accuracy = model.evaluate(test.dataset, verbose=0)
     result = {
@@ -182,6 +187,8 @@ def run(config: AdaptConfig, verbose: int = 1) -> dict:
         "updated_fraction": float(history.history["updated_fraction"][-1]),
         "coverage": float(history.history["coverage"][-1]),
         "test_accuracy": float(test_accuracy),
+        "history": {key: [float(v) for v in values]  # per epoch
+                    for key, values in history.history.items()},
         "train_seconds": round(train_seconds, 1),
         **trained_parameter_sram(model),
         "memory": training_memory_summary(model, callbacks, config.image_size),

@@ -7,7 +7,8 @@ on the device's terms, into one output folder (the job behind ``dgst device``).
    so, if it fits already). Writes ``pruned.keras``.
 2. ``plan``: the deepest DGSU scheme whose step fits ``sram_budget`` analytically and in
    TFLM's arena of the firmware graph (`dgst_tf.jobs.device_plan`); the firmware file must
-   still fit flash. Writes ``scheme.json`` and ``deploy_train.tflite`` (+ ``.json``).
+   still fit flash. Writes ``scheme.json``, ``deploy_train.tflite`` (+ ``.json``) and
+   ``memory.png`` (per layer of the step: SRAM in use against the budget, what it holds).
 3. ``train``: batch-1 int8 QAS DGSU training of the Keras simulation of that graph
    (`dgst_tf.jobs.device_int8`; <= ``target_fraction`` of conv weights per step). Writes
    ``trained_weights.npz``. Resumes inside the stage: after every epoch the simulation's
@@ -24,7 +25,8 @@ on the device's terms, into one output folder (the job behind ``dgst device``).
 5. ``evaluate``: accuracy of ``adapted.tflite`` run by TFLM on the test images, or with
    ``evaluate_on="validation"`` on the validation images (the test set is then never read:
    for choosing settings); its logits must equal the Keras int8 simulation's;
-   ``report.json`` and ``report.png``.
+   ``report.json`` and ``report.png`` (memory per stage against the budgets, accuracy per
+   epoch, coverage per step and the heat map of the channels DGSU updated).
 
 Each stage records its settings in ``<stage>.stage.json`` (`dgst_tf.jobs.stages`): a second
 call with the same config skips finished stages; a stage that cannot meet its budget raises
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -52,15 +55,16 @@ from dgst_tf.export.inference import quantize
 from dgst_tf.export.tflite_file import read_tflite, tensor_details
 from dgst_tf.export.training import (export_training, load_manifest, run_inference_tflm,
                                      write_inference_model)
-from dgst_tf.jobs import device_int8
-from dgst_tf.jobs.device_plan import (device_export_options, dgsu_scheme, export_deployable,
-                                      plan_dgsu)
+from dgst_tf.jobs import device_int8, figures
+from dgst_tf.jobs.device_plan import (deployable_memory, device_export_options, dgsu_scheme,
+                                      export_deployable, plan_dgsu)
 from dgst_tf.jobs.device_prune import prune_to_flash
 from dgst_tf.jobs.device_report import plot_report
 from dgst_tf.jobs.stages import StageBudgetError, StageFolder, settings_digest
 from dgst_tf.models.model_file import save_model_atomically
 from dgst_tf.planning.budget import parse_budget
 from dgst_tf.training.scheme import UpdateScheme
+from dgst_tf.training.update_counts import ChannelUpdateCounter
 
 __all__ = ["DeviceConfig", "STAGES", "StageBudgetError", "run_device_pipeline"]
 
@@ -349,7 +353,10 @@ def _plan(run: _Run):
                                f" = {plan.file_bytes + allowance} B, over the flash budget "
                                f"of {c.flash_budget_bytes} B")
     write_json_atomically(run.folder.path("scheme.json"), plan.scheme.get_config())
-    return (["scheme.json", "deploy_train.tflite", "deploy_train.json"],
+    memory = deployable_memory(run.folded(), plan.scheme, c.layers_per_step)
+    figures.save_png(figures.memory_bars(memory, c.sram_budget_bytes),
+                     run.folder.path("memory.png"))
+    return (["scheme.json", "deploy_train.tflite", "deploy_train.json", "memory.png"],
             {"blocks": plan.blocks, "analytic_bytes": plan.analytic_bytes,
              "arena_bytes": plan.arena_bytes, "file_bytes": plan.file_bytes,
              "allowance_bytes": allowance, "flash_budget_bytes": c.flash_budget_bytes,
@@ -369,8 +376,11 @@ def _train(run: _Run, settings: dict):
     for stale in run.folder.folder.glob("train.backup-*"):  # of other settings
         if stale != backup:
             shutil.rmtree(stale)
+    # counts of the channels every step updated (the report's heat map), resumed with the rest
+    counter = ChannelUpdateCounter(backup / "channel_updates.json")
     history, steps = sim.fit(dataset, epochs=c.epochs, validation=(d.x_val, d.y_val),
-                             verbose=run.verbose > 1, backup_dir=backup)
+                             verbose=_keras_progress(run.verbose), backup_dir=backup,
+                             callbacks=[counter])
     device_int8.save_weights(sim.graph.model, run.folder.path("trained_weights.npz"))
     updated = max(steps["updated_fraction"])
     if updated > c.target_fraction + 1e-9:
@@ -382,7 +392,15 @@ def _train(run: _Run, settings: dict):
         "loss_per_epoch": history.get("loss", []), "steps": steps,
         "max_updated_fraction": updated, "final_coverage": steps["coverage"][-1],
         "train_examples": examples, "lr_schedule": c.lr_schedule, "augment": c.augment,
-        "resumed_at_epoch": sim.resumed_at_epoch}
+        "resumed_at_epoch": sim.resumed_at_epoch, "channel_updates": counter.to_dict()}
+
+
+def _keras_progress(verbose: int) -> int:
+    """Keras' progress for the train stage: from ``verbose`` 1 a bar with the epoch's ETA in
+    a terminal, a line per epoch in a log file."""
+    if not verbose:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
 
 
 def _check(run: _Run):

@@ -25,8 +25,8 @@ from dgst_tf.jobs.stages import StageBudgetError
 from dgst_tf.planning.memory import training_memory
 from dgst_tf.training.methods import build_method
 
-__all__ = ["DevicePlan", "device_export_options", "export_deployable", "plan_dgsu",
-           "dgsu_scheme"]
+__all__ = ["DevicePlan", "deployable_memory", "device_export_options", "export_deployable",
+           "plan_dgsu", "dgsu_scheme"]
 
 
 @dataclasses.dataclass
@@ -60,13 +60,18 @@ def export_deployable(model, scheme, images, path, **options) -> pathlib.Path:
     return export_training(model, scheme, images, path, output_params=False, **options).path
 
 
+def deployable_memory(model, scheme, layers_per_step=None):
+    """The analytic memory report (`dgst_tf.planning.memory_report.MemoryReport`) of one step
+    of the firmware graph `export_deployable` writes (traversal selection, stochastic
+    rounding, no parameter outputs); its ``arena_bytes`` is the planned arena and
+    `dgst_tf.jobs.figures.memory_bars` draws it."""
+    return training_memory(model, scheme, dense=False, policy="traversal",
+                           rounding="stochastic", output_params=False,
+                           layers_per_step=layers_per_step)
+
+
 def _analytic_bytes(model, scheme, layers_per_step) -> int:
-    """The analytic TFLM arena of one step of the firmware graph `export_deployable` writes
-    (traversal selection, stochastic rounding, no parameter outputs)."""
-    report = training_memory(model, scheme, dense=False, policy="traversal",
-                             rounding="stochastic", output_params=False,
-                             layers_per_step=layers_per_step)
-    return int(report.arena_bytes)
+    return int(deployable_memory(model, scheme, layers_per_step).arena_bytes)
 
 
 def plan_dgsu(model, images, labels, path, *, sram_budget: int, blocks: int,

@@ -1,14 +1,15 @@
 """The device pipeline's figure: memory per stage against the budgets, accuracy per epoch,
-and channel coverage over the training steps (matplotlib, written atomically)::
+channel coverage over the training steps and, when the train stage counted them
+(``report["train"]["channel_updates"]``: `ChannelUpdateCounter.to_dict`), the channel-
+selection heat map (panels from `dgst_tf.jobs.figures`; written atomically)::
 
     from dgst_tf.jobs.device_report import plot_report
     plot_report(json.load(open("out/report.json")), "out/report.png")
 """
 from __future__ import annotations
 
-import io
-
-from dgst_tf.core.files import write_atomically
+from dgst_tf.jobs.figures import (draw_accuracy, draw_coverage, draw_heatmap, new_figure,
+                                  save_png)
 
 __all__ = ["plot_report"]
 
@@ -37,43 +38,27 @@ def _memory(ax, report: dict) -> None:
 
 def _accuracy(ax, report: dict) -> None:
     train = report["train"]
-    epochs = range(1, len(train["val_accuracy_per_epoch"]) + 1)
-    ax.plot(epochs, [100 * a for a in train["val_accuracy_per_epoch"]], "o-",
-            label="validation (Keras int8)")
-    ax.plot(epochs, [100 * a for a in train["train_accuracy_per_epoch"]], "s--",
-            label="training (Keras int8)")
+    draw_accuracy(ax, {"validation (Keras int8)": train["val_accuracy_per_epoch"],
+                       "training (Keras int8)": train["train_accuracy_per_epoch"]},
+                  {"training (Keras int8)": "s--"})
     evaluate = report.get("evaluate", {})
     if "accuracy" in evaluate:
         ax.axhline(100 * evaluate["accuracy"], color="k", linestyle=":",
                    label=f"{evaluate['evaluated_on']}, adapted int8 (TFLM)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("top-1 %")
-    ax.set_title("accuracy per epoch")
-    ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
 
 
-def _coverage(ax, report: dict) -> None:
-    coverage = report["train"]["steps"]["coverage"]
-    ax.plot(range(1, len(coverage) + 1), [100 * c for c in coverage])
-    ax.set_xlabel("training step (batch 1)")
-    ax.set_ylabel("% of updated layers' weights visited")
-    ax.set_title("channel coverage")
-
-
-def plot_report(report: dict, path) -> None:
-    """Write the three panels of ``report`` (as `run_device_pipeline` returns it) to
-    ``path`` as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+def plot_report(report: dict, path):
+    """Write the panels of ``report`` (as `run_device_pipeline` returns it) to ``path`` as
+    PNG: three, or four with the heat map of ``report["train"]["channel_updates"]``;
+    returns the figure."""
+    updates = report["train"].get("channel_updates")
+    fig, axes = new_figure(1, 4 if updates else 3, size=(21 if updates else 15, 4.2))
     _memory(axes[0], report)
     _accuracy(axes[1], report)
-    _coverage(axes[2], report)
+    draw_coverage(axes[2], report["train"]["steps"]["coverage"])
+    if updates:
+        draw_heatmap(axes[3], updates["counts"])
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_atomically(path, buffer.getvalue())
+    save_png(fig, path)
+    return fig

@@ -15,7 +15,10 @@ Every file is written atomically (`dgst_tf.core.files`). Example::
 
 ``selection.json`` holds ``{"selection": "dynamic" | "static" | "none", "step": N,
 "layers": {layer: {"channels": C, "kept": [...], "active": bool, "visited": V}}}``; with
-dynamic selection (DGSU) ``kept`` are the channels of the last step.
+dynamic selection (DGSU) ``kept`` are the channels of the last step. When the run counted
+its channel updates (`dgst_tf.training.update_counts.ChannelUpdateCounter` among the
+callbacks), every layer also has ``"updates"`` (steps that updated each channel) and the
+file ``"counted_steps"`` and ``"coverage_per_step"`` (what `dgst_tf.jobs.figures` plots).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import pathlib
 from dgst_tf.core.files import write_json_atomically
 from dgst_tf.models.model_file import save_model_atomically
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
+from dgst_tf.training.update_counts import ChannelUpdateCounter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,11 @@ def selection_state(sparse, callbacks) -> dict:
                         "visited": int(state["visited"].sum())}
     state = {"selection": selection_mode(callbacks),
              "step": int(sparse.selection.step.numpy()), "layers": layers}
+    counter = next((c for c in callbacks if isinstance(c, ChannelUpdateCounter)), None)
+    if counter is not None:
+        for name, counts in counter.counts.items():
+            layers[name]["updates"] = counts.tolist()
+        state |= {"counted_steps": counter.steps, "coverage_per_step": counter.coverage}
     dynamic = [c for c in callbacks if hasattr(c, "device_policy")]
     if dynamic:  # the rule `dgst export --from-train` runs on device
         policy = dynamic[0]

@@ -28,8 +28,11 @@ Three figures:
   the op that writes it to the op that last reads it), the tensors live plus the variables
   held for the whole step; the largest over the forward and the backward ops. Packed
   perfectly: on the exported graphs TFLM's planner reaches this bound.
-- **TFLM's arena** (`dgst_tf.planning.tflm_runtime`): the same peak with TFLM's 16-byte
-  alignment, plus the interpreter's own structs and op data (64-bit host TFLM).
+- **TFLM's arena** (`dgst_tf.planning.tflm_runtime`): the step's tensors at the offsets of
+  the export's offline memory plan (`dgst_tf.planning.arena_plan`: the same planner the
+  exporter runs, with the ops that compute in place), TFLM's 16-byte alignment, plus the
+  interpreter's own structs and op data: the 64-bit host TFLM (``tflm_target="host"``,
+  what `train_tflm` reports) or a 32-bit Cortex-M TFLM (``"cortex-m"``, an estimate).
 
 The step, with `export_training`'s defaults (each an option of `MemoryModel`, named as
 there):
@@ -81,6 +84,11 @@ there):
   label is unchanged.
 - ``output_params`` (True, as `export_training`'s default: the host graph; False: the
   firmware graph) only changes TFLM's structs: the trainable tensors as graph outputs.
+- ``offline_plan`` (True, as `export_training`): the fused blocks, the error signals' int8
+  quantization and a bias-only depthwise layer's input gradient write over the input they
+  consume (`arena_plan`); False: TFLM's online planner, nothing in place.
+  ``weight_grad_chunk_bytes``: weight gradients larger than this are computed and applied
+  in chunks of kept input channels (`arena_plan.weight_grad_chunks`; 0: whole).
 - KB means 1024 bytes, as in tiny-training's labels.
 
 The graph analysis (tensor values, buffers) is `dgst_tf.planning.memory_graph`, the step's
@@ -94,10 +102,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping
 
+from dgst_tf.core.classifier import logits_model
 from dgst_tf.core.graph import check_functional
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import input_channels, is_dense, kernel_of, weights_per_channel
 from dgst_tf.planning import tflm_runtime
+from dgst_tf.planning.arena_plan import DEFAULT_WEIGHT_GRAD_CHUNK_BYTES
 from dgst_tf.planning.extra_memory import extra_memory_label
 from dgst_tf.planning.memory_graph import (ACTIVATION_BYTES, MemoryModelError, analyse_graph,
                                            bias_count)
@@ -135,6 +145,7 @@ class MemoryModel:
         mm = MemoryModel(model, (128, 128, 3))
         mm.report(scheme).training_peak_bytes, mm.report(scheme).arena_bytes
         MemoryModel(model, (128, 128, 3), policy="traversal", output_params=False)  # firmware
+        MemoryModel(model, (128, 128, 3), tflm_target="cortex-m").arena_bytes(scheme)  # 32-bit
         mm.extra_memory_bits(bias_layers=names[-16:], weights={"block_16_expand": 0.25})
     """
 
@@ -145,8 +156,11 @@ class MemoryModel:
                  layers_per_step: int | None = None, *, policy: str | None = None,
                  fuse_blocks: bool = True, fold_pads: bool = True,
                  kept_weights_in_ram: bool = True, requant_in_flash: bool = True,
-                 output_params: bool = True):
+                 output_params: bool = True, offline_plan: bool = True,
+                 weight_grad_chunk_bytes: int = DEFAULT_WEIGHT_GRAD_CHUNK_BYTES,
+                 tflm_target: str = "host"):
         check_functional(model, "MemoryModel")
+        model = logits_model(model)  # the head as the exporter trains it (core.classifier)
         if rounding not in ROUNDING_STATE_BYTES:
             raise MemoryModelError(f"rounding must be one of {tuple(ROUNDING_STATE_BYTES)}, "
                                    f"got {rounding!r}")
@@ -155,6 +169,9 @@ class MemoryModel:
                                    f"{layers_per_step!r}")
         if policy not in POLICIES:
             raise MemoryModelError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if tflm_target not in tflm_runtime.TARGETS:
+            raise MemoryModelError(f"tflm_target must be one of {sorted(tflm_runtime.TARGETS)}"
+                                   f", got {tflm_target!r}")
         if gradient_bytes not in (1, 2, 4):
             raise MemoryModelError(f"gradient_bytes must be 1, 2 or 4, got {gradient_bytes!r}")
         self.rounding = rounding
@@ -172,6 +189,9 @@ class MemoryModel:
         self.kept_weights_in_ram = bool(kept_weights_in_ram)
         self.requant_in_flash = bool(requant_in_flash)
         self.output_params = bool(output_params)
+        self.offline_plan = bool(offline_plan)
+        self.weight_grad_chunk_bytes = int(weight_grad_chunk_bytes)
+        self.tflm_target = tflm_target
         self.input_shape = self._input_shape(input_shape)
         self.classifier = classifier_layer(model)
         self.convs = conv_layers(model)
@@ -193,9 +213,12 @@ class MemoryModel:
                 "requant_in_flash": self.requant_in_flash,
                 "output_params": self.output_params, "rounding": self.rounding,
                 "layers_per_step": self.layers_per_step,
+                "offline_plan": self.offline_plan,
+                "weight_grad_chunk_bytes": self.weight_grad_chunk_bytes,
                 "activation_bytes": ACTIVATION_BYTES,
                 "weight_bytes": WEIGHT_BYTES, "bias_bytes": BIAS_BYTES,
-                "arena": "TFLM (64-bit host structs)"}
+                "arena": ("TFLM (64-bit host structs)" if self.tflm_target == "host"
+                          else "TFLM (32-bit Cortex-M structs, estimated)")}
 
     def _input_shape(self, input_shape) -> tuple:
         if len(self.model.inputs) != 1:
@@ -249,7 +272,7 @@ class MemoryModel:
 
     def arena_bytes(self, scheme: UpdateScheme) -> int:
         """Just TFLM's arena for the step of ``scheme`` (no report; fast, for searches)."""
-        return tflm_runtime.arena_bytes(self.timeline(scheme))
+        return tflm_runtime.arena_bytes(self.timeline(scheme), self.tflm_target)
 
     def timeline(self, scheme: UpdateScheme):
         """The exported step's ops and tensors for ``scheme`` (`step_timeline.StepTimeline`).
@@ -268,7 +291,8 @@ class MemoryModel:
             requant_in_flash=self.requant_in_flash, gradient_bytes=self.gradient_bytes,
             inplace=self.inplace_depthwise, output_params=self.output_params,
             counter_bytes=self._step_counter_bytes(plans),
-            stochastic=self.rounding == "stochastic")
+            stochastic=self.rounding == "stochastic", offline_plan=self.offline_plan,
+            weight_grad_chunk_bytes=self.weight_grad_chunk_bytes)
         return plans, build_timeline(self.graph, plans, grad, options)
 
     def _report(self, scheme: UpdateScheme) -> MemoryReport:
@@ -294,7 +318,7 @@ class MemoryModel:
             forward_peak_bytes=int(working[inference].max()),
             training_peak_bytes=peak.bytes, peak_phase=peak.phase, peak_layer=peak.layer,
             peak_breakdown=peak.breakdown, settings=self.settings, notes=sorted(notes),
-            arena_bytes=tflm_runtime.arena_bytes(timeline))
+            arena_bytes=tflm_runtime.arena_bytes(timeline, self.tflm_target))
 
     def _peaks(self, timeline, rows, live, held, total) -> tuple:
         """The forward and backward peaks; sets each row's live bytes (its ops' largest)."""

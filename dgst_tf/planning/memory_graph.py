@@ -22,6 +22,7 @@ from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
 from dgst_tf.core.geometry import extra_taps_for_same
 from dgst_tf.core.graph import UnsupportedModelError, nodes_in_order
 from dgst_tf.core.keras_compat import keras, tf
+from tf_keras.src.engine.keras_tensor import KerasTensor
 from dgst_tf.core.layer_kinds import (CONV2D, DEPTHWISE, is_dense, is_depthwise, kernel_of,
                                       kind_of)
 
@@ -352,6 +353,8 @@ class _GraphBuilder:
         try:
             out_shape = layer.compute_output_shape(
                 in_shapes[0] if len(in_shapes) == 1 else in_shapes)
+        except NotImplementedError:  # a TF op on Keras tensors (TFOpLambda): run it
+            out_shape = self._run_for_shape(node)
         except Exception as err:  # noqa: BLE001 - reported with the layer name
             raise MemoryModelError(f"cannot infer the output shape of layer "
                                    f"{layer.name!r} ({type(layer).__name__}): {err}") from err
@@ -366,6 +369,22 @@ class _GraphBuilder:
         out_id = node.flat_output_ids[0]
         self.tensor_shape[out_id] = tuple(tf.TensorShape(out_shape).as_list())
         return out_id
+
+    def _run_for_shape(self, node) -> tuple:
+        """The output shape of ``node``'s layer called on zeros of its inputs' shapes."""
+        def zeros(value):
+            if isinstance(value, KerasTensor):
+                shape = self.tensor_shape[str(id(value))]
+                return tf.zeros([1 if d is None else d for d in shape], value.dtype)
+            return value
+
+        try:
+            args, kwargs = tf.nest.map_structure(zeros, (node.call_args, node.call_kwargs))
+            return tuple(tf.nest.flatten(node.layer(*args, **kwargs))[0].shape)
+        except Exception as err:  # noqa: BLE001 - reported with the layer name
+            raise MemoryModelError(f"cannot infer the output shape of layer "
+                                   f"{node.layer.name!r} ({type(node.layer).__name__}): "
+                                   f"{err}") from err
 
     def _fold_into_producer(self, layer, in_id: str, out_id: str) -> None:
         """A fused layer: its output is its input's value; padding accumulates."""

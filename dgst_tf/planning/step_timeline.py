@@ -18,10 +18,14 @@ updated layer (`LayerPlan`), it follows `dgst_tf.export.training` op for op:
   flash); MEAN's int32 accumulators;
 - backward from the loss: per conv/dense the int8 error signal and its scale (read by all
   of the layer's gradient ops; after a global average pooling it is quantized straight
-  from the pooled gradient, so the pool input's float gradient never exists), then the
-  float input gradient (before the update; a masked gradient that another op still reads
-  is copied first; gradients meeting at a fork are summed), the int32 bias gradient and
-  the int32 kept-slice weight gradient, each freed by its SGD update.
+  from the pooled gradient, so the pool input's float gradient never exists), the int32
+  bias gradient and its SGD update, then the float input gradient (before the weights'
+  update; a masked gradient that another op still reads is copied first; gradients meeting
+  at a fork are summed), the int32 kept-slice weight gradient and its update, chunk by
+  chunk for a large one (`arena_plan.weight_grad_chunks`);
+- the ops the export's offline plan runs in place (`StepTimeline.in_place`): a fused block
+  over its input, an error signal inside the float gradient it quantizes, a bias-only
+  depthwise layer's float input gradient around its error signal.
 
     timeline = build_timeline(graph, plans, grad, TimelineOptions())
     timeline.live()["activation gradients"]     # float gradient bytes live at each op
@@ -32,10 +36,15 @@ import dataclasses
 
 import numpy as np
 
+from dgst_tf.core.geometry import same_pad_before
+from dgst_tf.planning.arena_plan import (DEFAULT_WEIGHT_GRAD_CHUNK_BYTES,
+                                         depthwise_input_grad_inplace_delta,
+                                         fused_block_inplace_delta,
+                                         quantize_grad_inplace_delta, weight_grad_chunks)
 from dgst_tf.planning.memory_graph import ACTIVATION_BYTES, MemoryGraph, Step
 
-__all__ = ["PARTS", "PERSISTENT_PARTS", "LayerPlan", "TimelineOptions", "Tensor", "Op",
-           "StepTimeline", "build_timeline", "fused_block_scratch_bytes"]
+__all__ = ["PARTS", "PERSISTENT_PARTS", "SCRATCH", "LayerPlan", "TimelineOptions", "Tensor",
+           "Op", "StepTimeline", "build_timeline", "fused_block_scratch_bytes"]
 
 ACTIVATIONS, SAVED, GRADIENTS = "activations", "saved tensors and masks", "activation gradients"
 ERRORS, WEIGHT_GRADIENTS = "error signals", "weight gradients"
@@ -90,6 +99,8 @@ class TimelineOptions:
     output_params: bool = True
     counter_bytes: int = 4  # the int32 step counter (stochastic rounding, layer schedule)
     stochastic: bool = True  # stochastic rounding: more constants per kept-weights layer
+    offline_plan: bool = True  # the export's offline memory plan: ops computing in place
+    weight_grad_chunk_bytes: int = DEFAULT_WEIGHT_GRAD_CHUNK_BYTES
 
 
 @dataclasses.dataclass
@@ -125,6 +136,17 @@ class StepTimeline:
     inputs_outputs: list = dataclasses.field(default_factory=list)  # channels, 0: none
     scratch_count: int = 0
     builtin_conv_channels: int = 0  # output channels of builtin (not flash) convolutions
+    # (input, output, op, delta): the op may write its output ``delta`` bytes after its
+    # input if the input dies there (`in_place`)
+    in_place_candidates: list = dataclasses.field(default_factory=list)
+    outputs: list = dataclasses.field(default_factory=list)  # the graph's output tensors
+    offline_plan: bool = True  # the export's offline memory plan (else TFLM plans online)
+
+    def in_place(self) -> list:
+        """``[(input, output, delta)]``: the in-place ops of the export's offline plan (those
+        whose input no later op reads and which is no graph output)."""
+        return [(x, y, delta) for x, y, at, delta in self.in_place_candidates
+                if x.last == at and not any(x is t for t in self.outputs)]
 
     def live(self, alignment: int = 1) -> dict:
         """``{part: array}``: planned bytes of each part live at each op (each tensor
@@ -141,6 +163,10 @@ class StepTimeline:
             if split <= t.last:
                 rows[saved, split] += size
                 rows[saved, t.last + 1] -= size
+        for x, y, delta in self.in_place():  # both live at one op only, sharing memory
+            shared = _overlap(x.size, y.size, delta, alignment)
+            rows[row[y.part], y.first] -= shared
+            rows[row[y.part], y.first + 1] += shared
         return dict(zip(PARTS, np.cumsum(rows, axis=1)[:, :n]))
 
     def persistent(self) -> dict:
@@ -149,6 +175,12 @@ class StepTimeline:
         for _, size, part in self.variables:
             held[part] += size
         return held
+
+
+def _overlap(base: int, member: int, delta: int, alignment: int) -> int:
+    """Bytes a ``member`` buffer starting ``delta`` bytes after a ``base`` shares with it."""
+    base, member = (-(-size // alignment) * alignment for size in (base, member))
+    return max(0, min(delta + member, base) - max(delta, 0))
 
 
 def fused_block_scratch_bytes(rows: int, mid_w: int, mid_c: int, out_w: int) -> int:
@@ -175,7 +207,7 @@ class _Builder:
         self.graph, self.plans, self.grad, self.options = graph, plans, grad, options
         self.values, self.facts = graph.values, graph.facts
         self.first = min(plans)
-        self.timeline = StepTimeline([], [], [])
+        self.timeline = StepTimeline([], [], [], offline_plan=options.offline_plan)
         self.buffer_tensor = {}  # activation buffer -> its tensor
         self.saved, self.masks, self.kept = {}, {}, []
         self.pending_kernels = []  # full kernels assembled for the next forward op
@@ -279,12 +311,46 @@ class _Builder:
     def fused_block(self, chain) -> None:
         a, b, c = chain
         at = self.op("DGST_FUSED_BLOCK", (a.index, b.index, c.index), "forward")
-        self.read(self.value_tensor(a.inputs[0]), at)
-        self.write_value(c.output, at, constants=6)  # 3 kernels, 3 requantization tables
+        x = self.value_tensor(a.inputs[0])
+        self.read(x, at)
+        y = self.write_value(c.output, at, constants=6)  # 3 kernels, 3 requantization tables
         mid, out = self.values[a.output], self.values[b.output]
         rows = (self.graph.folded_kernel(b) or b.layer.kernel_size)[0]
         self.scratch(fused_block_scratch_bytes(rows, mid.shape[1], mid.shape[2], out.shape[1]),
                      at)
+        if self.options.offline_plan:
+            self.fused_in_place(chain, x, y, at)
+
+    def fused_in_place(self, chain, x: Tensor, y: Tensor, at: int) -> None:
+        """The fused block's output over its input (`fused_block_inplace_delta`)."""
+        a, b, c = chain
+        inp, mid, out = (self.values[v] for v in (a.inputs[0], a.output, c.output))
+        conv_h, conv_stride, conv_pad = self.axis_geometry(a)
+        dw_h, dw_stride, dw_pad = self.axis_geometry(b)
+        delta = fused_block_inplace_delta(
+            x.size, inp.shape[1] * inp.shape[2], out.shape[0], out.shape[1] * out.shape[2],
+            mid.shape[0], conv_stride, conv_pad, dw_h, dw_stride, dw_pad)
+        if delta is not None:  # the output starts delta bytes before the input
+            self.timeline.in_place_candidates.append((x, y, at, -delta))
+
+    def axis_geometry(self, step: Step) -> tuple:
+        """(kernel rows, stride, top padding) of a conv as the exported graph computes it:
+        an explicit padding folded into a SAME kernel, kept (a PAD op: its top rows), or
+        the layer's own SAME / VALID."""
+        layer = step.layer
+        kernel, stride = int(layer.kernel_size[0]), int(layer.strides[0])
+        in_h, out_h = self.values[step.inputs[0]].shape[0], self.values[step.output].shape[0]
+        folded = self.graph.folded_kernel(step)
+        if step.explicit_padding != ((0, 0), (0, 0)):
+            plan = self.plans.get(step.index)
+            if self.options.fold_pads and folded is not None and \
+                    (plan is None or plan.mode == "bias"):
+                return folded[0], stride, same_pad_before(in_h, out_h, folded[0], stride)
+            return kernel, stride, step.explicit_padding[0][0]
+        if str(layer.padding).lower() == "same":
+            return kernel, stride, same_pad_before(in_h, out_h, kernel, stride,
+                                                   int(layer.dilation_rate[0]))
+        return kernel, stride, 0
 
     def forward_step(self, step: Step) -> None:
         plan = self.plans.get(step.index)
@@ -440,7 +506,6 @@ class _Builder:
                 len(self.values[v].readers) == 1:
             self.pooled.add(id(gradient))
             self.give(v, gradient)
-            self.timeline.tensor_count += 2  # the dropped MUL's constant and output stay
             return
         at = self.op("MUL", (step.index,), "backward")
         self.read(gradient, at)
@@ -475,11 +540,16 @@ class _Builder:
         dy = self.tensor(f"{name}/dy", out.elements * ACTIVATION_BYTES, at, ERRORS,
                          constants=1 + pooled)  # + the weight scales (+ the pool factor)
         dy_scale = self.tensor(f"{name}/dy_scale", 4, at, ERRORS)
+        if self.options.offline_plan and not pooled:  # dy in the end of the float gradient
+            self.timeline.in_place_candidates.append(
+                (gradient, dy, at, quantize_grad_inplace_delta(out.elements)))
         v = step.inputs[0]
+        if plan is not None:
+            self.bias_gradient(step, plan, dy, dy_scale)
         if self.grad[v]:
             self.input_gradient(step, plan, dy, dy_scale)
-        if plan is not None:
-            self.parameter_gradients(step, plan, dy, dy_scale)
+        if plan is not None and plan.mode != "bias":
+            self.weight_gradients(step, plan, dy, dy_scale)
 
     def input_gradient(self, step: Step, plan, dy: Tensor, dy_scale: Tensor) -> None:
         kernel = None
@@ -493,31 +563,68 @@ class _Builder:
         for t in (dy, dy_scale, kernel):
             self.read(t, at)
         v = step.inputs[0]
-        self.give(v, self.tensor(f"value {v}/grad", self.grad_size(v), at, GRADIENTS))
+        dx = self.tensor(f"value {v}/grad", self.grad_size(v), at, GRADIENTS)
+        self.give(v, dx)
+        if depthwise and self.options.offline_plan:  # the gradient written around dy
+            self.depthwise_in_place(step, dy, dx, at)
 
-    def parameter_gradients(self, step: Step, plan: LayerPlan, dy: Tensor,
-                            dy_scale: Tensor) -> None:
-        name, index = step.layer.name, step.index
-        at = self.op("DGST_BIAS_GRAD", (index,), "backward")
+    def depthwise_in_place(self, step: Step, dy: Tensor, dx: Tensor, at: int) -> None:
+        """`depthwise_input_grad_inplace_delta`: dy inside the float input gradient."""
+        kernel, stride, pad = self.axis_geometry(step)
+        (in_h, in_w, channels) = self.values[step.inputs[0]].shape
+        out_w = self.values[step.output].shape[1]
+        delta = depthwise_input_grad_inplace_delta(in_h, in_w, out_w, channels, kernel, stride,
+                                                   pad, int(step.layer.dilation_rate[0]))
+        self.timeline.in_place_candidates.append((dy, dx, at, -delta))
+
+    def bias_gradient(self, step: Step, plan: LayerPlan, dy: Tensor, dy_scale: Tensor) -> None:
+        """The bias gradient and its SGD update (before the input gradient)."""
+        at = self.op("DGST_BIAS_GRAD", (step.index,), "backward")
         self.read(dy, at)
-        grads = [self.tensor(f"{name}/bias_grad", plan.bias_gradient_bytes, at,
-                             WEIGHT_GRADIENTS)]
-        if plan.mode != "bias":
-            depthwise = self.facts[index].kind == "depthwise"
-            kind = "DEPTHWISE" if depthwise else "CONV2D"
+        grad = self.tensor(f"{step.layer.name}/bias_grad", plan.bias_gradient_bytes, at,
+                           WEIGHT_GRADIENTS)
+        self.sgd_update(step, grad, dy_scale)
+
+    def weight_gradients(self, step: Step, plan: LayerPlan, dy: Tensor,
+                         dy_scale: Tensor) -> None:
+        """The kept-weights gradient and its update, chunk by chunk (`weight_grad_chunks`):
+        a chunk's input channels gathered from the saved input, its gradient, its update."""
+        name, index = step.layer.name, step.index
+        depthwise = self.facts[index].kind == "depthwise"
+        kind = "DEPTHWISE" if depthwise else "CONV2D"
+        saved = self.saved.get(index)
+        per_channel = plan.weight_gradient_bytes // plan.kept
+        chunks = weight_grad_chunks(plan.kept, per_channel, self.options.weight_grad_chunk_bytes,
+                                    dynamic=plan.dynamic)
+        if len(chunks) > 1 and plan.kept == plan.channels:
+            self.timeline.tensor_count -= 1  # the kept indices: no op reads them whole
+        for chunk in chunks:
+            count = chunk.stop - chunk.start
+            whole = count == plan.kept
+            source = saved
+            if not whole:
+                at = self.op("DGST_GATHER_CHANNELS", (index,), "backward")
+                self.read(saved, at)
+                source = self.tensor(f"{name}/input_kept_{chunk.start}",
+                                     plan.saved_bytes // plan.kept * count, at, SAVED,
+                                     constants=1)  # + the chunk's channel positions
             at = self.op(f"DGST_{kind}_WEIGHT_GRAD", (index,), "backward")
             self.read(dy, at)
-            self.read(self.saved.get(index), at)
+            self.read(source, at)
             # the SGD op's constants: the RAM copy's channel indices (and for stochastic
-            # rounding their place in the full kernel, for depthwise their weight scales)
-            extra = plan.compact * (1 + self.options.stochastic
-                                    + depthwise)
-            grads.append(self.tensor(f"{name}/weight_grad", plan.weight_gradient_bytes, at,
-                                     WEIGHT_GRADIENTS, constants=extra))
-        for grad in grads:
-            at = self.op("DGST_SGD_QAS_UPDATE", (index,), "backward")
-            for t in (grad, dy, dy_scale):
-                self.read(t, at)
+            # rounding their place in the full kernel, for depthwise their weight scales);
+            # a chunk of a full kernel: its channels (depthwise: for the gradient too)
+            extra = plan.compact * (1 + self.options.stochastic + depthwise) + \
+                (not whole) * (depthwise + (not plan.compact))
+            grad = self.tensor(f"{name}/weight_grad_{chunk.start}", per_channel * count, at,
+                               WEIGHT_GRADIENTS, constants=extra)
+            self.sgd_update(step, grad, dy_scale)
+
+    def sgd_update(self, step: Step, grad: Tensor, dy_scale: Tensor) -> None:
+        """The SGD update reading a gradient and dy's scale (not dy)."""
+        at = self.op("DGST_SGD_QAS_UPDATE", (step.index,), "backward")
+        for t in (grad, dy_scale):
+            self.read(t, at)
 
     # -- the end -----------------------------------------------------------------------------
     def finish(self) -> None:
@@ -526,6 +633,7 @@ class _Builder:
         outputs = [self.loss, self.logits] + self.kept
         for t in outputs:
             t.last = end
+        self.timeline.outputs = outputs
         io = self.timeline.inputs_outputs
         io += [0, 0, 1] + [0] * len(self.kept)  # label, loss, logits (quantized), kept
         if self.options.output_params:

@@ -46,6 +46,7 @@ import dataclasses
 
 import numpy as np
 
+from dgst_tf.core.classifier import logits_model
 from dgst_tf.core.graph import UnsupportedModelError, check_functional, rebuild
 from dgst_tf.core.int8_conversion import (DEFAULT_HEAD_LOGIT_RANGE,
                                           DEFAULT_HEAD_WEIGHT_HEADROOM, DEFAULT_NUM_SAMPLES,
@@ -103,6 +104,7 @@ def int8_training_graph(model: keras.Model, calibration_images,
     if bn:
         raise ValueError(f"{where}: fold BatchNorm first (dgst_tf.fold_batchnorm); "
                          f"found {bn[:3]}")
+    model = logits_model(model)  # the head as export_training converts it (core.classifier)
     unsupported = [l for l in model.layers if is_unsupported_conv(l)]
     if unsupported:
         raise UnsupportedModelError(

@@ -3,7 +3,8 @@
 A scheme names, per Conv2D / DepthwiseConv2D / Dense layer, one of
 ``frozen``, ``bias`` (bias only) or ``weights`` at a ratio ``r`` of the layer's input
 channels (depthwise: of its channels; weights always come with the bias). The classifier
-(the Dense layer that produces the model output) is always trained in full.
+(`dgst_tf.core.classifier`: the Dense layer, or 1x1 Conv2D of the pooled map, that produces the
+model output) is always trained in full.
 
     from dgst_tf.training.scheme import UpdateScheme
 
@@ -26,6 +27,7 @@ import math
 import os
 from typing import Mapping
 
+from dgst_tf.core.classifier import ClassifierError, find_classifier, head_dense_layers
 from dgst_tf.core.files import write_json_atomically
 from dgst_tf.core.graph import check_functional, nodes_in_order
 from dgst_tf.core.keras_compat import keras
@@ -130,31 +132,35 @@ def conv_layers(model: keras.Model) -> list:
     Raises SchemeError naming any convolution type dgst-tf does not support.
     """
     check_functional(model, "conv_layers")
+    head = head_dense_layers(model)  # 1x1 convs of the pooled vector count as Dense
     layers = []
     for node in nodes_in_order(model):
         layer = node.layer
         if is_unsupported_conv(layer):
             raise SchemeError(f"layer {layer.name!r} ({type(layer).__name__}) is not supported; "
                               "supported: Conv2D, DepthwiseConv2D, Dense")
-        if is_conv(layer) and layer not in layers:
+        if is_conv(layer) and layer not in layers and layer.name not in head:
             layers.append(layer)
     return layers
 
 
-def classifier_layer(model: keras.Model) -> keras.layers.Dense:
-    """The Dense layer that produces the model's output (possibly through activations)."""
+def classifier_layer(model: keras.Model) -> keras.layers.Layer:
+    """The classifier: a Dense layer or a 1x1 Conv2D of the pooled map, producing the model
+    output (logits, or their softmax); `dgst_tf.core.classifier.find_classifier` decides."""
     check_functional(model, "classifier_layer")
-    dense = [n.layer for n in nodes_in_order(model) if is_dense(n.layer)]
-    if not dense:
-        raise SchemeError(f"model {model.name!r} has no Dense classifier layer")
-    return dense[-1]
+    try:
+        return find_classifier(model).layer
+    except ClassifierError as error:
+        raise SchemeError(str(error)) from None
 
 
 def updatable_layers(model: keras.Model) -> list:
-    """Convs and Dense layers in execution order, classifier last."""
+    """Convs and Dense layers (the head's 1x1 convs among them) in execution order,
+    classifier last."""
     classifier = classifier_layer(model)
+    head = head_dense_layers(model)
     dense = [n.layer for n in nodes_in_order(model)
-             if is_dense(n.layer) and n.layer is not classifier]
+             if (is_dense(n.layer) or n.layer.name in head) and n.layer is not classifier]
     order = {n.layer.name: i for i, n in enumerate(nodes_in_order(model))}
     return sorted(conv_layers(model) + dense, key=lambda l: order[l.name]) + [classifier]
 

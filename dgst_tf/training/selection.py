@@ -22,9 +22,9 @@ it with `SparseUpdateModel.set_selection_hook`), so no Python runs between steps
 import numpy as np
 
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.core.layer_kinds import is_depthwise, kernel_of
-from dgst_tf.training.channel_importance import (WeightL2, get_importance, int8_channel_scores,
-                                                 top_k_channels)
+from dgst_tf.core.layer_kinds import input_channels, is_depthwise, kernel_of
+from dgst_tf.training.channel_importance import (WeightL2, channel_axis, get_importance,
+                                                 int8_channel_scores, top_k_channels)
 
 CRITERIA = ("magnitude+", "magnitude-", "random")
 
@@ -166,6 +166,28 @@ class WindowChannelSelection(keras.callbacks.Callback):
         model.set_selection_hook(select)
 
 
+class _KeptWeightL2:
+    """One layer's float ``weight_l2`` scores, kept between steps. A train step changes only
+    the selected channels' weights, so the next step recomputes only theirs, with the same
+    ops on their slice of the kernel (the same numbers, channel by channel, as recomputing the
+    whole kernel, which a step would otherwise do for every layer); ``refresh`` recomputes
+    all of them."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.scores = tf.Variable(tf.zeros([input_channels(layer)], kernel_of(layer).dtype),
+                                  trainable=False, name=f"{layer.name}_weight_l2")
+
+    def refresh(self):
+        self.scores.assign(WeightL2().scores(kernel_of(self.layer), None, None, None))
+
+    def update(self, changed):
+        kernel = kernel_of(self.layer)
+        slice_ = tf.gather(kernel, changed, axis=channel_axis(kernel))
+        self.scores.scatter_nd_update(changed[:, None],
+                                      WeightL2().scores(slice_, None, None, None))
+
+
 class DynamicChannelSelection(keras.callbacks.Callback):
     """Reselect every weight-updated layer's channels before every step (DGSU, Li & Chang
     2024), with `dgsu_select`: the algorithm of the exported graph's policy "traversal"
@@ -187,6 +209,12 @@ class DynamicChannelSelection(keras.callbacks.Callback):
     weight_scales: {layer: s_w} (``Int8TrainingGraph.weight_scales``) for the integer score
         when the optimizer is not the QAS one.
 
+    The float "weight_l2" scores are kept between steps and recomputed only for the channels
+    the previous step updated (the only weights a train step changes), in full at the start
+    of every fit and epoch: the same choices as recomputing every kernel every step. A
+    callback that changes these kernels between the steps of an epoch must call
+    `refresh_scores` (the stock pruning callbacks prune the base model before training).
+
         cb = DynamicChannelSelection("weight_l2", traversal=True, layers_per_step=2)
         sparse.fit(ds, callbacks=[cb]); export_training(..., policy=cb)  # "traversal", 2
     """
@@ -202,6 +230,7 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         self.traversal, self.layers_per_step, self.seed = traversal, layers_per_step, seed
         self.weight_scales = weight_scales
         self._select = self._select_model = None
+        self._stale = None  # True: the kept weight_l2 scores are recomputed in full
 
     def get_config(self):
         return {"importance": self.importance.get_config(), "traversal": self.traversal,
@@ -217,20 +246,51 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         return "traversal" if self.traversal else "magnitude"
 
     def _scorer(self, model, layer, index):
+        """(scores(state, step), kept) for ``layer``; ``kept`` is its `_KeptWeightL2` when
+        the scores are float weight L2 norms, else None."""
         multipliers = (int8_multipliers(model, layer, self.weight_scales)
                        if isinstance(self.importance, WeightL2) else None)
         if multipliers is not None:
-            return lambda state, step: int8_channel_scores(kernel_of(layer), multipliers,
-                                                           is_depthwise(layer))
-        return lambda state, step: self.importance.scores(kernel_of(layer), state, step, index)
+            return (lambda state, step: int8_channel_scores(kernel_of(layer), multipliers,
+                                                            is_depthwise(layer))), None
+        if type(self.importance) is WeightL2:
+            kept = _KeptWeightL2(layer)
+            return (lambda state, step: kept.scores.read_value()), kept
+        return (lambda state, step: self.importance.scores(kernel_of(layer), state, step,
+                                                           index)), None
+
+    def _update_kept_scores(self, model, kept_scores):
+        """Bring the kept weight_l2 scores up to date: in full when stale (a new fit or
+        epoch: callbacks may have changed weights), else for the channels the previous step
+        selected (the only weights a step changes)."""
+        if not kept_scores:
+            return
+
+        def refresh():
+            for kept in kept_scores:
+                kept.refresh()
+            return tf.constant(True)
+
+        def update():
+            for kept in kept_scores:
+                kept.update(model.selection.vars[kept.layer.name]["indices"].read_value())
+            return tf.constant(True)
+
+        tf.cond(self._stale.read_value(), refresh, update)
+        self._stale.assign(False)
 
     def _build(self, model):
         from dgst_tf.tflm_ops.reference import layer_active
 
         layers = model.weight_layers
-        scorers = [self._scorer(model, layer, i) for i, layer in enumerate(layers)]
+        scorers, kept_scores = zip(*[self._scorer(model, layer, i)
+                                     for i, layer in enumerate(layers)]) if layers else ((), ())
+        kept_scores = [k for k in kept_scores if k is not None]
+        if self._stale is None:
+            self._stale = tf.Variable(True, trainable=False, name="weight_l2_stale")
 
         def select():
+            self._update_kept_scores(model, kept_scores)
             step = model.selection.step.read_value()
             for i, layer in enumerate(layers):
                 state = model.selection.vars[layer.name]
@@ -249,6 +309,15 @@ class DynamicChannelSelection(keras.callbacks.Callback):
         model = _sparse_model(self)
         if self._select is None or self._select_model is not model:
             self._select, self._select_model = self._build(model), model
+        self._stale.assign(True)
         # runs inside every compiled train step; stays installed for later fits of this
         # model (same function: no retrace) until another selection callback replaces it
         model.set_selection_hook(self._select)
+
+    def refresh_scores(self) -> None:
+        """Recompute the kept weight_l2 scores of every layer before the next step."""
+        if self._stale is not None:
+            self._stale.assign(True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.refresh_scores()  # weights a callback changed between epochs are seen

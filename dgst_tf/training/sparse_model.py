@@ -2,7 +2,10 @@
 
 Wraps a functional tf-keras model and an `UpdateScheme`; ``fit`` then computes gradients
 only for the scheme's layers and channels. BatchNorm is folded first (the MCU graph has
-none). The channel selection of every weight-updated layer lives in tf.Variables
+none), and the head is put in `dgst_tf.core.classifier.training_form` (a 1x1-conv classifier
+of the pooled map becomes the Dense layer it is); a model ending in a softmax trains on its
+logits (the loss sees the softmax, which Keras' cross-entropy undoes exactly) and keeps the
+softmax for inference. The channel selection of every weight-updated layer lives in tf.Variables
 (`SelectionState`), which the selection callbacks move; changing it never retraces.
 
     from dgst_tf import SparseUpdateModel, UpdateScheme
@@ -20,20 +23,36 @@ spatial pattern of each weight-updated conv's selected input and estimates its w
 gradient from it (`dgst_tf.training.activation_patterns`); pass the same value to
 `dgst_tf.planning.memory.training_memory` to count the saving.
 
+Only the selected channels' kernel gradient is ever computed: the tape differentiates the
+loss with respect to a zero stand-in of each weight-updated kernel's selected slice. Plain
+SGD (tf-keras' ``SGD`` with only a learning rate) then adds ``-lr * g`` to those channels
+alone; any other optimizer gets the zero-padded whole-kernel gradient. Both give the same
+weights bit for bit as updating every kernel in full.
+
 Per-step logs: ``updated_fraction`` (conv weights updated this step / all conv weights)
 and ``coverage`` (weights of the weight-updated layers visited at least once so far).
 """
 import numpy as np
 
 from dgst_tf.core.bn_folding import fold_batchnorm, foldable_pairs
+from dgst_tf.core.classifier import find_classifier, training_form
 from dgst_tf.core.graph import check_functional, check_single_use, producers, rebuild
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import (CONV2D, DENSE, DEPTHWISE, input_channels, is_conv,
                                       kernel_of, kind_of, weights_per_channel)
 from dgst_tf.training import sparse_ops
 from dgst_tf.training.channel_importance import channel_axis
-from dgst_tf.training.scheme import (SchemeError, UpdateScheme, classifier_layer,
-                                     total_conv_weights, updatable_layers)
+from dgst_tf.training.scheme import (SchemeError, UpdateScheme, total_conv_weights,
+                                     updatable_layers)
+
+
+def channel_mask(indices, channels: int):
+    """bool [channels]: True at ``indices``.
+
+        channel_mask(tf.constant([0, 3]), 5)    # [True, False, False, True, False]
+    """
+    return tf.tensor_scatter_nd_update(tf.zeros([channels], tf.bool), indices[:, None],
+                                       tf.ones(tf.shape(indices), tf.bool))
 
 
 class SelectionState(keras.layers.Layer):
@@ -79,21 +98,20 @@ class SelectionState(keras.layers.Layer):
         """The layer's selection state as NumPy arrays."""
         return {k: v.numpy() for k, v in self.vars[layer].items()}
 
-    def record_step(self, kernel_grads: dict) -> None:
-        """Mark the selected channels visited and store their gradient norms (graph code)."""
-        for name, grad in kernel_grads.items():
+    def record_step(self, kept_grads: dict) -> None:
+        """Mark the selected channels visited and store their gradient norms (graph code);
+        ``kept_grads``: layer name -> the kernel gradient of its selected channels only
+        (`sparse_ops.kept_kernel_shape`)."""
+        for name, kept in kept_grads.items():
             v = self.vars[name]
             sel = v["indices"]
             channels = self.specs[name][0]
-            hit = tf.logical_and(
-                tf.reduce_any(tf.one_hot(sel, channels, on_value=True, off_value=False,
-                                         dtype=tf.bool), axis=0), v["active"])
+            hit = tf.logical_and(channel_mask(sel, channels), v["active"])
             v["visited"].assign(tf.logical_or(v["visited"], hit))
             v["sweep"].assign(tf.logical_or(v["sweep"], hit))
-            axis = channel_axis(grad)
-            kept = tf.gather(grad, sel, axis=axis)
+            axis = channel_axis(kept)
             norms = tf.sqrt(tf.reduce_sum(tf.square(kept), axis=[
-                a for a in range(len(grad.shape)) if a != axis]))
+                a for a in range(len(kept.shape)) if a != axis]))
             updated = tf.tensor_scatter_nd_update(v["grad_norm"], sel[:, None], norms)
             v["grad_norm"].assign(tf.where(hit, updated, v["grad_norm"]))
         self.step.assign_add(1)
@@ -108,9 +126,10 @@ class _SparseLayerCall(keras.layers.Layer):
     """Calls a Conv2D / DepthwiseConv2D / Dense with the sparse backward of `sparse_ops`."""
 
     def __init__(self, layer, selection=None, active=None, input_grad=True, bias_grad=False,
-                 full_weight_grad=False, pattern=None, **kwargs):
+                 full_weight_grad=False, pattern=None, kept_slot=None, **kwargs):
         super().__init__(name=f"{layer.name}_sparse", **kwargs)
         self.layer, self.selection, self.active = layer, selection, active
+        self.kept_slot = _Untracked(kept_slot)
         self.flags = dict(input_grad=input_grad, bias_grad=bias_grad)
         self.full_weight_grad = full_weight_grad
         self.pattern = pattern
@@ -120,6 +139,7 @@ class _SparseLayerCall(keras.layers.Layer):
         bias = layer.bias if layer.use_bias else None
         selection = None if self.selection is None else self.selection.value()
         active = None if self.active is None else self.active.value()
+        slot = self.kept_slot.value
         kind = kind_of(layer)
         if kind is DENSE:
             options = dict(full_weight_grad=self.full_weight_grad)
@@ -127,8 +147,28 @@ class _SparseLayerCall(keras.layers.Layer):
             options = dict(strides=layer.strides, padding=layer.padding.upper(),
                            dilations=layer.dilation_rate, pattern=self.pattern)
         y = SPARSE_OPS[kind](x, kind.kernel(layer), bias, selection=selection, active=active,
+                             kept_slot=None if slot is None else slot.value(),
                              **options, **self.flags)
         return layer.activation(y)
+
+
+class _Untracked:
+    """Holds a value out of Keras' attribute tracking (so it is no model weight)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _kept_gradient_slots(weight_layers, selection) -> dict:
+    """Layer name -> a zero variable of the shape of its selected channels' kernel slice.
+    The train step differentiates the loss with respect to these instead of the whole
+    kernels, so only the kept channels' gradient is ever built (`sparse_ops` ``kept_slot``).
+    They are not model weights: never saved, never changed."""
+    return {layer.name: tf.Variable(
+        tf.zeros(sparse_ops.kept_kernel_shape(kernel_of(layer).shape.as_list(),
+                                              selection.specs[layer.name][1]),
+                 kernel_of(layer).dtype), trainable=False, name=f"{layer.name}_kept_grad")
+        for layer in weight_layers}
 
 
 class _MaskedReLU(keras.layers.Layer):
@@ -160,6 +200,34 @@ def _resolve_patterns(patterns, weight_layers) -> dict:
     return dict(patterns)
 
 
+def _updates_only_selected(optimizer, kernels) -> bool:
+    """tf-keras' own SGD (not a subclass) with nothing but a learning rate, outside any
+    distribution strategy, on kernels without constraints: its update ``w += -g * lr``
+    leaves a zero-gradient weight bit-identical, so applying it to the selected channels
+    alone gives the same weights as applying it to the whole zero-padded gradient."""
+    return (type(optimizer) is keras.optimizers.SGD
+            and not float(optimizer.momentum or 0.0)
+            and optimizer.weight_decay is None and not optimizer.use_ema
+            and optimizer.clipnorm is None and optimizer.clipvalue is None
+            and optimizer.global_clipnorm is None and not optimizer.jit_compile
+            and not tf.distribute.has_strategy()
+            and all(k.constraint is None for k in kernels))
+
+
+def _selected_entries(selection, kernel_shape, kept_values):
+    """(indices, updates) that ``scatter_nd_add`` ``kept_values``, the selected channels'
+    slice of a kernel (`sparse_ops.kept_kernel_shape`), into the kernel."""
+    if len(kernel_shape) == 2:  # dense: rows
+        return selection[:, None], kept_values
+    kh, kw, _, c_out = kernel_shape
+    k = int(selection.shape[0])
+    taps = np.stack(np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij"), axis=-1)
+    taps = np.broadcast_to(taps.reshape(kh * kw, 1, 2), (kh * kw, k, 2)).astype(np.int32)
+    channels = tf.broadcast_to(selection[None, :, None], [kh * kw, k, 1])
+    positions = tf.concat([tf.constant(taps), channels], axis=-1)  # [kh*kw, k, (i, j, c)]
+    return tf.reshape(positions, [-1, 3]), tf.reshape(kept_values, [-1, c_out])
+
+
 def _is_plain_sgd(optimizer) -> bool:
     """SGD without momentum or weight decay: zero gradients leave weights bit-identical."""
     sgd_types = (keras.optimizers.SGD, keras.optimizers.legacy.SGD)
@@ -184,11 +252,13 @@ class SparseUpdateModel(keras.Model):
         check_single_use(model, "SparseUpdateModel")
         if fold_bn and foldable_pairs(model):
             model = fold_batchnorm(model, name=model.name)
+        model = training_form(model)  # Dense classifier, its softmax a last layer
         scheme.validate(model)
         self.base = model
         self.scheme = scheme
+        self.head = find_classifier(model)
         self._layers_in_order = updatable_layers(model)
-        self._classifier = classifier_layer(model)
+        self._classifier = self.head.layer
         self._weight_layers = [l for l in self._layers_in_order
                                if scheme.update_for(l.name).updates_weights]
         for layer in self._layers_in_order[:-1]:
@@ -201,6 +271,7 @@ class SparseUpdateModel(keras.Model):
             name="selection_state")
         self._total_conv_weights = total_conv_weights(model)
         self._per_channel = {l.name: weights_per_channel(l) for l in self._weight_layers}
+        self._kept_slots = _Untracked(_kept_gradient_slots(self._weight_layers, self.selection))
         self.sparse_graph = rebuild(model, self._call_layer, name=f"{model.name}_train_graph")
         self._trained = self._trained_variables()
         self._selection_hook = None
@@ -221,6 +292,8 @@ class SparseUpdateModel(keras.Model):
     def _call_layer(self, layer, args, kwargs):
         if not hasattr(self, "_downstream"):
             self._downstream = self._needs_input_grad()
+        if layer.name == self.head.softmax:
+            return args[0]  # the train graph outputs logits (`_for_loss` applies the softmax)
         needs_grad = self._downstream[layer.name]
         update = self.scheme.update_for(layer.name)
         is_classifier = layer is self._classifier
@@ -231,7 +304,8 @@ class SparseUpdateModel(keras.Model):
                 layer, selection=state and state["indices"], active=state and state["active"],
                 input_grad=needs_grad, bias_grad=update.updates_bias or is_classifier,
                 full_weight_grad=is_classifier,
-                pattern=self.activation_patterns.get(layer.name))
+                pattern=self.activation_patterns.get(layer.name),
+                kept_slot=self._kept_slots.value.get(layer.name))
             return call(*args)
         if needs_grad and _plain_relu(layer):
             return _MaskedReLU(layer)(*args)
@@ -275,33 +349,66 @@ class SparseUpdateModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self._selection_hook is not None:
             self._selection_hook()  # ordered before the reads below (same variables)
+        slots = self._kept_slots.value
+        kernels = {l.name: kernel_of(l) for l in self._weight_layers}
+        whole = [v for v in self._trained if not any(v is k for k in kernels.values())]
+        watched = whole + list(slots.values())
         with tf.GradientTape(watch_accessed_variables=False) as tape:
-            tape.watch(self._trained)
-            y_pred = self.sparse_graph(x, training=True)
+            tape.watch(watched)
+            y_pred = self._for_loss(self.sparse_graph(x, training=True))
             loss = self.compute_loss(x, y, y_pred, sample_weight)
-        grads = tape.gradient(loss, self._trained)
+        grads = tape.gradient(loss, watched)
+        whole_grads = grads[:len(whole)]
+        kept_grads = dict(zip(slots, grads[len(whole):]))  # selected channels only
         finite = tf.debugging.assert_all_finite(
             loss, "SparseUpdateModel: the training loss is NaN or infinite (check the "
                   "learning rate and the input data)")
-        kernels = {l.name: kernel_of(l) for l in self._weight_layers}
-        exact = _is_plain_sgd(self.optimizer)
-        before = {} if exact else {n: tf.identity(k) for n, k in kernels.items()}
         with tf.control_dependencies([finite]):  # never apply a NaN step
-            self.optimizer.apply_gradients(zip(grads, self._trained))
-        for name, old in before.items():  # stateful optimizers: keep unselected channels
-            self._restore_unselected(name, kernels[name], old)
-        by_var = {id(v): g for v, g in zip(self._trained, grads)}
-        self.selection.record_step({n: by_var[id(k)] for n, k in kernels.items()})
+            if _updates_only_selected(self.optimizer, kernels.values()):
+                self.optimizer.apply_gradients(zip(whole_grads, whole))
+                self._apply_sgd_to_selected(kernels, kept_grads)
+            else:
+                self._apply_whole_kernels(kernels, whole, whole_grads, kept_grads)
+        self.selection.record_step(kept_grads)
         logs = self.compute_metrics(x, y, y_pred, sample_weight)
         logs.update(self.selection_metrics())
         return logs
 
+    def _apply_sgd_to_selected(self, kernels, kept_grads):
+        """Plain SGD's ``w += -g * lr`` on the selected channels' weights only (run after
+        ``apply_gradients``, which set this step's learning rate)."""
+        for name, grad in kept_grads.items():
+            kernel = kernels[name]
+            lr = tf.cast(self.optimizer.learning_rate, kernel.dtype)
+            kernel.scatter_nd_add(*_selected_entries(
+                self.selection.vars[name]["indices"], kernel.shape.as_list(), -grad * lr))
+
+    def _apply_whole_kernels(self, kernels, whole, whole_grads, kept_grads):
+        """Any other optimizer: the zero-padded full kernel gradients through
+        ``apply_gradients``; stateful optimizers then get the unselected channels back."""
+        by_var = {id(v): g for v, g in zip(whole, whole_grads)}
+        for name, grad in kept_grads.items():
+            by_var[id(kernels[name])] = sparse_ops.scatter_kept_grad(
+                grad, self.selection.vars[name]["indices"], kernels[name].shape.as_list())
+        exact = _is_plain_sgd(self.optimizer)
+        before = {} if exact else {n: tf.identity(k) for n, k in kernels.items()}
+        self.optimizer.apply_gradients(zip([by_var[id(v)] for v in self._trained],
+                                           self._trained))
+        for name, old in before.items():  # stateful optimizers: keep unselected channels
+            self._restore_unselected(name, kernels[name], old)
+
+    def _for_loss(self, logits):
+        """What the loss and metrics see: the logits, or for a model with a softmax the
+        softmax of them, from which Keras' cross-entropy takes the logits back exactly
+        (``from_logits`` either way), so training is on the logits."""
+        if self.head.softmax is None:
+            return logits
+        return keras.activations.softmax(logits)
+
     def _restore_unselected(self, name, kernel, old):
         v = self.selection.vars[name]
         channels = self.selection.specs[name][0]
-        chosen = tf.logical_and(tf.reduce_any(tf.one_hot(
-            v["indices"], channels, on_value=True, off_value=False, dtype=tf.bool), axis=0),
-            v["active"])
+        chosen = tf.logical_and(channel_mask(v["indices"], channels), v["active"])
         shape = [1] * len(kernel.shape)
         shape[channel_axis(kernel)] = channels
         kernel.assign(tf.where(tf.reshape(chosen, shape), kernel, old))

@@ -40,6 +40,7 @@ __all__ = ["run_tflm", "TflmResult", "TflmError", "TflmCrashError", "parse_alloc
 CHILD = pathlib.Path(__file__).resolve().parent / "_child.py"
 PHASE_MARK = "[dgst-tflm-child] phase: "
 DEFAULT_ARENA_SIZE = 16 << 20  # host malloc; the bytes actually used are measured
+SECONDS_PER_INVOKE = 2.0  # default time allowed per Invoke (hang guard, not a speed limit)
 
 
 class TflmError(RuntimeError):
@@ -160,7 +161,7 @@ def _last_phase(log: str) -> str:
 
 
 def run_tflm(model, inputs=(), *, libraries=(), registerers=(), arena_size: int | None = None,
-             invocations: int | None = None, timeout: float = 600.0) -> TflmResult:
+             invocations: int | None = None, timeout: float | None = None) -> TflmResult:
     """Run ``model`` (a path or bytes) in the pip TFLM interpreter in a child process.
 
     ``inputs``: one array per model input, each of the input's exact shape and dtype, or a
@@ -168,6 +169,9 @@ def run_tflm(model, inputs=(), *, libraries=(), registerers=(), arena_size: int 
     a single array is accepted for single-input models. ``invocations`` sets the count for
     models without inputs. ``libraries``/``registerers``: custom-op kernels (loaded with
     RTLD_GLOBAL) and registerer names. Outputs are stacked the same way as the inputs.
+    ``timeout``: seconds before the child is taken for hung (default: 600 plus
+    `SECONDS_PER_INVOKE` per invocation, so that evaluating thousands of images on a busy
+    machine is not mistaken for a hang).
 
     Raises `TfliteFileError` for a missing/corrupt file, `TypeError`/`ValueError` for
     inputs that do not fit, `TflmCrashError` if TFLM kills the process, `TflmError` for any
@@ -186,6 +190,8 @@ def run_tflm(model, inputs=(), *, libraries=(), registerers=(), arena_size: int 
         raise TfliteFileError(f"TFLite model {label}: {error}") from None
     stacked, count, stacked_result = _stack_inputs(label, inputs, in_details, invocations)
     arena_size = int(arena_size or max(DEFAULT_ARENA_SIZE, 10 * len(data)))
+    if timeout is None:
+        timeout = 600.0 + SECONDS_PER_INVOKE * count
     libraries = [str(pathlib.Path(lib).resolve()) for lib in libraries]
     for lib in libraries:
         if not os.path.isfile(lib):

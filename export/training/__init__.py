@@ -34,9 +34,9 @@ Modules, in the order the export runs them: `plan` (which op is which layer, wha
 updates, the supported-graph check), `state` (the graph being built), `schedule` (the step
 counter and the ``layers_per_step`` layer schedule), `forward` (PAD folding, variables, what
 the forward pass keeps), `backward` (gradient ops), `update` (SGD ops), `flash_requant` (the
-convolutions as ``DGST_CONV2D``, requantization constants in flash), `manifest` (writing
-and checking the JSON), `builder` (`export_training`), `running` (TFLM runs and writing
-updated weights back).
+convolutions as ``DGST_CONV2D``, requantization constants in flash), `offline_plan` (TFLM's
+offline memory plan with the in-place ops), `manifest` (writing and checking the JSON),
+`builder` (`export_training`), `running` (TFLM runs and writing updated weights back).
 """
 from dgst_tf.export.training.builder import TrainingExport, export_training
 from dgst_tf.export.training.manifest import (MANIFEST_FORMAT, MANIFEST_VERSION,

@@ -6,8 +6,9 @@ the loss gradient (``DGST_SOFTMAX_XENT_GRAD``), then per op in reverse order
 - MEAN (global average pooling): builtin MUL by 1 / pixels, or nothing when the next layer
   quantizes straight from the pooled gradient;
 - conv / depthwise / dense: the int8 error signal (``DGST_QUANTIZE_GRAD``, ReLU mask
-  applied), the input gradient (``DGST_*_INPUT_GRAD``), and for updated layers the bias and
-  kept-weights gradients followed by their update ops (`update`).
+  applied), for updated layers the bias gradient and its update (`update`), the input
+  gradient (``DGST_*_INPUT_GRAD``), then the kept-weights gradient and its update; a large
+  weight gradient is computed and applied in chunks of kept input channels (`weight_grad_chunks`).
 
     add_backward_pass(graph)     # after add_variables and add_forward_records
 """
@@ -27,8 +28,9 @@ from dgst_tf.export.training.plan import (PASS_THROUGH_OPS, TrainedLayer, Traini
                                           conv_options)
 from dgst_tf.export.training.schedule import schedule_words, step_counter
 from dgst_tf.export.training.state import TrainingGraph
+from dgst_tf.planning.arena_plan import DEFAULT_WEIGHT_GRAD_CHUNK_BYTES, weight_grad_chunks
 
-__all__ = ["GradientFlow", "add_backward_pass"]
+__all__ = ["GradientFlow", "add_backward_pass", "DEFAULT_WEIGHT_GRAD_CHUNK_BYTES"]
 
 _OPS = schema.BuiltinOperator
 
@@ -47,6 +49,8 @@ class GradientFlow:
     def give(self, tensor: int, gradient: int) -> None:
         """Record ``gradient`` as (a part of) the gradient of activation ``tensor``."""
         if tensor in self.gradients:  # gradients meeting at a fork: sum them
+            for summand in (self.gradients[tensor], gradient):  # the ADD reads them
+                self.pooled.pop(summand, None)
             editor = self.graph.editor
             total = editor.add_tensor(f"{editor.name(tensor)}/grad_sum", editor.shape(tensor),
                                       np.float32)
@@ -156,10 +160,13 @@ def _weight_op_gradients(graph, flow, index, op, gradient) -> None:
     weight_scale = editor.add_tensor(f"{name}/weight_scale", weight_scales.shape, np.float32,
                                      data=weight_scales)
     geometry = _gradient_geometry(graph, op, name)
+    error = (dy, dy_scale, weight_scale)
+    if layer is not None:  # first: a bias-only layer's dy then dies at the input gradient
+        _bias_gradient(graph, layer, op, error)
     if geometry.grad_input in graph.plan.needs_gradient:
-        _input_gradient(graph, flow, layer, op, weights, geometry, (dy, dy_scale, weight_scale))
+        _input_gradient(graph, flow, layer, op, weights, geometry, error)
     if layer is not None:
-        _parameter_gradients(graph, layer, index, op, geometry, (dy, dy_scale, weight_scale))
+        _weight_gradients(graph, layer, index, op, geometry, error)
 
 
 def _quantized_error(graph, flow, index, op, name, gradient) -> tuple[int, int]:
@@ -180,6 +187,9 @@ def _quantized_error(graph, flow, index, op, name, gradient) -> tuple[int, int]:
         graph.backward_ops.append(editor.custom_op(
             "DGST_QUANTIZE_GRAD", [pooled_grad, mask, factor_tensor], [dy, dy_scale]))
         return dy, dy_scale
+    # read here, so the pooling's MUL must run: a later reader cannot quantize from the
+    # pooled gradient instead (a projection shortcut and a block both read an Add's gradient)
+    flow.pooled.pop(gradient, None)
     if mask >= 0 and flow.readers[gradient] > 0:  # also another tensor's gradient: copy it
         gradient = _copy_of(graph, gradient, output)
     graph.backward_ops.append(editor.custom_op("DGST_QUANTIZE_GRAD", [gradient, mask],
@@ -253,43 +263,80 @@ def _input_gradient(graph, flow, layer: TrainedLayer | None, op, weights, geomet
     flow.give(geometry.grad_input, input_grad)
 
 
-def _parameter_gradients(graph, layer: TrainedLayer, index, op, geometry, error) -> None:
-    """Bias and kept-weights gradients of ``layer``, then their update ops."""
+def _bias_gradient(graph, layer: TrainedLayer, op, error) -> None:
+    """The bias gradient of ``layer`` and its update (the input gradient does not read the
+    bias, so the update may come first)."""
     editor = graph.editor
     dy, dy_scale, weight_scale = error
     out_channels = len(editor.quantization(int(op.inputs[1]))[0])
     bias_grad = editor.add_tensor(f"{layer.name}/bias_grad", (out_channels,), np.int32)
     graph.backward_ops.append(editor.custom_op("DGST_BIAS_GRAD", [dy], [bias_grad]))
-    updates = [update.bias_update(graph, op, bias_grad, weight_scale, dy_scale)]
-    if layer.kept is not None:
-        weight_grad = _weight_gradient(graph, layer, index, op, geometry, dy, out_channels)
-        updates.append(update.weight_update(graph, layer, op, weight_grad, weight_scale,
-                                            dy_scale))
-    graph.backward_ops.extend(updates)
+    graph.backward_ops.append(update.bias_update(graph, op, bias_grad, weight_scale, dy_scale))
 
 
-def _weight_gradient(graph, layer: TrainedLayer, index, op, geometry, dy, out_channels) -> int:
-    """The int32 gradient of the kept input channels' weights (not computed at the steps a
-    layer schedule leaves the layer out: its ops then read the step counter)."""
+def _weight_gradients(graph, layer: TrainedLayer, index, op, geometry, error) -> None:
+    """The kept weights' gradient and update of ``layer``, after its input gradient (which
+    reads the weights before the update), chunk by chunk (`weight_grad_chunks`)."""
+    dy, dy_scale, weight_scale = error
+    if layer.kept is None:
+        return
+    out_channels = len(graph.editor.quantization(int(op.inputs[1]))[0])
+    taps = int(np.prod(geometry.kernel_hw)) * (1 if layer.kind == "depthwise" else out_channels)
+    chunks = weight_grad_chunks(len(layer.kept), 4 * taps, graph.settings.weight_grad_chunk_bytes,
+                                dynamic=layer.policy is not None)
+    for chunk in chunks:
+        weight_grad = _weight_gradient(graph, layer, index, op, geometry, dy, out_channels,
+                                       chunk)
+        graph.backward_ops.append(update.weight_update(graph, layer, op, weight_grad,
+                                                       weight_scale, dy_scale, chunk))
+
+
+def _weight_gradient(graph, layer: TrainedLayer, index, op, geometry, dy, out_channels,
+                     chunk: slice) -> int:
+    """The int32 gradient of the kept input channels ``chunk`` (positions in ``layer.kept``)
+    of the layer's weights (not computed at the steps a layer schedule leaves the layer
+    out: its ops then read the step counter)."""
     editor = graph.editor
-    count = len(layer.kept)
-    kept_input = graph.kept_inputs[index]
+    count = chunk.stop - chunk.start
+    whole = count == len(layer.kept)
+    suffix = "" if whole else f"_{chunk.start}"
+    kept_input = graph.kept_inputs[index] if whole else _input_chunk(graph, layer, index,
+                                                                     chunk)
     _, input_zero_point = editor.quantization(int(op.inputs[0]))
     schedule = schedule_words(layer)
     step = [step_counter(graph)] if schedule else []
     options = int32_options(*geometry.weight, int(input_zero_point[0]), *schedule)
     kernel_h, kernel_w = geometry.kernel_hw
     if layer.kind == "depthwise":
-        weight_grad = editor.add_tensor(f"{layer.name}/weight_grad", (kernel_h, kernel_w, count),
-                                        np.int32)
+        kept_tensor = layer.kept_tensor if whole else editor.add_tensor(
+            f"{layer.name}/kept{suffix}", (count,), np.int32, data=layer.kept[chunk])
+        weight_grad = editor.add_tensor(f"{layer.name}/weight_grad{suffix}",
+                                        (kernel_h, kernel_w, count), np.int32)
         graph.backward_ops.append(editor.custom_op(
-            "DGST_DEPTHWISE_WEIGHT_GRAD", [kept_input, layer.kept_tensor, dy] + step,
+            "DGST_DEPTHWISE_WEIGHT_GRAD", [kept_input, kept_tensor, dy] + step,
             [weight_grad], options))
         return weight_grad
     shape = ((out_channels, count) if layer.kind == "dense"
              else (out_channels, kernel_h, kernel_w, count))
-    weight_grad = editor.add_tensor(f"{layer.name}/weight_grad", shape, np.int32)
+    weight_grad = editor.add_tensor(f"{layer.name}/weight_grad{suffix}", shape, np.int32)
     graph.backward_ops.append(editor.custom_op("DGST_CONV2D_WEIGHT_GRAD",
                                                [kept_input, dy] + step, [weight_grad],
                                                options))
     return weight_grad
+
+
+def _input_chunk(graph, layer: TrainedLayer, index, chunk: slice) -> int:
+    """The channels ``chunk`` of the input saved for the weight gradient (a copy,
+    ``DGST_GATHER_CHANNELS``)."""
+    editor = graph.editor
+    saved = graph.kept_inputs[index]
+    scale, zero_point = editor.quantization(saved)
+    count = chunk.stop - chunk.start
+    positions = editor.add_tensor(f"{layer.name}/chunk_{chunk.start}", (count,), np.int32,
+                                  data=np.arange(chunk.start, chunk.stop, dtype=np.int32))
+    part = editor.add_tensor(f"{layer.name}/input_kept_{chunk.start}",
+                             editor.shape(saved)[:-1] + (count,), np.int8, scale=scale,
+                             zero_point=zero_point)
+    graph.backward_ops.append(editor.custom_op("DGST_GATHER_CHANNELS", [saved, positions],
+                                               [part]))
+    return part

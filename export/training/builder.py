@@ -12,15 +12,19 @@ import os
 import pathlib
 import tempfile
 
+import numpy as np
+
 from dgst_tf.core.files import write_atomically
 from dgst_tf.core.int8_conversion import DEFAULT_HEAD_LOGIT_RANGE, DEFAULT_HEAD_WEIGHT_HEADROOM
 from dgst_tf.export import block_fusion
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import TfliteFileError, read_tflite
-from dgst_tf.export.training.backward import add_backward_pass
+from dgst_tf.export.training.backward import (DEFAULT_WEIGHT_GRAD_CHUNK_BYTES,
+                                              add_backward_pass)
 from dgst_tf.export.training.flash_requant import FLASH_REQUANT_OP, flash_requant_op
 from dgst_tf.export.training.forward import add_forward_records, add_variables, fold_pads
 from dgst_tf.export.training.manifest import build_manifest, manifest_path_for
+from dgst_tf.export.training.offline_plan import add_offline_plan
 from dgst_tf.export.training.plan import TrainingExportError, find_layer_ops, plan_training
 from dgst_tf.export.training.schedule import assign_layer_schedule
 from dgst_tf.export.training.state import ExportSettings, TrainingGraph
@@ -52,15 +56,20 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                     fuse_blocks: bool = True, kept_weights_in_ram: bool = True,
                     output_params: bool = True, rounding: str = "stochastic",
                     seed: int = 0, layers_per_step: int | None = None,
-                    requant_in_flash: bool = True,
+                    requant_in_flash: bool = True, offline_plan: bool = True,
+                    weight_grad_chunk_bytes: int = DEFAULT_WEIGHT_GRAD_CHUNK_BYTES,
                     head_logit_range: float = DEFAULT_HEAD_LOGIT_RANGE,
                     head_weight_headroom: float = DEFAULT_HEAD_WEIGHT_HEADROOM
                     ) -> TrainingExport:
     """Write the training-step `.tflite` for ``model`` + ``scheme`` and its JSON manifest.
 
-    ``model``: a tf-keras CNN (BatchNorm is folded first) ending in a Dense classifier that
-    outputs logits; ``scheme``: an `UpdateScheme` (the classifier is always trained in
-    full); ``representative_images``: float images for int8 calibration (as `export_int8`);
+    ``model``: a tf-keras CNN (BatchNorm is folded first) whose classifier is a Dense layer
+    or a 1x1 Conv2D of the pooled map, with or without a final softmax
+    (`dgst_tf.core.classifier`: the step trains on the logits; the inference model
+    `write_inference_model` writes outputs logits); every layer between the first updated one
+    and the loss must be one the int8 step trains through (`dgst_tf.core.training_support`,
+    checked before anything is converted); ``scheme``: an `UpdateScheme` (the classifier is
+    always trained in full); ``representative_images``: float images for int8 calibration (as `export_int8`);
     ``selection``: how the kept input channels of weight-updated layers are chosen once at
     export: ``"magnitude"`` (top-k L2 norm, like Lin et al.), ``"first"``, or a dict
     ``{layer: channel indices}``. ``policy``: a dynamic selection evaluated on device at the
@@ -96,7 +105,14 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     every int8 convolution of the step is a ``DGST_CONV2D``, bit-identical to the builtin op
     but reading its per-channel requantization multipliers and shifts from a constant (flash)
     instead of computing them into the arena (8 bytes per output channel; see
-    `dgst_tf.export.training.flash_requant`). ``head_logit_range``,
+    `dgst_tf.export.training.flash_requant`). ``offline_plan``: write TFLM's offline memory
+    plan into the model, in which the ops that can compute in place do (the first fused
+    blocks over their input, the int8 error signals over their float gradients; see
+    `dgst_tf.export.training.offline_plan`); False lets TFLM plan online.
+    ``weight_grad_chunk_bytes``: compute a weight gradient larger than this (int32 bytes)
+    in chunks of kept input channels, each updating its channels before the next is
+    computed, so only one chunk exists at a time (0: whole; see
+    `dgst_tf.export.training.backward`). ``head_logit_range``,
     ``head_weight_headroom``: room for the classifier to train, as in `convert_int8` (the
     Keras simulation `int8_training_graph` takes the same two). Both files are written atomically; the
     manifest goes to ``path`` with suffix ``.json``. Raises `TrainingExportError` naming the
@@ -120,7 +136,10 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
                               fuse_blocks, kept_weights_in_ram, output_params,
                               rounding=rounding, seed=int(seed),
                               layers_per_step=layers_per_step,
-                              requant_in_flash=bool(requant_in_flash))
+                              requant_in_flash=bool(requant_in_flash),
+                              offline_plan=bool(offline_plan),
+                              weight_grad_chunk_bytes=_chunk_bytes(weight_grad_chunk_bytes,
+                                                                   where))
     editor = _int8_editor(model, representative_images, num_samples,
                           head_logit_range=head_logit_range,
                           head_weight_headroom=head_weight_headroom)
@@ -137,7 +156,8 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
     add_backward_pass(graph)
     advance_step(graph)
     forward_ops = _order_ops(graph)
-    editor.prune_buffers()  # the converter's data that the edits replaced is not flashed
+    _drop_unused_tensors(graph)  # TFLM would plan them (an 80 KB float gradient, say)
+    planned = add_offline_plan(editor) if settings.offline_plan else None
     data = editor.pack()
     try:
         data, parsed = read_tflite(data, what=f"training graph for {os.fspath(path)}")
@@ -145,11 +165,18 @@ def export_training(model, scheme, representative_images, path, *, learning_rate
         raise TrainingExportError(str(error)) from None
     manifest = build_manifest(graph, path, data, parsed, scheme=scheme,
                               forward_ops=forward_ops, folded_pads=folded_pads,
-                              fused_blocks=fused_blocks)
+                              fused_blocks=fused_blocks, offline_plan=planned)
     manifest_path = manifest_path_for(path)
     written = write_atomically(path, data)
     write_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return TrainingExport(written, manifest_path, manifest)
+
+
+def _chunk_bytes(value, where) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise TrainingExportError(f"{where}: weight_grad_chunk_bytes must be an int >= 0, "
+                                  f"got {value!r}")
+    return int(value)
 
 
 def _device_policy(policy, where):
@@ -176,19 +203,27 @@ def _layers_per_step(policy, layers_per_step, where):
 def _checked_model(model, scheme, learning_rate, where):
     """The model with BatchNorm folded, after checking it, the scheme and the rate."""
     from dgst_tf.core.bn_folding import fold_batchnorm
+    from dgst_tf.core.classifier import logits_model
+    from dgst_tf.core.graph import UnsupportedModelError
     from dgst_tf.core.keras_compat import keras, require_keras2
+    from dgst_tf.core.training_support import check_gradient_path
     from dgst_tf.training.scheme import classifier_layer
 
     require_keras2(model, where)
     if any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers):
         model = fold_batchnorm(model)
+    try:  # a 1x1-conv classifier as the Dense it is; a softmax dropped (trained on logits)
+        model = logits_model(model)
+    except UnsupportedModelError as error:
+        raise TrainingExportError(f"{where}: {error}") from None
     scheme.validate(model)
     if not float(learning_rate) > 0:
         raise TrainingExportError(f"{where}: learning_rate must be > 0, got {learning_rate}")
-    classifier = classifier_layer(model)
-    if classifier.activation is not keras.activations.linear:
-        raise TrainingExportError(f"{where}: classifier {classifier.name!r} must output logits "
-                                  f"(linear activation), it has an activation")
+    trained = {name for name in scheme.layers if scheme.update_for(name).mode != "frozen"}
+    try:  # before the (slow) conversion: every layer the gradient passes can be trained
+        check_gradient_path(model, trained | {classifier_layer(model).name}, where)
+    except UnsupportedModelError as error:
+        raise TrainingExportError(str(error)) from None
     return model
 
 
@@ -215,6 +250,19 @@ def _simplify_forward(editor, model, scheme, classifier, settings, where) -> tup
                    if name == classifier or scheme.update_for(name).mode != "frozen"]
         fused_blocks = block_fusion.fuse_blocks(editor, stop=min(trained))
     return folded_pads, fused_blocks
+
+
+def _drop_unused_tensors(graph: TrainingGraph) -> None:
+    """Remove the tensors no op reads or writes (a gradient whose op the backward pass
+    dropped) and the data no tensor uses, renumbering the tensor indices the graph holds."""
+    renumber = graph.editor.prune()
+    graph.plan.logits = renumber[graph.plan.logits]
+    for entry in graph.params:
+        for key in ("tensor", "initial", "flash"):
+            if key in entry:
+                entry[key] = renumber[entry[key]]
+        if "merged" in entry:
+            entry["merged"] = [renumber[m] for m in entry["merged"]]
 
 
 def _order_ops(graph: TrainingGraph) -> list:

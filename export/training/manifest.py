@@ -43,9 +43,11 @@ def file_sha256(data: bytes) -> str:
 
 # ----------------------------------------------------------------------------- writing
 def build_manifest(graph: TrainingGraph, path: pathlib.Path, data: bytes, parsed, *,
-                   scheme, forward_ops: list, folded_pads: int, fused_blocks: int) -> dict:
+                   scheme, forward_ops: list, folded_pads: int, fused_blocks: int,
+                   offline_plan: dict | None = None) -> dict:
     """The manifest of the packed training graph ``data`` (parsed: ``parsed``), written to
-    ``path``; ``forward_ops``: the op indices of the inference graph inside it."""
+    ``path``; ``forward_ops``: the op indices of the inference graph inside it;
+    ``offline_plan``: what `add_offline_plan` planned (None: TFLM plans online)."""
     editor, settings = graph.editor, graph.settings
     op_counts = collections.Counter(ModelEditor(parsed).builtin(op)
                                     for op in parsed.subgraphs[0].operators)
@@ -72,6 +74,7 @@ def build_manifest(graph: TrainingGraph, path: pathlib.Path, data: bytes, parsed
         "forward_ops": forward_ops,
         "folded_pads": folded_pads,
         "fused_blocks": fused_blocks,
+        "offline_plan": offline_plan,
         "ops": dict(sorted(op_counts.items())),
         "custom_ops": sorted(k[len("CUSTOM:"):] for k in op_counts if k.startswith("CUSTOM:")),
     }

@@ -19,6 +19,7 @@ from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import read_tflite
 from dgst_tf.export.training.flash_requant import FLASH_REQUANT_OP, builtin_conv_op
 from dgst_tf.export.training.manifest import load_manifest
+from dgst_tf.export.training.offline_plan import drop_offline_plan
 
 __all__ = ["TrainingRun", "train_tflm", "initial_params", "run_inference_tflm",
            "write_inference_model"]
@@ -161,6 +162,7 @@ def write_inference_model(path, params: dict, out_path, *, manifest=None) -> pat
     logits = int(subgraph.outputs[1])
     subgraph.inputs = [int(subgraph.inputs[0])]
     subgraph.outputs = [logits]
+    drop_offline_plan(editor)  # it places the training graph's tensors
     editor.prune()
     editor.model.description = b"dgst-tf inference (updated on device)"
     data = editor.pack()

@@ -32,6 +32,8 @@ class ExportSettings:
     seed: int = 0  # of stochastic rounding
     requant_in_flash: bool = True  # convolutions as DGST_CONV2D (`flash_requant`)
     layers_per_step: int | None = None  # the layer schedule (`schedule`); None: all layers
+    offline_plan: bool = True  # the arena's offline memory plan, in place ops (`offline_plan`)
+    weight_grad_chunk_bytes: int = 0  # largest int32 weight-gradient chunk; 0: whole (`backward`)
 
 
 @dataclasses.dataclass

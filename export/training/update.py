@@ -64,21 +64,30 @@ def bias_update(graph: TrainingGraph, op, bias_grad: int, weight_scale: int, dy_
 
 
 def weight_update(graph: TrainingGraph, layer: TrainedLayer, op, weight_grad: int,
-                  weight_scale: int, dy_scale: int):
-    """The SGD op updating the kept input channels of ``layer``'s weights: in the full
-    kernel variable, or in the RAM copy of the kept channels (kept-weights-in-RAM)."""
+                  weight_scale: int, dy_scale: int, chunk: slice | None = None):
+    """The SGD op updating the kept input channels ``chunk`` (positions in ``layer.kept``;
+    None: all) of ``layer``'s weights: in the full kernel variable, or in the RAM copy of
+    the kept channels (kept-weights-in-RAM)."""
     editor = graph.editor
     depthwise = layer.kind == "depthwise"
+    chunk = chunk or slice(0, len(layer.kept))
+    whole = chunk.stop - chunk.start == len(layer.kept)
+    suffix = "" if whole else f"_{chunk.start}"
     target, kept_tensor, scales_tensor = int(op.inputs[1]), layer.kept_tensor, weight_scale
+    if not whole and layer.compact < 0:
+        kept_tensor = editor.add_tensor(f"{layer.name}/update_kept{suffix}",
+                                        (chunk.stop - chunk.start,), np.int32,
+                                        data=layer.kept[chunk])
     if layer.compact >= 0:  # update the RAM copy of the kept channels only
         target = layer.compact
-        count = len(layer.kept)
-        kept_tensor = editor.add_tensor(f"{layer.name}/compact_channels", (count,), np.int32,
-                                        data=np.arange(count, dtype=np.int32))
-        if depthwise:  # its scales are per (kept) channel
+        count = chunk.stop - chunk.start
+        kept_tensor = editor.add_tensor(f"{layer.name}/compact_channels{suffix}", (count,),
+                                        np.int32,
+                                        data=np.arange(chunk.start, chunk.stop, dtype=np.int32))
+        if depthwise:  # its scales are per (kept) channel, indexed by the compact channel
             weight_scales, _ = editor.quantization(layer.flash)
             scales_tensor = editor.add_tensor(
-                f"{layer.name}/kept_weight_scale", (count,), np.float32,
+                f"{layer.name}/kept_weight_scale{suffix}", (len(layer.kept),), np.float32,
                 data=weight_scales[layer.kept].astype(np.float32))
     inputs = [target, weight_grad, kept_tensor, scales_tensor, dy_scale]
     kind = SGD_DEPTHWISE_WEIGHTS if depthwise else SGD_WEIGHTS
@@ -89,8 +98,9 @@ def weight_update(graph: TrainingGraph, layer: TrainedLayer, op, weight_grad: in
             _options(graph, op, kind, schedule=schedule))
     index_channels = -1  # the kept channels are the full kernel's
     if layer.compact >= 0:
-        index_channels = editor.add_tensor(f"{layer.name}/kept_in_kernel", (count,), np.int32,
-                                           data=np.asarray(layer.kept, np.int32))
+        index_channels = editor.add_tensor(f"{layer.name}/kept_in_kernel{suffix}", (count,),
+                                           np.int32,
+                                           data=np.asarray(layer.kept[chunk], np.int32))
     return editor.custom_op("DGST_SGD_QAS_UPDATE",
                             inputs + [step_counter(graph), index_channels], [],
                             _options(graph, op, kind, stream=layer_stream(layer.name),

@@ -4,11 +4,24 @@
  * 8 bytes of arena per output channel at Prepare. The arithmetic is TFLite's reference int8
  * kernels' (padding taps skipped, requantization of acc + bias), so outputs are bit-identical.
  * Computed one output row at a time; the row functions are also the stages of
- * dgst_fused_block_s8. The dot products over channels use SMLAD on cores with the DSP
- * extension. */
+ * dgst_fused_block_s8. On cores with the DSP extension a 1x1 convolution runs one output
+ * channel over the whole row (weights unpacked once into int16 lanes, the input offset folded
+ * in as offset * sum(w), SMLAD per 2 MACs) and the depthwise 4 channels over the row (SMLABB /
+ * SMLATT, accumulators in registers); both prepare each channel's requantization constants
+ * once per row, and the requantization itself is SMLAL-based (requantize_fast), equal to
+ * TFLite's double rounding bit for bit.
+ */
 #include <string.h>
 
 #include "dgst_internal.h"
+
+/* The DSP stages stay functions of their own: inlined into the generic row loops, GCC spills
+ * their registers. */
+#if defined(__GNUC__)
+#define DGST_NOINLINE __attribute__((noinline))
+#else
+#define DGST_NOINLINE
+#endif
 
 /* sum_i (x[i] + x_offset) * w[i]: x + offset fits an int16 lane (|x + offset| <= 255). */
 static inline int32_t dot_s8(const int8_t* x, int32_t x_offset, const int8_t* w, int32_t n) {
@@ -27,12 +40,91 @@ static inline int32_t dot_s8(const int8_t* x, int32_t x_offset, const int8_t* w,
   return acc;
 }
 
-static inline int8_t requantize_s8(int32_t acc, const dgst_requant_params* p, int32_t c) {
-  int32_t v = dgst_multiply_by_quantized_multiplier(acc + p->bias[c], p->multiplier[c],
-                                                    p->shift[c]) + p->output_offset;
-  v = dgst_max_i32(v, p->act_min);
-  return (int8_t)dgst_min_i32(v, p->act_max);
+/* TFLite's MultiplyByQuantizedMultiplier for one output channel, its constants prepared
+ * once: (a * m + 2^30) >> 31 (floor) equals SaturatingRoundingDoublingHighMul's
+ * truncated (a * m + nudge) / 2^31 for every a whenever m != INT32_MIN (for a * m < 0 both
+ * are -floor((|a * m| + 2^30 - 1) / 2^31)), then RoundingDivideByPOT. */
+typedef struct {
+  int32_t bias, multiplier, left, right, mask, half, exact;
+} requant_channel;
+
+static inline requant_channel requant_channel_of(const dgst_requant_params* p, int32_t c) {
+  requant_channel r;
+  const int32_t shift = p->shift[c];
+  r.bias = p->bias[c];
+  r.multiplier = p->multiplier[c];
+  r.left = shift > 0 ? shift : 0;
+  r.right = shift > 0 ? 0 : -shift;
+  r.mask = (int32_t)(((uint32_t)1 << r.right) - 1u);
+  r.half = r.mask >> 1;
+  r.exact = r.multiplier != INT32_MIN && r.right < 31;
+  return r;
 }
+
+static inline int8_t requantize_fast(int32_t acc, const requant_channel* r, int32_t offset,
+                                     int32_t act_min, int32_t act_max) {
+  int32_t v;
+  if (r->exact) {
+    const int32_t a = (int32_t)((uint32_t)(acc + r->bias) << r->left);
+    const int32_t high = (int32_t)(((int64_t)a * r->multiplier + (1 << 30)) >> 31);
+    const int32_t threshold = r->half + (int32_t)((uint32_t)high >> 31);
+    v = (high >> r->right) + ((high & r->mask) > threshold) + offset;
+  } else {
+    const int32_t shift = r->left > 0 ? r->left : -r->right;
+    v = dgst_multiply_by_quantized_multiplier(acc + r->bias, r->multiplier, shift) + offset;
+  }
+  v = dgst_max_i32(v, act_min);
+  return (int8_t)dgst_min_i32(v, act_max);
+}
+
+#if DGST_USE_ARM_DSP
+
+/* A 1x1 convolution of one row of n pixels (x: [n][in_c]) into row [n][out_c], one output
+ * channel at a time over the whole row: its weights are unpacked once into int16 lanes
+ * (c, c + 2), (c + 1, c + 3) per 4 channels, its requantization constants and the input
+ * offset's share offset * sum(w) found once, then per pixel and 4 input channels
+ * LDR + 2 SXTB16 of the input, LDRD of the weight lanes, 2 SMLAD. */
+#define POINTWISE_MAX_C 128 /* input channels of the 1x1 path (weight lanes on the stack) */
+
+static DGST_NOINLINE void pointwise_row(const int8_t* x, int32_t n, int32_t in_c,
+                                        int32_t out_c, const dgst_requant_params* p,
+                                        int8_t* row) {
+  int32_t lanes[POINTWISE_MAX_C / 2];
+  const int32_t offset = p->input_offset, c4 = in_c & ~3;
+  const int32_t out_offset = p->output_offset, act_min = p->act_min, act_max = p->act_max;
+  const int32_t* const lanes_end = lanes + c4 / 2;
+  int32_t oc;
+  for (oc = 0; oc < out_c; ++oc) {
+    const int8_t* const w = p->weights + oc * in_c;
+    const requant_channel rq = requant_channel_of(p, oc);
+    const int8_t* xp = x;
+    int8_t* out = row + oc;
+    int32_t w_sum = 0, c, px;
+    for (c = 0; c < in_c; ++c) w_sum += w[c];
+    w_sum *= offset; /* sum (x + offset) * w = sum x * w + offset * sum w */
+    for (c = 0; c < c4; c += 4) {
+      uint32_t v;
+      memcpy(&v, w + c, 4);
+      lanes[c / 2] = __sxtb16((int32_t)v);
+      lanes[c / 2 + 1] = dgst_sxtb16_ror8(v);
+    }
+    for (px = 0; px < n; ++px, xp += in_c, out += out_c) {
+      const int32_t* l = lanes;
+      const int8_t* xc = xp;
+      int32_t acc = w_sum;
+      for (; l != lanes_end; l += 2, xc += 4) {
+        uint32_t v;
+        memcpy(&v, xc, 4);
+        acc = __smlad(__sxtb16((int32_t)v), l[0], acc);
+        acc = __smlad(dgst_sxtb16_ror8(v), l[1], acc);
+      }
+      for (c = c4; c < in_c; ++c) acc += xp[c] * w[c];
+      *out = requantize_fast(acc, &rq, out_offset, act_min, act_max);
+    }
+  }
+}
+
+#endif
 
 /* The geometry and parameters are copied into locals: int8 stores may alias any object, so
  * fields read through the pointers would be reloaded after every store. */
@@ -45,6 +137,13 @@ void dgst_conv2d_row_s8(const dgst_conv_geometry* geometry, int32_t in_c, int32_
   const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g.kernel_h, g.in_h - iy0);
   const int32_t filter = g.kernel_h * g.kernel_w * in_c;
   int32_t ox, oc, ky, kx;
+#if DGST_USE_ARM_DSP
+  if (g.kernel_h == 1 && g.kernel_w == 1 && g.stride_w == 1 && g.pad_left == 0 &&
+      g.pad_top == 0 && in_c <= POINTWISE_MAX_C && g.out_w <= g.in_w && iy0 < g.in_h) {
+    pointwise_row(x + iy0 * g.in_w * in_c, g.out_w, in_c, out_c, &p, row);
+    return;
+  }
+#endif
   for (ox = 0; ox < g.out_w; ++ox) {
     const int32_t ix0 = ox * g.stride_w - g.pad_left;
     const int32_t kx_lo = dgst_max_i32(0, -ix0);
@@ -59,10 +158,59 @@ void dgst_conv2d_row_s8(const dgst_conv_geometry* geometry, int32_t in_c, int32_
                         w + (ky * g.kernel_w + kx) * in_c, in_c);
         }
       }
-      out[oc] = requantize_s8(acc, &p, oc);
+      {
+        const requant_channel rq = requant_channel_of(&p, oc);
+        out[oc] = requantize_fast(acc, &rq, p.output_offset, p.act_min, p.act_max);
+      }
     }
   }
 }
+
+#if DGST_USE_ARM_DSP
+/* The first c4 channels of a depthwise output row, 4 at a time over the whole row (their
+ * requantization constants found once): per pixel and tap LDR of x and of w, SXTB16 / SADD16
+ * into (c, c + 2), (c + 1, c + 3) lanes, SMLABB / SMLATT into 4 accumulators in registers. */
+static DGST_NOINLINE void depthwise_groups(const dgst_conv_geometry* g, int32_t channels,
+                             const dgst_requant_params* p, const int8_t* const* rows,
+                             int32_t ky_lo, int32_t ky_hi, int32_t c4, int32_t offset2,
+                             int8_t* row) {
+  const int32_t out_offset = p->output_offset, act_min = p->act_min, act_max = p->act_max;
+  int32_t c, ox, ky, kx;
+  for (c = 0; c < c4; c += 4) {
+    const requant_channel r0 = requant_channel_of(p, c), r1 = requant_channel_of(p, c + 1);
+    const requant_channel r2 = requant_channel_of(p, c + 2), r3 = requant_channel_of(p, c + 3);
+    for (ox = 0; ox < g->out_w; ++ox) {
+      const int32_t ix0 = ox * g->stride_w - g->pad_left;
+      const int32_t kx_lo = dgst_max_i32(0, -ix0);
+      const int32_t kx_hi = dgst_min_i32(g->kernel_w, g->in_w - ix0);
+      int8_t* const out = row + ox * channels + c;
+      int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+      for (ky = ky_lo; ky < ky_hi; ++ky) {
+        const int8_t* ip = rows[ky] + (ix0 + kx_lo) * channels + c;
+        const int8_t* wp = p->weights + (ky * g->kernel_w + kx_lo) * channels + c;
+        for (kx = kx_lo; kx < kx_hi; ++kx, ip += channels, wp += channels) {
+          uint32_t xv, wv;
+          int32_t x02, x13, w02, w13;
+          memcpy(&xv, ip, 4);
+          memcpy(&wv, wp, 4);
+          x02 = __sadd16(__sxtb16((int32_t)xv), offset2);
+          x13 = __sadd16(dgst_sxtb16_ror8(xv), offset2);
+          w02 = __sxtb16((int32_t)wv);
+          w13 = dgst_sxtb16_ror8(wv);
+          a0 = __smlabb(x02, w02, a0);
+          a2 = __smlatt(x02, w02, a2);
+          a1 = __smlabb(x13, w13, a1);
+          a3 = __smlatt(x13, w13, a3);
+        }
+      }
+      out[0] = requantize_fast(a0, &r0, out_offset, act_min, act_max);
+      out[1] = requantize_fast(a1, &r1, out_offset, act_min, act_max);
+      out[2] = requantize_fast(a2, &r2, out_offset, act_min, act_max);
+      out[3] = requantize_fast(a3, &r3, out_offset, act_min, act_max);
+    }
+  }
+}
+#endif
 
 void dgst_depthwise_conv2d_row_s8(const dgst_conv_geometry* geometry, int32_t channels,
                                   const dgst_requant_params* params, const int8_t* const* rows,
@@ -72,22 +220,36 @@ void dgst_depthwise_conv2d_row_s8(const dgst_conv_geometry* geometry, int32_t ch
   const int32_t iy0 = r * g.stride_h - g.pad_top;
   const int32_t ky_lo = dgst_max_i32(0, -iy0), ky_hi = dgst_min_i32(g.kernel_h, g.in_h - iy0);
   int32_t ox, c, ky, kx;
+#if DGST_USE_ARM_DSP
+  const int32_t c4 = channels & ~3;
+  const int32_t offset2 = (int32_t)(((uint32_t)(uint16_t)p.input_offset << 16) |
+                                    (uint16_t)p.input_offset);
+#else
+  const int32_t c4 = 0;
+#endif
+#if DGST_USE_ARM_DSP
+  depthwise_groups(&g, channels, &p, rows, ky_lo, ky_hi, c4, offset2, row);
+#endif
   for (ox = 0; ox < g.out_w; ++ox) {
     const int32_t ix0 = ox * g.stride_w - g.pad_left;
     const int32_t kx_lo = dgst_max_i32(0, -ix0);
     const int32_t kx_hi = dgst_min_i32(g.kernel_w, g.in_w - ix0);
     int8_t* out = row + ox * channels;
-    for (c = 0; c < channels; ++c) acc[c] = 0;
+    if (c4 == channels) continue;
+    for (c = c4; c < channels; ++c) acc[c] = 0;
     for (ky = ky_lo; ky < ky_hi; ++ky) {
       const int8_t* in = rows[ky] + ix0 * channels;
       const int8_t* w = p.weights + ky * g.kernel_w * channels;
       for (kx = kx_lo; kx < kx_hi; ++kx) {
         const int8_t* ip = in + kx * channels;
         const int8_t* wp = w + kx * channels;
-        for (c = 0; c < channels; ++c) acc[c] += (ip[c] + p.input_offset) * wp[c];
+        for (c = c4; c < channels; ++c) acc[c] += (ip[c] + p.input_offset) * wp[c];
       }
     }
-    for (c = 0; c < channels; ++c) out[c] = requantize_s8(acc[c], &p, c);
+    for (c = c4; c < channels; ++c) {
+      const requant_channel rq = requant_channel_of(&p, c);
+      out[c] = requantize_fast(acc[c], &rq, p.output_offset, p.act_min, p.act_max);
+    }
   }
 }
 

@@ -39,7 +39,9 @@ float dgst_softmax_xent_grad(const int8_t* logits, int32_t classes, float scale,
                              int32_t zero_point, int32_t label, float* grad);
 
 /* Quantize a float gradient to int8 with a per-tensor symmetric scale:
- * *scale = max|g| / 127 (1.0f if all zero); out[i] = clamp(round(g[i] / *scale), -127, 127). */
+ * *scale = max|g| / 127 (1.0f if all zero); out[i] = clamp(round(g[i] / *scale), -127, 127).
+ * out is written from the last element to the first, so it may start >= 3 * (n - 1) bytes
+ * into g's memory (computed in place). */
 void dgst_quantize_grad_s8(const float* g, int32_t n, int8_t* out, float* scale);
 
 /* dgst_quantize_grad_s8 of the [pixels][channels] tensor x[p][c] = g[c] * factor masked by

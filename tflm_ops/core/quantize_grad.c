@@ -2,7 +2,10 @@
  * signal): *scale = max|g| / 127 (1.0f if all zero);
  * out[i] = clamp(round(g[i] / *scale), -127, 127), round half away from zero.
  * The division is kept (not a multiply by 127 / max) so that results match the contract
- * bit for bit. */
+ * bit for bit. out is written from the last element to the first, each after its g[i] is
+ * read, so out may lie in place at the end of g's memory (the training step's offline
+ * memory plan puts it at >= 3 * (n - 1) bytes after g: out[i] then never overwrites a
+ * g[j], j < i, still to be read). */
 #include "dgst_internal.h"
 #include "dgst_train_kernels.h"
 
@@ -12,7 +15,7 @@ void dgst_quantize_grad_s8(const float* g, int32_t n, int8_t* out, float* scale)
   for (i = 0; i < n; ++i) m = dgst_max_abs_f32(m, g[i]);
   s = m > 0.0f ? m / 127.0f : 1.0f;
   *scale = s;
-  for (i = 0; i < n; ++i) {
+  for (i = n - 1; i >= 0; --i) {
     const float q = dgst_clamp_f32(g[i] / s, -127.0f, 127.0f);
     out[i] = (int8_t)dgst_round_to_i32(q);
   }

@@ -14,14 +14,17 @@
 //                its first B bytes written)
 //   state.bin    written at boot when a state was loaded from flash: its bytes
 // At boot the newest valid state in flash replaces the initial weights; after the steps
-// (if any), the state is committed to flash.
+// (if any), the state is committed to flash. A model without variable tensors (an inference
+// model) has no state: no flash.bin, "store none".
 // stdout: "arena_used_bytes N", one "output I type T bytes B dims D0,D1,..." line per
 // output, one "state_tensor I bytes B" line per state tensor, "store slot_sectors N
 // sector_bytes N program_bytes N layout N", "store loaded slot S sequence Q steps T" (or "store
-// empty", "store other_layout"), one "step S instructions N" line per Invoke (QEMU -icount
-// shift=6), "steps N", "store commit slot S sequence Q steps T erases E programs P",
-// "stack_bytes N", and "done". Exit status: 0 ok, 2 bad model, 3 AllocateTensors failed,
-// 4 file error, 5 Invoke failed, 6 flash error or power cut ("power_cut after_write W").
+// empty", "store other_layout", "store none"), one "step S instructions N" line per Invoke
+// (QEMU -icount shift=6), "steps N", "store commit slot S sequence Q steps T erases E programs
+// P", one "op NAME invokes N instructions M" line per operator type (op_profiler.h, summed
+// over the steps), "stack_bytes N", and "done". Exit status: 0 ok, 2 bad model,
+// 3 AllocateTensors failed, 4 file error, 5 Invoke failed, 6 flash error or power cut
+// ("power_cut after_write W").
 //
 // Built by `make -C tflm_ops tflm-firmware MODEL=...` (model_data.cc and model_ops.h are
 // written by `python -m dgst_tf.tflm_ops.cortex_m embed`).
@@ -32,6 +35,7 @@
 #include "flash_file.h"
 #include "mcu_support.h"
 #include "model_ops.h"
+#include "op_profiler.h"
 #include "tensorflow/lite/micro/cortex_m_generic/debug_log_callback.h"
 #include "tensorflow/lite/micro/micro_interpreter.h"
 #include "tensorflow/lite/micro/micro_mutable_op_resolver.h"
@@ -207,6 +211,10 @@ int LoadState(const tflite::Model* model, const dgst_state::Interpreter& interpr
     printf("state_tensor %d bytes %lu\n", p.state.tensor(i),
            static_cast<unsigned long>(p.state.segments()[i].bytes));
   }
+  if (p.state.count() == 0) {
+    printf("store none\n");
+    return 0;
+  }
   int status = OpenFlash(p);
   if (status != 0) return status;
   status = ws_open(&p.store, &p.flash.flash, p.state.layout(), p.state.bytes());
@@ -254,8 +262,9 @@ int main(void) {
     return 2;
   }
   static dgst_state::StateResolver resolver(ops);
+  static dgst_profile::OpProfiler profiler;
   static dgst_state::Interpreter interpreter(model, resolver, tensor_arena,
-                                             sizeof(tensor_arena));
+                                             sizeof(tensor_arena), nullptr, &profiler);
   if (interpreter.AllocateTensors() != kTfLiteOk) {
     printf("error: AllocateTensors failed (arena %u bytes; raise ARENA_BYTES)\n",
            static_cast<unsigned>(sizeof(tensor_arena)));
@@ -267,7 +276,10 @@ int main(void) {
   int status = LoadState(model, interpreter, resolver, persistence);
   int steps = 0;
   if (status == 0) status = RunSteps(interpreter, &steps);
-  if (status == 0 && steps > 0) status = CommitState(persistence, steps);
+  if (status == 0 && steps > 0 && persistence.state.count() > 0) {
+    status = CommitState(persistence, steps);
+  }
+  profiler.Print();
   if (flash_file_close(&persistence.flash) != 0 && status == 0) status = 4;
   printf("stack_bytes %u\n",
          static_cast<unsigned>(reinterpret_cast<uintptr_t>(&_estack) - dgst_stack_low_water()));
