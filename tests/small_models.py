@@ -73,3 +73,21 @@ def assert_layers_equal_tflm_step(graph, sparse, run, layers, step: int) -> None
             np.testing.assert_array_equal(
                 np.sort(sparse.selection.numpy(name)["indices"]),
                 np.sort(run.kept[f"{name}/kept"][step]), f"{name} kept step {step}")
+
+
+def dgsu_on_int8_graph(graph, scheme, learning_rate: float):
+    """The Keras side of a TFLM step comparison: ``graph`` (`int8_training_graph`) trained by
+    QAS SGD with stochastic rounding and DGSU's traversal selection, as `export_training(...,
+    policy="traversal", rounding="stochastic")` runs on device; returns the compiled model."""
+    from dgst_tf.training.qas import QuantizationAwareScalingSGD
+    from dgst_tf.training.selection import DynamicChannelSelection
+    from dgst_tf.training.sparse_model import SparseUpdateModel
+
+    sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
+    sparse.compile(optimizer=QuantizationAwareScalingSGD(learning_rate, graph.qas_scales,
+                                                         rounding="stochastic"),
+                   loss=graph.loss)
+    callback = DynamicChannelSelection("weight_l2", traversal=True)
+    callback.set_model(sparse)
+    callback.on_train_begin()
+    return sparse

@@ -5,7 +5,7 @@ leave the same channels, int8 weights, int32 biases and losses on both sides."""
 import numpy as np
 import pytest
 
-from small_models import assert_layers_equal_tflm_step, batch, residual_cnn
+from small_models import assert_layers_equal_tflm_step, dgsu_on_int8_graph, batch, residual_cnn
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.graph import UnsupportedModelError
@@ -288,13 +288,7 @@ def test_steps_with_dgsu_and_stochastic_rounding_equal_the_tflm_graphs(setup, tm
     run = train_tflm(info.path, x, y)
     assert all(f"{n}/weights" in run.manifest["outputs"] for n in WEIGHT_LAYERS)
     graph = int8_training_graph(model, calibration)  # fresh weights: this test trains them
-    sparse = SparseUpdateModel(graph.model, UpdateScheme(SCHEME), fold_bn=False)
-    sparse.compile(optimizer=QuantizationAwareScalingSGD(LR, graph.qas_scales,
-                                                         rounding="stochastic"),
-                   loss=graph.loss)
-    callback = DynamicChannelSelection("weight_l2", traversal=True)
-    callback.set_model(sparse)
-    callback.on_train_begin()
+    sparse = dgsu_on_int8_graph(graph, UpdateScheme(SCHEME), LR)
     logits = keras.Model(graph.model.inputs, graph.model.get_layer("classifier_rescale").output)
     converted = ConvertedModel(graph.tflite_model)
     zero_point = converted.tensor(converted.outputs[0]).zero_point

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from small_models import assert_layers_equal_tflm_step
+from small_models import assert_layers_equal_tflm_step, dgsu_on_int8_graph
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.classifier import (ClassifierError, find_classifier, logits_model,
@@ -24,7 +24,6 @@ from dgst_tf.core.training_support import SUPPORT, unsupported_reason
 from dgst_tf.export.training import TrainingExportError, export_training, train_tflm
 from dgst_tf.planning.memory import MemoryModel
 from dgst_tf.training.int8_graph import int8_training_graph
-from dgst_tf.training.qas import QuantizationAwareScalingSGD
 from dgst_tf.training.scheme import SchemeError, UpdateScheme, conv_layers, updatable_layers
 from dgst_tf.training.selection import DynamicChannelSelection
 from dgst_tf.training.sparse_model import SparseUpdateModel
@@ -268,13 +267,7 @@ def test_tflm_steps_of_the_exported_graph_equal_the_keras_int8_simulation(family
     assert info.manifest["layers"][-1]["name"] == classifier
     run = train_tflm(info.path, x, y)
     graph = int8_training_graph(model, calibration)
-    sparse = SparseUpdateModel(graph.model, scheme, fold_bn=False)
-    sparse.compile(optimizer=QuantizationAwareScalingSGD(lr, graph.qas_scales,
-                                                         rounding="stochastic"),
-                   loss=graph.loss)
-    callback = DynamicChannelSelection("weight_l2", traversal=True)
-    callback.set_model(sparse)
-    callback.on_train_begin()
+    sparse = dgsu_on_int8_graph(graph, scheme, lr)
     codes = keras.Model(graph.model.inputs,
                         graph.model.get_layer(f"{classifier}_rescale").output)
     zero_point = ConvertedModel(graph.tflite_model).tensor(
