@@ -5,7 +5,7 @@ leave the same channels, int8 weights, int32 biases and losses on both sides."""
 import numpy as np
 import pytest
 
-from small_models import assert_layers_equal_tflm_step, dgsu_on_int8_graph, batch, residual_cnn
+from small_models import assert_layers_equal_tflm_step, batch, dgsu_on_int8_graph, residual_cnn
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.graph import UnsupportedModelError
