@@ -2,8 +2,12 @@
 source, against the host pip TFLM: bit-identity, memory, instruction counts.
 
     python benchmarks/cortex_m_training.py --pipeline-dir device_run       # ~1 h on 2 cores
-    python benchmarks/cortex_m_training.py --skip-pipeline --no-reference \
-        --cases static "DGSU traversal" --inferences 20     # the stored results: ~35 min
+    python benchmarks/cortex_m_training.py --skip-mobilenet --cpus m7 --no-reference \
+        --pipeline-model device_run/deploy_train.tflite --name cortex_m_training_pipeline
+    python benchmarks/cortex_m_training.py --skip-pipeline --cases static "DGSU traversal" \
+        --inferences 20      # the stored results, M7 + M4, CMSIS-NN + reference: ~50 min
+    python benchmarks/cortex_m_training.py --skip-pipeline --cases "static, builtin convs" \
+        --cpus m7 --name cortex_m_training_builtin_convs   # TFLM's convs in the forward pass
     python benchmarks/cortex_m_training.py --steps 2 --skip-pipeline --cpus m7 --name smoke
 
 Each row records ``cores``, a digest of the dgst C sources its firmware was built from
@@ -17,9 +21,12 @@ frozen blocks fused, requantization in flash): static channel selection and on-d
 traversal selection; and the static scheme with builtin convolutions
 (``requant_in_flash=False``), whose forward pass runs TFLM's CONV_2D / DEPTHWISE_CONV_2D
 kernels. CIFAR-10 training images. (2) The pruned ImageNet MobileNetV2 of the device
-pipeline (``dgst device``: ``deploy_train.tflite``, its ``check_start.tflite`` with
-parameter outputs and ``adapted.tflite``; dataset and image size from its
-``prune.stage.json``).
+pipeline, read from the output folder of an earlier ``dgst device`` run (this script does
+not run the pipeline): ``--pipeline-dir`` needs ``deploy_train.tflite``, its
+``check_start.tflite`` with parameter outputs, ``adapted.tflite`` and ``prune.stage.json``
+(dataset, image size and preprocessing); ``--pipeline-model`` takes the
+``deploy_train.tflite`` alone (with ``prune.stage.json`` beside it) and adds the other
+two's rows when they are beside it. ``--skip-pipeline`` leaves this model out.
 
 For each training graph: the firmware graph (``output_params=False``, loss + logits + kept
 channels out) runs N steps in ``qemu-system-arm`` (M7: ``-M mps2-an500``, M4: ``-M
@@ -40,7 +47,9 @@ STM32F746 at 216 MHz (about 80.6 M cycles; their TF-Lite-Micro-kernel baseline 3
 about 745 M cycles). QEMU counts instructions, not cycles: it models no pipeline, caches or
 flash wait states, so the ratio is indicative only.
 
-Writes benchmarks/results/<name>.{json,md} (default ``cortex_m_training``).
+Writes benchmarks/results/<name>.{json,md} (default ``cortex_m_training``) and, when the
+M7 ran with both kernel sets, <name>_kernels.{json,md}: CMSIS-NN and reference kernels side
+by side (`kernel_comparison`).
 """
 import argparse
 import hashlib
@@ -167,6 +176,18 @@ def memory_fields(elf) -> dict:
             "ram_parts_kb": {k: _kb(v) for k, v in sorted(mem.ram_parts.items())}}
 
 
+def outputs_digest(run, stored=None) -> str:
+    """SHA-256 (12 hex digits) of a run's outputs at every step and, for a training graph,
+    the state it stored in flash: equal digests of the CMSIS-NN and the reference firmware
+    mean bit-identical losses, logits and weights."""
+    digest = hashlib.sha256()
+    for array in run.outputs:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    for key in sorted(stored or {}):
+        digest.update(key.encode() + np.ascontiguousarray(stored[key]).tobytes())
+    return digest.hexdigest()[:12]
+
+
 def instruction_fields(run, steps_from: int = 1) -> dict:
     later = run.instructions[steps_from:] if len(run.instructions) > steps_from \
         else run.instructions
@@ -222,9 +243,9 @@ class Bench:
         graphs start from the same weights, so the firmware graph's stored state is compared
         with the host's trainable tensors of the other. Returns the host run of the
         params graph."""
-        if label not in self.host:
+        if label not in self.host:  # params_graph None: no parameter-output graph
             self.host[label] = (train_tflm(firmware_graph.path, images, labels),
-                                train_tflm(params_graph.path, images, labels))
+                                params_graph and train_tflm(params_graph.path, images, labels))
         host, host_params = self.host[label]
         if same_start and not np.array_equal(host.losses, host_params.losses):
             raise SystemExit(f"{label}: the two exports train differently on the host")
@@ -258,7 +279,7 @@ class Bench:
                 "tinyengine_ratio": round(float(np.median(run.instructions[1:]))
                                           / TINYENGINE_CYCLES, 2),
                 "losses": [round(float(v), 4) for v in run.outputs[0][:, 0]],
-                "commit": run.commit})
+                "commit": run.commit, "outputs_sha": outputs_digest(run, stored)})
         if params_row:
             self._params_graph_row(label, params_graph, host_params, inputs)
         return host_params
@@ -294,7 +315,66 @@ class Bench:
                 "host_arena_kb": _kb(host.arena_bytes), "device_arena_kb": _kb(run.arena_bytes),
                 "arena_ratio": round(run.arena_bytes / host.arena_bytes, 3),
                 "linked_arena_bytes": arena, "fits_stm32f746": fits, **memory_fields(elf),
-                **instruction_fields(run, steps_from=0)})
+                **instruction_fields(run, steps_from=0), "outputs_sha": outputs_digest(run)})
+
+
+def _minstr(row, ours: bool) -> float:
+    """Million instructions per Invoke in the dgst ops (``ours``) or in TFLM's builtins."""
+    return round(sum(n for op, n in row["ops_minstr_per_invoke"].items()
+                     if op.startswith("DGST_") == ours), 2)
+
+
+def kernel_comparison(rows) -> list:
+    """The M7 runs with CMSIS-NN and with TFLM's reference kernels side by side, per model
+    and run (training step of the firmware graph, inference of the adapted model):
+    instructions per step / inference with each, their ratio, the builtin operators' share
+    (the only operators the kernel set changes: the dgst ops are the same C in both),
+    bit-identity (each equal to host TFLM; the two runs' output digests equal) and, for a
+    training step, TinyEngine's published cycles beside each count."""
+    pairs = {}
+    for row in rows:
+        if row["cpu"] == "m7" and row["what"] in ("training step (firmware graph)",
+                                                  "inference (adapted model)"):
+            pairs.setdefault((row["model"], row["what"]), {})[row["kernels"]] = row
+    out = []
+    for (model, what), by in pairs.items():
+        if set(by) != {"CMSIS-NN", "reference"}:
+            continue
+        cm, ref = by["CMSIS-NN"], by["reference"]
+        training = what.startswith("training")
+        row = {"model": model, "what": "training step" if training else "inference",
+               "steps": cm["steps"],
+               "minstr_cmsis_nn": round(cm["instructions_per_step"] / 1e6, 1),
+               "minstr_reference": round(ref["instructions_per_step"] / 1e6, 1),
+               "reference_over_cmsis_nn": round(ref["instructions_per_step"]
+                                                / cm["instructions_per_step"], 3),
+               "builtins_minstr_cmsis_nn": _minstr(cm, False),
+               "builtins_minstr_reference": _minstr(ref, False),
+               "dgst_ops_minstr_cmsis_nn": _minstr(cm, True),
+               "dgst_ops_minstr_reference": _minstr(ref, True),
+               "identical_to_host_cmsis_nn": cm["identical_to_host"],
+               "identical_to_host_reference": ref["identical_to_host"],
+               "same_outputs_both": cm["outputs_sha"] == ref["outputs_sha"],
+               "cores": cm["cores"] if cm["cores"] == ref["cores"]
+               else f"{cm['cores']} / {ref['cores']}"}
+        if training:
+            row.update({"tinyengine_mcycles": round(TINYENGINE_CYCLES / 1e6, 1),
+                        "cmsis_nn_over_tinyengine": cm["tinyengine_ratio"],
+                        "reference_over_tinyengine": ref["tinyengine_ratio"]})
+        out.append(row)
+    return out
+
+
+KERNEL_COLUMNS = [
+    "model", "what", "steps", "minstr_cmsis_nn", "minstr_reference", "reference_over_cmsis_nn",
+    "builtins_minstr_cmsis_nn", "builtins_minstr_reference", "dgst_ops_minstr_cmsis_nn",
+    "dgst_ops_minstr_reference", "identical_to_host_cmsis_nn", "identical_to_host_reference",
+    "same_outputs_both", "tinyengine_mcycles", "cmsis_nn_over_tinyengine",
+    "reference_over_tinyengine", "cores"]
+QEMU_CAVEAT = ("QEMU -icount counts instructions, not cycles: it models no pipeline, caches "
+               "or flash wait states, so instructions / TinyEngine's cycles is indicative only "
+               "(a Cortex-M7 retires up to 2 instructions per cycle and stalls on flash and "
+               "memory)")
 
 
 def _param_output(run, key):
@@ -341,12 +421,29 @@ def exported(model, scheme, calib, path, **options):
 
 
 def pipeline_cases(args):
-    folder = pathlib.Path(args.pipeline_dir)
-    needed = ["deploy_train.tflite", "check_start.tflite", "adapted.tflite", "prune.stage.json"]
+    """The device pipeline's graphs and data: (training graph, the graph with parameter
+    outputs or None, the adapted model or None, the pipeline's settings, train and test
+    arrays). ``--pipeline-model``: a deploy_train.tflite, the other two models taken when
+    they are beside it; ``--pipeline-dir``: the folder, every file required."""
+    if args.pipeline_model:
+        model = pathlib.Path(args.pipeline_model)
+        folder, option = model.parent, f"--pipeline-model {model}"
+        needed = [model.name, model.with_suffix(".json").name, "prune.stage.json"]
+    else:
+        folder, option = pathlib.Path(args.pipeline_dir), f"--pipeline-dir {args.pipeline_dir}"
+        model = folder / "deploy_train.tflite"
+        needed = ["deploy_train.tflite", "check_start.tflite", "adapted.tflite",
+                  "prune.stage.json"]
     missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
-        raise SystemExit(f"--pipeline-dir {folder}: missing {missing} (run `dgst device "
+        raise SystemExit(f"{option}: missing {missing} in {folder} (run `dgst device "
                          f"--output-dir {folder}` first, or give --skip-pipeline)")
+    params, adapted = (folder / n if (folder / n).is_file() else None
+                       for n in ("check_start.tflite", "adapted.tflite"))
+    for name, path in (("check_start.tflite (parameter outputs)", params),
+                       ("adapted.tflite (inference)", adapted)):
+        if path is None:
+            print(f"{option}: no {name} in {folder}: its rows are left out", flush=True)
     settings = json.loads((folder / "prune.stage.json").read_text())["settings"]
     size = (settings["image_size"],) * 2
     common = dict(path=settings["data_path"], image_size=size,
@@ -355,7 +452,7 @@ def pipeline_cases(args):
                             seed=args.seed + 7, **common)
     xt, yt = data.load_arrays(settings["dataset"], "test", limit=args.inferences,
                               seed=args.seed, **common)
-    return folder, settings, (x, y), (xt, yt)
+    return model, params, adapted, settings, (x, y), (xt, yt)
 
 
 def _training_graph(path) -> types.SimpleNamespace:
@@ -378,7 +475,13 @@ def main():
                         "without them: give --name)")
     p.add_argument("--pipeline-dir", default="device_run",
                    help="output folder of `dgst device` (deploy_train.tflite, ...)")
-    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--pipeline-model", default=None, metavar="PATH",
+                   help="the device pipeline's deploy_train.tflite (instead of "
+                        "--pipeline-dir): prune.stage.json must be beside it; "
+                        "check_start.tflite and adapted.tflite are used if they are")
+    p.add_argument("--skip-pipeline", action="store_true",
+                   help="leave out the device pipeline's pruned model (read from "
+                        "--pipeline-dir / --pipeline-model, never run here)")
     p.add_argument("--skip-mobilenet", action="store_true")
     p.add_argument("--cases", nargs="+", default=list(MOBILENET_CASES),
                    choices=list(MOBILENET_CASES), help="MobileNetV2 graphs to run")
@@ -418,20 +521,23 @@ def main():
                 jobs.append((label, fw, params, quantized(x, spec), y, True))
             inference_input = quantized(xt, next(iter(graphs.values()))[0].manifest["inputs"][0])
         if not args.skip_pipeline:
-            folder, pipe, (px, py), (pxt, pyt) = pipeline_cases(args)
+            model, params, adapted_model, pipe, (px, py), (pxt, pyt) = pipeline_cases(args)
             settings["pipeline"] = {k: pipe[k] for k in ("dataset", "image_size", "width",
                                                          "flash_budget", "seed")}
-            settings["pipeline_dir"] = str(folder)
-            fw = _training_graph(folder / "deploy_train.tflite")
-            params = _training_graph(folder / "check_start.tflite")
+            settings["pipeline_model"] = str(model)
+            settings["pipeline_rows_left_out"] = [
+                what for what, path in (("check_start.tflite", params),
+                                        ("adapted.tflite", adapted_model)) if path is None]
+            fw = _training_graph(model)
+            params = params and _training_graph(params)
             spec = fw.manifest["inputs"][0]
             # check_start.tflite starts from the trained weights, deploy_train.tflite not
             jobs.append(("device pipeline (pruned MobileNetV2)", fw, params,
                          quantized(px, spec), py, False))
-            pipeline_adapted = (folder / "adapted.tflite", quantized(pxt, spec), pyt)
+            pipeline_adapted = adapted_model and (adapted_model, quantized(pxt, spec), pyt)
         # one library per CPU and kernel set, with the union of the models' TFLM kernels
-        models_ = [j[1].path for j in jobs] + [j[2].path for j in jobs]
-        if not args.skip_pipeline:
+        models_ = [j[1].path for j in jobs] + [j[2].path for j in jobs if j[2] is not None]
+        if not args.skip_pipeline and pipeline_adapted:
             models_.append(pipeline_adapted[0])
         for cpu in args.cpus if args.cmsis_nn else []:
             bench.plan_kernels(cpu, True, *models_)
@@ -445,13 +551,14 @@ def main():
         adapted = []
         for label, fw, params, images, labels, same_start in jobs:
             host_params = bench.training_rows(label, fw, params, images, labels, same_start,
-                                              first, params_row=args.cmsis_nn)
+                                              first, params_row=args.cmsis_nn
+                                              and params is not None)
             if label.startswith("MobileNetV2") and "builtin" not in label:
                 # the device's trained weights: equal to the host's (checked by the rows)
                 path = bench.work / f"adapted_{len(adapted)}.tflite"
                 adapted.append((label, write_inference_model(params.path, host_params.params,
                                                              path), inference_input, yt))
-        if not args.skip_pipeline:
+        if not args.skip_pipeline and pipeline_adapted:
             adapted.append(("device pipeline (pruned MobileNetV2)", *pipeline_adapted))
         for label, model, images_q, labels in adapted:
             for cmsis_nn in [True] * args.cmsis_nn + [False] * args.reference:
@@ -464,6 +571,21 @@ def main():
         bench.rows.sort(key=lambda row: (order.get(row["model"], len(order)),
                                          not row["what"].startswith("training step ("),
                                          row["what"].startswith("inference")))
+        digests = sorted({row["cores"] for row in bench.rows})
+        settings["cores"] = digests if len(digests) > 1 else digests[0]
+        if len(digests) > 1:
+            print(f"WARNING: the C cores changed during the run: rows ran {digests}",
+                  flush=True)
+        comparison = kernel_comparison(bench.rows)
+        if comparison:
+            print(_report.write(f"{args.name}_kernels", {
+                **settings, "caveat": QEMU_CAVEAT,
+                "columns": "minstr_*: million QEMU instructions per training step (median of "
+                           "steps 1..N-1) or per inference, CMSIS-NN / reference kernels; "
+                           "builtins_* and dgst_ops_*: million instructions per Invoke in TFLM's "
+                           "builtin operators and in the dgst ops; same_outputs_both: the two "
+                           "firmwares' outputs at every step and stored weights have one "
+                           "SHA-256"}, comparison, KERNEL_COLUMNS))
         print(_report.write(args.name, settings, bench.rows, [
             "model", "what", "cpu", "kernels", "steps", "identical_to_host", "differs",
             "loss_max_ulp",

@@ -42,29 +42,30 @@ Smoke timings (2 shared cores, other jobs running): select 8.5 min (2 DGSU candi
 baselines), test 4.7 min per seed, a second call with every row done: seconds (no run).
 Nearly all of it is fixed cost (int8 graph, exports, TFLM runs, model builds).
 
-The real runs (started by the lead; each line resumes when rerun after a kill; CIFAR-10 from
-``$DGST_CIFAR10`` or the offline default)::
+The real run (each line resumes when rerun after a kill; CIFAR-10 from ``$DGST_CIFAR10`` or the
+offline default; started in a separate git worktree so that edits to the tree cannot change
+a run in progress)::
 
-    cd /work/main && W=/work/runs/device_c10 && mkdir -p $W
-    nohup .venv/bin/python benchmarks/device_cifar10.py select --work-dir $W \
-        --image-sizes 128 --learning-rates 0.001 0.002 --epochs 6 \
+    W=/work/runs/device_c10b && mkdir -p $W
+    nohup nice -n 5 python benchmarks/device_cifar10.py select --work-dir $W \
+        --image-sizes 128 --learning-rates 0.001 --epochs 1 --train-examples 20000 \
+        --prune-examples 10000 --prune-epochs 2 --prune-learning-rate 0.003 \
+        --variants dgsu_device dgsu_float_unpruned full sparse_update last_layer bias_only \
         --baseline-learning-rates 0.001 0.01 > $W/select.log 2>&1 &
     # after select has written benchmarks/results/device_cifar10_protocol.json:
-    nohup .venv/bin/python benchmarks/device_cifar10.py test --work-dir $W --seeds 0 1 2 \
+    nohup nice -n 5 python benchmarks/device_cifar10.py test --work-dir $W --seeds 0 1 2 \
         > $W/test.log 2>&1 &
 
-Estimated duration, from measured rates on these 2 cores shared with other jobs (load ~3.3):
-the int8 DGSU simulation of the unpruned MobileNetV2-1.0 at 128 px trains 3.35 img/s (pruned
-to 1 MB it has fewer MACs: ~4-5 img/s assumed); float DGSU 41 img/s at 128 px
-(sparse_update_cifar10_dgsu128_14ep); dense full fine-tuning assumed ~3x slower than the
-sparse methods. At 128 px, one epoch of 45,000 images: DGSU int8 ~2.5-3.7 h, float sparse
-baselines ~0.3 h, full ~0.9 h; pruning, planning, check and TFLM evaluation of 5,000 or
-10,000 images add well under an hour per run. The select line above: 2 x 6 DGSU epochs
-(~30-45 h) + 2 rates x 6 epochs x (4 x 0.3 + 0.9 h) (~25 h) ~ 55-70 h, i.e. ~20 sessions
-of 3 h; every further DGSU candidate adds ~15-22 h (96 px: about half). The test line: per
-seed ~15-22 h DGSU + ~13 h baselines, 3 seeds ~ 85-105 h. ``test --variants dgsu_device``
-runs the headline's seeds first (a later ``test`` call adds the baselines' rows; the select
-phase must include every variant the protocol is to cover).
+Measured (128 px, 2 shared cores, load 8-14): prune 1,596 s (10k images x 2 epochs of
+distillation), plan 63 s, int8 DGSU training 1,661 s for 20k images, TFLM evaluation of
+5,000 validation images ~10 min: ~1 h per DGSU run.
+
+Baselines (float Keras, unpruned) at the chosen 1 epoch of 20k images: float DGSU ~41 img/s
+at 128 px (~10 min), dense full fine-tuning ~3x that; the select line's 5 baselines x 2 rates
+~2-3 h. The test line per seed: ~1 h DGSU + the baselines at their chosen rates (~1.5 h), so
+3 seeds ~7-8 h, i.e. three sessions. ``test --variants dgsu_device`` runs the headline's
+seeds first (a later ``test`` call adds the baselines' rows; the select phase must include
+every variant the protocol is to cover).
 
 Feature memory at 128 px (MobileNetV2-1.0, this definition): DGSU 48.9 KB, dense 2,479.6 KB,
 98.0% less (``python -c`` on `feature_memory`, 2 s).
@@ -92,7 +93,7 @@ BASELINES = {"dgsu_float_unpruned": "dgsu", "full": "full", "sparse_update": "sp
 # the protocol's fixed settings (not searched): the DeviceConfig fields of every run
 FIXED = ("width", "weights", "flash_budget", "sram_budget", "firmware_allowance",
          "train_examples", "validation_examples", "calibration_examples", "prune_examples",
-         "prune_epochs", "check_steps", "test_examples", "target_fraction", "augment")
+         "prune_epochs", "prune_learning_rate", "check_steps", "test_examples", "target_fraction", "augment")
 # the searched settings: DeviceConfig field -> command-line option (a list of candidates)
 GRID = {"image_size": "image_sizes", "learning_rate": "learning_rates",
         "lr_schedule": "lr_schedules", "epochs": "epochs", "blocks": "blocks",
@@ -118,7 +119,9 @@ def _arguments(argv=None):
     for name, value in (("flash_budget", "1MB"), ("sram_budget", "256KB"),
                         ("train_examples", 45000), ("validation_examples", 5000),
                         ("calibration_examples", 64), ("prune_examples", 2000),
-                        ("prune_epochs", defaults.prune_epochs), ("check_steps", 4),
+                        ("prune_epochs", defaults.prune_epochs),
+                        ("prune_learning_rate", defaults.prune_learning_rate),
+                        ("check_steps", 4),
                         ("test_examples", 10000), ("target_fraction", 0.02)):
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--firmware-allowance", type=int, default=None,

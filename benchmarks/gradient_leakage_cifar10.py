@@ -20,6 +20,14 @@ optionally iDLG's and DLG's L-BFGS reconstructions. Writes benchmarks/results/<n
 epsilon, seconds per attack), <name>_images.json (every image's numbers) and <name>.png
 (originals above each scenario's reconstructions).
 
+Resumable: every finished (scenario, image) is kept in ``--backup-dir`` (its numbers and
+reconstructions, one ``.npz`` each, beside the settings that made them); a killed run started
+again with the same command skips what is there, and a backup made with other settings is
+an error, never mixed in. Several processes may share one backup (each claims the image it
+computes and skips images a live process claimed); ``--report-only`` then writes the results
+of everything in the backup. The results files list the scenarios and images of the run that
+wrote them.
+
 ``--model lenet`` runs the same harness on Zhu et al.'s LeNet instead (sigmoid, no pooling,
 weights uniform in [-0.5, 0.5], seeded): the model DLG was shown on, a control that the
 attacks recover CIFAR-10 images when the architecture allows it (scenarios without
@@ -27,6 +35,7 @@ pointwise expansion convs only: no ``sparse_update`` / ``dgsu``).
 """
 import argparse
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -36,7 +45,7 @@ import numpy as np
 
 from dgst_tf import data
 from dgst_tf.core import runtime
-from dgst_tf.core.files import write_json_atomically
+from dgst_tf.core.files import write_atomically, write_json_atomically
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.federated.config import FederatedConfig
 from dgst_tf.federated.device import SimulatedDevice
@@ -44,7 +53,7 @@ from dgst_tf.federated.leakage import metrics
 from dgst_tf.federated.leakage.attacks import DLG, IDLG, InvertingGradients
 from dgst_tf.federated.leakage.labels import recover_label
 from dgst_tf.federated.leakage.matching import GradientMatching
-from dgst_tf.federated.leakage.what_is_sent import SCENARIOS, observe
+from dgst_tf.federated.leakage.what_is_sent import SCENARIOS, Scenario, observe
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -80,7 +89,87 @@ def _arguments():
                         "that attack did not run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="gradient_leakage_cifar10")
-    return p.parse_args()
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: write the results of the images in the backup")
+    p.add_argument("--backup-dir", default=None,
+                   help="where finished images are kept for a resumed run "
+                        "(default: <tmp>/dgst_<name>_backup)")
+    args = p.parse_args()
+    if args.backup_dir is None:
+        args.backup_dir = os.path.join(tempfile.gettempdir(), f"dgst_{args.name}_backup")
+    return args
+
+
+# what the numbers depend on: a backup made with other values of these is not reused
+_NUMERIC_SETTINGS = ("images", "split", "data_path", "model", "width", "weights",
+                     "image_size", "learning_rate", "target_fraction", "ig_iterations",
+                     "ig_learning_rate", "tv", "ig_signed", "restarts", "dlg_iterations",
+                     "seed")
+
+
+class _Backup:
+    """Finished (scenario, image) results on disk, so a killed run continues (module doc)."""
+
+    def __init__(self, args):
+        self.folder = args.backup_dir
+        os.makedirs(self.folder, exist_ok=True)
+        settings = {k: getattr(args, k) for k in _NUMERIC_SETTINGS}
+        path = os.path.join(self.folder, "settings.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved != settings:
+                changed = {k: (saved.get(k), v) for k, v in settings.items()
+                           if saved.get(k) != v}
+                raise SystemExit(f"backup {self.folder} was made with other settings "
+                                 f"(saved, now): {changed}; give another --backup-dir")
+        else:
+            write_json_atomically(path, settings)
+
+    def _path(self, scenario: str, index: int, attacks) -> str:
+        return os.path.join(self.folder, scenario, "+".join(sorted(attacks)),
+                            f"{index:04d}.npz")
+
+    def load(self, scenario: Scenario, index: int, attacks) -> tuple[dict, dict] | None:
+        """(row, {attack: reconstruction}) if this image was finished before."""
+        path = self._path(scenario.name, index, attacks)
+        if not os.path.exists(path):
+            return None
+        with np.load(path) as saved:
+            row = json.loads(str(saved["row"]))
+            if row["scenario_definition"] != dataclasses.asdict(scenario):
+                raise SystemExit(f"{path}: scenario {scenario.name!r} was defined otherwise "
+                                 f"then: {row['scenario_definition']}")
+            return row, {a: saved[f"image_{a}"] for a in attacks}
+
+    def claim(self, scenario: Scenario, index: int, attacks) -> bool:
+        """Whether this process may compute the image: False while another live process
+        that shares the backup computes it (several processes may split the work)."""
+        path = self._path(scenario.name, index, attacks) + ".claim"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as f:
+                owner = int(f.read() or 0)
+            if owner and owner != os.getpid():
+                os.kill(owner, 0)  # raises if that process is gone: a stale claim
+                return False
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+        write_atomically(path, str(os.getpid()))
+        return True
+
+    def save(self, scenario: Scenario, index: int, row: dict, found: dict) -> None:
+        path = self._path(scenario.name, index, found)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        part = path + ".part.npz"
+        np.savez(part, row=json.dumps({**row, "scenario_definition":
+                                       dataclasses.asdict(scenario)}),
+                 **{f"image_{a}": r.image for a, r in found.items()})
+        os.replace(part, path)
+        try:
+            os.remove(path + ".claim")
+        except FileNotFoundError:
+            pass
 
 
 def _lenet(path: str, image_size: int, seed: int) -> str:
@@ -121,6 +210,16 @@ def _images(args) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(x / 255.0, 0.0, 1.0).astype(np.float32), y.astype(int)
 
 
+def _attack_names(args, name: str) -> list[str]:
+    """The reconstructions run on scenario ``name`` (besides iDLG's label rule)."""
+    names = ["inverting_gradients"]
+    if args.dlg_iterations and name in args.idlg_scenarios:
+        names.append("idlg")
+    if args.dlg_iterations and name in args.dlg_scenarios:
+        names.append("dlg")
+    return names
+
+
 class _Attacker:
     """One scenario's attacks on a copy of the model (traced once, reused per image)."""
 
@@ -130,11 +229,9 @@ class _Attacker:
         self.ig = InvertingGradients(self.matching, args.ig_iterations, args.ig_learning_rate,
                                      tv=args.tv, signed=args.ig_signed,
                                      restarts=args.restarts)
-        self.dlg = {}
-        if args.dlg_iterations and name in args.idlg_scenarios:
-            self.dlg["idlg"] = IDLG(self.matching, args.dlg_iterations)
-        if args.dlg_iterations and name in args.dlg_scenarios:
-            self.dlg["dlg"] = DLG(self.matching, args.dlg_iterations)
+        attacks = {"idlg": IDLG, "dlg": DLG}
+        self.dlg = {a: attacks[a](self.matching, args.dlg_iterations)
+                    for a in _attack_names(args, name)[1:]}
 
     def attack(self, seen, seed: int) -> dict:
         self.matching.load(seen)
@@ -145,24 +242,40 @@ class _Attacker:
         return label, found
 
 
-def _scenario(args, name, device, weights, pixels, labels) -> tuple[list, list]:
+def _scenario(args, name, device, weights, pixels, labels, backup) -> tuple[list, list]:
     scenario = SCENARIOS[name]
-    attacker, rows, images = None, [], []
+    attacks = _attack_names(args, name)
+    attackers, rows, images = {}, [], {}
     for index, (image, label) in enumerate(zip(pixels, labels)):
-        model_input = (image - np.float32(data.TORCH_MEAN)) / np.float32(data.TORCH_STD)
-        seen = observe(device, weights, model_input, int(label), scenario,
-                       seed=args.seed * 100_003 + index)
-        if attacker is None:
-            attacker = _Attacker(args, keras.models.clone_model(device.sparse.base), seen,
-                                 name)
-        rule_label, found = attacker.attack(seen, seed=args.seed + index)
-        rows.append({"scenario": name, "image": index, "label": int(label),
-                     "rule_label": rule_label, "payload_bytes": seen.payload_bytes,
-                     **{f"{attack}_{key}": value for attack, r in found.items()
-                        for key, value in _scores(image, r).items()}})
-        images.append(found.get(args.grid_attack, found["inverting_gradients"]).image)
-        print(f"{name} image {index}: " + ", ".join(
-            f"{a} {rows[-1][f'{a}_psnr']:.1f} dB" for a in found), flush=True)
+        kept = backup.load(scenario, index, attacks)
+        if kept is None and (args.report_only or not backup.claim(scenario, index, attacks)):
+            continue
+        if kept is None:
+            cpu = time.process_time()
+            model_input = (image - np.float32(data.TORCH_MEAN)) / np.float32(data.TORCH_STD)
+            seen = observe(device, weights, model_input, int(label), scenario,
+                           seed=args.seed * 100_003 + index)
+            # one traced attack per set of sent arrays: a sparse update leaves out an array
+            # whose chosen channels all had a zero gradient, and that changes the objective
+            sent = tuple(i for i, m in enumerate(seen.sent) if np.any(m))
+            if sent not in attackers:
+                attackers[sent] = _Attacker(
+                    args, keras.models.clone_model(device.sparse.base), seen, name)
+            rule_label, found = attackers[sent].attack(seen, seed=args.seed + index)
+            row = {"scenario": name, "image": index, "label": int(label),
+                   "rule_label": rule_label, "payload_bytes": seen.payload_bytes,
+                   "cpu_seconds": time.process_time() - cpu,
+                   **{f"{attack}_{key}": value for attack, r in found.items()
+                      for key, value in _scores(image, r).items()}}
+            backup.save(scenario, index, row, found)
+            found = {a: r.image for a, r in found.items()}
+        else:
+            row, found = kept
+            row.pop("scenario_definition")
+        rows.append(row)
+        images[index] = found.get(args.grid_attack, found["inverting_gradients"])
+        print(f"{name} image {index}{' (from backup)' if kept else ''}: " + ", ".join(
+            f"{a} {row[f'{a}_psnr']:.1f} dB" for a in attacks), flush=True)
     return rows, images
 
 
@@ -174,11 +287,12 @@ def _scores(original, found) -> dict:
 def _summary(name, rows, epsilon) -> list[dict]:
     attacks = sorted({k[:-len("_psnr")] for k in rows[0] if k.endswith("_psnr")})
     truth = [r["label"] for r in rows]
+    cpu = float(np.mean([r["cpu_seconds"] for r in rows]))
     summary = [{"scenario": name, "attack": "idlg_label_rule", "images": len(rows),
                 "label_recovery": metrics.label_recovery_rate(truth,
                                                               [r["rule_label"] for r in rows]),
                 "payload_bytes": int(np.mean([r["payload_bytes"] for r in rows])),
-                "epsilon": epsilon}]
+                "epsilon": epsilon, "cpu_seconds_per_image": cpu}]
     for attack in attacks:
         psnr = np.array([r[f"{attack}_psnr"] for r in rows])
         ssim = np.array([r[f"{attack}_ssim"] for r in rows])
@@ -191,7 +305,7 @@ def _summary(name, rows, epsilon) -> list[dict]:
             "ssim_mean": float(ssim.mean()), "ssim_median": float(np.median(ssim)),
             "seconds_per_attack": float(np.mean([r[f"{attack}_seconds"] for r in rows])),
             "payload_bytes": int(np.mean([r["payload_bytes"] for r in rows])),
-            "epsilon": epsilon})
+            "epsilon": epsilon, "cpu_seconds_per_image": cpu})
     return summary
 
 
@@ -201,12 +315,13 @@ def _grid(pixels, reconstructions: dict, count: int, attack: str, path: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("original", pixels[:count])] + [(n, r[:count]) for n, r in reconstructions.items()]
+    rows = [("original", dict(enumerate(pixels[:count])))] + list(reconstructions.items())
     fig, axes = plt.subplots(len(rows), count, figsize=(1.1 * count, 1.15 * len(rows)),
                              squeeze=False)
     for row, (name, images) in zip(axes, rows):
-        for axis, image in zip(row, images):
-            axis.imshow(np.clip(image, 0, 1), interpolation="nearest")
+        for index, axis in enumerate(row):
+            if index in images:  # a report-only run may lack some images
+                axis.imshow(np.clip(images[index], 0, 1), interpolation="nearest")
             axis.set_xticks([])
             axis.set_yticks([])
         row[0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
@@ -219,19 +334,27 @@ def main() -> None:
     args = _arguments()
     runtime.limit_threads(1)
     runtime.seed_everything(args.seed)
+    backup = _Backup(args)
+    print(f"backup of finished images: {backup.folder}", flush=True)
     pixels, labels = _images(args)
-    devices = _devices(args, {SCENARIOS[s].method for s in args.scenarios})
-    weights = next(iter(devices.values())).weights()  # the global model all devices share
+    methods = {SCENARIOS[s].method for s in args.scenarios}
+    if args.report_only:  # nothing is computed: no device, no model
+        devices, weights = dict.fromkeys(methods), None
+    else:
+        devices = _devices(args, methods)
+        weights = next(iter(devices.values())).weights()  # the global model devices share
     rows, summary, reconstructions = [], [], {}
     for name in args.scenarios:
-        start, cpu = time.time(), time.process_time()
+        start = time.time()
         mine, reconstructions[name] = _scenario(args, name, devices[SCENARIOS[name].method],
-                                                weights, pixels, labels)
+                                                weights, pixels, labels, backup)
+        if not mine:  # --report-only and nothing of this scenario in the backup
+            del reconstructions[name]
+            continue
         rows += mine
-        summary += [{**row, "cpu_seconds_per_image": (time.process_time() - cpu) / len(mine)}
+        summary += [{**row, "noise_multiplier": SCENARIOS[name].noise()}
                     for row in _summary(name, mine, SCENARIOS[name].privacy_epsilon())]
-        print(f"{name}: {time.time() - start:.0f} s, {time.process_time() - cpu:.0f} CPU s; "
-              f"{summary[-1]}", flush=True)
+        print(f"{name}: {time.time() - start:.0f} s; {summary[-1]}", flush=True)
         _write(args, rows, summary, pixels, reconstructions)  # after every scenario
 
 
@@ -242,13 +365,56 @@ def _write(args, rows, summary, pixels, reconstructions) -> None:
                 else f"MobileNetV2-{args.width} BN-folded",
                 "scenarios": {n: dataclasses.asdict(SCENARIOS[n]) for n in args.scenarios},
                 "normalisation": {"mean": data.TORCH_MEAN, "std": data.TORCH_STD}}
-    print(_report.write(args.name, settings, summary,
-                        ["scenario", "attack", "images", "label_recovery", "psnr_mean",
-                         "psnr_median", "psnr_over_20db", "ssim_mean", "ssim_median",
-                         "payload_bytes", "epsilon", "seconds_per_attack",
-                         "cpu_seconds_per_image"]), flush=True)
+    table = _report.write(args.name, settings, summary,
+                          ["scenario", "attack", "images", "label_recovery", "psnr_mean",
+                           "psnr_median", "psnr_over_20db", "ssim_mean", "ssim_median",
+                           "payload_bytes", "noise_multiplier", "epsilon",
+                           "seconds_per_attack", "cpu_seconds_per_image"])
+    table += _notes(args, sorted({r["scenario"] for r in rows}))
+    write_atomically(os.path.join(RESULTS, f"{args.name}.md"), table)
+    print(table, flush=True)
     _grid(pixels, reconstructions, min(args.grid_images, len(pixels)), args.grid_attack,
           os.path.join(RESULTS, f"{args.name}.png"))
+
+
+def _notes(args, scenarios) -> str:
+    """What the table's columns mean and how the epsilon was computed."""
+    attacks = {n: ["idlg_label_rule"] + _attack_names(args, n) for n in scenarios}
+    return "\n".join([
+        "", "How to read it:", "",
+        f"- One batch-1 SGD step (learning rate {args.learning_rate}) from the same global "
+        f"model on each of {args.images} class-balanced CIFAR-10 {args.split} images "
+        f"(seed {args.seed}); the attacker inverts exactly the decoded uplink "
+        "(`what_is_sent.observe`), knowing the global weights and the learning rate.",
+        f"- Attacks per scenario: {attacks}. Inverting Gradients: {args.ig_iterations} "
+        f"iterations, Adam lr {args.ig_learning_rate} ({'signed' if args.ig_signed else 'plain'}"
+        f" gradient), TV {args.tv}, {args.restarts} restart(s); iDLG / DLG: L-BFGS-B, at most "
+        f"{args.dlg_iterations} iterations. These are the budgets tests/test_leakage.py shows "
+        "recovering an 8x8 image from a dense update (PSNR > 30 dB).",
+        "- label_recovery: share of images whose label the attack got right (the iDLG rule "
+        "reads it off the classifier's gradient; IG and iDLG use that label, DLG optimises "
+        "its own). PSNR in dB and SSIM (scikit-image) of the reconstruction against the "
+        "original in [0, 1]; psnr_over_20db: share of images above 20 dB.",
+        "- epsilon: of one release (one batch-1 update) at delta 1e-5 with L2 sensitivity = "
+        "the clip norm (add/remove the device's one example), by the analytic Gaussian "
+        "mechanism (Balle & Wang 2018, Theorem 8; exact for one release, "
+        "`dgst_tf.federated.leakage.privacy.gaussian_epsilon`). No subsampling "
+        "amplification is claimed. None: not clipped or noised.",
+        *[f"- {n}: the gradient of the batch-1 step (all sent arrays as one vector) clipped "
+          f"to L2 norm {SCENARIOS[n].clip_norm:g}, then Gaussian noise of standard deviation "
+          f"{SCENARIOS[n].noise():.4g} x {SCENARIOS[n].clip_norm:g} on every value of the "
+          f"updated arrays, before encoding: epsilon {SCENARIOS[n].privacy_epsilon():.4g}."
+          for n in scenarios if SCENARIOS[n].clip_norm is not None],
+        "- int8 scenarios: the payload's values in int8 with one scale per array "
+        "(`payload.encode`); the attacker inverts the dequantized update.",
+        "- cpu_seconds_per_image: CPU time of the device step and every attack on one image "
+        "(TensorFlow limited to one thread); seconds_per_attack: wall time of one attack.",
+        f"- Figure: {args.name}.png, the first {args.grid_images} originals above each "
+        f"scenario's {args.grid_attack} reconstructions.",
+        *(["- Written with --report-only from the per-image backup: the images were computed "
+           "by this command without --report-only (possibly in several processes, each with "
+           "some of the --scenarios); a scenario with fewer images than asked is one the "
+           "run did not finish."] if args.report_only else []), ""])
 
 
 if __name__ == "__main__":

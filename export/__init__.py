@@ -10,7 +10,7 @@ This folder is installed as the `dgst_tf.export` package (see `package_dir` in s
     result.outputs[0], result.arena_bytes           # == reference_outputs(...) bit for bit
 
 Modules: `inference` (int8 export), `tflite_file` (checked reading, atomic writing),
-`tflite_builder` (hand-built graphs with custom ops), `tflm/` (running TFLM: `tflm.runner` in a
+`dgst_tf.core.tflite_builder` (hand-built graphs with custom ops), `tflm/` (running TFLM: `tflm.runner` in a
 subprocess, `tflm.ops_loader` the dgst custom-op library for the pip interpreter,
 `tflm.abi_check` the wheel ABI the custom-op glue relies on), `training/` (the training-step
 export in phases, its manifest, running N steps in TFLM, writing updated weights back),
@@ -36,8 +36,8 @@ _PUBLIC = {
     "TflmCrashError": "tflm.runner",
     "read_tflite": "tflite_file",
     "TfliteFileError": "tflite_file",
-    "ModelBuilder": "tflite_builder",
-    "int32_options": "tflite_builder",
+    "ModelBuilder": "dgst_tf.core.tflite_builder",
+    "int32_options": "dgst_tf.core.tflite_builder",
     "host_ops": "tflm.ops_loader",
     "check_abi": "tflm.abi_check",
     "export_training": "training",
@@ -59,5 +59,8 @@ __all__ = sorted(_PUBLIC)
 
 def __getattr__(name):
     if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+        module = _PUBLIC[name]
+        if not module.startswith("dgst_tf."):  # a module of this package
+            module = f"{__name__}.{module}"
+        return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ from dgst_tf.core.files import write_atomically
 from dgst_tf.core.geometry import same_pad_before
 # TFLite's requantization constants, shared with the Keras int8 simulation (re-exported)
 from dgst_tf.core.tflite_requantization import activation_range, quantize_multiplier
-from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.core.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import read_tflite, schema
 

@@ -26,6 +26,7 @@ import numpy as np
 from dgst_tf.core.files import write_atomically
 from dgst_tf.core.int8_conversion import (DEFAULT_HEAD_LOGIT_RANGE, DEFAULT_HEAD_WEIGHT_HEADROOM,
                                           DEFAULT_NUM_SAMPLES, Int8ConversionError, convert_int8)
+from dgst_tf.core.tflite_reference import builtin_ref_outputs
 from dgst_tf.export.tflite_file import (TensorDetails, TfliteFileError, read_tflite, schema,
                                         tensor_details)
 
@@ -158,17 +159,5 @@ def reference_outputs(model, inputs) -> list:
 
         expected = reference_outputs("model.tflite", [x_q])[0]
     """
-    from ai_edge_litert import interpreter as litert
-
     data, _ = read_tflite(model)
-    interpreter = litert.Interpreter(
-        model_content=data, num_threads=1,
-        experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
-    interpreter.allocate_tensors()
-    if isinstance(inputs, np.ndarray):
-        inputs = [inputs]
-    for detail, value in zip(interpreter.get_input_details(), inputs):
-        interpreter.set_tensor(detail["index"], np.asarray(value))
-    interpreter.invoke()
-    return [np.array(interpreter.get_tensor(d["index"]))
-            for d in interpreter.get_output_details()]
+    return builtin_ref_outputs(data, inputs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgst_tf.export.tflite_builder import _TENSOR_TYPES
+from dgst_tf.core.tflite_builder import _TENSOR_TYPES
 from dgst_tf.export.tflite_file import numpy_dtype, pack_model, schema
 
 __all__ = ["ModelEditor", "BUILTIN_NAMES"]

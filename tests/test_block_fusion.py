@@ -10,7 +10,7 @@ from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.export.block_fusion import (activation_range, fusable_chains_in, fuse_blocks_file,
                                         quantize_multiplier)
 from dgst_tf.export.inference import export_int8, reference_outputs
-from dgst_tf.export.tflite_builder import ModelBuilder
+from dgst_tf.core.tflite_builder import ModelBuilder
 from dgst_tf.export.tflite_file import read_tflite
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflm.ops_loader import host_ops

@@ -230,3 +230,21 @@ def test_validation_evaluation_never_reads_the_test_set_and_augment_needs_a_stre
         DeviceConfig(augment=True)
     with pytest.raises(ValueError, match="evaluate_on must be one of"):
         DeviceConfig(evaluate_on="train")
+
+
+@pytest.mark.slow
+def test_the_prune_stage_distils_from_the_imagenet_classifier_of_the_pretrained_model():
+    """With ImageNet weights the teacher keeps its 1,000 ImageNet outputs (distilling into the
+    new 10-class head teaches almost nothing: benchmarks/pruning_recovery_probe.py); with
+    random weights or a model file the base model teaches itself."""
+    from dgst_tf.jobs.device_pipeline import _Run
+
+    pretrained = _Run(DeviceConfig(output_dir="unused", **(TINY | dict(
+        width=1.0, weights="imagenet"))), verbose=0)
+    teacher, base = pretrained.teacher_model(), pretrained.base_model()
+    assert teacher.output_shape == (None, 1000) and base.output_shape == (None, 10)
+    for layer in ("stem_conv", "block_16_project", "head_conv"):
+        for a, b in zip(teacher.get_layer(layer).get_weights(),
+                        base.get_layer(layer).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert _Run(DeviceConfig(output_dir="unused", **TINY), verbose=0).teacher_model() is None

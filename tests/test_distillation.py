@@ -1,10 +1,15 @@
 """Knowledge distillation: the loss against a NumPy formula, a student pulled toward its
-teacher without labels, and pruning recovery by distillation."""
+teacher without labels, pruning recovery by distillation, and the device pipeline's pruning
+under the pretrained model's own classifier before the task's classifier is attached."""
 import numpy as np
 import pytest
 
+from dgst_tf import models
+from dgst_tf.core.classifier import with_new_classifier
 from dgst_tf.core.keras_compat import keras, tf
+from dgst_tf.jobs.device_prune import prune_to_flash
 from dgst_tf.pruning import prune_while_training
+from dgst_tf.pruning.model_size import deployable_size
 from dgst_tf.training.distillation import Distiller, distillation_loss
 
 from small_models import batch, residual_cnn
@@ -82,3 +87,48 @@ def test_pruning_recovers_by_distillation_from_the_unpruned_model():
     np.testing.assert_allclose(result.model(x, training=False).numpy(),
                                result.masked_model(x, training=False).numpy(), atol=1e-5)
     assert result.model.count_params() < teacher.count_params()
+
+
+def _backbone_weights(model):
+    return [w for layer in model.layers if layer.name != "classifier"
+            for w in layer.get_weights()]
+
+
+def test_with_new_classifier_keeps_the_backbone_and_seeds_a_new_head():
+    model = models.mobilenet_v2(0.25, (32, 32, 3), classes=7, weights=None, seed=0)
+    task = with_new_classifier(model, 3, seed=5)
+    assert task.output_shape == (None, 3) and task.get_layer("classifier").units == 3
+    for ours, theirs in zip(_backbone_weights(task), _backbone_weights(model)):
+        np.testing.assert_array_equal(ours, theirs)
+    kernel, bias = task.get_layer("classifier").get_weights()
+    np.testing.assert_array_equal(
+        kernel, keras.initializers.GlorotUniform(seed=5)(kernel.shape).numpy())
+    assert not bias.any()
+    # its own variables: training the copy leaves the original alone
+    task.get_layer("stem_conv").kernel.assign_add(tf.ones_like(task.get_layer("stem_conv").kernel))
+    assert not np.array_equal(task.get_layer("stem_conv").get_weights()[0],
+                              model.get_layer("stem_conv").get_weights()[0])
+    with pytest.raises(ValueError, match="classes must be positive, got 0"):
+        with_new_classifier(model, 0)
+
+
+def test_prune_to_flash_distils_under_the_teachers_classifier_then_attaches_the_task_head():
+    teacher = models.mobilenet_v2(0.25, (32, 32, 3), classes=7, weights=None, seed=0)
+    task = with_new_classifier(teacher, 3, seed=9)
+    x = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
+    y = np.arange(16) % 3
+    unpruned = deployable_size(task).total
+    pruned, record = prune_to_flash(
+        task, x, y, flash_budget=int(0.8 * unpruned) + 1000, allowance=1000,
+        deployable_bytes=lambda m: deployable_size(m).total, batch_size=8, seed=2,
+        teacher=teacher)
+    assert record["pruned"] and record["teacher_classes"] == 7
+    assert record["deployable_bytes"] <= int(0.8 * unpruned)
+    assert {"distillation", "agreement"} <= set(record["history"])
+    # the deployed model has the task's classifier, newly initialised from the seed, on a
+    # backbone pruned under the teacher's 7-way classifier
+    assert pruned.output_shape == (None, 3)
+    kernel = pruned.get_layer("classifier").get_weights()[0]
+    assert kernel.shape[0] < teacher.get_layer("classifier").get_weights()[0].shape[0]
+    np.testing.assert_array_equal(
+        kernel, keras.initializers.GlorotUniform(seed=2)(kernel.shape).numpy())

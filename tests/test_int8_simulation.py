@@ -308,7 +308,7 @@ def test_steps_with_dgsu_and_stochastic_rounding_equal_the_tflm_graphs(setup, tm
 def test_a_layer_without_converted_counterpart_is_named():
     inputs = keras.Input((6, 6, 3))
     x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
-    x = keras.layers.Activation("sigmoid", name="squash")(x)
+    x = keras.layers.Activation("tanh", name="squash")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     model = keras.Model(inputs, keras.layers.Dense(2, name="classifier")(x))
     with pytest.raises(UnsupportedModelError, match="layer 'squash' \\(Activation\\)"):

@@ -148,6 +148,36 @@ def test_masks_bit_exact(K):
         np.testing.assert_array_equal(got, np.where(bits_set[:n] == 1, g, 0))
 
 
+def test_activation_grad_bit_exact(K):
+    """dgst_activation_grad_f32 against the NumPy reference on every int8 code, signed
+    zeros, zero and negative table entries, odd lengths; and against TensorFlow autodiff
+    of swish at the dequantized codes."""
+    from dgst_tf.training.int8_activations import derivative_table
+
+    rng = np.random.default_rng(7)
+    for n in (1, 7, 256, 1001):
+        x = rng.integers(-128, 128, n).astype(np.int8)
+        x[: min(n, 2)] = [-128, 127][: min(n, 2)]
+        g = rng.normal(size=n).astype(np.float32)
+        g[: min(n, 3)] = [-0.0, 0.0, -2.5][: min(n, 3)]
+        table = rng.normal(size=256).astype(np.float32)
+        table[:40] = 0.0
+        table[40:50] = -0.0
+        got = K.activation_grad(g, x, table)
+        np.testing.assert_array_equal(bits(got), bits(R.activation_grad(g, x, table)))
+    scale, zero_point = 0.07, 12
+    x = np.arange(-128, 128).astype(np.int8)
+    g = rng.normal(size=256).astype(np.float32)
+    real = tf.Variable(np.float32(scale) * (x.astype(np.float32) - zero_point))
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(tf.nn.silu(real) * g)
+    np.testing.assert_allclose(K.activation_grad(g, x, derivative_table("swish", scale,
+                                                                        zero_point)),
+                               tape.gradient(y, real).numpy(), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="256 entries"):
+        K.activation_grad(g, x, table[:255])
+
+
 def test_quantize_grad_bit_exact_and_rounding(K):
     rng = np.random.default_rng(7)
     for n in (1, 5, 4096):

@@ -81,3 +81,25 @@ def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path):
     namespace = {"__name__": "__notebook__"}
     for i, cell in enumerate(_cells(path, "code")):
         exec(compile(_source(cell), f"{path.name}[cell {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("tool", ["qemu-system-arm", "arm-none-eabi-gcc", "make"])
+def test_microcontroller_notebook_stops_without_its_tools(tool, monkeypatch, tmp_path):
+    """Notebook 05 builds a firmware and runs it in QEMU: a missing tool is an error that
+    names it (so CI fails instead of skipping the Cortex-M7 run), raised by the cell that
+    checks the tools, before anything is built."""
+    import shutil
+
+    path = ROOT / "colab" / "05_on_the_microcontroller.ipynb"
+    code = _cells(path, "code")
+    check = next(i for i, c in enumerate(code) if "shutil.which(tool)" in _source(c))
+    which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == tool
+                        else which(name, *a, **k))
+    monkeypatch.setenv(QUICK, "1")
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__notebook__"}
+    for i, cell in enumerate(code[:check]):
+        exec(compile(_source(cell), f"{path.name}[cell {i}]", "exec"), namespace)
+    with pytest.raises(RuntimeError, match=rf"\['{tool}'\] not found: apt-get install"):
+        exec(compile(_source(code[check]), f"{path.name}[cell {check}]", "exec"), namespace)

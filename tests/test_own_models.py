@@ -134,6 +134,71 @@ def swish_se_net(seed=0):
     return _randomise_bn(keras.Model(inp, out, name="swish_se_net"), seed)
 
 
+def _hard_swish(x, name):
+    """keras.applications.MobileNetV3's hard-swish: Multiply([x, ReLU6(x + 3) * (1 / 6)])."""
+    gate = keras.layers.ReLU(6.0, name=f"{name}_relu6")(x + 3.0) * (1.0 / 6.0)
+    return keras.layers.Multiply(name=name)([x, gate])
+
+
+def _squeeze_excite(x, channels, name):
+    """EfficientNet's squeeze-and-excitation gate (swish reduce, sigmoid expand)."""
+    se = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool")(x)
+    se = keras.layers.Conv2D(max(channels // 4, 2), 1, activation="swish",
+                             name=f"{name}_reduce")(se)
+    se = keras.layers.Conv2D(channels, 1, activation="sigmoid", name=f"{name}_expand")(se)
+    return keras.layers.Multiply(name=f"{name}_excite")([x, se])
+
+
+def efficientnet_like(seed=0):
+    """EfficientNet style (swish everywhere): a swish stem and an MBConv block with a
+    squeeze-and-excitation gate (frozen: in front of the trained layers), then an MBConv
+    block with swish after its BN-folded convs, a conv with a fused swish activation, an
+    identity shortcut, a swish head conv and a Dense softmax classifier."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(SHAPE, name="image")
+    x = _conv_bn(inp, 8, 3, "stem", strides=2, activation="swish")
+    x = _conv_bn(x, None, 3, "block1_dw", depthwise=True, activation="swish")
+    x = _squeeze_excite(x, 8, "block1_se")
+    x = _conv_bn(x, 8, 1, "block1_project", activation=None)
+    y = _conv_bn(x, 24, 1, "block2_expand", activation="swish")
+    y = _conv_bn(y, None, 5, "block2_dw", depthwise=True, activation="swish")
+    y = keras.layers.Conv2D(8, 1, activation="swish", name="block2_mix")(y)
+    y = _conv_bn(y, 8, 1, "block2_project", activation=None)
+    x = keras.layers.Add(name="block2_add")([x, y])
+    x = _conv_bn(x, 32, 1, "top", activation="swish")
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.Dropout(0.2, name="top_dropout")(x)
+    out = keras.layers.Dense(CLASSES, activation="softmax", name="predictions")(x)
+    return _randomise_bn(keras.Model(inp, out, name="efficientnet_like"), seed)
+
+
+def mobilenet_v3_like(seed=0):
+    """MobileNetV3 style (keras.applications' layers): a hard-swish stem, a ReLU depthwise
+    block, a hard-swish block with a 5x5 depthwise conv and an identity shortcut, and
+    MobileNetV3's head: pooling with keepdims, a 1x1 conv with hard-swish, Dropout, a
+    1x1-conv classifier, Flatten and a softmax. (Its hard-sigmoid squeeze-and-excitation
+    gates are left out: their x + 3 folds into the conv bias and their / 6 becomes a MUL by a
+    constant, which the Keras int8 simulation does not map.)"""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(SHAPE, name="image")
+    x = _hard_swish(_conv_bn(inp, 8, 3, "stem", strides=2, activation=None), "stem_hs")
+    x = _conv_bn(x, None, 3, "block1_dw", depthwise=True, activation="relu")
+    x = _conv_bn(x, 8, 1, "block1_project", activation=None)
+    y = _hard_swish(_conv_bn(x, 24, 1, "block2_expand", activation=None), "block2_expand_hs")
+    y = _hard_swish(_conv_bn(y, None, 5, "block2_dw", depthwise=True, activation=None),
+                    "block2_dw_hs")
+    y = _conv_bn(y, 8, 1, "block2_project", activation=None)
+    x = keras.layers.Add(name="block2_add")([x, y])
+    x = _hard_swish(_conv_bn(x, 32, 1, "last", activation=None), "last_hs")
+    x = keras.layers.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+    x = _hard_swish(keras.layers.Conv2D(24, 1, name="Conv_2")(x), "Conv_2_hs")
+    x = keras.layers.Dropout(0.2, name="dropout")(x)
+    x = keras.layers.Conv2D(CLASSES, 1, name="Logits")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    out = keras.layers.Activation("softmax", name="predictions")(x)
+    return _randomise_bn(keras.Model(inp, out, name="mobilenet_v3_like"), seed)
+
+
 def images(n, seed=1):
     rng = np.random.default_rng(seed)
     return (rng.uniform(-1, 1, (n, *SHAPE)).astype(np.float32),
@@ -151,8 +216,18 @@ FAMILIES = {
                  "fc", "dense", "fc_softmax"),
     "sequential": (sequential_cnn, {"fc1": 0.5}, "fc2", "dense", "softmax"),
     "swish_se": (swish_se_net, {"last": 0.5, "project": "bias"}, "fc", "dense", "fc_softmax"),
+    "efficientnet": (efficientnet_like, {"top": 0.5, "block2_project": 0.5,
+                                         "block2_mix": "bias", "block2_dw": 0.5,
+                                         "block2_expand": "bias"},
+                     "predictions", "dense", "predictions_softmax"),
+    "mobilenet_v3": (mobilenet_v3_like, {"Conv_2": 0.5, "last": 0.5, "block2_dw": 0.5,
+                                         "block2_expand": "bias"},
+                     "Logits", "conv1x1", "predictions"),
 }
-EXPORTED = ["conv_head", "residual", "sequential"]
+EXPORTED = ["conv_head", "residual", "sequential"]  # (and pruned)
+# exported and run in TFLM: also swish, sigmoid and hard-swish on the gradient path, and a
+# frozen squeeze-and-excitation gate in front of it
+TFLM_STEPPED = EXPORTED + ["swish_se", "efficientnet", "mobilenet_v3"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -251,7 +326,7 @@ def test_memory_report_names_the_trained_layers(family):
     assert report.dense_training_bytes > report.training_peak_bytes
 
 
-@pytest.mark.parametrize("family", EXPORTED)
+@pytest.mark.parametrize("family", TFLM_STEPPED)
 def test_tflm_steps_of_the_exported_graph_equal_the_keras_int8_simulation(family, tmp_path):
     """6 steps, DGSU traversal on the device and in Keras, stochastic rounding: the same
     logits codes, kept channels, int8 weights and int32 biases at every step, the loss to
@@ -284,20 +359,40 @@ def test_tflm_steps_of_the_exported_graph_equal_the_keras_int8_simulation(family
                 for n in layers)
     assert moved >= 10  # the comparison is not vacuous
     # the memory model's arena: within 0.1% of TFLM's on the conv-head net; on the
-    # projection-shortcut and Flatten/Dense graphs it over-predicts (+18%, +5% measured)
+    # projection-shortcut and Flatten/Dense graphs it over-predicts (+18%, +5% measured).
+    # It does not model the table activations yet (their forward ops, the saved int8 inputs
+    # and DGST_ACTIVATION_GRAD): measured 0.79x (efficientnet) to 2.8x (mobilenet_v3) of
+    # TFLM's arena there, so only printed
     report = MemoryModel(model, policy="traversal").report(scheme, dense=False)
     print(f"{family}: arena predicted {report.arena_bytes}, TFLM {run.arena_bytes}")
-    assert 0.99 * run.arena_bytes <= report.arena_bytes <= 1.25 * run.arena_bytes
+    if family in EXPORTED:
+        assert 0.99 * run.arena_bytes <= report.arena_bytes <= 1.25 * run.arena_bytes
+
+
+def _not_quite_hard_swish_net():
+    """ReLU6(x + 2) / 6 * x: no hard-swish, so its x + 2 (TFOpLambda) has no backward."""
+    inp = keras.Input(SHAPE, name="image")
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv")(inp)
+    gate = keras.layers.ReLU(6.0, name="gate_relu6")(x + 2.0) * (1.0 / 6.0)
+    x = keras.layers.Multiply(name="almost_hard_swish")([x, gate])
+    x = keras.layers.Conv2D(8, 1, activation="tanh", name="tanh_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, keras.layers.Dense(CLASSES, name="fc")(x))
 
 
 # ------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize("spec, layer, what", [
-    ({"dw": 0.5}, "dw", r"activation 'swish'"),
-    ({"se_reduce": "bias"}, "se_expand", r"activation 'sigmoid'"),
-    ({"project": "bias"}, "tf.__operators__.add", r"TFOpLambda"),
+@pytest.mark.parametrize("build, spec, layer, what", [
+    (swish_se_net, {"dw": 0.5}, "se_gate", r"Multiply, MUL.*squeeze-and-excitation gate.*"
+                                           r"error x gate.*train only layers after the SE"),
+    (swish_se_net, {"se_reduce": "bias"}, "se_gate", r"no int8 backward kernel for MUL"),
+    (efficientnet_like, {"block1_dw": "bias"}, "block1_se_excite", r"squeeze-and-excitation"),
+    (_not_quite_hard_swish_net, {"conv": "bias"}, "tf.__operators__.add", r"TFOpLambda"),
+    (_not_quite_hard_swish_net, {"tanh_conv": "bias"}, "tanh_conv",
+     r"activation 'tanh'.*no int8 backward kernel"),
 ])
-def test_layers_without_an_int8_backward_are_refused_up_front(spec, layer, what, tmp_path):
-    model = swish_se_net()
+def test_layers_without_an_int8_backward_are_refused_up_front(build, spec, layer, what,
+                                                              tmp_path):
+    model = build()
     x, _ = images(4)
     with pytest.raises(TrainingExportError, match=rf"layer '{layer}.*lies between the first "
                                                    rf"updated layer '{list(spec)[0]}'") as error:
@@ -343,8 +438,7 @@ def test_the_support_table_covers_every_layer_of_the_families():
 def test_keras_applications_heads():
     """keras.applications' MobileNet (1x1-conv classifier + Reshape + softmax: one sparse
     step) and MobileNetV3Small (a hard-swish 1x1 conv and the 1x1-conv classifier after
-    keepdims pooling: the training form computes the same; its hard-swish refusal is
-    `swish_se_net`'s)."""
+    keepdims pooling: the training form computes the same)."""
     x, y = images(2)
     mobilenet = keras.applications.MobileNet(SHAPE, alpha=0.25, weights=None,
                                              classes=CLASSES)
@@ -359,6 +453,32 @@ def test_keras_applications_heads():
     head = find_classifier(v3)
     assert (head.name, head.kind, head.head_convs) == ("Logits", "conv1x1", ("Conv_2", "Logits"))
     np.testing.assert_allclose(training_form(v3)(x), v3(x), atol=1e-5)
+
+
+def test_keras_applications_mobilenet_v3_trains_after_its_last_se_gate(tmp_path):
+    """keras.applications.MobileNetV3Small (random weights, 32x32): a layer in front of its
+    last squeeze-and-excitation gate is refused, naming the gate; the layers after it (the
+    hard-swish head conv, whose gradient passes HARD_SWISH twice, and the 1x1-conv
+    classifier) export and train in TFLM."""
+    v3 = _randomise_bn(keras.applications.MobileNetV3Small(SHAPE, alpha=0.75, weights=None,
+                                                           classes=CLASSES), 0)
+    x, y = images(12, seed=3)
+    with pytest.raises(TrainingExportError, match=r"layer 'expanded_conv_10/squeeze_excite/"
+                                                  r"Mul' \(Multiply, MUL\), a squeeze-and-"
+                                                  r"excitation gate, lies between the first "
+                                                  r"updated layer 'expanded_conv_10/depthwise'"):
+        export_training(v3, UpdateScheme({"expanded_conv_10/depthwise": "bias"}), x,
+                        tmp_path / "refused.tflite")
+    info = export_training(v3, UpdateScheme({"Conv_1": 0.25,
+                                             "expanded_conv_10/project": "bias"}),
+                           x[4:], tmp_path / "t.tflite", policy="traversal")
+    assert info.ops["HARD_SWISH"] >= 2 and info.ops["CUSTOM:DGST_ACTIVATION_GRAD"] == 2
+    run = train_tflm(info.path, x[:4], y[:4])
+    assert np.isfinite(run.losses).all()
+    names = run.manifest["outputs"]
+    for param in ("Conv_1/weights", "Conv_1/bias", "expanded_conv_10/project/bias"):
+        steps = run.result.outputs[names.index(param)]
+        assert any(not np.array_equal(steps[i], steps[i + 1]) for i in range(3)), param
 
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
@@ -414,3 +534,30 @@ def test_pruning_names_a_layer_it_cannot_follow():
     with pytest.raises(UnsupportedLayerError, match=r"layer 'tf.__operators__.add.*"
                                                     r"\(TFOpLambda\) is not supported"):
         DependencyGraph(training_form(swish_se_net()))
+
+
+@pytest.mark.parametrize("family", EXPORTED)
+def test_channel_pruning_of_the_model_as_saved(family):
+    """The pruning dependency graph also reads the families as saved (the 1x1-conv classifier
+    after keepdims pooling with its Dropout, Reshape and softmax Activation; Flatten; a Dense
+    softmax): removing seeded channel groups shrinks the layers, computes the masked model's
+    logits and keeps the head's form."""
+    from dgst_tf.pruning import DependencyGraph, mask_groups, remove_channels
+
+    build, _, classifier, kind, _ = FAMILIES[family]
+    model = build()
+    graph = DependencyGraph(model)
+    prunable = np.flatnonzero(graph.prunable)
+    removed = np.random.default_rng(0).choice(prunable, 3, replace=False)
+    small = remove_channels(model, removed, graph)
+    masked = mask_groups(model, removed, graph)
+    x, _ = images(2)
+    np.testing.assert_allclose(logits_model(small)(x), logits_model(masked)(x), atol=1e-5)
+    assert np.abs(logits_model(masked)(x) - logits_model(model)(x)).max() > 1e-4
+    np.testing.assert_allclose(small(x), masked(x), atol=1e-6)
+    assert small.count_params() < model.count_params()
+    assert (find_classifier(small).kind, find_classifier(small).softmax) == \
+        (find_classifier(model).kind, find_classifier(model).softmax)
+    head_inputs = graph.input_groups(classifier)
+    kept_inputs = int(np.isin(head_inputs, removed, invert=True).sum())
+    assert input_channels(small.get_layer(classifier)) == kept_inputs

@@ -319,6 +319,113 @@ def test_prune_while_training_reaches_the_final_sparsity():
     assert footprint(result.model).flash_bytes < footprint(model).flash_bytes
 
 
+# ------------------------------------------------------------- reshapes, softmax heads
+def reshape_model(softmax_in_classifier=False):
+    """A 1x1-conv classifier after keepdims pooling with Reshape and softmax (MobileNet v1's
+    head; ``softmax_in_classifier``: the conv's own activation, before the Reshape), after a
+    channel-keeping Reshape of the map and back."""
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((6, 6, 3), name="image")
+    x = L.Conv2D(6, 3, strides=2, padding="same", name="stem")(inp)       # 3x3x6
+    x = L.BatchNormalization(name="stem_bn")(x)
+    x = L.ReLU(6.0, name="stem_relu")(x)
+    x = L.Reshape((9, 6), name="rows")(x)                                  # keeps channels
+    x = L.Reshape((3, 3, 6), name="map")(x)
+    x = L.Conv2D(8, 1, name="expand")(x)
+    x = L.GlobalAveragePooling2D(keepdims=True, name="pool")(x)
+    x = L.Conv2D(5, 1, activation="softmax" if softmax_in_classifier else None,
+                 name="conv_preds")(x)
+    out = L.Reshape((5,), name="reshape")(x)
+    if not softmax_in_classifier:
+        out = L.Activation("softmax", name="predictions")(out)
+    return _randomise_bn(keras.Model(inp, out, name="reshape_net"), seed=5)
+
+
+def _logits_and_outputs(models_by_name, x):
+    from dgst_tf.core.classifier import logits_model
+
+    return {name: logits_model(m)(x).numpy() for name, m in models_by_name.items()}
+
+
+def test_reshape_keeps_channels_and_removal_of_a_conv_head_model_equals_masking():
+    model = reshape_model()
+    graph = DependencyGraph(model)
+    g = _members(graph.group("stem", 2))
+    assert g[("rows", "pass")] == (2,) and g[("map", "pass")] == (2,)
+    assert g[("expand", "in")] == (2,)
+    g = _members(graph.group("expand", 3))  # through the pooled [1, 1, 8] to the classifier
+    assert g[("pool", "pass")] == (3,) and g[("conv_preds", "in")] == (3,)
+    assert not graph.group("conv_preds", 0).prunable  # the logits
+    removed = [graph.group("stem", 2).index, graph.group("expand", 3).index,
+               graph.group("expand", 6).index]
+    small = remove_channels(model, removed, graph)
+    masked = mask_groups(model, removed, graph)
+    assert small.get_layer("stem").filters == 5 and small.get_layer("expand").filters == 6
+    assert small.get_layer("expand").kernel.shape == (1, 1, 5, 6)
+    assert small.get_layer("conv_preds").kernel.shape == (1, 1, 6, 5)
+    assert small.get_layer("rows").output_shape == (None, 9, 5)
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 3)).astype(np.float32)
+    logits = _logits_and_outputs({"small": small, "masked": masked, "model": model}, x)
+    np.testing.assert_allclose(logits["small"], logits["masked"], atol=1e-5)
+    assert np.abs(logits["masked"] - logits["model"]).max() > 1e-3  # removal did something
+    np.testing.assert_allclose(small(x).numpy().sum(-1), 1, atol=1e-5)  # softmax kept
+
+
+def test_a_flattening_reshape_takes_the_rows_of_its_channels():
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((3, 3, 2))
+    x = L.Conv2D(4, 1, name="c1")(inp)
+    out = L.Dense(3, name="fc")(L.Reshape((-1,), name="flat")(x))        # 36 rows
+    model = keras.Model(inp, out)
+    graph = DependencyGraph(model)
+    assert graph.group("c1", 1).member("fc", "in").indices == tuple(1 + 4 * k
+                                                                     for k in range(9))
+    small = remove_channels(model, [graph.group("c1", 1).index], graph)
+    assert small.get_layer("fc").kernel.shape == (27, 3)
+    x = np.random.default_rng(0).normal(size=(2, 3, 3, 2)).astype(np.float32)
+    np.testing.assert_allclose(small(x), mask_groups(model, [graph.group("c1", 1).index],
+                                                     graph)(x), atol=1e-5)
+
+
+def test_a_reshape_that_mixes_channels_is_refused_naming_it():
+    inp = keras.Input((4, 4, 3))
+    x = L.Conv2D(6, 1, name="c1")(inp)
+    x = L.Reshape((4, 24), name="mixing")(x)   # channels of 4 pixels in one axis
+    out = L.Dense(2, name="fc")(L.Flatten()(x))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'mixing' \(Reshape\).*\(4, 4, 6\) "
+                                                    r"to \(4, 24\)"):
+        DependencyGraph(keras.Model(inp, out))
+
+
+def test_prune_while_training_a_softmax_model_uses_the_probabilities():
+    """At learning rate 0 and sparsity 0, the logged loss is the cross-entropy of the model's
+    probabilities, also where Keras cannot see the softmax (the classifier's own activation
+    before a Reshape: read as logits, they would be softmaxed twice); a conv-head model
+    prunes into the same form; distillation, which matches logits, refuses a softmax model
+    naming its softmax."""
+    x = np.random.default_rng(1).normal(size=(8, 6, 6, 3)).astype(np.float32)
+    y = np.arange(8) % 5
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    model = reshape_model(softmax_in_classifier=True)
+    twin = keras.models.clone_model(model)  # fit runs BatchNorm on the batch statistics
+    twin.set_weights(model.get_weights())
+    probabilities = twin(x, training=True)
+    expected = float(keras.losses.SparseCategoricalCrossentropy()(y, probabilities))
+    twice = float(keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y,
+                                                                                probabilities))
+    assert abs(expected - twice) > 0.05  # the check tells the two apart
+    result = prune_while_training(model, ds, 0.0, epochs=1,
+                                  optimizer=keras.optimizers.SGD(0.0))
+    assert result.history["loss"][0] == pytest.approx(expected, rel=1e-5)
+    model = reshape_model()
+    result = prune_while_training(model, ds, 0.3, epochs=1)
+    assert result.model.get_layer("expand").filters < 8
+    assert isinstance(result.model.get_layer("conv_preds"), L.Conv2D)  # the head's form
+    assert result.model.layers[-1].name == "predictions"
+    with pytest.raises(ValueError, match=r"ends in softmax 'predictions'.*logits_model"):
+        prune_while_training(model, ds, 0.3, teacher=model)
+
+
 # ----------------------------------------------------------------- activation patterns
 def _oracle_gradient(x, kernel, dy, pattern, strides, padding, dilations, depthwise):
     """d/dW of scale * sum over the pattern's positions of <dy, conv(x, W)>, by GradientTape."""

@@ -11,7 +11,7 @@ from small_models import batch, residual_cnn
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.export.tflite_builder import ModelBuilder, int32_options
+from dgst_tf.core.tflite_builder import ModelBuilder, int32_options
 from dgst_tf.export.tflm.ops_loader import host_ops
 from dgst_tf.export.tflm.runner import run_tflm
 from dgst_tf.export.training import export_training, initial_params, train_tflm

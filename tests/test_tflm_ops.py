@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dgst_tf.export.tflite_builder import ModelBuilder, int32_options
+from dgst_tf.core.tflite_builder import ModelBuilder, int32_options
 from dgst_tf.export.tflm.abi_check import check_abi
 from dgst_tf.export.tflm.ops_loader import host_ops
 from dgst_tf.export.tflm.runner import TflmError, run_tflm

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dgst_tf.export.tflite_builder import ModelBuilder
+from dgst_tf.core.tflite_builder import ModelBuilder
 from dgst_tf.export.tflite_file import TfliteFileError, pack_model, read_tflite, schema
 from dgst_tf.export.tflm.runner import TflmCrashError, TflmError, parse_allocations, run_tflm
 

@@ -1,6 +1,6 @@
 """The backward-pass TFLM kernels of the training step (DGST_CONV2D_INPUT_GRAD,
 DGST_DEPTHWISE_INPUT_GRAD, DGST_DEPTHWISE_WEIGHT_GRAD, DGST_SOFTMAX_XENT_GRAD,
-DGST_QUANTIZE_GRAD, DGST_RELU_MASK, DGST_GATHER_CHANNELS, and the Dense forms of
+DGST_QUANTIZE_GRAD, DGST_RELU_MASK, DGST_ACTIVATION_GRAD, DGST_GATHER_CHANNELS, and the Dense forms of
 DGST_CONV2D_WEIGHT_GRAD / DGST_SGD_QAS_UPDATE) in the pip interpreter, against
 tflm_ops/reference.py (bit for bit) and TensorFlow autodiff of the same computation.
 """
@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dgst_tf.export.tflite_builder import ModelBuilder, int32_options
+from dgst_tf.core.tflite_builder import ModelBuilder, int32_options
 from dgst_tf.export.tflm.abi_check import check_abi
 from dgst_tf.export.tflm.ops_loader import OPS, host_ops
 from dgst_tf.export.tflm.runner import TflmError, run_tflm
@@ -40,7 +40,7 @@ def run_graph(ops, tmp_path, name, build):
 def test_every_op_is_registered(ops):
     for op in ("DGST_CONV2D_INPUT_GRAD", "DGST_DEPTHWISE_INPUT_GRAD",
                "DGST_DEPTHWISE_WEIGHT_GRAD", "DGST_SOFTMAX_XENT_GRAD", "DGST_QUANTIZE_GRAD",
-               "DGST_RELU_MASK", "DGST_GATHER_CHANNELS"):
+               "DGST_RELU_MASK", "DGST_GATHER_CHANNELS", "DGST_ACTIVATION_GRAD"):
         assert op in OPS
 
 
@@ -483,3 +483,60 @@ def test_scatter_channels_matches_reference(ops, tmp_path):
     (got,) = run_graph(ops, tmp_path, "scatter", build)
     np.testing.assert_array_equal(got, R.scatter_channels(base, src, kept))
     assert np.array_equal(got[..., kept], src) and np.array_equal(got[..., 1], base[..., 1])
+
+
+@pytest.mark.parametrize("kind, quantizations", [
+    ("swish", [(0.05, -10), (1 / 256, -128), (0.03, -118)]),
+    ("hard_swish", [(0.05, -10), (0.04, -117)]),
+    ("hard_swish", [(0.3, 90), (0.25, -110)]),  # far beyond +-3: saturating branches
+    ("sigmoid", [(0.08, 5), (1 / 256, -128)]),
+])
+def test_activation_forward_table_is_tflm_and_activation_grad_is_the_reference(
+        ops, tmp_path, kind, quantizations):
+    """TFLM's builtin int8 ops (LOGISTIC + MUL, HARD_SWISH, LOGISTIC) on all 256 input
+    codes give the Keras simulation's forward table (computed with TFLite's reference
+    kernels), and DGST_ACTIVATION_GRAD in the same graph is the NumPy reference bit for bit
+    with the derivative table of the input quantization."""
+    from dgst_tf.export.tflite_file import schema
+    from dgst_tf.training.int8_activations import derivative_table, forward_table
+
+    rng = np.random.default_rng(11)
+    codes = np.arange(-128, 128).astype(np.int8).reshape(1, 16, 16, 1)
+    g = rng.normal(size=codes.shape).astype(np.float32)
+    g.flat[:2] = [-0.0, 0.0]
+    table = derivative_table(kind, *quantizations[0])
+
+    def build(b):
+        t = [b.add_tensor(f"t{i}", codes.shape, np.int8, scale=s, zero_point=z)
+             for i, (s, z) in enumerate(quantizations)]
+        if kind == "swish":
+            b.add_builtin_op(schema.BuiltinOperator.LOGISTIC, [t[0]], [t[1]])
+            b.add_builtin_op(schema.BuiltinOperator.MUL, [t[0], t[1]], [t[2]],
+                             schema.BuiltinOptions.MulOptions, schema.MulOptionsT())
+        else:
+            op = {"hard_swish": "HARD_SWISH", "sigmoid": "LOGISTIC"}[kind]
+            b.add_builtin_op(getattr(schema.BuiltinOperator, op), [t[0]], [t[1]])
+        t_g = b.add_tensor("g", codes.shape, np.float32)
+        t_table = b.add_tensor("table", (256,), np.float32, data=table)
+        dx = b.add_tensor("dx", codes.shape, np.float32)
+        b.add_custom_op("DGST_ACTIVATION_GRAD", [t_g, t[0], t_table], [dx])
+        return {t[0]: codes, t_g: g}, [t[-1], dx]
+
+    y, dx = run_graph(ops, tmp_path, f"act_{kind}", build)
+    np.testing.assert_array_equal(y.reshape(-1), forward_table(kind, quantizations))
+    want = R.activation_grad(g, codes, table)
+    np.testing.assert_array_equal(dx.reshape(-1).view(np.uint32), want.view(np.uint32))
+
+
+def test_activation_grad_prepare_errors(ops, tmp_path):
+    def build(b):
+        x = b.add_tensor("x", (1, 8), np.int8, scale=0.1, zero_point=0)
+        g = b.add_tensor("g", (1, 8), np.float32)
+        table = b.add_tensor("table", (255,), np.float32, data=np.zeros(255, np.float32))
+        dx = b.add_tensor("dx", (1, 8), np.float32)
+        b.add_custom_op("DGST_ACTIVATION_GRAD", [g, x, table], [dx])
+        return {x: np.zeros((1, 8), np.int8), g: np.zeros((1, 8), np.float32)}, [dx]
+
+    with pytest.raises(TflmError, match=r"DGST_ACTIVATION_GRAD: input 2 \(table\) must have "
+                                        r"256 entries"):
+        run_graph(ops, tmp_path, "act_bad", build)

@@ -12,7 +12,7 @@ from small_models import residual_cnn
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.export.inference import export_int8, reference_outputs
-from dgst_tf.export.tflite_builder import ModelBuilder
+from dgst_tf.core.tflite_builder import ModelBuilder
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import numpy_dtype, read_tflite
 from dgst_tf.export.tflm.ops_loader import host_ops

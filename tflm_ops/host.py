@@ -104,6 +104,7 @@ class Kernels:
             "dgst_depthwise_input_grad_s8": (None, [ctypes.POINTER(ConvGeometry), _i8p,
                                                     _f32, _i8p, _f32p, _i32, _f32p]),
             "dgst_apply_mask_f32": (None, [_f32p, _u8p, _i32]),
+            "dgst_activation_grad_f32": (None, [_f32p, _i8p, _f32p, _i32, _f32p]),
             "dgst_build_mask_s8": (None, [_i8p, _i32, ctypes.c_int8, ctypes.c_int8, _u8p]),
             "dgst_sgd_qas_update_conv_s8": (None, [_i8p, _i32, _i32, _i32, _i32, _i32p, _i32,
                                                    _i32p, _f32, _f32, _f32, _f32p]),
@@ -190,6 +191,17 @@ class Kernels:
         m = _c(mask, np.uint8)
         self.lib.dgst_apply_mask_f32(_ptr(out, _f32p), _ptr(m, _u8p), out.size)
         return out
+
+    def activation_grad(self, g, x, table):
+        gg = _c(g, np.float32).reshape(-1)
+        xx = _c(x, np.int8).reshape(-1)
+        tt = _c(table, np.float32)
+        if xx.size != gg.size or tt.shape != (256,):
+            raise ValueError("activation_grad: x must have g's size and table 256 entries")
+        dx = self._out(gg.shape, np.float32)
+        self.lib.dgst_activation_grad_f32(_ptr(gg, _f32p), _ptr(xx, _i8p), _ptr(tt, _f32p),
+                                          gg.size, _ptr(dx, _f32p))
+        return dx
 
     def quantize_grad(self, g):
         gg = _c(g, np.float32).reshape(-1)

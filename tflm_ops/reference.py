@@ -194,6 +194,14 @@ def apply_mask(g: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(bits, g, F32(0.0)).astype(F32)
 
 
+def activation_grad(g: np.ndarray, x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Backward of an int8 elementwise activation: ``g * table[x + 128]`` in float32
+    (``table``: the 256 derivatives at the input codes, `dgst_tf.training.int8_activations`)."""
+    g = np.asarray(g, F32).reshape(-1)
+    index = np.asarray(x, np.int8).reshape(-1).astype(np.int32) + 128
+    return (g * np.asarray(table, F32)[index]).astype(F32)
+
+
 def quantize_grad(g: np.ndarray) -> tuple[np.ndarray, np.float32]:
     """(int8 codes, float32 scale): scale = max|g| / 127 (1 if all 0), round half away."""
     g = np.asarray(g, F32).reshape(-1)

@@ -36,17 +36,20 @@ def add_dataset_arguments(group, default: str = "cifar10", extra: tuple = (),
 
 
 def add_config_arguments(parser, config_class, helps: dict, *, optional_types=None,
-                         choices=None, bool_type=None) -> None:
+                         choices=None, bool_type=None, skip=()) -> None:
     """One ``--field-name`` flag per field of the dataclass ``config_class`` (``data_path``
     is ``--data``), defaulting to the field's default. ``optional_types``: the type of
     fields whose default is None; ``choices``: per field; booleans are
-    ``--flag/--no-flag`` unless ``bool_type`` parses a value. Example::
+    ``--flag/--no-flag`` unless ``bool_type`` parses a value; ``skip``: fields another
+    helper defines (e.g. `dgst_tf.cli.model_args.MODEL_FIELDS`). Example::
 
         add_config_arguments(parser, DeviceConfig, {"seed": "every random choice"})
         DeviceConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DeviceConfig)})
     """
     optional_types, choices = optional_types or {}, choices or {}
     for field in dataclasses.fields(config_class):
+        if field.name in skip:
+            continue
         kind = optional_types.get(field.name, type(field.default))
         flag = "--data" if field.name == "data_path" else "--" + field.name.replace("_", "-")
         if kind is bool and bool_type is None:

@@ -3,12 +3,15 @@
     dgst device                                   # Fashion-MNIST, MobileNetV2-1.0 pruned to fit, 64 px
     dgst device --dataset cifar10 --width 1.0 --image-size 128 --output-dir runs/c10
     dgst device --dataset cifar10 --stream --augment --lr-schedule cosine --evaluate-on validation
+    dgst device --model my_cnn.keras --image-size 96 --flash-budget 512KB --sram-budget 128KB
 
 prune (deployable training .tflite + firmware allowance <= --flash-budget) -> plan (DGSU
 scheme whose TFLM arena <= --sram-budget) -> batch-1 int8 QAS DGSU training -> TFLM check
 (identical to the Keras int8 simulation) -> test accuracy of the adapted int8 model in TFLM,
 report.json + report.png (`dgst_tf.jobs.device_pipeline`). Rerunning the same command skips
-the finished stages; a budget that cannot be met stops the run naming the stage.
+the finished stages; a budget that cannot be met stops the run naming the stage. A model
+file (``--model``) is checked before anything is written (input size, layers, classes, the
+DGSU scheme on it); a refusal names the file and the layer or value.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ _HELP = {
                    "read the test set (choosing settings)",
 }
 # fields whose default is None: their type
-_OPTIONAL_TYPES = {"data_path": str, "weights": str, "firmware_allowance": int,
+_OPTIONAL_TYPES = {"data_path": str, "firmware_allowance": int,
                    "layers_per_step": int}
 
 
@@ -46,13 +49,18 @@ def add_device_parser(subparsers) -> argparse.ArgumentParser:
         add_device_parser(sub)
     """
     from dgst_tf.cli.common_args import add_config_arguments
+    from dgst_tf.cli.model_args import MODEL_FIELDS, add_model_arguments
     from dgst_tf.jobs.device_pipeline import LR_SCHEDULES, SPLITS, DeviceConfig
 
     device = subparsers.add_parser(
         "device", help="prune, plan, int8 DGSU training, TFLM check and evaluation",
         description=__doc__.splitlines()[0])
+    defaults = DeviceConfig()
+    add_model_arguments(device, width=defaults.width, image_size=defaults.image_size,
+                        weights=defaults.weights, weights_help=_HELP["weights"], classes=False)
     add_config_arguments(device, DeviceConfig, _HELP, optional_types=_OPTIONAL_TYPES,
-                         choices={"lr_schedule": LR_SCHEDULES, "evaluate_on": SPLITS})
+                         choices={"lr_schedule": LR_SCHEDULES, "evaluate_on": SPLITS},
+                         skip=MODEL_FIELDS)
     device.add_argument("--verbose", type=int, default=1,
                         help="0 quiet, 1 stages and the train stage's progress (a bar with "
                              "its ETA in a terminal, a line per epoch in a log)")
@@ -88,14 +96,13 @@ def _figures(report: dict) -> list[str]:
 
 def run_device(args) -> int:
     """Run ``dgst device`` from parsed arguments (0 on success)."""
+    from dgst_tf.cli.model_args import model_settings
     from dgst_tf.core import runtime
     from dgst_tf.jobs.device_pipeline import DeviceConfig, run_device_pipeline
 
     runtime.limit_threads()
     fields = {f.name for f in dataclasses.fields(DeviceConfig)}
-    options = {k: v for k, v in vars(args).items() if k in fields}
-    if options["weights"] == "none":
-        options["weights"] = None
+    options = {k: v for k, v in vars(args).items() if k in fields} | model_settings(args)
     report = run_device_pipeline(DeviceConfig(**options), verbose=args.verbose)
     print("\n".join(_figures(report)))
     print(f"wrote          {args.output_dir}/report.json, report.png, adapted.tflite, "

@@ -22,7 +22,6 @@ _HELP = {
     "partition": "iid or dirichlet (label skew, --alpha)",
     "alpha": "Dirichlet concentration: 0.1 strongly non-IID, 1.0 mildly",
     "per_channel": "average each channel over the devices that updated it (else plain FedAvg)",
-    "model": "mobilenet_v2 or a saved tf-keras model file",
     "weights": "imagenet (offline, width 1.0 only) or none",
     "method": "what a device's step updates (dgst_tf.training.methods)",
     "target_fraction": "fraction of conv weights updated per step (sparse methods)",
@@ -33,7 +32,7 @@ _HELP = {
     "num_cpus": "CPUs Ray may use (one device trains per CPU at a time)",
     "round_timeout": "seconds a round may take before the run stops",
 }
-_OPTIONAL_TYPES = {"data_path": str, "weights": str, "sram_budget": str}
+_OPTIONAL_TYPES = {"data_path": str, "sram_budget": str}
 
 
 def add_federate_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,13 +42,18 @@ def add_federate_parser(subparsers) -> argparse.ArgumentParser:
         add_federate_parser(sub)
     """
     from dgst_tf.cli.common_args import add_config_arguments
+    from dgst_tf.cli.model_args import MODEL_FIELDS, add_model_arguments
     from dgst_tf.federated.config import FederatedConfig, parse_bool
 
     federate = subparsers.add_parser(
         "federate", help="federated sparse fine-tuning of simulated devices (Flower on Ray)",
         description=__doc__.splitlines()[0])
+    defaults = FederatedConfig()
+    add_model_arguments(federate, width=defaults.width, image_size=defaults.image_size,
+                        weights=defaults.weights, weights_help=_HELP["weights"],
+                        classes=False)
     add_config_arguments(federate, FederatedConfig, _HELP, optional_types=_OPTIONAL_TYPES,
-                         bool_type=parse_bool)
+                         bool_type=parse_bool, skip=MODEL_FIELDS)
     federate.add_argument("--output-dir", default="federated_run",
                           help="results.json goes here")
     federate.add_argument("--verbose", action="store_true", help="Flower's debug log")
@@ -59,16 +63,21 @@ def add_federate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_federate(args) -> int:
     """Run ``dgst federate`` from parsed arguments (0 on success)."""
+    from dgst_tf.cli.model_args import model_settings
     from dgst_tf.core import runtime
     from dgst_tf.federated.config import FederatedConfig
     from dgst_tf.federated.simulation import run_federated
+    from dgst_tf.models.own_model import is_model_file, load_own_model
 
     runtime.limit_threads(1)
     fields = {f.name for f in dataclasses.fields(FederatedConfig)}
-    options = {k: v for k, v in vars(args).items() if k in fields}
-    for key in ("weights", "sram_budget"):
-        if options[key] in ("none", ""):
-            options[key] = None
+    options = {k: v for k, v in vars(args).items() if k in fields} | model_settings(args)
+    if options["weights"] == "":
+        options["weights"] = None
+    if options["sram_budget"] in ("none", ""):
+        options["sram_budget"] = None
+    if is_model_file(args.model):  # refused here, before Ray starts or anything is written
+        load_own_model(args.model, options["image_size"], args.classes or None)
     results = run_federated(FederatedConfig(**options), output_dir=args.output_dir,
                             verbose=args.verbose)
     for row in results["rounds"]:

@@ -2,7 +2,8 @@
 
     dgst info                 versions, data, weights, TFLM and QEMU availability
     dgst train [options]      adapt the pretrained model to a dataset (the main job)
-                              (--output-dir OUT: model, scheme, selection for export)
+                              (--output-dir OUT: model, scheme, selection for export;
+                              --model my_cnn.keras: your own saved tf-keras model)
     dgst plan [options]       choose an update scheme that fits a memory budget
     dgst prune [options]      structured channel pruning to a flash budget (TF-MOT)
     dgst export [options]     write the model as a TFLM training step (.tflite + .json) or int8 model
@@ -19,16 +20,16 @@ import sys
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from dgst_tf.cli.common_args import SELECTION_HELP, SELECTIONS, add_dataset_arguments
+    from dgst_tf.cli.model_args import add_model_arguments
     from dgst_tf.jobs.adapt import AdaptConfig
     from dgst_tf.training.methods import METHODS
 
     defaults = AdaptConfig()
     add_dataset_arguments(parser, default=defaults.dataset)
-    parser.add_argument("--width", type=float, default=defaults.width)
-    parser.add_argument("--image-size", type=int, default=defaults.image_size)
-    parser.add_argument("--weights", default=defaults.weights,
-                        help="imagenet (offline torchvision checkpoint), keras-imagenet "
-                             "(downloads), none, or a .pth/.npz path")
+    add_model_arguments(parser, width=defaults.width, image_size=defaults.image_size,
+                        weights=defaults.weights, classes=False,
+                        weights_help="imagenet (offline torchvision checkpoint), "
+                                     "keras-imagenet (downloads), none, or a .pth/.npz path")
     parser.add_argument("--method", choices=METHODS, default=defaults.method,
                         help="training method: what a step updates and how it picks "
                              "channels (see dgst_tf.training.methods)")
@@ -72,16 +73,15 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from dgst_tf.cli.model_args import model_settings
     from dgst_tf.core import runtime
     from dgst_tf.jobs.adapt import AdaptConfig, run
 
     runtime.limit_threads()
     fields = {f.name for f in dataclasses.fields(AdaptConfig)}
-    options = {k: v for k, v in vars(args).items() if k in fields}
+    options = {k: v for k, v in vars(args).items() if k in fields} | model_settings(args)
     for key in ("train_examples", "test_examples"):
         options[key] = options[key] or None
-    if options["weights"] == "none":
-        options["weights"] = None
     verbose = args.verbose if args.verbose is not None else 1 if sys.stdout.isatty() else 2
     result = run(AdaptConfig(**options), verbose=verbose)
     print(f"dataset        {args.dataset}: {result['train_examples']} train / "

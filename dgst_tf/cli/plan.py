@@ -135,6 +135,7 @@ def _policy(args) -> str | None:
 
 def run_plan(args) -> int:
     """Run ``dgst plan`` from parsed arguments (0 on success)."""
+    from dgst_tf.models.own_model import is_model_file
     from dgst_tf.planning.budget import parse_budget
     from dgst_tf.planning.contribution import analytic_contributions
     from dgst_tf.planning.memory import MemoryModel, kb
@@ -142,7 +143,7 @@ def run_plan(args) -> int:
 
     budget = parse_budget(args.budget)
     policy = _policy(args)
-    model = model_from_args(args)[0]
+    model, description = model_from_args(args)
     memory_model = MemoryModel(model, (args.image_size, args.image_size, 3),
                                gradient_bytes=args.gradient_bytes, optimizer=args.optimizer,
                                inplace_depthwise=args.inplace_depthwise, policy=policy,
@@ -155,8 +156,8 @@ def run_plan(args) -> int:
         table = _measured_table(args, model)
     else:
         table = analytic_contributions(model)
-    print(f"model     {model.name}: {len(memory_model.convs)} convs, input "
-          f"{args.image_size}x{args.image_size}x3, {args.classes} classes")
+    print(f"model     {description}: {model.name}, {len(memory_model.convs)} convs, input "
+          f"{args.image_size}x{args.image_size}x3, {int(model.outputs[0].shape[-1])} classes")
     print(f"budget    {kb(budget)} ({budget} bytes) on the {args.accounting.replace('_', ' ')}"
           f"; selection {policy or 'static'}; contributions {table.source}"
           + (" (proxy: later layers gain more)" if table.source == "analytic" else ""))
@@ -173,8 +174,10 @@ def run_plan(args) -> int:
     print(report.table())
     result.scheme.save(args.output)
     selection = "static" if policy is None else "dynamic"
+    source = (f"--model {args.model}" if is_model_file(args.model) else
+              f"--width {args.width:g}")
     print(f"wrote     {args.output}  (train with: dgst train --scheme {args.output} "
-          f"--selection {selection} --width {args.width:g} --image-size {args.image_size})")
+          f"--selection {selection} {source} --image-size {args.image_size})")
     _write_memory_bars(report, budget, args)
     if args.chart:
         from dgst_tf.planning.memory_report import plot_memory

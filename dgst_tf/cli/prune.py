@@ -2,6 +2,7 @@
 
     dgst prune --width 1.0 --image-size 96 --flash-budget 1MB --output pruned.h5
     dgst prune --sparsity 0.3 --dataset none --epochs 0 --output oneshot.h5
+    dgst prune --model my_cnn.keras --image-size 32 --dataset fashion_mnist --output small.keras
 
 Finds the family sparsity whose pruned model's deployable training ``.tflite`` (what
 `dgst export` writes for on-device training, sized without exporting:
@@ -19,7 +20,7 @@ import pathlib
 import time
 
 from dgst_tf.cli.common_args import add_dataset_arguments
-from dgst_tf.cli.model_args import add_model_arguments, model_from_args
+from dgst_tf.cli.model_args import add_model_arguments, model_from_args, resolve_image_size
 
 
 def add_prune_parser(subparsers) -> argparse.ArgumentParser:
@@ -123,13 +124,27 @@ def _prune(args, model, graph, sparsity, options, train):
     return small, "one-shot (no fine-tuning)"
 
 
+def _logits_form(model):
+    """``model`` in its logits form when it ends in a softmax (distillation matches logits;
+    `dgst_tf.core.classifier.logits_model`), said on the console; else ``model``."""
+    from dgst_tf.core.classifier import find_classifier, logits_model
+
+    head = find_classifier(model)
+    if head.outputs_logits:
+        return model
+    softmax = head.name if head.softmax == "activation" else head.softmax
+    print(f"logits    distillation matches logits: pruning the model without softmax "
+          f"{softmax!r} (the pruned model outputs logits; the argmax is the same)")
+    return logits_model(model)
+
+
 def _accuracy(model, test):
     from dgst_tf.core.keras_compat import keras
 
     if test is None:
         return None
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+                  metrics=["accuracy"])  # the loss is not reported: only the accuracy
     return float(model.evaluate(test.dataset, verbose=0)[1])
 
 
@@ -186,11 +201,15 @@ def run_prune(args) -> int:
     if pathlib.Path(args.output).suffix not in MODEL_SUFFIXES:
         raise ValueError(f"--output {args.output!r}: use a .h5 or .keras file name")
     budget, allowance, room = _flash_room(args)
+    resolve_image_size(args)  # the images are loaded at the model's size
     train = test = None
     if args.dataset != "none":
         train, test = _load_data(args)
-    classes = train.num_classes if train is not None else args.classes
-    model, description = model_from_args(args, classes=classes)
+    # a model file must have the dataset's classes; without data any number will do
+    model, description = model_from_args(
+        args, classes=train.num_classes if train is not None else None)
+    if args.distill and args.dataset != "none" and args.epochs > 0:
+        model = _logits_form(model)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     graph = DependencyGraph(model)
     before, deploy_before = footprint(model), deployable_size(model)

@@ -41,7 +41,7 @@ from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import CONV2D, DENSE, DEPTHWISE, kind_of
 
 __all__ = ["ClassifierError", "ClassifierHead", "find_classifier", "head_dense_layers",
-           "training_form", "logits_model", "is_softmax_layer"]
+           "training_form", "logits_model", "with_new_classifier", "is_softmax_layer"]
 
 GLOBAL_POOLS = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 # layers that may sit between the classifier and the model output (besides a softmax)
@@ -352,3 +352,31 @@ def logits_model(model: keras.Model, name: str | None = None) -> keras.Model:
         return layer(*args, **kwargs)
 
     return rebuild(trainable, call_layer, name=name or trainable.name)
+
+
+def with_new_classifier(model: keras.Model, classes: int, seed: int = 0,
+                        name: str | None = None) -> keras.Model:
+    """An independent copy of ``model`` (in `training_form`) whose classifier is a new Dense
+    layer of ``classes`` outputs (same name, Glorot-uniform initialised from ``seed``, zero
+    bias); every other layer keeps its weights, a softmax after the classifier stays. Use it
+    to put the target task's head on a backbone pruned under its ImageNet classifier::
+
+        task = with_new_classifier(imagenet_model, classes=10, seed=0)
+        task.output_shape      # (None, 10)
+    """
+    if int(classes) < 1:
+        raise ValueError(f"with_new_classifier: classes must be positive, got {classes}")
+    source = training_form(model)
+    head = find_classifier(source).layer
+
+    def call_layer(layer, args, kwargs):
+        if layer is head:
+            return keras.layers.Dense(
+                int(classes), use_bias=True, name=layer.name,
+                kernel_initializer=keras.initializers.GlorotUniform(seed=int(seed)))(args[0])
+        return layer(*args, **kwargs)
+
+    shared = rebuild(source, call_layer, name=name or model.name)
+    copy = keras.models.clone_model(shared)
+    copy.set_weights(shared.get_weights())
+    return copy

@@ -32,7 +32,7 @@ from dgst_tf.core.keras_compat import require_keras2, tf
 
 __all__ = ["Int8ConversionError", "DEFAULT_NUM_SAMPLES", "DEFAULT_HEAD_LOGIT_RANGE",
            "DEFAULT_HEAD_WEIGHT_HEADROOM", "convert_int8", "widen_head", "ConvertedModel",
-           "ConvertedOp", "ConvertedTensor"]
+           "ConvertedOp", "ConvertedTensor", "layer_names_in"]
 
 DEFAULT_NUM_SAMPLES = 100
 # Softmax cross-entropy is flat beyond a logit margin of ~16, so +-16 covers trained logits.
@@ -271,3 +271,14 @@ class ConvertedModel:
     def producer(self, tensor: int):
         """The op writing ``tensor``, or None (a graph input or constant)."""
         return next((op for op in self.ops if tensor in op.outputs), None)
+
+
+def layer_names_in(weight_name: str, names) -> list:
+    """The layer ``names`` whose ``/name/`` occurs in tensor name ``weight_name``, without
+    those that occur only inside a longer one (layer ``Conv`` in
+    ``model/expanded_conv/squeeze_excite/Conv/Conv2D``, MobileNetV3)."""
+    path = f"/{weight_name}"
+    matches = [name for name in names if f"/{name}/" in path]
+    return [name for name in matches
+            if not any(other != name and f"/{name}/" in f"/{other}/"
+                       and f"/{other}/" in path for other in matches)]

@@ -18,6 +18,7 @@ import dataclasses
 from dgst_tf.core.graph import UnsupportedModelError, nodes_in_order
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import kind_of
+from dgst_tf.core.multiply_patterns import hard_swish_patterns, squeeze_excite_gates
 from tf_keras.src.layers.core.tf_op_layer import TFOpLambda  # a TF op on Keras tensors
 
 __all__ = ["LayerSupport", "SUPPORT", "ACTIVATIONS", "TRAINABLE_ACTIVATIONS",
@@ -41,13 +42,13 @@ class LayerSupport:
 SUPPORT = (
     LayerSupport("DepthwiseConv2D", (keras.layers.DepthwiseConv2D,), "DEPTHWISE_CONV_2D", True,
                  "any kernel size (3x3, 5x5, 7x7), stride, SAME / VALID; activation none, "
-                 "ReLU or ReLU6"),
+                 "ReLU, ReLU6, swish or sigmoid"),
     LayerSupport("Conv2D", (keras.layers.Conv2D,), "CONV_2D", True,
-                 "any kernel size, stride, dilation, SAME / VALID; activation none, ReLU or "
-                 "ReLU6; a 1x1 Conv2D of the pooled map is a Dense layer"),
+                 "any kernel size, stride, dilation, SAME / VALID; activation none, ReLU, "
+                 "ReLU6, swish or sigmoid; a 1x1 Conv2D of the pooled map is a Dense layer"),
     LayerSupport("Dense", (keras.layers.Dense,), "FULLY_CONNECTED", True,
-                 "activation none, ReLU or ReLU6; the classifier (Dense or 1x1 Conv2D) may "
-                 "end in a softmax, dropped for training and kept for inference"),
+                 "activation none, ReLU, ReLU6, swish or sigmoid; the classifier (Dense or 1x1 "
+                 "Conv2D) may end in a softmax, dropped for training and kept for inference"),
     LayerSupport("BatchNormalization", (keras.layers.BatchNormalization,),
                  "folded into the layer before it", True,
                  "must directly follow a Conv2D / DepthwiseConv2D / Dense read by nothing "
@@ -55,7 +56,17 @@ SUPPORT = (
     LayerSupport("ReLU, ReLU6, Activation('relu' | 'relu6' | 'linear')",
                  (keras.layers.ReLU, keras.layers.Activation),
                  "fused into the conv / dense before it", True,
-                 "no negative slope or threshold, max value none or 6"),
+                 "no negative slope or threshold, max value none or 6; right after a "
+                 "Conv2D / DepthwiseConv2D / Dense"),
+    LayerSupport("swish / SiLU, sigmoid (Activation, or a layer's activation)", (),
+                 "LOGISTIC + MUL (swish), LOGISTIC", True,
+                 "backward DGST_ACTIVATION_GRAD: the gradient times f' at the saved int8 "
+                 "input (a 256-entry table); tested after Conv2D / DepthwiseConv2D / Dense "
+                 "(EfficientNet's conv-BN-swish)"),
+    LayerSupport("hard-swish (MobileNetV3's Multiply([x, ReLU6(x + 3) * (1 / 6)]))", (),
+                 "HARD_SWISH", True,
+                 "the four layers become one HARD_SWISH op; backward DGST_ACTIVATION_GRAD "
+                 "as for swish"),
     LayerSupport("Add", (keras.layers.Add,), "ADD", True, "two inputs (residual connections)"),
     LayerSupport("ZeroPadding2D", (keras.layers.ZeroPadding2D,), "PAD", True,
                  "folded into the next conv where it can be"),
@@ -69,12 +80,15 @@ SUPPORT = (
     LayerSupport("Softmax, Activation('softmax')", (keras.layers.Softmax,), "SOFTMAX", False,
                  "only as the classifier's last layer (dropped for training)"),
     LayerSupport("Multiply", (keras.layers.Multiply,), "MUL", False,
-                 "elementwise multiply (squeeze-and-excitation gates, hard-swish "
-                 "x * ReLU6(x + 3) / 6): no int8 backward kernel for MUL"),
+                 "elementwise multiply of two tensors, e.g. a squeeze-and-excitation gate "
+                 "(EfficientNet, MobileNetV3): no int8 backward kernel for MUL (its exact "
+                 "gradient goes into the feature map, error x gate, and through the gate's "
+                 "pooling, 1x1 convs and sigmoid); train only layers after the SE block. "
+                 "A hard-swish Multiply trains (row above)"),
     LayerSupport("TFOpLambda (TensorFlow ops on Keras tensors)", (TFOpLambda,),
                  "ADD / MUL / ... by a constant", False,
-                 "e.g. the x + 3 and x / 6 of MobileNetV3's hard-swish: no int8 backward "
-                 "kernels for them"),
+                 "no int8 backward kernels for them, except the x + 3 and * (1 / 6) of a "
+                 "hard-swish (row above)"),
     LayerSupport("MaxPooling2D, GlobalMaxPooling2D",
                  (keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling2D),
                  "MAX_POOL_2D / REDUCE_MAX", False, "no backward kernel for max pooling"),
@@ -90,16 +104,18 @@ SUPPORT = (
                  False, "no int8 backward kernel"),
 )
 
-TRAINABLE_ACTIVATIONS = ("linear", "relu", "relu6")
+_MULTIPLY_NOTE = next(row.note for row in SUPPORT if row.label == "Multiply")
+
+TRAINABLE_ACTIVATIONS = ("linear", "relu", "relu6", "swish", "silu", "sigmoid")
+# fused into the op before them (ReLU / ReLU6), the others are table activations
+# (`dgst_tf.training.int8_activations`) that may follow any layer
+_FUSED_ACTIVATIONS = ("relu", "relu6")
 # activation name -> why the training step cannot train through it
 ACTIVATIONS = {
-    "swish": "swish / SiLU (EfficientNet) becomes LOGISTIC and MUL, which have no int8 backward "
-             "kernel",
-    "silu": "swish / SiLU (EfficientNet) becomes LOGISTIC and MUL, which have no int8 backward "
-            "kernel",
-    "hard_swish": "hard-swish (MobileNetV3) has no int8 backward kernel",
-    "hard_silu": "hard-swish (MobileNetV3) has no int8 backward kernel",
-    "sigmoid": "sigmoid (LOGISTIC) has no int8 backward kernel",
+    "hard_swish": "write MobileNetV3's hard-swish as Multiply([x, ReLU(6.)(x + 3) * (1 / 6)]) "
+                  "(keras.applications' form, converted to HARD_SWISH)",
+    "hard_silu": "write MobileNetV3's hard-swish as Multiply([x, ReLU(6.)(x + 3) * (1 / 6)]) "
+                 "(keras.applications' form, converted to HARD_SWISH)",
     "hard_sigmoid": "hard-sigmoid has no int8 backward kernel",
     "tanh": "tanh has no int8 backward kernel",
     "gelu": "GELU has no int8 backward kernel",
@@ -152,7 +168,7 @@ def unsupported_reason(layer, node=None) -> str | None:
             return (f"ReLU(max_value={max_value}, negative_slope={float(layer.negative_slope)}"
                     f", threshold={float(layer.threshold)}): only ReLU and ReLU6 fuse into "
                     "the int8 ops")
-    if is_activation and node is not None and _activation(layer) != "linear" \
+    if is_activation and node is not None and _activation(layer) in _FUSED_ACTIVATIONS \
             and not _follows_weight_layer(node):
         producer = node.parent_nodes[0].layer if node.parent_nodes else None
         return (f"a ReLU fuses into the Conv2D / DepthwiseConv2D / Dense right before it; "
@@ -197,12 +213,25 @@ def check_gradient_path(model: keras.Model, trained, where: str) -> None:
     """
     trained = set(trained)
     nodes = list(nodes_in_order(model))
+    hard_swish = {name for pattern in hard_swish_patterns(model).values()
+                  for name in (pattern.multiply, *pattern.helpers)}
+    gate_of = {name: multiply for multiply, branch in squeeze_excite_gates(model).items()
+               for name in (multiply, *branch)}
     first = next((n.layer.name for n in nodes if n.layer.name in trained), None)
     on_path = set()
     for node in nodes:
         if node.layer.name in trained or any(id(p) in on_path for p in node.parent_nodes):
             on_path.add(id(node))
-            reason = unsupported_reason(node.layer, node)
+            reason = None if node.layer.name in hard_swish else unsupported_reason(node.layer,
+                                                                                    node)
+            if reason is not None and node.layer.name in gate_of:
+                multiply = gate_of[node.layer.name]
+                raise UnsupportedModelError(
+                    f"{where}: layer {multiply!r} (Multiply, MUL), a squeeze-and-excitation "
+                    f"gate, lies between the first updated layer {first!r} and the loss, where "
+                    f"the int8 training step cannot train through it: "
+                    f"{_MULTIPLY_NOTE} (first unsupported layer of it: "
+                    f"{node.layer.name!r}: {reason})")
             if reason is not None:
                 row = _row(node.layer)
                 op = f", {row.op}" if row is not None and not row.trains else ""

@@ -23,10 +23,13 @@ from dgst_tf.federated.config import FederatedConfig
 from dgst_tf.federated.server import server_app
 
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
-# Ray's workers inherit this process's environment: one TF thread each, no telemetry.
+# Ray's workers inherit this process's environment: one TF thread each, no telemetry, and
+# Ray's default worker niceness (+15) turned off: the workers do all the training, and at
+# +15 a loaded machine starves them while the server waits.
 _WORKER_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
                "OMP_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-               "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+               "FLWR_TELEMETRY_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+               "RAY_worker_niceness": "0"}
 
 
 def backend_config(config: FederatedConfig) -> dict:

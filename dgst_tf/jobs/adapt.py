@@ -22,6 +22,7 @@ from dgst_tf.core.files import write_json_atomically  # noqa: F401  (its old imp
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import kernel_of
 from dgst_tf.jobs.train_outputs import save_train_outputs, selection_mode
+from dgst_tf.models.own_model import is_model_file, load_own_model
 from dgst_tf.planning.budget import MemoryBudget
 from dgst_tf.planning.memory import training_memory
 from dgst_tf.training.methods import METHODS, build_method
@@ -39,6 +40,7 @@ class AdaptConfig:
 
     dataset: str = "fashion_mnist"
     data_path: str | None = None  # cifar10: folder or archive; folder: an image-folder tree
+    model: str = "mobilenet_v2"  # or a saved tf-keras model file (dgst_tf.models.own_model)
     width: float = 1.0
     image_size: int = 96
     weights: str = "imagenet"
@@ -94,14 +96,18 @@ def load_splits(config: AdaptConfig):
 
 
 def build_model(config: AdaptConfig, num_classes: int):
-    """(SparseUpdateModel, callbacks): the pretrained backbone with a new classifier."""
-    model = models.mobilenet_v2(
-        width=config.width,
-        input_shape=(config.image_size, config.image_size, 3),
-        classes=num_classes,
-        weights=config.weights,
-        seed=config.seed,
-    )
+    """(SparseUpdateModel, callbacks): the pretrained backbone with a new classifier, or the
+    model file ``config.model`` (checked: input size, layers, ``num_classes`` outputs)."""
+    if is_model_file(config.model):
+        model = load_own_model(config.model, config.image_size, num_classes)
+    else:
+        model = models.mobilenet_v2(
+            width=config.width,
+            input_shape=(config.image_size, config.image_size, 3),
+            classes=num_classes,
+            weights=config.weights,
+            seed=config.seed,
+        )
     if config.scheme_path:
         scheme = UpdateScheme.load(config.scheme_path)
         callbacks = [DynamicChannelSelection(layers_per_step=config.layers_per_step,

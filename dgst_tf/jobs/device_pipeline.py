@@ -1,7 +1,14 @@
 """The device pipeline: prune -> plan -> int8 DGSU training -> TFLM check -> evaluation,
 on the device's terms, into one output folder (the job behind ``dgst device``).
 
-1. ``prune``: the pretrained MobileNetV2 with a new classifier, channel-pruned
+0. Before any stage writes anything, a model file (``model="my_cnn.keras"``) is loaded and
+   checked (`dgst_tf.models.own_model`: input ``image_size``, every layer supported, a
+   classifier with the dataset's classes) and so is the DGSU scheme on it (pointwise convs to
+   update, every layer between them and the loss trainable in int8); a refusal names the file
+   and the layer or value.
+1. ``prune``: the pretrained MobileNetV2 with a new classifier (or the model file in its
+   logits form, `dgst_tf.core.classifier.logits_model`: a 1x1-conv classifier written as the
+   Dense layer it computes, a softmax dropped, since the device trains on logits), channel-pruned
    (`dgst_tf.jobs.device_prune`, distillation from the unpruned model) until the deployable
    training `.tflite` + the firmware allowance fits ``flash_budget`` (skipped, and recorded
    so, if it fits already). Writes ``pruned.keras``.
@@ -40,6 +47,8 @@ call with the same config skips finished stages; a stage that cannot meet its bu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import pathlib
 import shutil
 import sys
 import time
@@ -49,8 +58,11 @@ import numpy as np
 from dgst_tf import data, models
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm
+from dgst_tf.core.classifier import find_classifier, logits_model
 from dgst_tf.core.files import write_json_atomically
+from dgst_tf.core.graph import UnsupportedModelError
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.core.training_support import check_gradient_path
 from dgst_tf.export.inference import quantize
 from dgst_tf.export.tflite_file import read_tflite, tensor_details
 from dgst_tf.export.training import (export_training, load_manifest, run_inference_tflm,
@@ -62,11 +74,12 @@ from dgst_tf.jobs.device_prune import prune_to_flash
 from dgst_tf.jobs.device_report import plot_report
 from dgst_tf.jobs.stages import StageBudgetError, StageFolder, settings_digest
 from dgst_tf.models.model_file import save_model_atomically
+from dgst_tf.models.own_model import OwnModelError, is_model_file, load_own_model
 from dgst_tf.planning.budget import parse_budget
 from dgst_tf.training.scheme import UpdateScheme
 from dgst_tf.training.update_counts import ChannelUpdateCounter
 
-__all__ = ["DeviceConfig", "STAGES", "StageBudgetError", "run_device_pipeline"]
+__all__ = ["DeviceConfig", "STAGES", "StageBudgetError", "own_model", "run_device_pipeline"]
 
 STAGES = ("prune", "plan", "train", "check", "evaluate")
 LR_SCHEDULES = ("constant", "cosine")
@@ -81,6 +94,7 @@ class DeviceConfig:
     output_dir: str = "device_run"
     dataset: str = "fashion_mnist"
     data_path: str | None = None
+    model: str = "mobilenet_v2"  # or a saved tf-keras model file (.keras / .h5)
     width: float = 1.0  # the offline ImageNet weights exist for width 1.0 only
     image_size: int = 64
     weights: str | None = "imagenet"  # None: random initialisation (tests)
@@ -227,8 +241,40 @@ def _settings(config: DeviceConfig, *fields, after=None) -> dict:
     return values | {"after": after}
 
 
-_DATA = ("dataset", "data_path", "image_size", "weights", "seed", "calibration_examples",
-         "train_examples", "validation_examples", "check_steps", "stream")
+def _model_file_digest(config: DeviceConfig) -> str | None:
+    """SHA-256 of the model file (None for the built-in MobileNetV2): a changed file redoes
+    the prune stage and everything after it."""
+    if not is_model_file(config.model):
+        return None
+    return hashlib.sha256(pathlib.Path(config.model).read_bytes()).hexdigest()
+
+
+def own_model(config: DeviceConfig, classes: int):
+    """The model file of ``config`` in its logits form, checked before any output is written:
+    `load_own_model` (input ``image_size``, supported layers, ``classes`` outputs), then the
+    DGSU scheme of the device (`dgsu_scheme`: pointwise convs to update) and the layers
+    between them and the loss (`check_gradient_path`, as `export_training` checks them).
+    Raises `OwnModelError` naming the file and the layer or value at fault."""
+    where = f"--model {config.model!r}"
+    model = logits_model(load_own_model(config.model, config.image_size, classes))
+    folded = fold_batchnorm(model)
+    try:
+        scheme = dgsu_scheme(folded, config.blocks, config.target_fraction, config.seed)
+    except ValueError as error:
+        raise OwnModelError(f"{where}: no DGSU scheme on it: {error} (DGSU updates the 1x1 "
+                            "Conv2D layers of the last blocks, starting at one that widens "
+                            "the channels)") from None
+    trained = {name for name, update in scheme.layers.items() if update.mode != "frozen"}
+    try:
+        check_gradient_path(folded, trained | {find_classifier(folded).name}, where)
+    except UnsupportedModelError as error:
+        raise OwnModelError(str(error)) from None
+    return model
+
+
+_DATA = ("dataset", "data_path", "model", "image_size", "weights", "seed",
+         "calibration_examples", "train_examples", "validation_examples", "check_steps",
+         "stream")
 
 
 class _Run:
@@ -237,8 +283,29 @@ class _Run:
     def __init__(self, config: DeviceConfig, verbose: int):
         self.config, self.verbose = config, verbose
         self.folder = StageFolder(config.output_dir, STAGES)
-        self._data = self._folded = self._sim = None
+        self._data = self._folded = self._sim = self._own = None
         self.results = {}
+        if is_model_file(config.model):  # checked now: a refusal leaves nothing behind
+            self._own = own_model(config, self.data.classes)
+
+    def teacher_model(self):
+        """The prune stage's distillation teacher: the pretrained MobileNetV2 with its own
+        ImageNet classifier; None (the base model teaches itself) for a model file or random
+        weights."""
+        c = self.config
+        if self._own is not None or c.weights is None:
+            return None
+        return models.mobilenet_v2(width=c.width, input_shape=(c.image_size, c.image_size, 3),
+                                   weights=c.weights, seed=c.seed)
+
+    def base_model(self):
+        """The model the prune stage starts from: the checked model file (logits form) or
+        the pretrained MobileNetV2 with a new classifier."""
+        c = self.config
+        if self._own is not None:
+            return self._own
+        return models.mobilenet_v2(width=c.width, input_shape=(c.image_size, c.image_size, 3),
+                                   classes=self.data.classes, weights=c.weights, seed=c.seed)
 
     @property
     def data(self) -> _Data:
@@ -310,8 +377,7 @@ class _Run:
 # -- stages -----------------------------------------------------------------------------
 def _prune(run: _Run):
     c = run.config
-    model = models.mobilenet_v2(width=c.width, input_shape=(c.image_size, c.image_size, 3),
-                                classes=run.data.classes, weights=c.weights, seed=c.seed)
+    model = run.base_model()
     scratch = run.folder.path(".prune_measure.tflite")
 
     def deployable_bytes(candidate) -> int:
@@ -331,6 +397,7 @@ def _prune(run: _Run):
         deployable_bytes=deployable_bytes, epochs=c.prune_epochs,
         batch_size=c.prune_batch_size, learning_rate=c.prune_learning_rate,
         temperature=c.temperature, attempts=c.prune_attempts, seed=c.seed,
+        teacher=run.teacher_model(),
         size_options=run.export_options() | {"scheme": dgsu_scheme(
             fold_batchnorm(model), c.blocks, c.target_fraction, c.seed)})
     save_model_atomically(pruned, run.folder.path("pruned.keras"))
@@ -463,11 +530,13 @@ def run_device_pipeline(config: DeviceConfig, verbose: int = 1) -> dict:
     run = _Run(config, verbose)
     c = config
     # not the learning rate: one constant of the measured file, it does not change its size
-    run.stage("prune", _settings(c, *_DATA, "width", "flash_budget", "firmware_allowance",
-                                 "prune_examples", "prune_epochs", "prune_batch_size",
-                                 "prune_learning_rate", "temperature", "prune_attempts",
-                                 "blocks", "target_fraction", "layers_per_step"),
-              lambda: _prune(run))
+    prune = _settings(c, *_DATA, "width", "flash_budget", "firmware_allowance",
+                      "prune_examples", "prune_epochs", "prune_batch_size",
+                      "prune_learning_rate", "temperature", "prune_attempts", "blocks",
+                      "target_fraction", "layers_per_step")
+    # "teacher": prune folders from before the teacher kept its ImageNet classifier are redone
+    prune |= {"model_sha256": _model_file_digest(c), "teacher": "pretrained classifier"}
+    run.stage("prune", prune, lambda: _prune(run))
     run.stage("plan", _settings(c, "sram_budget", "blocks", "target_fraction",
                                 "learning_rate", "layers_per_step", after=run.after("prune")),
               lambda: _plan(run))

@@ -130,6 +130,11 @@ def _smaller_layer(layer, ins: np.ndarray, out: np.ndarray) -> tuple[dict, list 
         config.update(mean=mean[ins].tolist(), variance=variance[ins].tolist(), axis=-1)
         config.pop("count", None)
         weights = None
+    elif isinstance(layer, L.Reshape):  # keeps the channel axis or flattens (DependencyGraph)
+        target = list(config["target_shape"])
+        if target[-1] != -1:  # -1: Keras infers it from the smaller input
+            target[-1] = len(out)
+        config["target_shape"] = tuple(target)
     elif isinstance(layer, L.Rescaling):
         for key in ("scale", "offset"):
             if np.size(config[key]) > 1:

@@ -20,12 +20,14 @@ written for Keras graphs::
 
 Roles of a group member: ``"out"`` output channels of a Conv2D / Dense (kernel last axis
 and bias), ``"in"`` input channels of a Conv2D (kernel axis 2) or input rows of a Dense
-(after ``Flatten`` of an HxWxC map channel ``c`` is the H*W rows ``c, c+C, ...``),
+(after ``Flatten`` of an HxWxC map channel ``c`` is the H*W rows ``c, c+C, ...``; a
+``Reshape`` either keeps the channel axis, e.g. the [1, 1, C] <-> [C] around a 1x1-conv
+classifier, or flattens like ``Flatten``; any other reshape is refused),
 ``"depthwise"`` channels of a DepthwiseConv2D (kernel axis 2; with a depth multiplier m
 output channels ``c*m .. c*m+m-1`` go too), ``"channel"`` per-channel parameters
 (BatchNormalization, Normalization, per-channel Rescaling) and ``"pass"`` feature indices
 of the output of a parameter-free layer (activations, padding, pooling, Add,
-Concatenate, Flatten, Dropout), listed so the group shows every tensor it touches.
+Concatenate, Flatten, Reshape, Dropout), listed so the group shows every tensor it touches.
 
 The model's input channels and its outputs (the classifier's logits) are not prunable,
 nor is anything coupled to them; channels that enter a softmax over channels are pinned
@@ -56,7 +58,7 @@ _PASS = (L.ReLU, L.LeakyReLU, L.ELU, L.Activation, L.ZeroPadding2D, L.Cropping2D
          L.GaussianDropout, L.Identity, L.Rescaling, L.Softmax)
 _MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
 SUPPORTED_LAYERS = (WEIGHT_TYPES + _CHANNEL_PARAMS + _PASS + _MERGE
-                    + (L.Concatenate, L.Flatten))
+                    + (L.Concatenate, L.Flatten, L.Reshape))
 _PARAM_ROLES = ("out", "in", "depthwise", "channel")
 
 
@@ -220,6 +222,8 @@ class DependencyGraph:
         kind = kind_of(layer)
         if kind is not None:
             out = self._weight_layer_labels(layer, kind, inputs[0])
+        elif isinstance(layer, L.Reshape):
+            out = self._reshaped_labels(layer, inputs[0], in_shapes[0], out_shape)
         else:
             out = self._other_layer_labels(layer, inputs, in_shapes)
         if len(out) != int(out_shape[-1]):
@@ -279,6 +283,21 @@ class DependencyGraph:
             # row-major flatten of (..., C): feature f holds channel f % C
             return np.tile(inputs[0], int(np.prod(spatial, dtype=np.int64)))
         self._unsupported(layer, "no channel rule")  # pragma: no cover - SUPPORTED_LAYERS
+
+    def _reshaped_labels(self, layer, inputs: np.ndarray, in_shape: tuple,
+                         out_shape: tuple) -> np.ndarray:
+        """A Reshape that keeps the last axis (row-major: feature ``f`` stays channel
+        ``f % C``) passes the channels on; one to a vector flattens like ``Flatten``."""
+        if any(d is None for d in (*in_shape, *out_shape)):
+            self._unsupported(layer, f"a reshape of {in_shape} to {out_shape} with unknown "
+                                     "sizes")
+        if int(out_shape[-1]) == int(in_shape[-1]):
+            return inputs
+        if len(out_shape) == 1:
+            return np.tile(inputs, int(np.prod(in_shape[:-1], dtype=np.int64)))
+        self._unsupported(layer, f"a reshape of {in_shape} to {out_shape} that mixes features "
+                                 "of different channels in one axis (only reshapes that keep "
+                                 "the channel axis, or flatten to a vector, are)")
 
     def _check_pass_layer(self, layer, inputs: np.ndarray, rank: int) -> None:
         if _is_channel_softmax(layer, rank):

@@ -112,6 +112,21 @@ def _size_measure(model, graph, size, scheme, input_shape, export_options):
     return lambda removed: sizer.size(removed).total
 
 
+def _output_softmax(model: keras.Model) -> str | None:
+    """The name of the softmax the model's classifier ends in (its own activation: the
+    classifier's name), None if it outputs logits; for a model without a classifier
+    dgst-tf finds, the output layer's name if that is a softmax."""
+    from dgst_tf.core.classifier import ClassifierError, find_classifier, is_softmax_layer
+
+    try:
+        head = find_classifier(model)
+    except ClassifierError:
+        last = model.outputs[0]._keras_history.layer
+        own = getattr(getattr(last, "activation", None), "__name__", None)
+        return last.name if is_softmax_layer(last) or own == "softmax" else None
+    return head.name if head.softmax == "activation" else head.softmax
+
+
 @dataclasses.dataclass
 class PruningResult:
     """What `prune_while_training` returns: the smaller model and how it got there."""
@@ -160,8 +175,10 @@ def prune_while_training(model: keras.Model, dataset, final_sparsity: float, *,
     channel-group sparsity from 0 to ``final_sparsity`` over the first ``ramp_fraction`` of
     the steps (``updates`` mask updates), then strip and physically remove the channels.
 
-    Default optimizer: SGD, learning rate 0.003, momentum 0.9. Trains ``model``'s own
-    variables (as ``prune_low_magnitude`` does). With ``teacher`` (e.g. the unpruned model)
+    Default optimizer: SGD, learning rate 0.003, momentum 0.9; default loss: cross-entropy
+    on the logits, or on the probabilities when the classifier ends in a softmax
+    (`dgst_tf.core.classifier`; distillation needs logits: prune `logits_model` then).
+    Trains ``model``'s own variables (as ``prune_low_magnitude`` does). With ``teacher`` (e.g. the unpruned model)
     the fine-tuning is knowledge distillation (`dgst_tf.training.distillation.Distiller`,
     ``temperature``, ``label_weight``; labels in ``dataset`` are then optional and
     ``metrics`` unused): the history logs ``distillation`` and ``agreement``. If the data ran out
@@ -183,12 +200,18 @@ def prune_while_training(model: keras.Model, dataset, final_sparsity: float, *,
     schedule = _ramp_schedule(total, final_sparsity, ramp_fraction, updates, power)
     selection = dict(importance=importance, exclude=exclude, round_to=round_to,
                      min_channels=min_channels)
+    softmax = _output_softmax(model)
+    if teacher is not None and softmax is not None:
+        raise ValueError(f"prune_while_training: model {model.name!r} ends in softmax "
+                         f"{softmax!r}; distillation matches logits: prune "
+                         "dgst_tf.core.classifier.logits_model(model) (and its teacher)")
     pruning = prune_channel_groups(model, schedule, graph=DependencyGraph(model), **selection)
     optimizer = optimizer or keras.optimizers.SGD(0.003, momentum=0.9)
     if teacher is None:
         trainer = pruning
         trainer.compile(optimizer=optimizer, metrics=list(metrics), loss=loss or
-                        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                        keras.losses.SparseCategoricalCrossentropy(
+                            from_logits=softmax is None))
     else:
         trainer = Distiller(pruning, teacher, temperature, label_weight)
         trainer.compile(optimizer=optimizer)

@@ -13,7 +13,11 @@ dequantized for the loss. The backward pass is the device's: at each weight laye
 gradient of its real output is masked by the 1-bit ReLU mask of its int8 output and
 quantized per example to int8 (``max|g| / 127``), the input gradient is computed from that
 error signal in the device's float32 order, and the weight and bias gradients from it; ADD
-and MEAN pass the real gradient through. Dropout layers disappear (the device has none).
+and MEAN pass the real gradient through. Swish, sigmoid and MobileNetV3's hard-swish
+(``Multiply([x, ReLU6(x + 3) / 6])``) are `Int8Activation` tables: forward the output codes
+of TFLite's builtin ops, backward ``g * f'(x)`` at the int8 input code, as
+``DGST_ACTIVATION_GRAD`` (`dgst_tf.training.int8_activations`); a squeeze-and-excitation
+Multiply runs forward only (`Int8Multiply`). Dropout layers disappear (the device has none).
 
 `SparseUpdateModel` and the update schemes apply to it unchanged; with
 `QuantizationAwareScalingSGD` the step is the exported graph's ``DGST_SGD_QAS_UPDATE``, and
@@ -50,14 +54,19 @@ from dgst_tf.core.classifier import logits_model
 from dgst_tf.core.graph import UnsupportedModelError, check_functional, rebuild
 from dgst_tf.core.int8_conversion import (DEFAULT_HEAD_LOGIT_RANGE,
                                           DEFAULT_HEAD_WEIGHT_HEADROOM, DEFAULT_NUM_SAMPLES,
-                                          ConvertedModel, convert_int8)
+                                          ConvertedModel, convert_int8, layer_names_in)
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import is_depthwise, is_unsupported_conv, kernel_of, kind_of
+from dgst_tf.core.multiply_patterns import hard_swish_patterns
 from dgst_tf.core.tflite_requantization import (RELU, RELU6, activation_range,
                                                 add_multipliers, conv_multipliers,
-                                                mean_multiplier)
+                                                mean_multiplier, quantize_multiplier)
+from dgst_tf.training.int8_activations import (TABLE_ACTIVATIONS, Int8Activation,
+                                               derivative_table, find_activations,
+                                               forward_table)
 from dgst_tf.training.int8_ops import (Dequantize, DeviceSoftmaxCrossEntropy, HoldGradient,
-                                       InputQuantizer, Int8Add, Int8Mean, Requantize)
+                                       InputQuantizer, Int8Add, Int8Mean, Int8Multiply,
+                                       Requantize)
 from dgst_tf.training.qas import ExactStep, Int8Scales
 
 __all__ = ["Int8TrainingGraph", "int8_training_graph", "max_accumulator"]
@@ -65,7 +74,8 @@ __all__ = ["Int8TrainingGraph", "int8_training_graph", "max_accumulator"]
 _WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 # activation function name -> TFLite fused activation code
 _ACTIVATION_CODES = {"linear": 0, "relu": RELU, "relu6": RELU6}
-_SUPPORTED = ("Conv2D, DepthwiseConv2D, Dense, ReLU / ReLU6 fused into them, Add, "
+_SUPPORTED = ("Conv2D, DepthwiseConv2D, Dense, ReLU / ReLU6 fused into them, swish / "
+              "sigmoid / MobileNetV3's hard-swish (Multiply([x, ReLU6(x + 3) / 6])), Add, "
               "ZeroPadding2D, GlobalAveragePooling2D, Flatten / Reshape, Dropout")
 
 
@@ -152,6 +162,17 @@ class _GraphBuilder:
         self.qas_scales, self.input_qparams, self.weight_scales = {}, {}, {}
         self.exact_steps = {}
         self.weight_ops = self._weight_ops()
+        ops = converted.ops
+        consumers = {}
+        for op in ops:
+            for tensor in op.inputs:
+                consumers.setdefault(tensor, []).append(op.index)
+        self.activations = find_activations([op.kind for op in ops], [op.inputs for op in ops],
+                                            [op.outputs for op in ops], consumers,
+                                            [op.activation for op in ops])
+        self.hard_swish = hard_swish_patterns(model)
+        self.hard_swish_helpers = {name for pattern in self.hard_swish.values()
+                                   for name in pattern.helpers}
 
     def _weight_ops(self) -> dict:
         """Keras layer name -> its converted conv / depthwise / fully-connected op."""
@@ -161,7 +182,7 @@ class _GraphBuilder:
             if op.kind not in _WEIGHT_OPS:
                 continue
             weight_name = f"/{self.converted.tensor(op.inputs[1]).name}"
-            matches = [name for name in names if f"/{name}/" in weight_name]
+            matches = layer_names_in(weight_name[1:], names)
             if len(matches) == 1:
                 found[matches[0]] = op
         return found
@@ -205,11 +226,22 @@ class _GraphBuilder:
     def call_layer(self, layer, args, kwargs):
         if kind_of(layer) is not None:
             return self._weight_layer(layer, args[0])
+        if layer.name in self.hard_swish_helpers:
+            return args[0]  # x, unchanged: the Multiply computes the whole hard-swish
+        if layer.name in self.hard_swish:
+            pattern = self.hard_swish[layer.name]
+            return self._table_activation(layer.name, args[0][pattern.x_position],
+                                          "hard_swish")
+        table_kind = _table_kind(layer)
+        if table_kind is not None:
+            return self._table_activation(layer.name, args[0], table_kind)
         code = _relu_code(layer)
         if code is not None:
             return self._fused_activation(layer, args[0], code)
         if isinstance(layer, keras.layers.Add):
             return self._add(layer, args[0])
+        if isinstance(layer, keras.layers.Multiply):
+            return self._multiply(layer, args[0])
         if isinstance(layer, keras.layers.ZeroPadding2D):
             return self._pad(layer, args[0])
         if isinstance(layer, keras.layers.GlobalAveragePooling2D):
@@ -228,10 +260,13 @@ class _GraphBuilder:
         if op is None or op.inputs[0] != self._index(x):
             raise UnsupportedModelError(f"{where} ({type(layer).__name__}) has no converted "
                                         f"op reading its input")
-        own = _ACTIVATION_CODES.get(getattr(layer.activation, "__name__", ""))
+        activation_name = getattr(layer.activation, "__name__", "")
+        table_kind = TABLE_ACTIVATIONS.get(activation_name)
+        own = 0 if table_kind else _ACTIVATION_CODES.get(activation_name)
         if own is None or own not in (0, op.activation):
             raise UnsupportedModelError(f"{where}: activation {layer.activation!r} is not "
-                                        f"supported (none, ReLU or ReLU6 fused by the converter)")
+                                        f"supported (none, ReLU or ReLU6 fused by the "
+                                        f"converter, swish, hard-swish or sigmoid)")
         if op.activation not in (0, RELU, RELU6):
             raise UnsupportedModelError(f"{where}: fused activation {op.activation} is not "
                                         f"supported (none, ReLU or ReLU6)")
@@ -259,7 +294,31 @@ class _GraphBuilder:
                 requantize.accumulator_scales.reshape(shape))
         self.input_qparams[layer.name] = (source.scale, source.zero_point)
         self.weight_scales[layer.name] = s_w
-        return self._bind(y, op.outputs[0], op)
+        y = self._bind(y, op.outputs[0], op)
+        if table_kind is not None:
+            return self._table_activation(f"{layer.name}_{activation_name}", y, table_kind)
+        return y
+
+    def _table_activation(self, name, x, kind):
+        """A swish / hard-swish / sigmoid of the codes ``x``: its converted ops' int8
+        forward table and derivative table (`dgst_tf.training.int8_activations`)."""
+        index = self._index(x)
+        pattern = next((p for p in self.activations.values() if p.input == index
+                        and p.kind == kind and p.ops[0] not in self.op_layers), None)
+        if pattern is None:
+            kinds = sorted({op.kind for op in self.converted.consumers(index)})
+            raise UnsupportedModelError(
+                f"int8_training_graph: layer {name!r} ({kind}) has no converted "
+                f"{kind} ops reading its input (ops reading it: {kinds})")
+        tensors = [self.converted.tensor(i) for i in (index, *pattern.inner, pattern.output)]
+        codes = forward_table(kind, [(t.scale, t.zero_point) for t in tensors])
+        y = Int8Activation(codes, derivative_table(kind, tensors[0].scale,
+                                                   tensors[0].zero_point),
+                           tensors[0].zero_point, tensors[-1].zero_point,
+                           name=name)(self._codes(x))
+        for op_index in pattern.ops:
+            self.op_layers[op_index] = name
+        return self._bind(y, pattern.output)
 
     def _parameters(self, layer, op, where):
         """(Keras-layout int8 kernel, int32 bias, float32 s_w per output channel)."""
@@ -311,6 +370,26 @@ class _GraphBuilder:
         scales = [self.converted.tensor(i).scale for i in (*op.inputs[:2], op.outputs[0])]
         y = Int8Add(add_multipliers(*scales), self.converted.tensor(op.outputs[0]).zero_point,
                     name=layer.name)(
+            [self._codes(t) for t in inputs])
+        return self._bind(y, op.outputs[0], op)
+
+    def _multiply(self, layer, inputs):
+        """A squeeze-and-excitation gate (forward only: `Int8Multiply`)."""
+        indices = [self._index(t) for t in inputs] if len(inputs) == 2 else []
+        op = next((op for op in self.converted.consumers(indices[0]) if op.kind == "MUL"
+                   and sorted(op.inputs[:2]) == sorted(indices)
+                   and op.index not in self.op_layers), None) if indices else None
+        if op is None or op.activation:
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r} "
+                                        f"(Multiply) has no converted MUL of its two inputs "
+                                        f"without fused activation")
+        if op.inputs[0] != indices[0]:
+            inputs = inputs[::-1]
+        s1, s2, out = (self.converted.tensor(i) for i in (*op.inputs[:2], op.outputs[0]))
+        multiplier, shift = quantize_multiplier(float(np.float32(s1.scale))
+                                                * float(np.float32(s2.scale))
+                                                / float(np.float32(out.scale)))
+        y = Int8Multiply(multiplier, shift, out.zero_point, name=layer.name)(
             [self._codes(t) for t in inputs])
         return self._bind(y, op.outputs[0], op)
 
@@ -378,6 +457,13 @@ def _relu_code(layer) -> int | None:
     if isinstance(layer, keras.layers.Activation):
         return _ACTIVATION_CODES.get(getattr(layer.activation, "__name__", "")) or None
     return None
+
+
+def _table_kind(layer) -> str | None:
+    """swish / hard_swish / sigmoid for an Activation layer computing one, else None."""
+    if not isinstance(layer, keras.layers.Activation):
+        return None
+    return TABLE_ACTIVATIONS.get(getattr(layer.activation, "__name__", ""))
 
 
 def _is_linear_activation(layer) -> bool:

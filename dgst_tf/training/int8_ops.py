@@ -41,7 +41,7 @@ from dgst_tf.core.tflite_requantization import ADD_LEFT_SHIFT
 __all__ = ["multiply_by_quantized_multiplier", "ordered_mul", "ordered_div", "round_half_away",
            "quantize_error",
            "device_input_gradient", "device_softmax_cross_entropy", "InputQuantizer",
-           "Requantize", "HoldGradient", "Int8Add", "Int8Mean", "Dequantize",
+           "Requantize", "HoldGradient", "Int8Add", "Int8Multiply", "Int8Mean", "Dequantize",
            "DeviceSoftmaxCrossEntropy"]
 
 _INT32_MIN, _TWO_32 = -2 ** 31, 2 ** 32
@@ -343,6 +343,38 @@ class Int8Add(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(),
                 "multipliers": {k: list(v) for k, v in self.multipliers.items()},
+                "output_zero_point": self.output_zero_point}
+
+
+class Int8Multiply(keras.layers.Layer):
+    """TFLM's int8 MUL of two centered code tensors (broadcasting, no fused activation): the
+    int32 product ``c_1 c_2`` rescaled by ``(multiplier, shift)`` (`quantize_multiplier` of
+    ``s_1 s_2 / s_out``), plus the zero point, clamped to int8. Forward only (a squeeze-and-
+    excitation gate in front of the trained layers): the device has no backward for MUL,
+    and asking this layer for one raises."""
+
+    def __init__(self, multiplier: int, shift: int, output_zero_point: int, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.multiplier, self.shift = int(multiplier), int(shift)
+        self.output_zero_point = int(output_zero_point)
+
+    def call(self, inputs):
+        @tf.custom_gradient
+        def multiply(c1, c2):
+            product = tf.cast(c1, tf.int64) * tf.cast(c2, tf.int64)
+            values = multiply_by_quantized_multiplier(product, self.multiplier, self.shift)
+
+            def grad(g):
+                raise ValueError(f"{self.name}: the int8 training step has no backward for "
+                                 f"an elementwise MUL (squeeze-and-excitation gate): train "
+                                 f"only layers after it")
+
+            return _codes(values, self.output_zero_point, -128, 127), grad
+
+        return multiply(*inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "multiplier": self.multiplier, "shift": self.shift,
                 "output_zero_point": self.output_zero_point}
 
 

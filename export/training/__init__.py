@@ -13,7 +13,9 @@ a training step whose ONE Invoke takes one int8 image and an int32 label and doe
   updated layer: per layer ``DGST_QUANTIZE_GRAD`` (int8 error signal, mask applied),
   ``DGST_BIAS_GRAD``, ``DGST_CONV2D_WEIGHT_GRAD`` / ``DGST_DEPTHWISE_WEIGHT_GRAD`` for the
   kept channels, ``DGST_*_INPUT_GRAD`` (before the update), builtin MUL for global average
-  pooling and ADD where residual gradients meet;
+  pooling and ADD where residual gradients meet, ``DGST_ACTIVATION_GRAD`` through each swish,
+  hard-swish or sigmoid (its int8 input kept by the forward pass, its derivative a 256-entry
+  table);
 - in-place SGD with Quantization-Aware Scaling (``DGST_SGD_QAS_UPDATE``).
 
 Outputs: the loss (float32 [1]), the int8 logits (before the update) and every trainable

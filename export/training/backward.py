@@ -3,6 +3,9 @@ the loss gradient (``DGST_SOFTMAX_XENT_GRAD``), then per op in reverse order
 
 - ADD / QUANTIZE: the gradient passes to the inputs (summed with builtin ADD where residual
   gradients meet);
+- swish (LOGISTIC + MUL), HARD_SWISH, sigmoid (LOGISTIC): the gradient times the
+  activation's derivative at its saved int8 input (``DGST_ACTIVATION_GRAD``, a 256-entry
+  table from `dgst_tf.training.int8_activations.derivative_table`);
 - MEAN (global average pooling): builtin MUL by 1 / pixels, or nothing when the next layer
   quantizes straight from the pooled gradient;
 - conv / depthwise / dense: the int8 error signal (``DGST_QUANTIZE_GRAD``, ReLU mask
@@ -20,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from dgst_tf.core.geometry import same_pad_before
-from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.core.tflite_builder import int32_options
 from dgst_tf.export.tflite_file import schema
 from dgst_tf.export.training import update
 from dgst_tf.export.training.forward import merged_weights
@@ -29,6 +32,7 @@ from dgst_tf.export.training.plan import (PASS_THROUGH_OPS, TrainedLayer, Traini
 from dgst_tf.export.training.schedule import schedule_words, step_counter
 from dgst_tf.export.training.state import TrainingGraph
 from dgst_tf.planning.arena_plan import DEFAULT_WEIGHT_GRAD_CHUNK_BYTES, weight_grad_chunks
+from dgst_tf.training.int8_activations import derivative_table
 
 __all__ = ["GradientFlow", "add_backward_pass", "DEFAULT_WEIGHT_GRAD_CHUNK_BYTES"]
 
@@ -91,7 +95,9 @@ def add_backward_pass(graph: TrainingGraph) -> None:
         if gradient is None:
             continue
         op_kind = editor.builtin(op)
-        if op_kind in ("ADD",) + tuple(PASS_THROUGH_OPS):
+        if index in plan.activations:
+            _activation_gradient(graph, flow, plan.activations[index], gradient)
+        elif op_kind in ("ADD",) + tuple(PASS_THROUGH_OPS):
             _pass_gradient_through(graph, flow, index, op, op_kind, gradient)
         elif op_kind == "PAD":
             raise TrainingExportError(f"{graph.where}: PAD op {index} "
@@ -123,6 +129,25 @@ def _pass_gradient_through(graph, flow, index, op, op_kind, gradient) -> None:
     for tensor in op.inputs[:2 if op_kind == "ADD" else 1]:
         if int(tensor) in graph.plan.needs_gradient:
             flow.give(int(tensor), gradient)
+
+
+def _activation_gradient(graph, flow, activation, gradient) -> None:
+    """``dx = g * f'(x)`` of a swish / hard-swish / sigmoid from its saved int8 input x
+    (``DGST_ACTIVATION_GRAD``; only the op writing the activation's output gets here: the
+    sigmoid inside a swish gets no gradient of its own)."""
+    editor, x = graph.editor, activation.input
+    if x not in graph.plan.needs_gradient:
+        return
+    flow.pooled.pop(gradient, None)  # read here: a pooling's MUL must run
+    scale, zero_point = editor.quantization(x)
+    table = editor.add_tensor(f"{editor.name(x)}/{activation.kind}_derivative", (256,),
+                              np.float32, data=derivative_table(activation.kind,
+                                                                float(scale[0]),
+                                                                int(zero_point[0])))
+    x_grad = editor.add_tensor(f"{editor.name(x)}/grad", editor.shape(x), np.float32)
+    graph.backward_ops.append(editor.custom_op("DGST_ACTIVATION_GRAD", [gradient, x, table],
+                                               [x_grad]))
+    flow.give(x, x_grad)
 
 
 def _average_pooling_gradient(graph, flow, index, op, gradient) -> None:

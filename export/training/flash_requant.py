@@ -21,7 +21,7 @@ import numpy as np
 
 from dgst_tf.core.geometry import same_pad_before
 from dgst_tf.core.tflite_requantization import activation_range, conv_multipliers
-from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.core.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import schema
 

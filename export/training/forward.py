@@ -14,7 +14,7 @@ import numpy as np
 
 from dgst_tf.core.geometry import extra_taps_for_same
 from dgst_tf.export import block_fusion
-from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.core.tflite_builder import int32_options
 from dgst_tf.export.tflite_editor import ModelEditor
 from dgst_tf.export.tflite_file import schema
 from dgst_tf.export.training.plan import (RELU, RELU6, WEIGHT_OP_KINDS, TrainedLayer,

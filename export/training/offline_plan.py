@@ -9,7 +9,8 @@ memory of the input it overwrites -- which TFLM's online planner never does:
 - ``DGST_QUANTIZE_GRAD`` writes the int8 error signal into the end of the float gradient
   it reads;
 - ``DGST_DEPTHWISE_INPUT_GRAD`` writes the float gradient around the int8 error signal it
-  reads, where that signal dies (a bias-only depthwise layer).
+  reads, where that signal dies (a bias-only depthwise layer);
+- ``DGST_ACTIVATION_GRAD`` writes the input gradient over the output gradient it reads.
 
 Only the offsets change, not a value: the kernels' arithmetic is the same. The plan is
 `dgst_tf.planning.arena_plan.offline_offsets` (TFLM's greedy planner over the aliased
@@ -75,7 +76,7 @@ def in_place_aliases(editor: ModelEditor, lifetimes: dict) -> list:
     for scope, op in enumerate(sg.operators, start=1):
         kind = editor.builtin(op)
         if kind not in ("CUSTOM:DGST_FUSED_BLOCK", "CUSTOM:DGST_QUANTIZE_GRAD",
-                        "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD"):
+                        "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD", "CUSTOM:DGST_ACTIVATION_GRAD"):
             continue
         x, y = int(op.inputs[0]), int(op.outputs[0])
         if x not in lifetimes or y not in lifetimes or x in outputs or \
@@ -85,6 +86,9 @@ def in_place_aliases(editor: ModelEditor, lifetimes: dict) -> list:
             if len(op.inputs) < 3 or op.inputs[2] < 0:  # not the broadcast mode
                 elements = int(np.prod(editor.shape(y), dtype=np.int64))
                 found.append((x, y, quantize_grad_inplace_delta(elements)))
+            continue
+        if kind == "CUSTOM:DGST_ACTIVATION_GRAD":  # dx[i] written after g[i] is read
+            found.append((x, y, 0))
             continue
         if kind == "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD":  # the gradient around its dy
             found.append((x, y, -_depthwise_input_grad_delta(editor, op)))

@@ -14,19 +14,24 @@ import dataclasses
 
 import numpy as np
 
+from dgst_tf.core.int8_conversion import layer_names_in
 from dgst_tf.export.tflite_editor import ModelEditor
+from dgst_tf.training.int8_activations import find_activations
 from dgst_tf.tflm_ops.reference import top_k_channels
 
 __all__ = ["TrainingExportError", "TrainedLayer", "TrainingPlan", "WEIGHT_OP_KINDS",
-           "PASS_THROUGH_OPS", "RELU", "RELU6", "find_layer_ops", "plan_training",
+           "PASS_THROUGH_OPS", "RELU", "RELU6", "find_layer_ops",
+           "plan_training",
            "select_kept_channels", "conv_options"]
 
 # converted op -> the layer kind the manifest names
 WEIGHT_OP_KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise",
                    "FULLY_CONNECTED": "dense"}
 PASS_THROUGH_OPS = {"QUANTIZE"}  # int8 -> int8 requantization: straight-through gradient
-# ops the backward pass can differentiate through
+# ops the backward pass can differentiate through (the activation ops only as the swish,
+# hard-swish or sigmoid they compute: `dgst_tf.training.int8_activations.find_activations`)
 GRADIENT_OPS = set(WEIGHT_OP_KINDS) | {"ADD", "MEAN", "PAD"} | PASS_THROUGH_OPS
+ACTIVATION_OPS = {"LOGISTIC", "MUL", "HARD_SWISH"}
 RELU, RELU6 = 1, 3  # TFLite fused activation codes
 
 
@@ -66,6 +71,8 @@ class TrainingPlan:
     consumers: dict  # tensor -> indices of the ops reading it
     first_op: int  # the first updated layer's op: the backward pass stops there
     needs_gradient: set  # tensors that depend on a trained parameter
+    # op index -> the swish / hard-swish / sigmoid (ActivationOps) it belongs to
+    activations: dict = dataclasses.field(default_factory=dict)
 
 
 def conv_options(op):
@@ -88,7 +95,7 @@ def find_layer_ops(editor: ModelEditor, model, where) -> dict:
         if op_kind not in WEIGHT_OP_KINDS:
             continue
         weight_name = editor.name(op.inputs[1])
-        matches = [name for name in names if f"/{name}/" in f"/{weight_name}"]
+        matches = layer_names_in(weight_name, names)
         if len(matches) != 1:
             raise TrainingExportError(f"{where}: cannot tell which Keras layer op {index} "
                                       f"({op_kind}, weights {weight_name!r}) belongs to: "
@@ -158,7 +165,7 @@ def plan_training(editor: ModelEditor, model, scheme, classifier: str, where) ->
                                   f"classifier {classifier!r} (logits, no softmax)")
     first_op = min(layer_ops[name] for name in updates)
     plan = TrainingPlan(ops, op_layer, layer_ops, updates, classifier, logits, producer,
-                        consumers, first_op, set())
+                        consumers, first_op, set(), _activations(editor, ops, consumers))
     plan.needs_gradient = _tensors_needing_gradients(editor, plan, where)
     return plan
 
@@ -175,6 +182,13 @@ def _data_flow(ops) -> tuple[dict, dict]:
     return producer, consumers
 
 
+def _activations(editor: ModelEditor, ops, consumers) -> dict:
+    kinds = [editor.builtin(op) for op in ops]
+    fused = [int(getattr(op.builtinOptions, "fusedActivationFunction", 0) or 0) for op in ops]
+    return find_activations(kinds, [list(op.inputs) for op in ops],
+                            [list(op.outputs) for op in ops], consumers, fused)
+
+
 def _tensors_needing_gradients(editor: ModelEditor, plan: TrainingPlan, where) -> set:
     """Outputs of updated layers and of every op downstream of one; raises for an op there
     the backward pass cannot differentiate."""
@@ -184,11 +198,18 @@ def _tensors_needing_gradients(editor: ModelEditor, plan: TrainingPlan, where) -
         if trains or any(int(t) in needs_gradient for t in op.inputs if t >= 0):
             needs_gradient |= {int(t) for t in op.outputs}
             op_kind = editor.builtin(op)
-            if op_kind not in GRADIENT_OPS:
+            if op_kind in ACTIVATION_OPS and index not in plan.activations:
+                raise TrainingExportError(
+                    f"{where}: op {index} ({op_kind}, output {editor.name(op.outputs[0])!r}) "
+                    f"lies between the first updated layer {plan.op_layer[plan.first_op]!r} "
+                    f"and the loss; an elementwise MUL of two tensors (e.g. a squeeze-and-"
+                    f"excitation gate) has no int8 backward kernel (only the MUL of a swish "
+                    f"x * sigmoid(x) has)")
+            if op_kind not in GRADIENT_OPS | ACTIVATION_OPS:
                 raise TrainingExportError(
                     f"{where}: op {index} ({op_kind}, output {editor.name(op.outputs[0])!r}) "
                     f"lies between the first updated layer {plan.op_layer[plan.first_op]!r} "
                     f"and the loss; the training export supports CONV_2D, DEPTHWISE_CONV_2D, "
-                    f"FULLY_CONNECTED, ADD, MEAN (global average pooling), PAD and QUANTIZE "
-                    f"there")
+                    f"FULLY_CONNECTED, ADD, MEAN (global average pooling), PAD, QUANTIZE and the "
+                    f"activations swish (LOGISTIC + MUL), HARD_SWISH and LOGISTIC there")
     return needs_gradient

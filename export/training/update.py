@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgst_tf.export.tflite_builder import int32_options
+from dgst_tf.core.tflite_builder import int32_options
 from dgst_tf.export.training.plan import TrainedLayer
 from dgst_tf.export.training.schedule import schedule_words, step_counter
 from dgst_tf.export.training.state import TrainingGraph

@@ -13,7 +13,7 @@
  * Cores with the DSP extension (Cortex-M4 / M7): SMLAD over pairs of output pixels with the
  * operands packed once into int16 lanes (see the section below); the outer product with
  * SMULBB / SMULTB. Instructions per MAC on the Cortex-M7 (benchmarks/mcu_kernels.py --real,
- * MobileNetV2-1.0 at 96x96, 3x3 maps): 1.8-1.9 for dense and 19-channel 1x1 layers, 2.2-2.4
+ * MobileNetV2-1.0 at 96x96, 3x3 maps): 1.8-1.9 for dense and 19-channel 1x1 layers, 1.96-1.97
  * with 3-6 kept channels, 2.3-2.8 for the classifier; the straightforward loop of
  * conv2d_weight_grad_ref.c takes about 25.
  */
@@ -209,28 +209,33 @@ static void outer_product_plain(const int8_t* dy, const int8_t* x, int32_t k, in
   }
 }
 
-#if DGST_USE_ARM_DSP
-/* One tap (r: its rectangle, tap: &grad[0][i][j][0]) with the 4x2 tiles: the taps whose
- * rows are too short for packed operands to pay off. */
-static void tap_plain(const dgst_s8_rect* r, int32_t k, int32_t zp, int32_t c_out, int32_t* tap,
-                      int32_t out_o_stride) {
-  int32_t o;
+/* One tap (r: its rectangle, tap: &grad[0][i][j][0]) with the register tiles: 4x2 (4x1 for
+ * an odd k) over 4 output channels at a time, 1 x 2 for the last c_out % 4. */
+#if defined(__GNUC__) /* inlined into the tap loop, GCC spills the tiles' registers */
+__attribute__((noinline))
+#endif
+static void tap_tiles(const dgst_s8_rect* rect, int32_t k, int32_t zp, int32_t c_out,
+                      int32_t* tap, int32_t out_o_stride) {
+  /* a local copy: the tiles' int32 stores may alias *rect, not it (no reloads of its fields) */
+  const dgst_s8_rect local = *rect;
+  const dgst_s8_rect* const r = &local;
+  int32_t o, c;
   if (r->rows * r->cols == 1) {
     outer_product_plain(r->dy, r->x, k, zp, c_out, tap, out_o_stride);
     return;
   }
   for (o = 0; o + 4 <= c_out; o += 4) {
-    int32_t c;
     int32_t* const out = tap + o * out_o_stride;
     for (c = 0; c + 2 <= k; c += 2) tile_4x2(r, o, c, zp, out + c, out_o_stride);
     if (c < k) tile_4x1(r, o, c, zp, out + c, out_o_stride);
   }
   for (; o < c_out; ++o) {
-    int32_t c;
     int32_t* const out = tap + o * out_o_stride;
     for (c = 0; c < k; c += 2) tile_1xn(r, o, c, k - c, zp, out + c);
   }
 }
+
+#if DGST_USE_ARM_DSP
 
 /* ---- Cores with the DSP extension ------------------------------------------------------
  * The reduction runs over output pixels, so SMLAD (two MACs per instruction) needs both
@@ -240,8 +245,9 @@ static void tap_plain(const dgst_s8_rect* r, int32_t k, int32_t zp, int32_t c_ou
  * a pair of output channels (2 LDRH + ORR + 2 SXTB16 per pixel pair): into a buffer shared
  * by the chunk's blocks when there are several (per pixel pair LDRD of the two dy words,
  * 2 LDRD of x words, 8 SMLAD: 16 MACs, unrolled 8 pairs at a time), on the fly when there is
- * one block (small k; the tile starts from the odd pixel with SMUAD). An odd last pixel is a
- * pair whose x high lanes are 0. Stack: 320 + 96 bytes of packed operands. */
+ * one block (small k; the tile starts from the odd pixel with SMUAD; 6 channels run as two
+ * 3-channel tiles), unrolled like the buffered tiles. An odd last pixel is a pair whose x
+ * high lanes are 0. Stack: 320 + 96 bytes of packed operands. */
 #define X_WORDS 80   /* packed x of one segment and chunk: pairs x channels */
 #define MAX_PAIRS 12 /* pixel pairs per segment (packed dy of 2 channels: 2 words a pair) */
 #define CHUNK_C 16   /* kept channels per chunk */
@@ -284,9 +290,10 @@ typedef struct {
     if (NC > 3) a3 = __smuad(d0, (x_)[3]), b3 = __smuad(d1, (x_)[3]);               \
   } while (0)
 
-#define STORE_2XN(NC)                                                          \
+#define STORE_2XN(NC) STORE_2XN_IF(NC, s->accumulate)
+#define STORE_2XN_IF(NC, accumulate_)                                          \
   do {                                                                         \
-    if (s->accumulate) {                                                       \
+    if (accumulate_) {                                                         \
       a0 += out[0], b0 += out_b[0];                                            \
       if (NC > 1) a1 += out[1], b1 += out_b[1];                                \
       if (NC > 2) a2 += out[2], b2 += out_b[2];                                \
@@ -297,42 +304,6 @@ typedef struct {
     if (NC > 2) out[2] = a2, out_b[2] = b2;                                    \
     if (NC > 3) out[3] = a3, out_b[3] = b3;                                    \
   } while (0)
-
-/* Every output-channel pair (o, o + 1) x NC kept channels, dy packed on the fly (a chunk of
- * one block, or the last channels): xb: the block's packed words; out: &grad[0][i][j][c].
- * Each tile starts from its last pair (the odd pixel, if any) with SMUAD. */
-#define ROWS_FLY(NC)                                                                      \
-  TILE rows_fly_2x##NC(const wgrad_segment* s, const int32_t* xb, int32_t* out) {         \
-    const int32_t dy_col = s->dy_col, n = s->n, stride = s->out_o_stride;                 \
-    const int32_t* const xl = xb + ((n - 1) >> 1) * NC; /* the last pair's words */       \
-    const int8_t* d_base = s->dy;                                                         \
-    int32_t o;                                                                            \
-    for (o = 0; o + 2 <= s->c_out; o += 2, d_base += 2, out += 2 * stride) {              \
-      int32_t a0, a1 = 0, a2 = 0, a3 = 0, b0, b1 = 0, b2 = 0, b3 = 0, d0, d1, t;          \
-      int32_t* const out_b = out + stride;                                                \
-      const int8_t* d = d_base;                                                           \
-      const int32_t* x = xb;                                                              \
-      if (n & 1) {                                                                        \
-        d0 = d[(n - 1) * dy_col];                                                         \
-        d1 = d[(n - 1) * dy_col + 1];                                                     \
-      } else {                                                                            \
-        PACK_DY_PAIR(d + (n - 2) * dy_col, dy_col, d0, d1);                               \
-      }                                                                                   \
-      MUL_2XN(NC, xl);                                                            \
-      for (t = (n - 1) >> 1; t > 0; --t) {                                                \
-        PACK_DY_PAIR(d, dy_col, d0, d1);                                                  \
-        MAC_2XN(NC, x);                                                          \
-        x += NC;                                                                          \
-        d += 2 * dy_col;                                                                  \
-      }                                                                                   \
-      STORE_2XN(NC);                                                                      \
-    }                                                                                     \
-  }
-ROWS_FLY(1)
-ROWS_FLY(2)
-ROWS_FLY(3)
-ROWS_FLY(4)
-
 
 /* The pairs of a tile are unrolled 8 at a time, entered Duff-style by a switch on how many
  * are left: every load then has a constant offset and there is no loop counter, which keeps
@@ -349,6 +320,73 @@ ROWS_FLY(4)
     case 1: PAIR(0); /* fall through */ \
     default: break;                     \
   }
+
+/* Every output-channel pair (o, o + 1) x NC kept channels, dy packed on the fly (a chunk of
+ * one block, or the last channels): xb: the block's packed words; out: &grad[0][i][j][c].
+ * Each tile starts from its last pair (the odd pixel, if any) with SMUAD. */
+#define ROWS_FLY(NC)                                                                      \
+  TILE rows_fly_2x##NC(const wgrad_segment* seg, const int32_t* xb, int32_t* out) {       \
+    const wgrad_segment local = *seg; /* the int32 stores may alias *seg, not local */     \
+    const wgrad_segment* const s = &local;                                                \
+    const int32_t dy_col = s->dy_col, n = s->n, stride = s->out_o_stride;                 \
+    const int32_t dy2 = 2 * dy_col;                                                       \
+    const int32_t* const xl = xb + ((n - 1) >> 1) * NC; /* the last pair's words */       \
+    /* the last pair's dy: pixels n - 2, n - 1, or for odd n pixel n - 1 and (x's high     \
+     * lanes being 0) any pixel in the segment */                                         \
+    const int32_t last_p = (n & 1 ? n - 1 : n - 2) * dy_col;                              \
+    const int32_t last_q = n & 1 ? (n > 1 ? -dy_col : 0) : dy_col;                        \
+    const int8_t* d_base = s->dy;                                                         \
+    int32_t o;                                                                            \
+    if (s->accumulate) { /* later segments of a long row: the plain loop (less code) */   \
+      FLY_LOOP_ADD(NC)                                                                    \
+    } else {                                                                              \
+      FLY_LOOP(NC, 0)                                                                     \
+    }                                                                                     \
+  }
+/* The output-channel pairs of rows_fly_2xNC adding to out, pair by pair. */
+#define FLY_LOOP_ADD(NC)                                                                  \
+  for (o = 0; o + 2 <= s->c_out; o += 2, d_base += 2, out += 2 * stride) {                \
+    int32_t a0, a1 = 0, a2 = 0, a3 = 0, b0, b1 = 0, b2 = 0, b3 = 0, d0, d1, t;            \
+    int32_t* const out_b = out + stride;                                                  \
+    const int8_t* d = d_base;                                                             \
+    const int32_t* x = xb;                                                                \
+    PACK_DY_PAIR(d + last_p, last_q, d0, d1);                                             \
+    MUL_2XN(NC, xl);                                                                      \
+    for (t = (n - 1) >> 1; t > 0; --t, x += NC, d += dy2) {                               \
+      PACK_DY_PAIR(d, dy_col, d0, d1);                                                    \
+      MAC_2XN(NC, x);                                                                     \
+    }                                                                                     \
+    STORE_2XN_IF(NC, 1);                                                                  \
+  }
+/* The output-channel pairs of rows_fly_2xNC, unrolled, adding to out when ACC. */
+#define FLY_LOOP(NC, ACC)                                                                 \
+  for (o = 0; o + 2 <= s->c_out; o += 2, d_base += 2, out += 2 * stride) {                \
+    int32_t a0, a1 = 0, a2 = 0, a3 = 0, b0, b1 = 0, b2 = 0, b3 = 0, d0, d1, t;            \
+    int32_t* const out_b = out + stride;                                                  \
+    const int8_t* d = d_base;                                                             \
+    const int32_t* x = xb;                                                                \
+    PACK_DY_PAIR(d + last_p, last_q, d0, d1);                                             \
+    MUL_2XN(NC, xl);                                                                      \
+    for (t = (n - 1) >> 1; t > 8; t -= 8, x += 8 * NC, d += 8 * dy2)                      \
+      UNROLL_8(FLY_PAIR_##NC, 8)                                                          \
+    UNROLL_8(FLY_PAIR_##NC, t)                                                            \
+    STORE_2XN_IF(NC, ACC);                                                                \
+  }
+/* Pair i of the on-the-fly tiles (d, x: the first pair's). */
+#define FLY_PAIR(NC, i)                                    \
+  do {                                                     \
+    PACK_DY_PAIR(d + (i) * dy2, dy_col, d0, d1);           \
+    MAC_2XN(NC, x + (i) * NC);                             \
+  } while (0)
+#define FLY_PAIR_1(i) FLY_PAIR(1, i)
+#define FLY_PAIR_2(i) FLY_PAIR(2, i)
+#define FLY_PAIR_3(i) FLY_PAIR(3, i)
+#define FLY_PAIR_4(i) FLY_PAIR(4, i)
+ROWS_FLY(1)
+ROWS_FLY(2)
+ROWS_FLY(3)
+ROWS_FLY(4)
+
 
 /* Pair i of a group from the packed dy. */
 #define BUF_PAIR(i)                                       \
@@ -420,6 +458,17 @@ TILE reduce_chunk(const wgrad_segment* s, int32_t cb, int32_t* out) {
   int32_t xbuf[X_WORDS];
   const int32_t pairs = (s->n + 1) >> 1;
   int32_t b;
+  if (cb == 6) { /* two 2x3 tiles: fewer instructions than 2x4 + 2x2 */
+    pack_x(s->x, s->x_col, s->n, 3, s->zp, xbuf);
+    pack_x(s->x + 3, s->x_col, s->n, 3, s->zp, xbuf + 3 * pairs);
+    rows_fly_2x3(s, xbuf, out);
+    rows_fly_2x3(s, xbuf + 3 * pairs, out + 3);
+    if (s->c_out & 1)
+      for (b = 0; b < 6; b += 3)
+        dot_1xn(s->dy + s->c_out - 1, s->dy_col, s->n, xbuf + b * pairs, 3,
+                out + (s->c_out - 1) * s->out_o_stride + b, s->accumulate);
+    return;
+  }
   for (b = 0; b < cb; b += 4) /* blocks of 4 channels, each pair by pair */
     pack_x(s->x + b, s->x_col, s->n, dgst_min_i32(4, cb - b), s->zp, xbuf + b * pairs);
   const int32_t blocks = cb >> 2, rest = cb & 3;
@@ -518,7 +567,7 @@ void dgst_conv2d_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kep
         continue;
       }
       if (r.cols < 8) { /* short rows (or a tap that only reads padding: gradient 0) */
-        tap_plain(&r, k, zp, c_out, tap, out_o_stride);
+        tap_tiles(&r, k, zp, c_out, tap, out_o_stride);
         continue;
       }
       /* chunks of CHUNK_C channels (dy packed once for 4 blocks) when a whole row fits
@@ -560,23 +609,7 @@ void dgst_conv2d_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kep
     for (j = 0; j < kw; ++j) {
       /* a tap never inside the image is an empty rectangle: gradient 0 */
       const dgst_s8_rect r = dgst_s8_rect_at(g, i, j, dy, c_out, x_kept, k);
-      int32_t* const tap = grad + (i * kw + j) * k;
-      int32_t o;
-      if (r.rows * r.cols == 1) {
-        outer_product_plain(r.dy, r.x, k, x_zero_point, c_out, tap, out_o_stride);
-        continue;
-      }
-      for (o = 0; o + 4 <= c_out; o += 4) {
-        int32_t c;
-        int32_t* const out = tap + o * out_o_stride;
-        for (c = 0; c + 2 <= k; c += 2) tile_4x2(&r, o, c, x_zero_point, out + c, out_o_stride);
-        if (c < k) tile_4x1(&r, o, c, x_zero_point, out + c, out_o_stride);
-      }
-      for (; o < c_out; ++o) {
-        int32_t c;
-        int32_t* const out = tap + o * out_o_stride;
-        for (c = 0; c < k; c += 2) tile_1xn(&r, o, c, k - c, x_zero_point, out + c);
-      }
+      tap_tiles(&r, k, x_zero_point, c_out, grad + (i * kw + j) * k, out_o_stride);
     }
   }
 }

@@ -6,13 +6,21 @@
  * checks); over it 2 kept channels are accumulated at a time: x_kept's two channels are
  * adjacent bytes, dy's are gathered at kept[c] and kept[c + 1]. On cores with the DSP
  * extension, maps of at most 25 pixels with at most 9 taps (the late blocks sparse training
- * updates) take 4 kept channels at a time packed once for all taps (small_map_weight_grad):
- * 8.0 instructions per MAC on the Cortex-M7 for MobileNetV2-1.0's block_16 at 96x96 (3x3),
- * 10.6 before. */
+ * updates) take 4 kept channels at a time packed once for all taps (small_map_weight_grad);
+ * stride-1 "same" 3-wide kernels on maps of at most 36 pixels slide their three taps along
+ * the rows instead (slide_weight_grad). */
 #include <string.h>
 
 #include "dgst_internal.h"
 #include "dgst_train_kernels.h"
+
+/* The DSP tap loops stay functions of their own: inlined into the packing loops, GCC spills
+ * their accumulators. */
+#if defined(__GNUC__)
+#define DGST_NOINLINE_DW __attribute__((noinline))
+#else
+#define DGST_NOINLINE_DW
+#endif
 
 static void tile_2(const dgst_s8_rect* r, int32_t k0, int32_t k1, int32_t c, int32_t zp,
                    int32_t* a0_out, int32_t* a1_out) {
@@ -192,12 +200,282 @@ static void small_map_weight_grad(const dgst_conv_geometry* g, const int8_t* x_k
 }
 #endif
 
+#if DGST_USE_ARM_DSP
+/* ---- 3-wide "same" kernels at horizontal stride 1 (MobileNet's stride-1 depthwise, pad 1,
+ * out_w == in_w) on small maps. 4 kept channels at a time are packed once into two planes of
+ * int16 lanes, (c, c + 2) and (c + 1, c + 3) per pixel: x with the zero point subtracted, dy
+ * gathered at kept[]. A tap row i pairs dy row oy with x row oy * stride_h + i - pad_top;
+ * along that row pair the three taps slide together: dy word ox meets x words ox - 1, ox,
+ * ox + 1 (only those inside the row), so per output pixel 2 loads feed up to 6 SMLABB /
+ * SMLATT (3 taps x 2 channels) into accumulators held over the whole tap row. Rows of 3 at
+ * stride 1 run as straight code over consecutive rows, a 3x3 map (MobileNetV2's last blocks
+ * at 96x96) as one straight block per plane. Cortex-M7: 3.4 instructions per MAC for
+ * MobileNetV2-1.0's block_16 at 96x96 (all 960 channels; 3.9 with 19), 8.0 before. */
+#define SLIDE_X_WORDS 36 /* x words of one plane: in_h x in_w (stack: 4 planes, 576 B) */
+#define SLIDE_D_WORDS 36 /* dy words of one plane: out_h x out_w */
+#define SLIDE_MAX_KH 7
+
+static int32_t slide_fits(const dgst_conv_geometry* g) {
+  return g->kernel_w == 3 && g->stride_w == 1 && g->dilation_w == 1 && g->dilation_h == 1 &&
+         g->kernel_h <= SLIDE_MAX_KH && g->pad_left == 1 && g->out_w == g->in_w &&
+         g->in_w >= 2 && g->in_h * g->in_w <= SLIDE_X_WORDS &&
+         g->out_h * g->out_w <= SLIDE_D_WORDS;
+}
+
+/* The row pairs of tap row i: `rows` of them from dy word d_first and x word x_first. */
+typedef struct {
+  int32_t rows, d_first, x_first;
+} slide_tap_row;
+
+/* The packed planes of a group and where its sums go: plane p's bottom lanes' channel to
+ * lo[p][(i * 3 + j) * k], its top lanes' to hi[p][(i * 3 + j) * hk[p]] (hk 0: a sink). */
+typedef struct {
+  int32_t x[2][SLIDE_X_WORDS], d[2][SLIDE_D_WORDS];
+  slide_tap_row taps[SLIDE_MAX_KH];
+  int32_t kh, out_w, x_step, k, planes;
+  int32_t* lo[2];
+  int32_t* hi[2];
+  int32_t hk[2];
+} slide_group;
+
+/* 3 taps x the 2 channels of a plane word. */
+#define SLIDE_MAC3(d_, p_, q_, r_) \
+  do {                             \
+    a0 = __smlabb(d_, p_, a0);     \
+    b0 = __smlatt(d_, p_, b0);     \
+    a1 = __smlabb(d_, q_, a1);     \
+    b1 = __smlatt(d_, q_, b1);     \
+    a2 = __smlabb(d_, r_, a2);     \
+    b2 = __smlatt(d_, r_, b2);     \
+  } while (0)
+
+/* A row pair (x at pixel 0): the first and last dy words meet only the 2 taps inside the
+ * row, no product with the padding is computed. */
+#define SLIDE_ROW()                                                  \
+  do {                                                               \
+    const int32_t* dp = d;                                           \
+    const int32_t* xp = x + 2;                                       \
+    const int32_t* const d_last = d + out_w - 1;                     \
+    int32_t xm, xc = x[0], xn = x[1], dd = *dp++;                    \
+    a1 = __smlabb(dd, xc, a1);                                       \
+    b1 = __smlatt(dd, xc, b1);                                       \
+    a2 = __smlabb(dd, xn, a2);                                       \
+    b2 = __smlatt(dd, xn, b2);                                       \
+    while (dp != d_last) {                                           \
+      xm = xc;                                                       \
+      xc = xn;                                                       \
+      xn = *xp++;                                                    \
+      dd = *dp++;                                                    \
+      SLIDE_MAC3(dd, xm, xc, xn);                                    \
+    }                                                                \
+    dd = *dp;                                                        \
+    a0 = __smlabb(dd, xc, a0);                                       \
+    b0 = __smlatt(dd, xc, b0);                                       \
+    a1 = __smlabb(dd, xn, a1);                                       \
+    b1 = __smlatt(dd, xn, b1);                                       \
+  } while (0)
+
+/* acc += row pair (dy words d_[0..2], x words x_[0..2]) of rows of 3. */
+#define SLIDE_ROW3(d_, x_)                                  \
+  do {                                                      \
+    const int32_t x0 = (x_)[0], x1 = (x_)[1], x2 = (x_)[2]; \
+    int32_t dd = (d_)[0];                                   \
+    a1 = __smlabb(dd, x0, a1), b1 = __smlatt(dd, x0, b1);   \
+    a2 = __smlabb(dd, x1, a2), b2 = __smlatt(dd, x1, b2);   \
+    dd = (d_)[1];                                           \
+    SLIDE_MAC3(dd, x0, x1, x2);                             \
+    dd = (d_)[2];                                           \
+    a0 = __smlabb(dd, x1, a0), b0 = __smlatt(dd, x1, b0);   \
+    a1 = __smlabb(dd, x2, a1), b1 = __smlatt(dd, x2, b1);   \
+  } while (0)
+
+#define SLIDE_STORE3(lo_, hi_)                                   \
+  do {                                                           \
+    (lo_)[0] = a0, (lo_)[k] = a1, (lo_)[2 * k] = a2;             \
+    (hi_)[0] = b0, (hi_)[hk] = b1, (hi_)[2 * hk] = b2;           \
+    a0 = a1 = a2 = b0 = b1 = b2 = 0;                             \
+  } while (0)
+
+/* acc += row pair (dy words d_[0..3], x words x_[0..3]) of rows of 4. */
+#define SLIDE_ROW4(d_, x_)                                  \
+  do {                                                      \
+    const int32_t x0 = (x_)[0], x1 = (x_)[1], x2 = (x_)[2]; \
+    int32_t dd = (d_)[0], x3;                               \
+    a1 = __smlabb(dd, x0, a1), b1 = __smlatt(dd, x0, b1);   \
+    a2 = __smlabb(dd, x1, a2), b2 = __smlatt(dd, x1, b2);   \
+    dd = (d_)[1];                                           \
+    SLIDE_MAC3(dd, x0, x1, x2);                             \
+    dd = (d_)[2];                                           \
+    x3 = (x_)[3];                                           \
+    SLIDE_MAC3(dd, x1, x2, x3);                             \
+    dd = (d_)[3];                                           \
+    a0 = __smlabb(dd, x2, a0), b0 = __smlatt(dd, x2, b0);   \
+    a1 = __smlabb(dd, x3, a1), b1 = __smlatt(dd, x3, b1);   \
+  } while (0)
+
+/* Both planes of a group, rows of W (3 or 4) pixels at stride 1: the row pairs of a tap row
+ * are consecutive in both planes, each one straight block (SLIDE_ROW3 / SLIDE_ROW4). */
+#define SLIDE_GROUP_W(W)                                                \
+  static DGST_NOINLINE_DW void slide_group_w##W(const slide_group* sg) { \
+    const int32_t k = sg->k;                                            \
+    int32_t p;                                                          \
+    for (p = 0; p < sg->planes; ++p) {                                  \
+      const slide_tap_row* t = sg->taps;                                \
+      const slide_tap_row* const t_end = t + sg->kh;                    \
+      const int32_t hk = sg->hk[p];                                     \
+      int32_t* lo = sg->lo[p];                                          \
+      int32_t* hi = sg->hi[p];                                          \
+      for (; t != t_end; ++t, lo += 3 * k, hi += 3 * hk) {              \
+        int32_t a0 = 0, a1 = 0, a2 = 0, b0 = 0, b1 = 0, b2 = 0;         \
+        const int32_t* d = sg->d[p] + t->d_first;                       \
+        const int32_t* x = sg->x[p] + t->x_first;                       \
+        const int32_t* const d_end = d + W * t->rows;                   \
+        for (; d != d_end; d += W, x += W) SLIDE_ROW##W(d, x);          \
+        SLIDE_STORE3(lo, hi);                                           \
+      }                                                                 \
+    }                                                                   \
+  }
+SLIDE_GROUP_W(3)
+SLIDE_GROUP_W(4)
+
+/* Both planes of a group on a 3x3 map (3x3 kernel, stride 1, pad 1: MobileNetV2's last
+ * blocks at 96x96), every tap row as straight code: tap row 1 pairs dy row r with x row r,
+ * tap row 0 dy rows 1, 2 with x rows 0, 1, tap row 2 dy rows 0, 1 with x rows 1, 2. */
+static DGST_NOINLINE_DW void slide_group_3x3(const slide_group* sg) {
+  const int32_t k = sg->k;
+  int32_t p;
+  for (p = 0; p < sg->planes; ++p) {
+    const int32_t* const d = sg->d[p];
+    const int32_t* const x = sg->x[p];
+    const int32_t hk = sg->hk[p];
+    int32_t* const lo = sg->lo[p];
+    int32_t* const hi = sg->hi[p];
+    int32_t a0 = 0, a1 = 0, a2 = 0, b0 = 0, b1 = 0, b2 = 0;
+    SLIDE_ROW3(d + 3, x);
+    SLIDE_ROW3(d + 6, x + 3);
+    SLIDE_STORE3(lo, hi);
+    SLIDE_ROW3(d, x);
+    SLIDE_ROW3(d + 3, x + 3);
+    SLIDE_ROW3(d + 6, x + 6);
+    SLIDE_STORE3(lo + 3 * k, hi + 3 * hk);
+    SLIDE_ROW3(d, x + 3);
+    SLIDE_ROW3(d + 3, x + 6);
+    SLIDE_STORE3(lo + 6 * k, hi + 6 * hk);
+  }
+}
+
+/* Both planes of a group, any row length and stride_h. */
+static DGST_NOINLINE_DW void slide_group_any(const slide_group* sg) {
+  const int32_t k = sg->k, out_w = sg->out_w, x_step = sg->x_step;
+  int32_t p, i;
+  for (p = 0; p < sg->planes; ++p) {
+    const int32_t hk = sg->hk[p];
+    int32_t* lo = sg->lo[p];
+    int32_t* hi = sg->hi[p];
+    for (i = 0; i < sg->kh; ++i, lo += 3 * k, hi += 3 * hk) {
+      int32_t a0 = 0, a1 = 0, a2 = 0, b0 = 0, b1 = 0, b2 = 0, row;
+      const int32_t* d = sg->d[p] + sg->taps[i].d_first;
+      const int32_t* x = sg->x[p] + sg->taps[i].x_first;
+      for (row = sg->taps[i].rows; row > 0; --row, d += out_w, x += x_step) SLIDE_ROW();
+      lo[0] = a0, lo[k] = a1, lo[2 * k] = a2;
+      hi[0] = b0, hi[hk] = b1, hi[2 * hk] = b2;
+    }
+  }
+}
+
+/* Packs kept channels [c, c + nc) of x and dy into the planes. With nc < 4 the missing
+ * lanes hold whatever (the next pixel's x, dy of kept[c]): their sums go to the sink. x is
+ * read 4 bytes at a time except where that would read past x_kept's end. */
+static void slide_pack(slide_group* sg, const dgst_conv_geometry* g, const int8_t* x_kept,
+                       const int32_t* kept, int32_t k, int32_t c, int32_t nc, int32_t zp,
+                       const int8_t* dy, int32_t channels) {
+  const int32_t in_pixels = g->in_h * g->in_w, out_pixels = g->out_h * g->out_w;
+  const int32_t zp2 = (int32_t)(((uint32_t)zp & 0xFFFFu) | ((uint32_t)zp << 16));
+  const int32_t k0 = kept[c], k1 = nc > 1 ? kept[c + 1] : k0;
+  const int32_t k2 = nc > 2 ? kept[c + 2] : k0, k3 = nc > 3 ? kept[c + 3] : k0;
+  /* pixels whose 4 bytes from channel c lie inside x_kept ([in_pixels][k]) */
+  const int32_t words =
+      nc == 4 ? in_pixels
+              : dgst_max_i32(0, dgst_min_i32(in_pixels, (in_pixels * k - 4 - c) / k + 1));
+  const int8_t* xp = x_kept + c;
+  const int8_t* dp = dy;
+  int32_t* const xa = sg->x[0];
+  int32_t* const xb = sg->x[1];
+  int32_t* const da = sg->d[0];
+  int32_t* const db = sg->d[1];
+  int32_t p;
+  for (p = 0; p < words; ++p, xp += k) {
+    uint32_t w;
+    memcpy(&w, xp, 4);
+    xa[p] = __ssub16(__sxtb16((int32_t)w), zp2);  /* (x0, x2) - zp */
+    xb[p] = __ssub16(dgst_sxtb16_ror8(w), zp2);   /* (x1, x3) - zp */
+  }
+  for (; p < in_pixels; ++p, xp += k) {
+    int32_t v[4] = {0, 0, 0, 0}, cc;
+    for (cc = 0; cc < nc; ++cc) v[cc] = xp[cc] - zp;
+    xa[p] = dgst_pkhbt(v[0], v[2]);
+    xb[p] = dgst_pkhbt(v[1], v[3]);
+  }
+  for (p = 0; p < out_pixels; ++p, dp += channels) {
+    da[p] = dgst_pkhbt(dp[k0], dp[k2]);
+    db[p] = dgst_pkhbt(dp[k1], dp[k3]);
+  }
+}
+
+static void slide_weight_grad(const dgst_conv_geometry* g, const int8_t* x_kept,
+                              const int32_t* kept, int32_t k, int32_t zp, const int8_t* dy,
+                              int32_t channels, int32_t* grad) {
+  slide_group sg;
+  int32_t sink[3];
+  const int32_t w3 = g->out_w == 3 && g->stride_h == 1;
+  const int32_t w4 = g->out_w == 4 && g->stride_h == 1;
+  const int32_t map3x3 = w3 && g->in_h == 3 && g->out_h == 3 && g->kernel_h == 3 &&
+                         g->pad_top == 1;
+  int32_t i, c;
+  sg.kh = g->kernel_h;
+  sg.out_w = g->out_w;
+  sg.x_step = g->stride_h * g->in_w;
+  sg.k = k;
+  for (i = 0; i < g->kernel_h; ++i) {
+    int32_t lo, hi;
+    dgst_out_range(i - g->pad_top, g->stride_h, g->in_h, g->out_h, &lo, &hi);
+    sg.taps[i].rows = hi - lo;
+    sg.taps[i].d_first = lo * g->out_w;
+    sg.taps[i].x_first = (lo * g->stride_h + i - g->pad_top) * g->in_w;
+    if (sg.taps[i].rows == 0) sg.taps[i].d_first = sg.taps[i].x_first = 0;
+  }
+  for (c = 0; c < k; c += 4) {
+    const int32_t nc = dgst_min_i32(4, k - c);
+    slide_pack(&sg, g, x_kept, kept, k, c, nc, zp, dy, channels);
+    sg.planes = nc > 1 ? 2 : 1;
+    sg.lo[0] = grad + c;
+    sg.lo[1] = grad + c + 1;
+    sg.hi[0] = nc > 2 ? grad + c + 2 : sink;
+    sg.hi[1] = nc > 3 ? grad + c + 3 : sink;
+    sg.hk[0] = nc > 2 ? k : 0;
+    sg.hk[1] = nc > 3 ? k : 0;
+    if (map3x3)
+      slide_group_3x3(&sg);
+    else if (w3)
+      slide_group_w3(&sg);
+    else if (w4)
+      slide_group_w4(&sg);
+    else
+      slide_group_any(&sg);
+  }
+}
+#endif
+
 void dgst_depthwise_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kept,
                                    const int32_t* kept, int32_t k, int32_t x_zero_point,
                                    const int8_t* dy, int32_t channels, int32_t* grad) {
   const int32_t kh = g->kernel_h, kw = g->kernel_w;
   int32_t i, j;
 #if DGST_USE_ARM_DSP
+  if (slide_fits(g)) {
+    slide_weight_grad(g, x_kept, kept, k, x_zero_point, dy, channels, grad);
+    return;
+  }
   if (small_map(g)) {
     small_map_weight_grad(g, x_kept, kept, k, x_zero_point, dy, channels, grad);
     return;

@@ -82,6 +82,12 @@ void dgst_depthwise_input_grad_s8(const dgst_conv_geometry* g, const int8_t* dy,
                                   float dy_scale, const int8_t* w, const float* weight_scale,
                                   int32_t channels, float* dx);
 
+/* Backward of an int8 elementwise activation y = f(x) (swish, hard-swish, sigmoid):
+ * dx[i] = g[i] * table[x[i] + 128], table[q + 128] = f'(s * (q - z)) for the codes q of the
+ * saved int8 input x (its scale s, zero point z). dx may be g (in place). */
+void dgst_activation_grad_f32(const float* g, const int8_t* x, const float* table, int32_t n,
+                              float* dx);
+
 /* ReLU / ReLU6 derivative from a 1-bit mask: g[i] = bit i of mask ? g[i] : 0.
  * Bit i is (mask[i >> 3] >> (i & 7)) & 1. */
 void dgst_apply_mask_f32(float* g, const uint8_t* mask, int32_t n);

@@ -34,18 +34,7 @@ static int8_t g_cmsis_out[OUT_BYTES], g_dgst_out[OUT_BYTES];
 static uint32_t g_overhead;
 static int g_failed;
 
-#define MEASURE(call, instr)                              \
-  do {                                                    \
-    uint32_t t0_, t1_;                                    \
-    DGST_FENCE();                                         \
-    t0_ = dgst_timer_read();                              \
-    DGST_FENCE();                                         \
-    call;                                                 \
-    DGST_FENCE();                                         \
-    t1_ = dgst_timer_read();                              \
-    DGST_FENCE();                                         \
-    (instr) = dgst_ticks_to_instructions(t0_, t1_) - g_overhead; \
-  } while (0)
+#define MEASURE(call, instr) DGST_MEASURE(call, instr, g_overhead)
 
 static void line(const char* name, const char* kernel, uint32_t instr, uint32_t macs,
                  uint32_t elements, int ok) {
@@ -99,17 +88,8 @@ static void run_layer(const char* name, int32_t h, int32_t w, int32_t c_in, int3
 }
 
 int main(void) {
-  uint32_t i, t0, t1, best = 0xFFFFFFFFu;
   dgst_timer_start();
-  for (i = 0; i < 8; ++i) {
-    DGST_FENCE();
-    t0 = dgst_timer_read();
-    DGST_FENCE();
-    t1 = dgst_timer_read();
-    DGST_FENCE();
-    if (dgst_ticks_to_instructions(t0, t1) < best) best = dgst_ticks_to_instructions(t0, t1);
-  }
-  g_overhead = best;
+  g_overhead = dgst_timer_overhead();
   printf("DGST begin cpu=%s cmsis_nn=1\n", DGST_CPU_NAME);
 #define RUN(name, h, w, c_in, c_out)                                                   \
   run_layer(#name, h, w, c_in, c_out, name##_x, name##_w, name##_bias, name##_mult,    \

@@ -56,22 +56,15 @@ static void track_low_water(void) {
   if (low < g_low_water) g_low_water = low;
 }
 
-/* Runs `call` between two fenced timer reads with the stack painted below the caller. */
-#define MEASURE(call, instr, stack)                                          \
-  do {                                                                      \
-    uint32_t t0_, t1_, sp_;                                                 \
-    track_low_water();                                                      \
-    dgst_paint_stack();                                                     \
-    sp_ = dgst_sp();                                                        \
-    DGST_FENCE();                                                           \
-    t0_ = dgst_timer_read();                                                \
-    DGST_FENCE();                                                           \
-    call;                                                                   \
-    DGST_FENCE();                                                           \
-    t1_ = dgst_timer_read();                                                \
-    DGST_FENCE();                                                           \
-    (instr) = dgst_ticks_to_instructions(t0_, t1_) - g_overhead;            \
-    (stack) = sp_ - (uint32_t)dgst_stack_low_water();                       \
+/* DGST_MEASURE with the stack painted below the caller: (stack) = the call's peak. */
+#define MEASURE(call, instr, stack)                                \
+  do {                                                            \
+    uint32_t sp_;                                                 \
+    track_low_water();                                            \
+    dgst_paint_stack();                                           \
+    sp_ = dgst_sp();                                              \
+    DGST_MEASURE(call, instr, g_overhead);                        \
+    (stack) = sp_ - (uint32_t)dgst_stack_low_water();             \
   } while (0)
 
 static void* scratch(uint32_t bytes) {
@@ -433,29 +426,15 @@ static void dgst_run_cases(void) {
 /* ------------------------------------------------------------------------- main */
 /* A loop of exactly 2 * n instructions (SUBS + BNE per iteration): checks the counting. */
 static uint32_t calibration_loop(uint32_t n) {
-  uint32_t t0, t1;
-  DGST_FENCE();
-  t0 = dgst_timer_read();
-  DGST_FENCE();
-  __asm volatile("1:\n\tsubs %0, %0, #1\n\tbne 1b" : "+r"(n) : : "cc");
-  DGST_FENCE();
-  t1 = dgst_timer_read();
-  DGST_FENCE();
-  return dgst_ticks_to_instructions(t0, t1) - g_overhead;
+  uint32_t instr;
+  DGST_MEASURE(__asm volatile("1:\n\tsubs %0, %0, #1\n\tbne 1b" : "+r"(n) : : "cc"), instr,
+               g_overhead);
+  return instr;
 }
 
 int main(void) {
-  uint32_t i, t0, t1, best = 0xFFFFFFFFu;
   dgst_timer_start();
-  for (i = 0; i < 8; ++i) { /* overhead of the measurement itself */
-    DGST_FENCE();
-    t0 = dgst_timer_read();
-    DGST_FENCE();
-    t1 = dgst_timer_read();
-    DGST_FENCE();
-    if (dgst_ticks_to_instructions(t0, t1) < best) best = dgst_ticks_to_instructions(t0, t1);
-  }
-  g_overhead = best;
+  g_overhead = dgst_timer_overhead();
   printf("DGST begin cpu=%s dsp=%d overhead=%lu\n", DGST_CPU_NAME, DGST_USE_ARM_DSP,
          (unsigned long)g_overhead);
   printf("DGST calibration loop_instructions=%lu expected=%lu\n",

@@ -1,5 +1,5 @@
 /* Firmware support for the QEMU runs: instruction counting with the CMSDK APB timer0 and
- * stack painting. Only for tflm_ops/mcu (startup.c, harness.c). */
+ * stack painting. Only for tflm_ops/mcu (startup.c, harness.c, cmsis_nn_reference.c). */
 #ifndef DGST_MCU_SUPPORT_H_
 #define DGST_MCU_SUPPORT_H_
 
@@ -31,6 +31,32 @@ static inline uint32_t dgst_ticks_to_instructions(uint32_t start, uint32_t end) 
 
 /* Compiler fence: keeps the measured call between the two timer reads. */
 #define DGST_FENCE() __asm volatile("" ::: "memory")
+
+/* Runs `call` between two fenced timer reads: (instr) = its instructions, less `overhead`
+ * (what two back-to-back reads count, dgst_timer_overhead). */
+#define DGST_MEASURE(call, instr, overhead)                             \
+  do {                                                                  \
+    uint32_t t0_, t1_;                                                  \
+    DGST_FENCE();                                                       \
+    t0_ = dgst_timer_read();                                            \
+    DGST_FENCE();                                                       \
+    call;                                                               \
+    DGST_FENCE();                                                       \
+    t1_ = dgst_timer_read();                                            \
+    DGST_FENCE();                                                       \
+    (instr) = dgst_ticks_to_instructions(t0_, t1_) - (overhead);        \
+  } while (0)
+
+/* Instructions counted for two back-to-back fenced timer reads (the least of 8 tries): what
+ * DGST_MEASURE subtracts. Call after dgst_timer_start. */
+static inline uint32_t dgst_timer_overhead(void) {
+  uint32_t i, instr, best = 0xFFFFFFFFu;
+  for (i = 0; i < 8; ++i) {
+    DGST_MEASURE((void)0, instr, 0u);
+    if (instr < best) best = instr;
+  }
+  return best;
+}
 
 /* Stack painting: the stack section [_sstack, _estack) is filled with a pattern below the
  * current stack pointer; the lowest overwritten word after a call gives the peak. */

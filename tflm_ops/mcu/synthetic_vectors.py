@@ -21,6 +21,8 @@ computed with the NumPy reference (`dgst_tf.tflm_ops.reference`).
 * ``odd*``: odd geometries (stride 2, dilation 2, VALID, 5x5 kernel, channel counts that
   are not multiples of 4) for the tail loops; fused frozen blocks, masks and quantization of
   odd lengths, a channel scatter.
+* ``small_dw*``: depthwise weight gradients on 3x3, 4x5 and (vertical stride 2) 6x4 maps at
+  k = 1, 2, 3, 4 and all channels.
 
 Random tensors (``seed``); a dict of real ones replaces any of them: keys ``<layer>/<field>``
 with layer in (b3_expand, b3_dw, b3_project, b4_dw, b15_expand, b15_dw, fc) and field in (x,
@@ -32,6 +34,8 @@ b15_expand) and ``logits`` for fc; the other dy are computed by the chain.
 of the weights, as in Lin et al. 2022, "On-Device Training Under 256KB Memory").
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -55,6 +59,9 @@ LAYERS = {
     "odd_conv": ("conv", G(9, 7, 3, stride=2), 10, 6),
     "odd_dilated": ("conv", G(10, 10, 3, dilation=2, padding="valid"), 5, 7),
     "odd_dw": ("depthwise", G(9, 9, 5, stride=2), 7, 7),
+    "small_dw3": ("depthwise", G(3, 3, 3), 6, 6),
+    "small_dw5": ("depthwise", G(4, 5, 3), 7, 7),
+    "small_dw_s2": ("depthwise", G(6, 4, 3, stride=(2, 1)), 5, 5),
 }
 # Kept input-channel ratios of the weight gradients (k = channels_for_ratio(ratio, C_in)).
 SWEEP = (1 / 50, 1 / 8, 1 / 4, 1.0)
@@ -249,7 +256,20 @@ def build(tensors: Tensors) -> Emitter:
     _head_pool(e, rng)
     _scatter(e, rng)
     _odd_masks(e, rng)
+    _small_maps(b)
+    fused_block(e, rng, "fused_unusual", (6, 5, 8), (16, 1, 1), (3, 1), 8, unusual=True)
     return e
+
+
+def _small_maps(b: Builder):
+    """Depthwise weight gradients on small maps (3x3, 4x5, 6x4 at vertical stride 2) at every
+    group tail (k % 4 = 1, 2, 3, 0): the DSP cores' sliding paths. Last, so that the random
+    tensors of the cases before stay what they were."""
+    for name in ("small_dw3", "small_dw5", "small_dw_s2"):
+        L = b.layer(name, x_kind="linear")
+        dy = b.t.error(shapes(name)["dy"], zero_fraction=0.1)
+        for k in (1, 2, 3, 4, L["c_in"]):
+            b.weight_grad(L, dy, k)
 
 
 def _block3(b: Builder):
@@ -322,10 +342,25 @@ def _odd_geometries(b: Builder, rng):
         cases.input_grad(b.e, L, dy, float(rng.uniform(0.001, 0.01)))
 
 
-def fused_block(e: Emitter, rng, name, x_shape, conv_spec, dw_spec, c_out):
+def _unusual_requantization(stage, c):
+    """The stage with channels c..c+3 outside the 32-bit requantization of the DSP cores
+    (shift +1, a bias near 2^30, right shift 22, shift 0): they take the 64-bit one."""
+    bias, shift, mult = stage.bias.copy(), stage.shift.copy(), stage.multiplier.copy()
+    shift[c], mult[c] = 1, 2**30
+    bias[c + 1] = 2**30 - 1000
+    shift[c + 2] = -22
+    shift[c + 3] = 0
+    return dataclasses.replace(stage, bias=bias, shift=shift, multiplier=mult)
+
+
+def fused_block(e: Emitter, rng, name, x_shape, conv_spec, dw_spec, c_out, unusual=False):
     """A check_fused_block case (forward of a frozen block, MobileNetV2-0.35 block_1 at
-    128x128 or odd sizes): random tensors (R.fused_block_case) and the reference."""
+    128x128 or odd sizes): random tensors (R.fused_block_case) and the reference.
+    ``unusual``: requantization constants the fast paths must refuse (_unusual_requantization;
+    not the same channels in consecutive stages, whose saturation would hide the first's)."""
     x, stages, g = R.fused_block_case(rng, x_shape, conv_spec, dw_spec, c_out)
+    if unusual:
+        stages = [_unusual_requantization(s, c) for s, c in zip(stages, (0, 4, 0))]
     y = R.fused_block(x, *stages, **g)
     params = []
     for label, s in zip(("conv", "dw", "project"), stages):

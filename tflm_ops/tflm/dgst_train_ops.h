@@ -4,7 +4,7 @@
 //
 //   #include "dgst_train_ops.h"
 //
-//   static tflite::MicroMutableOpResolver<N> resolver;   // N >= builtins + kNumDgstTrainOps (15)
+//   static tflite::MicroMutableOpResolver<N> resolver;   // N >= builtins + kNumDgstTrainOps (16)
 //   resolver.AddConv2D(); ...                             // the model's builtin ops
 //   if (dgst_tflm::AddDgstTrainOps(resolver) != kTfLiteOk) { /* resolver too small */ }
 //
@@ -24,6 +24,7 @@
 
 namespace tflite {
 
+TFLMRegistration* Register_DGST_ACTIVATION_GRAD();
 TFLMRegistration* Register_DGST_BIAS_GRAD();
 TFLMRegistration* Register_DGST_CONV2D();
 TFLMRegistration* Register_DGST_CONV2D_INPUT_GRAD();
@@ -45,9 +46,9 @@ TFLMRegistration* Register_DGST_VARIABLE_INIT();
 namespace dgst_tflm {
 
 // Resolver slots AddDgstTrainOps uses.
-constexpr unsigned int kNumDgstTrainOps = 15;
+constexpr unsigned int kNumDgstTrainOps = 16;
 
-// AddCustom's all 15 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
+// AddCustom's all 16 dgst ops to `resolver` (a tflite::MicroMutableOpResolver<N>; a template
 // so that this header needs no resolver header). Stops at, and returns, the first error
 // (resolver full, or an op already added: AddCustom accepts each name once).
 template <typename Resolver>
@@ -65,6 +66,7 @@ inline TfLiteStatus AddDgstTrainOps(Resolver& resolver) {
       {"DGST_GATHER_CHANNELS", tflite::Register_DGST_GATHER_CHANNELS},
       {"DGST_SCATTER_CHANNELS", tflite::Register_DGST_SCATTER_CHANNELS},
       {"DGST_SOFTMAX_XENT_GRAD", tflite::Register_DGST_SOFTMAX_XENT_GRAD},
+      {"DGST_ACTIVATION_GRAD", tflite::Register_DGST_ACTIVATION_GRAD},
       {"DGST_QUANTIZE_GRAD", tflite::Register_DGST_QUANTIZE_GRAD},
       {"DGST_CONV2D_INPUT_GRAD", tflite::Register_DGST_CONV2D_INPUT_GRAD},
       {"DGST_DEPTHWISE_INPUT_GRAD", tflite::Register_DGST_DEPTHWISE_INPUT_GRAD},

@@ -5,7 +5,7 @@ code CUSTOM + a custom code name). Custom options of every dgst op are a little-
 int32 array whose word 0 is the format version (1); floats are stored as float32 bit
 patterns (`int32_options` does both)::
 
-    from dgst_tf.export.tflite_builder import ModelBuilder, int32_options
+    from dgst_tf.core.tflite_builder import ModelBuilder, int32_options
 
     b = ModelBuilder()
     dy = b.add_tensor("dy", (1, 4, 4, 8), np.int8, scale=0.05, zero_point=0)
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgst_tf.export.tflite_file import pack_model, schema
+from ai_edge_litert import schema_py_generated as schema
+
+from dgst_tf.core.tflite_flatbuffer import pack_model
 
 __all__ = ["ModelBuilder", "int32_options", "OPTIONS_VERSION"]
 
