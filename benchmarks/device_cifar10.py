@@ -31,7 +31,7 @@ kill. (A baseline killed between its last epoch and writing its row trains again
 
 Smoke (tiny, not a result; ``--weights none`` is for smoke runs only)::
 
-    W=/work/runs/device_c10_smoke; R=$W/results
+    W=runs/device_c10_smoke; R=$W/results
     python benchmarks/device_cifar10.py select --work-dir $W --results-dir $R --weights none \
         --width 0.25 --image-sizes 32 --train-examples 16 --validation-examples 16 \
         --calibration-examples 8 --prune-examples 16 --check-steps 2 --test-examples 16 \
@@ -46,7 +46,7 @@ The real run (each line resumes when rerun after a kill; CIFAR-10 from ``$DGST_C
 offline default; started in a separate git worktree so that edits to the tree cannot change
 a run in progress)::
 
-    W=/work/runs/device_c10b && mkdir -p $W
+    W=runs/device_c10 && mkdir -p $W
     nohup nice -n 5 python benchmarks/device_cifar10.py select --work-dir $W \
         --image-sizes 128 --learning-rates 0.001 --epochs 1 --train-examples 20000 \
         --prune-examples 10000 --prune-epochs 2 --prune-learning-rate 0.003 \

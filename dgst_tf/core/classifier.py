@@ -36,7 +36,8 @@ from __future__ import annotations
 import dataclasses
 import weakref
 
-from dgst_tf.core.graph import UnsupportedModelError, check_functional, nodes_in_order, rebuild
+from dgst_tf.core.graph import (UnsupportedModelError, check_functional, copy_model,
+                                nodes_in_order, rebuild)
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import CONV2D, DENSE, DEPTHWISE, kind_of
 
@@ -376,7 +377,4 @@ def with_new_classifier(model: keras.Model, classes: int, seed: int = 0,
                 kernel_initializer=keras.initializers.GlorotUniform(seed=int(seed)))(args[0])
         return layer(*args, **kwargs)
 
-    shared = rebuild(source, call_layer, name=name or model.name)
-    copy = keras.models.clone_model(shared)
-    copy.set_weights(shared.get_weights())
-    return copy
+    return copy_model(rebuild(source, call_layer, name=name or model.name))
