@@ -97,6 +97,7 @@ FIXED = ("width", "weights", "flash_budget", "sram_budget", "firmware_allowance"
 # the searched settings: DeviceConfig field -> command-line option (a list of candidates)
 GRID = {"image_size": "image_sizes", "learning_rate": "learning_rates",
         "lr_schedule": "lr_schedules", "epochs": "epochs", "blocks": "blocks",
+        "min_blocks": "min_blocks",
         "temperature": "temperatures"}
 COLUMNS = ["variant", "seed", "setting", "val_top1", "tflm_top1", "test_top1", "test_top1_std",
            "meets_device_constraints", "arena_kb", "flash_kb", "int8", "max_updated_fraction",
@@ -134,6 +135,7 @@ def _arguments(argv=None):
                    help="cosine is Keras-side: the exported step has a constant rate")
     p.add_argument("--epochs", type=int, nargs="+", default=[6])
     p.add_argument("--blocks", type=int, nargs="+", default=[defaults.blocks])
+    p.add_argument("--min-blocks", type=int, nargs="+", default=[defaults.min_blocks])
     p.add_argument("--temperatures", type=float, nargs="+", default=[defaults.temperature],
                    help="distillation temperature of the pruning recovery")
     p.add_argument("--baseline-learning-rates", type=float, nargs="+",

@@ -29,9 +29,23 @@ of everything in the backup. The results files list the scenarios and images of 
 wrote them.
 
 ``--model lenet`` runs the same harness on Zhu et al.'s LeNet instead (sigmoid, no pooling,
-weights uniform in [-0.5, 0.5], seeded): the model DLG was shown on, a control that the
-attacks recover CIFAR-10 images when the architecture allows it (scenarios without
-pointwise expansion convs only: no ``sparse_update`` / ``dgsu``).
+weights uniform in [-0.5, 0.5], seeded): the model DLG was shown on (scenarios without
+pointwise expansion convs only: no ``sparse_update`` / ``dgsu``). ``--model small_cnn`` is
+the control for every scenario: notebook 06's small flatten-head CNN at the images' size
+(3x3 conv, a pointwise expansion and projection, which Lin's sparse update and DGSU train,
+sigmoid activations, no pooling: the classifier sees every spatial position, as in Zhu et
+al.'s setting), seeded Glorot weights. The attacks recover CIFAR-10 images from its dense
+update, so a failed attack elsewhere means something:
+
+    nice -n 10 python benchmarks/gradient_leakage_cifar10.py --model small_cnn --images 50 \
+        --ig-iterations 300 --ig-learning-rate 0.1 --ig-signed --dlg-iterations 150 \
+        --idlg-scenarios dense dgsu last_layer --dlg-scenarios dense --grid-attack idlg \
+        --scenarios dense last_layer sparse_update dgsu dense_int8 dgsu_int8 dense_dp \
+        dense_noise --name gradient_leakage_cifar10_control
+
+``--model small_cnn_pool`` is the same CNN with global average pooling instead of the
+flatten (MobileNetV2's head): whether the pooling, not the update's sparsity, is what stops
+the attacks.
 """
 import argparse
 import dataclasses
@@ -64,7 +78,8 @@ def _arguments():
     p.add_argument("--images", type=int, default=50)
     p.add_argument("--split", default="train")
     p.add_argument("--data", dest="data_path", default=None)
-    p.add_argument("--model", default="mobilenet_v2", choices=("mobilenet_v2", "lenet"))
+    p.add_argument("--model", default="mobilenet_v2",
+                   choices=("mobilenet_v2", "lenet", "small_cnn", "small_cnn_pool"))
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--weights", default="imagenet", help="imagenet or none")
     p.add_argument("--image-size", type=int, default=32)
@@ -188,11 +203,40 @@ def _lenet(path: str, image_size: int, seed: int) -> str:
     return path
 
 
+def _small_cnn(path: str, image_size: int, seed: int, head: str = "flatten") -> str:
+    """Notebook 06's flatten-head CNN (module doc), saved to ``path``; ``head="pool"``:
+    global average pooling instead of the flatten, as MobileNetV2 has."""
+    image = keras.Input((image_size, image_size, 3))
+    x = image
+    for index, (name, filters, size) in enumerate((("conv", 32, 3), ("expand", 64, 1),
+                                                   ("project", 32, 1))):
+        x = keras.layers.Conv2D(filters, size, padding="same", activation="sigmoid",
+                                kernel_initializer=keras.initializers.GlorotUniform(
+                                    seed=seed * 10 + index), name=name)(x)
+    x = (keras.layers.Flatten(name="flatten") if head == "flatten" else
+         keras.layers.GlobalAveragePooling2D(name="pool"))(x)
+    out = keras.layers.Dense(10, kernel_initializer=keras.initializers.GlorotUniform(
+        seed=seed * 10 + 3), name="classifier")(x)
+    keras.Model(image, out, name=f"small_cnn_{head}").save(path)
+    return path
+
+
+_SMALL_MODELS = {"lenet": _lenet, "small_cnn": _small_cnn,
+                 "small_cnn_pool": lambda *a: _small_cnn(*a, head="pool")}
+_MODEL_NAMES = {"lenet": "Zhu et al.'s LeNet (sigmoid)",
+                "small_cnn": "notebook 06's small CNN (3x3 conv 32, 1x1 expand 64, 1x1 "
+                             "project 32, sigmoid, flatten, dense 10)",
+                "small_cnn_pool": "notebook 06's small CNN with a pooled head (3x3 conv 32, "
+                                  "1x1 expand 64, 1x1 project 32, sigmoid, global average "
+                                  "pooling, dense 10)"}
+
+
 def _devices(args, methods) -> dict:
     model = "mobilenet_v2"
-    if args.model == "lenet":
-        model = _lenet(os.path.join(tempfile.mkdtemp(), "lenet.keras"), args.image_size,
-                       args.seed)
+    if args.model in _SMALL_MODELS:
+        model = _SMALL_MODELS[args.model](
+            os.path.join(tempfile.mkdtemp(), f"{args.model}.keras"), args.image_size,
+            args.seed)
     base = FederatedConfig(dataset="cifar10", data_path=args.data_path, classes=10,
                            model=model,
                            width=args.width, image_size=args.image_size,
@@ -361,8 +405,8 @@ def main() -> None:
 def _write(args, rows, summary, pixels, reconstructions) -> None:
     write_json_atomically(os.path.join(RESULTS, f"{args.name}_images.json"),
                           {"settings": vars(args), "images": rows})
-    settings = {**vars(args), "model": "Zhu et al.'s LeNet (sigmoid)" if args.model == "lenet"
-                else f"MobileNetV2-{args.width} BN-folded",
+    settings = {**vars(args), "model": _MODEL_NAMES.get(args.model,
+                                                        f"MobileNetV2-{args.width} BN-folded"),
                 "scenarios": {n: dataclasses.asdict(SCENARIOS[n]) for n in args.scenarios},
                 "normalisation": {"mean": data.TORCH_MEAN, "std": data.TORCH_STD}}
     table = _report.write(args.name, settings, summary,
@@ -375,6 +419,13 @@ def _write(args, rows, summary, pixels, reconstructions) -> None:
     print(table, flush=True)
     _grid(pixels, reconstructions, min(args.grid_images, len(pixels)), args.grid_attack,
           os.path.join(RESULTS, f"{args.name}.png"))
+
+
+def _classifier_share(image_size: int) -> float:
+    """The share of the classifier (weights and biases) in `_small_cnn`'s trainable values."""
+    classifier = 10 * image_size * image_size * 32 + 10
+    convs = (3 * 3 * 3 + 1) * 32 + (32 + 1) * 64 + (64 + 1) * 32
+    return classifier / (classifier + convs)
 
 
 def _notes(args, scenarios) -> str:
@@ -405,12 +456,26 @@ def _notes(args, scenarios) -> str:
           f"{SCENARIOS[n].noise():.4g} x {SCENARIOS[n].clip_norm:g} on every value of the "
           f"updated arrays, before encoding: epsilon {SCENARIOS[n].privacy_epsilon():.4g}."
           for n in scenarios if SCENARIOS[n].clip_norm is not None],
+        *([f"- Control model ({_MODEL_NAMES['small_cnn']}, {args.image_size} px): its "
+           f"classifier holds {100 * _classifier_share(args.image_size):.1f}% of the "
+           f"trainable values (10 x {args.image_size} x {args.image_size} x 32 weights) and "
+           "every scenario sends it (last layer, Lin's sparse update and DGSU train "
+           "the classifier besides their channels, as on MobileNetV2): its gradient is the "
+           "softmax error times the flattened features, so the features of every pixel "
+           "position reach the attacker whatever the convs send. MobileNetV2's classifier "
+           "sees globally pooled features only."] if args.model == "small_cnn" else []),
+        *([f"- Control model ({_MODEL_NAMES['small_cnn_pool']}): small_cnn's convs "
+           "and activations (the same seeded conv weights) with the classifier on globally "
+           "averaged features, as MobileNetV2's: its gradient gives the attacker 32 pooled "
+           "features, not every pixel position's."] if args.model == "small_cnn_pool" else []),
         "- int8 scenarios: the payload's values in int8 with one scale per array "
         "(`payload.encode`); the attacker inverts the dequantized update.",
         "- cpu_seconds_per_image: CPU time of the device step and every attack on one image "
         "(TensorFlow limited to one thread); seconds_per_attack: wall time of one attack.",
         f"- Figure: {args.name}.png, the first {args.grid_images} originals above each "
-        f"scenario's {args.grid_attack} reconstructions.",
+        f"scenario's {args.grid_attack} reconstructions"
+        + ("." if args.grid_attack == "inverting_gradients" else
+           f" (Inverting Gradients' where {args.grid_attack} did not run)."),
         *(["- Written with --report-only from the per-image backup: the images were computed "
            "by this command without --report-only (possibly in several processes, each with "
            "some of the --scenarios); a scenario with fewer images than asked is one the "

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dgst_tf.core.tflite_builder import _TENSOR_TYPES
+from dgst_tf.core.tflite_builder import (append_buffer, append_tensor, builtin_operator,
+                                        custom_operator, operator_code)
 from dgst_tf.export.tflite_file import numpy_dtype, pack_model, schema
 
 __all__ = ["ModelEditor", "BUILTIN_NAMES"]
@@ -75,12 +76,8 @@ class ModelEditor:
 
     # ------------------------------------------------------------------ writing
     def add_buffer(self, array) -> int:
-        buffer = schema.BufferT()
-        array = np.ascontiguousarray(array)
-        buffer.data = np.frombuffer(array.astype(array.dtype.newbyteorder("<")).tobytes(),
-                                    np.uint8)
-        self.model.buffers.append(buffer)
-        return len(self.model.buffers) - 1
+        """Append ``array`` as a new constant buffer; returns its index."""
+        return append_buffer(self.model.buffers, array)
 
     def set_data(self, index: int, array) -> None:
         """Give tensor ``index`` new constant data (a new buffer; it stops being variable)."""
@@ -91,29 +88,10 @@ class ModelEditor:
 
     def add_tensor(self, name: str, shape, dtype, data=None, scale=None, zero_point=None,
                    quantized_dimension: int = 0, variable: bool = False) -> int:
-        dtype = np.dtype(dtype)
-        tensor = schema.TensorT()
-        tensor.name = name.encode()
-        tensor.shape = [int(d) for d in shape]
-        tensor.type = _TENSOR_TYPES[dtype]
-        tensor.isVariable = bool(variable)
-        tensor.buffer = 0
-        if data is not None:
-            array = np.asarray(data, dtype)
-            if array.shape != tuple(tensor.shape):
-                raise ValueError(f"ModelEditor: data of {name!r} has shape {array.shape}, the "
-                                 f"tensor {tuple(tensor.shape)}")
-            tensor.buffer = self.add_buffer(array)
-        if scale is not None:
-            q = schema.QuantizationParametersT()
-            q.scale = [float(s) for s in np.atleast_1d(scale)]
-            zp = (np.zeros(len(q.scale), np.int64) if zero_point is None
-                  else np.atleast_1d(zero_point))
-            q.zeroPoint = [int(z) for z in zp]
-            q.quantizedDimension = int(quantized_dimension)
-            tensor.quantization = q
-        self.subgraph.tensors.append(tensor)
-        return len(self.subgraph.tensors) - 1
+        """Append a tensor (constant when ``data`` is given) to the subgraph; returns its index
+        (arguments as `dgst_tf.core.tflite_builder.ModelBuilder.add_tensor`)."""
+        return append_tensor(self.subgraph.tensors, self.model.buffers, name, shape, dtype, data,
+                             scale, zero_point, quantized_dimension, variable, owner="ModelEditor")
 
     def _opcode(self, builtin: int, custom: str | None) -> int:
         for i, code in enumerate(self.model.operatorCodes):
@@ -121,34 +99,18 @@ class ModelEditor:
             c = code.customCode.decode() if code.customCode is not None else None
             if b == builtin and c == custom:
                 return i
-        code = schema.OperatorCodeT()
-        code.builtinCode = builtin
-        code.deprecatedBuiltinCode = min(builtin, 127)
-        code.version = 1
-        if custom is not None:
-            code.customCode = custom.encode()
-        self.model.operatorCodes.append(code)
+        self.model.operatorCodes.append(operator_code(builtin, custom))
         return len(self.model.operatorCodes) - 1
 
     def custom_op(self, name: str, inputs, outputs, options: bytes = b""):
         """A new custom ``OperatorT`` (not yet placed in the operator list)."""
-        op = schema.OperatorT()
-        op.opcodeIndex = self._opcode(schema.BuiltinOperator.CUSTOM, name)
-        op.inputs = [int(i) for i in inputs]
-        op.outputs = [int(i) for i in outputs]
-        op.customOptions = list(options) if options else None
-        op.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS
-        return op
+        return custom_operator(self._opcode(schema.BuiltinOperator.CUSTOM, name), inputs,
+                               outputs, options)
 
     def builtin_op(self, builtin: int, inputs, outputs, options_type: int = 0, options=None):
         """A new builtin ``OperatorT`` (not yet placed)."""
-        op = schema.OperatorT()
-        op.opcodeIndex = self._opcode(builtin, None)
-        op.inputs = [int(i) for i in inputs]
-        op.outputs = [int(i) for i in outputs]
-        op.builtinOptionsType = options_type
-        op.builtinOptions = options
-        return op
+        return builtin_operator(self._opcode(builtin, None), inputs, outputs, options_type,
+                                options)
 
     def prune(self) -> dict:
         """Drop tensors that no op, graph input or output uses, and buffers no tensor uses

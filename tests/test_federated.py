@@ -7,6 +7,7 @@ timeout (so a hang fails the test instead of blocking CI).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -173,6 +174,78 @@ def test_a_device_refuses_a_scheme_over_its_sram_budget():
 
     with pytest.raises(MemoryBudgetError, match=r"scheme 'dgsu'.*budget is 64\.0 KB"):
         SimulatedDevice(FederatedConfig(**{**TINY, "sram_budget": "64KB"}))
+
+
+def _small_file(folder, name, size=8, classes=10, extra=None):
+    """A tiny tf-keras CNN with a pointwise expansion (what DGSU updates), saved."""
+    from dgst_tf.core.keras_compat import keras
+
+    image = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(image)
+    x = keras.layers.Conv2D(8, 1, activation="relu", name="expand")(x)
+    x = keras.layers.Conv2D(4, 1, name="project")(x)
+    if extra is not None:
+        x = extra(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    keras.Model(image, keras.layers.Dense(classes, name="fc")(x)).save(folder / name)
+    return folder / name
+
+
+def _keras3_file(folder):
+    import keras as keras3  # TensorFlow 2.21's tf.keras
+
+    keras3.Sequential([keras3.Input((8, 8, 3)), keras3.layers.Conv2D(4, 3, name="conv"),
+                       keras3.layers.GlobalAveragePooling2D(),
+                       keras3.layers.Dense(10, name="fc")]).save(folder / "keras3.keras")
+    return folder / "keras3.keras"
+
+
+def _separable(x):
+    from dgst_tf.core.keras_compat import keras
+
+    return keras.layers.SeparableConv2D(4, 3, padding="same", name="sep")(x)
+
+
+BAD_MODEL_FILES = {
+    "missing": (lambda folder: folder / "nowhere.keras", [r"nowhere\.keras", "no such file"]),
+    "keras3": (_keras3_file, [r"keras3\.keras", "Keras 3", "TF_USE_LEGACY_KERAS=1"]),
+    "unsupported_layer": (lambda folder: _small_file(folder, "sep.h5", extra=_separable),
+                          [r"sep\.h5", "layer 'sep'", "SeparableConv2D"]),
+    "input_size": (lambda folder: _small_file(folder, "big.keras", size=16),
+                   [r"big\.keras", "16x16x3", "--image-size is 8"]),
+    "classes": (lambda folder: _small_file(folder, "five.keras", classes=5),
+                [r"five\.keras", "'fc' has 5 outputs", "10 classes"]),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_MODEL_FILES))
+def test_run_federated_refuses_a_bad_model_file_before_anything_is_written(bad, tmp_path):
+    """The Python API checks a model file as ``dgst --model`` does (`load_own_model`),
+    with the dataset's class count, before Ray starts or the output folder exists."""
+    from dgst_tf.federated.simulation import run_federated
+    from dgst_tf.models.own_model import OwnModelError
+
+    make, expected = BAD_MODEL_FILES[bad]
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    config = FederatedConfig(dataset="fashion_mnist", model=str(path), image_size=8,
+                             clients=2, rounds=1, train_examples=8, test_examples=8,
+                             method="dgsu", sram_budget=None)
+    with pytest.raises(OwnModelError) as refusal:
+        run_federated(config, output_dir=str(out))
+    for part in expected:
+        assert re.search(part, str(refusal.value)), (part, str(refusal.value))
+    assert not out.exists()
+
+
+def test_a_good_model_file_builds_the_federations_device(tmp_path):
+    from dgst_tf.federated.device import SimulatedDevice
+
+    path = _small_file(tmp_path, "good.keras")
+    device = SimulatedDevice(FederatedConfig(dataset="fashion_mnist", model=str(path),
+                                             image_size=8, classes=10, method="dgsu",
+                                             sram_budget=None))
+    assert [w.shape for w in device.weights()][-1] == (10,)
 
 
 # ----------------------------------------------------------------------- aggregation

@@ -26,6 +26,8 @@ _HELP = {
     "firmware_allowance": "bytes of flash kept for TFLM and the firmware (default: "
                           "dgst_tf.jobs.flash_budget.FIRMWARE_ALLOWANCE_BYTES)",
     "blocks": "DGSU updates the last N blocks at most (fewer if SRAM is short)",
+    "min_blocks": "DGSU updates at least the last N blocks: pruning goes as far as SRAM "
+                  "needs for them",
     "target_fraction": "fraction of conv weights updated per step",
     "layers_per_step": "DGSU's layer schedule: update N layers' weights per step",
     "check_steps": "TFLM steps compared with the Keras int8 simulation",

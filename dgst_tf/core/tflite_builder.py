@@ -21,7 +21,8 @@ from ai_edge_litert import schema_py_generated as schema
 
 from dgst_tf.core.tflite_flatbuffer import pack_model
 
-__all__ = ["ModelBuilder", "int32_options", "OPTIONS_VERSION"]
+__all__ = ["ModelBuilder", "int32_options", "OPTIONS_VERSION", "append_buffer", "append_tensor",
+           "operator_code", "custom_operator", "builtin_operator"]
 
 OPTIONS_VERSION = 1
 
@@ -55,6 +56,98 @@ def int32_options(*values) -> bytes:
     return np.array(words, dtype="<i4").tobytes()
 
 
+def append_buffer(buffers: list, array) -> int:
+    """Append ``array``'s bytes (little-endian) to ``buffers`` as a new ``BufferT``; returns
+    its index.
+
+        index = append_buffer(model.buffers, np.arange(4, dtype=np.int32))
+    """
+    array = np.ascontiguousarray(array)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(array.astype(array.dtype.newbyteorder("<")).tobytes(), np.uint8)
+    buffers.append(buffer)
+    return len(buffers) - 1
+
+
+def append_tensor(tensors: list, buffers: list, name: str, shape, dtype, data=None, scale=None,
+                  zero_point=None, quantized_dimension: int = 0, variable: bool = False,
+                  owner: str = "ModelBuilder") -> int:
+    """Append a ``TensorT`` to ``tensors`` (its constant ``data``, if given, to ``buffers``)
+    and return its index; the arguments are `ModelBuilder.add_tensor`'s, ``owner`` names the
+    caller in errors.
+
+        index = append_tensor(subgraph.tensors, model.buffers, "w", (2,), np.int8, data=[1, 2],
+                              scale=0.1, zero_point=0)
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in _TENSOR_TYPES:
+        raise TypeError(f"{owner}: tensor {name!r} has unsupported dtype {dtype}")
+    tensor = schema.TensorT()
+    tensor.name = name.encode()
+    tensor.shape = [int(d) for d in shape]
+    tensor.type = _TENSOR_TYPES[dtype]
+    tensor.isVariable = bool(variable)
+    tensor.buffer = 0
+    if data is not None:
+        array = np.asarray(data, dtype=dtype)
+        if array.shape != tuple(tensor.shape):
+            raise ValueError(f"{owner}: data of tensor {name!r} has shape {array.shape}, the "
+                             f"tensor {tuple(tensor.shape)}")
+        tensor.buffer = append_buffer(buffers, array)
+    if scale is not None:
+        q = schema.QuantizationParametersT()
+        q.scale = [float(s) for s in np.atleast_1d(scale)]
+        zp = np.zeros(len(q.scale), np.int64) if zero_point is None else np.atleast_1d(
+            zero_point)
+        q.zeroPoint = [int(z) for z in zp]
+        q.quantizedDimension = int(quantized_dimension)
+        tensor.quantization = q
+    tensors.append(tensor)
+    return len(tensors) - 1
+
+
+def operator_code(builtin: int, custom: str | None = None):
+    """The ``OperatorCodeT`` of builtin ``builtin`` (``custom``: the custom op's name).
+
+        code = operator_code(schema.BuiltinOperator.CUSTOM, "DGST_BIAS_GRAD")
+    """
+    code = schema.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, 127)
+    code.version = 1
+    if custom is not None:
+        code.customCode = custom.encode()
+    return code
+
+
+def custom_operator(opcode_index: int, inputs, outputs, options: bytes = b""):
+    """A custom ``OperatorT`` of operator code ``opcode_index``; -1 marks an omitted input.
+
+        op = custom_operator(0, [dy], [grad], int32_options())
+    """
+    op = schema.OperatorT()
+    op.opcodeIndex = opcode_index
+    op.inputs = [int(i) for i in inputs]
+    op.outputs = [int(i) for i in outputs]
+    op.customOptions = list(options) if options else None
+    op.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS  # the only value
+    return op
+
+
+def builtin_operator(opcode_index: int, inputs, outputs, options_type: int = 0, options=None):
+    """A builtin ``OperatorT`` of operator code ``opcode_index`` with its options.
+
+        op = builtin_operator(1, [x], [y], schema.BuiltinOptions.ReshapeOptions, options)
+    """
+    op = schema.OperatorT()
+    op.opcodeIndex = opcode_index
+    op.inputs = [int(i) for i in inputs]
+    op.outputs = [int(i) for i in outputs]
+    op.builtinOptionsType = options_type
+    op.builtinOptions = options
+    return op
+
+
 class ModelBuilder:
     """One-subgraph TFLite model assembled from tensors and ops (see the module doc)."""
 
@@ -73,38 +166,11 @@ class ModelBuilder:
         ``quantized_dimension``). Variable int8 tensors need a zero point (TFLM resets
         them to it).
         """
-        dtype = np.dtype(dtype)
-        if dtype not in _TENSOR_TYPES:
-            raise TypeError(f"ModelBuilder: tensor {name!r} has unsupported dtype {dtype}")
-        tensor = schema.TensorT()
-        tensor.name = name.encode()
-        tensor.shape = [int(d) for d in shape]
-        tensor.type = _TENSOR_TYPES[dtype]
-        tensor.isVariable = bool(variable)
-        tensor.buffer = 0
-        if data is not None:
-            array = np.ascontiguousarray(np.asarray(data, dtype=dtype))
-            if array.shape != tuple(tensor.shape):
-                raise ValueError(f"ModelBuilder: data of tensor {name!r} has shape "
-                                 f"{array.shape}, the tensor {tuple(tensor.shape)}")
-            buffer = schema.BufferT()
-            buffer.data = np.frombuffer(array.astype(dtype.newbyteorder("<")).tobytes(),
-                                        np.uint8)
-            self._buffers.append(buffer)
-            tensor.buffer = len(self._buffers) - 1
-        if scale is not None:
-            q = schema.QuantizationParametersT()
-            q.scale = [float(s) for s in np.atleast_1d(scale)]
-            zp = np.zeros(len(q.scale), np.int64) if zero_point is None else np.atleast_1d(
-                zero_point)
-            q.zeroPoint = [int(z) for z in zp]
-            q.quantizedDimension = int(quantized_dimension)
-            tensor.quantization = q
-        elif variable and dtype == np.int8:
+        if variable and scale is None and np.dtype(dtype) == np.int8:
             raise ValueError(f"ModelBuilder: variable int8 tensor {name!r} needs scale and "
                              f"zero_point (TFLM resets variables to the zero point)")
-        self._tensors.append(tensor)
-        return len(self._tensors) - 1
+        return append_tensor(self._tensors, self._buffers, name, shape, dtype, data, scale,
+                             zero_point, quantized_dimension, variable)
 
     def _opcode(self, builtin: int, custom: str | None) -> int:
         key = (builtin, custom)
@@ -114,36 +180,18 @@ class ModelBuilder:
 
     def add_custom_op(self, name: str, inputs, outputs, options: bytes = b"") -> None:
         """Append custom op ``name`` (e.g. ``"DGST_BIAS_GRAD"``); -1 marks an omitted input."""
-        op = schema.OperatorT()
-        op.opcodeIndex = self._opcode(schema.BuiltinOperator.CUSTOM, name)
-        op.inputs = [int(i) for i in inputs]
-        op.outputs = [int(i) for i in outputs]
-        op.customOptions = list(options) if options else None
-        op.customOptionsFormat = schema.CustomOptionsFormat.FLEXBUFFERS  # the only value
-        self._operators.append(op)
+        self._operators.append(custom_operator(
+            self._opcode(schema.BuiltinOperator.CUSTOM, name), inputs, outputs, options))
 
     def add_builtin_op(self, builtin: int, inputs, outputs, options_type: int = 0,
                        options=None) -> None:
         """Append builtin op ``builtin`` (``schema.BuiltinOperator.X``) with its options."""
-        op = schema.OperatorT()
-        op.opcodeIndex = self._opcode(builtin, None)
-        op.inputs = [int(i) for i in inputs]
-        op.outputs = [int(i) for i in outputs]
-        op.builtinOptionsType = options_type
-        op.builtinOptions = options
-        self._operators.append(op)
+        self._operators.append(builtin_operator(self._opcode(builtin, None), inputs, outputs,
+                                                options_type, options))
 
     def build(self, inputs, outputs) -> bytes:
         """Serialize with graph ``inputs``/``outputs`` (tensor indices); returns TFL3 bytes."""
-        codes = []
-        for builtin, custom in self._codes:
-            code = schema.OperatorCodeT()
-            code.builtinCode = builtin
-            code.deprecatedBuiltinCode = min(builtin, 127)
-            code.version = 1
-            if custom is not None:
-                code.customCode = custom.encode()
-            codes.append(code)
+        codes = [operator_code(builtin, custom) for builtin, custom in self._codes]
         subgraph = schema.SubGraphT()
         subgraph.tensors = self._tensors
         subgraph.inputs = [int(i) for i in inputs]

@@ -64,8 +64,9 @@ def test_data(config) -> tuple[np.ndarray, np.ndarray]:
 
 
 def with_classes(config):
-    """``config`` with ``classes`` read from the dataset when it is 0 (a built model)."""
-    if config.classes or config.model != "mobilenet_v2":
+    """``config`` with ``classes`` read from the dataset when it is 0: the width of a built
+    model, and what a model file's classifier is checked against (`device.build_model`)."""
+    if config.classes:
         return config
     classes = data.load(config.dataset, "test", path=config.data_path, limit=1,
                         image_size=_size(config)).num_classes

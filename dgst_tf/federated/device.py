@@ -30,14 +30,13 @@ out, so one Keras model can serve many simulated devices in turn.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from dgst_tf import models
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm, foldable_pairs
 from dgst_tf.core.keras_compat import keras
+from dgst_tf.models.own_model import is_model_file, load_own_model
 from dgst_tf.planning.budget import check_budget
 from dgst_tf.training.int8_graph import int8_training_graph
 from dgst_tf.training.methods import build_method
@@ -50,12 +49,14 @@ def build_model(config) -> keras.Model:
     """The federation's model: ``config.model`` is "mobilenet_v2" or a saved tf-keras file.
 
         model = build_model(FederatedConfig(width=0.35, image_size=32, classes=10))
+
+    A file goes through the checks ``dgst --model`` applies (`load_own_model`: the file
+    exists, was saved by tf-keras (Keras 2), has only supported layers, takes
+    ``image_size`` x ``image_size`` x 3 images and, when ``config.classes`` is set, has that
+    many outputs); `OwnModelError` names the file and what is wrong.
     """
-    if config.model != "mobilenet_v2":
-        if not os.path.exists(config.model):
-            raise ValueError(f"model {config.model!r}: neither mobilenet_v2 nor a saved "
-                             "tf-keras model file")
-        return keras.models.load_model(config.model, compile=False)
+    if is_model_file(config.model):
+        return load_own_model(config.model, config.image_size, config.classes or None)
     if config.classes < 1:
         raise ValueError("config.classes must be set (>= 1) to build mobilenet_v2")
     return models.mobilenet_v2(config.width, (config.image_size,) * 2 + (3,),

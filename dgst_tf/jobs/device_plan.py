@@ -8,7 +8,10 @@ layers sit in SRAM. `plan_dgsu` tries ``blocks`` = max, max - 1, ..., 1 and keep
 (deepest) scheme whose analytic arena (`dgst_tf.planning.memory` describing the exporter's
 graph: fused blocks, stochastic rounding, dynamic selection) and whose TFLM
 arena (the firmware graph: ``export_training(..., policy="traversal",
-output_params=False)``) both fit. Example::
+output_params=False)``) both fit the SRAM budget and whose file fits the flash left for it.
+`planned_blocks` is the same choice by the analytic model alone: the prune stage sizes the
+file of that scheme, not of the deepest one allowed, and prunes until at least
+``min_blocks`` fit (`plan_dgsu` refuses fewer). Example::
 
     plan = plan_dgsu(folded_model, images, labels, "out/deploy_train.tflite",
                      sram_budget=256 * 1024, blocks=8, target_fraction=0.02,
@@ -26,7 +29,7 @@ from dgst_tf.planning.memory import training_memory
 from dgst_tf.training.methods import build_method
 
 __all__ = ["DevicePlan", "deployable_memory", "device_export_options", "export_deployable",
-           "plan_dgsu", "dgsu_scheme"]
+           "plan_dgsu", "planned_blocks", "dgsu_scheme"]
 
 
 @dataclasses.dataclass
@@ -76,32 +79,63 @@ def _analytic_bytes(model, scheme, layers_per_step) -> int:
 
 def plan_dgsu(model, images, labels, path, *, sram_budget: int, blocks: int,
               target_fraction: float, learning_rate: float, seed: int,
-              layers_per_step: int | None = None) -> DevicePlan:
-    """The deepest DGSU scheme (most blocks, <= ``blocks``) whose step fits ``sram_budget``
-    bytes both analytically and in TFLM's arena and updates <= ``target_fraction`` of the
-    conv weights per step (whole channels); its firmware graph is left at ``path``.
-    Raises `StageBudgetError` (stage "plan") with every size tried if none fits."""
+              layers_per_step: int | None = None,
+              max_file_bytes: int | None = None, min_blocks: int = 1) -> DevicePlan:
+    """The deepest DGSU scheme (``min_blocks`` <= its blocks <= ``blocks``) whose step fits
+    ``sram_budget`` bytes both analytically and in TFLM's arena, updates <= ``target_fraction`` of the
+    conv weights per step (whole channels) and whose firmware graph, left at ``path``, is
+    at most ``max_file_bytes`` (None: any size). Raises `StageBudgetError` (stage "plan")
+    with every size tried if none fits."""
     options = device_export_options(learning_rate, seed, layers_per_step)
     tried = []
-    for n in range(int(blocks), 0, -1):
-        scheme = dgsu_scheme(model, n, target_fraction, seed)
-        fraction = float(scheme.updated_weight_fraction(model))
-        analytic = _analytic_bytes(model, scheme, layers_per_step)
-        tried.append({"blocks": n, "updated_fraction": fraction, "analytic_bytes": analytic,
-                      "arena_bytes": None})
-        if analytic > sram_budget or fraction > target_fraction:  # whole channels: can be over
+    for n in range(int(blocks), int(min_blocks) - 1, -1):
+        scheme, fits, tried_n = _analytic_try(model, n, sram_budget, target_fraction, seed,
+                                              layers_per_step)
+        tried.append(tried_n)
+        if not fits:
             continue
         written = export_deployable(model, scheme, images, path, **options)
-        arena = int(train_tflm(written, images[:1], labels[:1]).arena_bytes)
-        tried[-1]["arena_bytes"] = arena
-        if arena <= sram_budget:
-            return DevicePlan(scheme, n, analytic, arena, written.stat().st_size, tried)
+        tried_n["arena_bytes"] = int(train_tflm(written, images[:1], labels[:1]).arena_bytes)
+        tried_n["file_bytes"] = written.stat().st_size
+        if tried_n["arena_bytes"] <= sram_budget and (
+                max_file_bytes is None or tried_n["file_bytes"] <= max_file_bytes):
+            return DevicePlan(scheme, n, tried_n["analytic_bytes"], tried_n["arena_bytes"],
+                              tried_n["file_bytes"], tried)
     pathlib.Path(path).unlink(missing_ok=True)
     pathlib.Path(path).with_suffix(".json").unlink(missing_ok=True)
     sizes = "; ".join(f"{t['blocks']} blocks: {100 * t['updated_fraction']:.2f}% of conv "
                       f"weights, analytic {t['analytic_bytes']} B"
-                      + ("" if t["arena_bytes"] is None else f", TFLM arena {t['arena_bytes']} B")
+                      + ("" if t["arena_bytes"] is None else f", TFLM arena {t['arena_bytes']} B"
+                         f", file {t['file_bytes']} B")
                       for t in tried)
-    raise StageBudgetError("plan", f"no DGSU scheme (1..{blocks} blocks, "
-                           f"{100 * target_fraction:g}% of conv weights per step) fits the SRAM "
-                           f"budget of {sram_budget} B: {sizes}")
+    files = "" if max_file_bytes is None else f"the file limit of {max_file_bytes} B and "
+    raise StageBudgetError("plan", f"no DGSU scheme ({min_blocks}..{blocks} blocks, "
+                           f"{100 * target_fraction:g}% of conv weights per step) fits {files}"
+                           f"the SRAM budget of {sram_budget} B: {sizes}")
+
+
+def planned_blocks(model, *, sram_budget: int, blocks: int, target_fraction: float,
+                   seed: int, layers_per_step: int | None = None) -> int:
+    """How many blocks `plan_dgsu` will train on ``model`` as far as the analytic model can
+    tell (TFLM's arena can only make it fewer): the most (<= ``blocks``) whose DGSU step fits
+    ``sram_budget`` and ``target_fraction``; 0 if none does. The prune stage sizes the flash
+    of this scheme's file and prunes until enough blocks fit::
+
+        n = planned_blocks(fold_batchnorm(pruned), sram_budget=256 * 1024, blocks=8,
+                           target_fraction=0.02, seed=0)
+        scheme = dgsu_scheme(fold_batchnorm(pruned), max(n, 1), 0.02)
+    """
+    for n in range(int(blocks), 0, -1):
+        if _analytic_try(model, n, sram_budget, target_fraction, seed, layers_per_step)[1]:
+            return n
+    return 0
+
+
+def _analytic_try(model, blocks, sram_budget, target_fraction, seed, layers_per_step):
+    """(scheme over ``blocks`` blocks, whether it fits by the analytic model, its record)."""
+    scheme = dgsu_scheme(model, blocks, target_fraction, seed)
+    fraction = float(scheme.updated_weight_fraction(model))
+    analytic = _analytic_bytes(model, scheme, layers_per_step)
+    fits = analytic <= sram_budget and fraction <= target_fraction  # whole channels: can be over
+    return scheme, fits, {"blocks": blocks, "updated_fraction": fraction,
+                          "analytic_bytes": analytic, "arena_bytes": None, "file_bytes": None}

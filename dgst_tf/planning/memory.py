@@ -48,15 +48,22 @@ there):
   a conv becomes an exact SAME conv (no padded copy), except before weight-updated layers.
   ``requant_in_flash``: convolutions read their requantization constants from flash
   (False: 8 bytes per output channel of TFLM op data).
-- BatchNormalization is folded; activations are fused into the op before them;
-  Dropout/Flatten/Reshape are free. Every op's inputs and output are live at once; TFLM
+- The ops run in the order the TFLite converter emits them (`memory_graph.converter_order`:
+  a ResNet block's conv path before a projection shortcut named after it).
+- BatchNormalization is folded; ReLU / ReLU6 are fused into the op before them; swish,
+  sigmoid and hard-swish are table activations, ops of their own after the op writing
+  their int8 input (``LOGISTIC`` + ``MUL``, ``LOGISTIC``, ``HARD_SWISH``; `memory_graph`);
+  Dropout is free, and so is a Flatten/Reshape of a 1x1 map (of a larger map it is a
+  ``RESHAPE`` writing a tensor of its own). Every op's inputs and output are live at once; TFLM
   computes nothing in place (``inplace_depthwise=True``: a runtime such as tinyengine's
   where elementwise ops and depthwise convs overwrite an input that dies there, the latter
   with one input channel of scratch).
 - Saved for the backward pass, from the first updated layer on: 1-bit masks of the ReLU /
   ReLU6 outputs of the convs the gradient passes; each weight-updated layer's kept input
   channels (the input itself when all are kept; the padded input when a padding stays);
-  the classifier's input. (Ops the exporter does not train through: 8 bits per element
+  the classifier's input; the int8 input of each table activation, for its backward
+  ``DGST_ACTIVATION_GRAD`` (whose float gradient is written over its output's gradient).
+  (Ops the exporter does not train through: 8 bits per element
   for other nonlinear activations, the argmax of a max-pool, the inputs of a Multiply.)
 - Backward, as the exporter builds it: the float32 gradient of the logits; per conv/dense
   the int8 error signal (``dy``, 1 byte per output element, and its scale), which the
@@ -378,6 +385,8 @@ class MemoryModel:
         if in_grad:
             row.saved_input_bytes += facts.saved_elements * ACTIVATION_BYTES
             row.mask_bytes = -(-out.elements * facts.mask_bits // 8)
+            if facts.activation:  # a table activation keeps its int8 input
+                row.mask_bytes += out.elements * ACTIVATION_BYTES
             if facts.note:
                 notes.add(facts.note)
         return row

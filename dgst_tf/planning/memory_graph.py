@@ -8,6 +8,18 @@ write, which buffer holds each tensor and when, and the per-layer facts the acco
     graph.buffers                      # which tensor lives in which buffer, when
     graph.fusable_chains(stop=10)      # conv -> depthwise -> 1x1 chains run as one fused op
 
+The steps run in the order the TFLite converter emits their ops (`converter_order`: of the
+layer calls ready to run, the one whose name sorts first), so that a projection shortcut and
+the block beside it run -- and their gradients are computed -- in the exported step's order.
+
+A swish / SiLU or sigmoid activation (an ``Activation`` layer or a layer's ``activation``)
+and MobileNetV3's hard-swish ``Multiply([x, ReLU6(x + 3) * (1 / 6)])`` are table
+activations (`Step.table_activation`): the converter computes them with their own ops
+(``LOGISTIC`` + ``MUL``, ``LOGISTIC``, one ``HARD_SWISH``) after the op that writes their
+int8 input, which the training step keeps for ``DGST_ACTIVATION_GRAD``
+(`dgst_tf.training.int8_activations`); the hard-swish's x + 3, ReLU6 and / 6 layers are
+inside that one op and run nothing of their own.
+
 The runtime assumptions (fused activations and padding, in-place ops, buffer lifetimes) are
 stated in `dgst_tf.planning.memory`; the ops and tensors of the exported training step built
 on this graph are `dgst_tf.planning.step_timeline`.
@@ -16,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 
 from dgst_tf.core.block_fusion_rule import ChainOp, fusable_chains
@@ -25,10 +38,12 @@ from dgst_tf.core.keras_compat import keras, tf
 from tf_keras.src.engine.keras_tensor import KerasTensor
 from dgst_tf.core.layer_kinds import (CONV2D, DEPTHWISE, is_dense, is_depthwise, kernel_of,
                                       kind_of)
+from dgst_tf.core.multiply_patterns import hard_swish_patterns
+from dgst_tf.training.int8_activations import TABLE_ACTIVATIONS
 
 __all__ = ["ACTIVATION_BYTES", "MemoryModelError", "Value", "Step", "StepFacts", "Buffer",
            "MemoryGraph", "analyse_graph", "has_weights", "bias_count", "mask_bits",
-           "saved_for_backward"]
+           "saved_for_backward", "table_activation", "converter_order"]
 
 ACTIVATION_BYTES = 1  # int8 activations
 
@@ -51,6 +66,7 @@ _LINEAR = (keras.layers.Add, keras.layers.Subtract, keras.layers.Average,
            keras.layers.GaussianDropout, keras.layers.BatchNormalization,
            keras.layers.Rescaling, keras.layers.Identity)
 _MAX_POOLS = (keras.layers.MaxPooling2D, keras.layers.GlobalMaxPooling2D)
+_RESHAPES = (keras.layers.Flatten, keras.layers.Reshape)
 _NO_PADDING = ((0, 0), (0, 0))
 _CHAIN_KINDS = {CONV2D: "conv", DEPTHWISE: "depthwise"}
 
@@ -90,11 +106,17 @@ def _activation_name(layer) -> str:
     return "none"
 
 
+def table_activation(layer) -> str | None:
+    """The table activation ``layer`` applies ("swish", "hard_swish", "sigmoid"), or None."""
+    return TABLE_ACTIVATIONS.get(_activation_name(layer))
+
+
 def mask_bits(layer) -> int:
     """Bits per element a nonlinear activation saves for its backward pass: 1 for a ReLU
-    kind (the clamp mask), 8 for others, 0 for none."""
+    kind (the clamp mask), 8 for others, 0 for none and for a table activation (its int8
+    input is kept instead: `Step.table_activation`)."""
     name = _activation_name(layer)
-    if name == "none":
+    if name == "none" or name in TABLE_ACTIVATIONS:
         return 0
     relu_layer = isinstance(layer, (keras.layers.ReLU, keras.layers.LeakyReLU))
     return 1 if relu_layer or name in ("relu", "relu6") else 8
@@ -131,10 +153,17 @@ class Step:
     fused: list = dataclasses.field(default_factory=list)  # activations applied on output
     # zero padding of fused ZeroPadding2D layers between the input value and this op
     explicit_padding: tuple = _NO_PADDING
+    # the swish / hard_swish / sigmoid the exported graph applies to the op's int8 output
+    # with ops of its own (the output value is then the activation's; module doc)
+    table_activation: str | None = None
 
     def activation(self) -> str:
-        """The activation on the output ("none", "relu", "relu6", ...; several joined by +)."""
-        names = [n for n in map(_activation_name, [self.layer, *self.fused]) if n != "none"]
+        """The activation on the output ("none", "relu", "relu6", "swish", ...; several joined
+        by +)."""
+        names = [n for n in map(_activation_name, [self.layer, *self.fused])
+                 if n != "none" and n not in TABLE_ACTIVATIONS]
+        if self.table_activation:
+            names.append(self.table_activation)
         return "+".join(names) or "none"
 
 
@@ -157,6 +186,8 @@ def saved_for_backward(step: Step, values: list) -> tuple:
     bits = mask_bits(layer) if weighted else 0
     bits += sum(mask_bits(f) for f in step.fused)
     saved, note = 0, None
+    if not weighted and step.table_activation:  # its input is kept (`Step.table_activation`)
+        return bits, 0, None
     if not weighted and not isinstance(layer, _LINEAR):
         bits += mask_bits(layer)
         if isinstance(layer, _MAX_POOLS):
@@ -173,15 +204,18 @@ def saved_for_backward(step: Step, values: list) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class StepFacts:
     """What the accounting asks about a step, worked out once: its op ``kind`` ("conv",
-    "depthwise", "dense", "sum" for Add, "pool" for global average pooling, "other"),
-    output ``channels`` (biases) of a weight layer, and what it saves for its backward
-    pass (`saved_for_backward`)."""
+    "depthwise", "dense", "sum" for Add, "pool" for global average pooling, "reshape" for a
+    Flatten / Reshape that runs, "activation" for a table activation of its own, "other"),
+    output ``channels`` (biases) of a weight layer, what it saves for its backward pass
+    (`saved_for_backward`) and the table ``activation`` it applies
+    (`Step.table_activation`)."""
 
     kind: str
     channels: int = 0
     mask_bits: int = 0
     saved_elements: int = 0
     note: str | None = None
+    activation: str | None = None
 
     @property
     def weighted(self) -> bool:
@@ -197,10 +231,12 @@ def _step_facts(step: "Step", values: list) -> StepFacts:
     bits, saved, note = saved_for_backward(step, values)
     if has_weights(layer):
         kind = "dense" if is_dense(layer) else _FACT_KINDS[kind_of(layer)]
-        return StepFacts(kind, bias_count(layer), bits, saved, note)
+        return StepFacts(kind, bias_count(layer), bits, saved, note, step.table_activation)
     kind = "sum" if isinstance(layer, keras.layers.Add) else \
-        "pool" if isinstance(layer, _POOLS) else "other"
-    return StepFacts(kind, 0, bits, saved, note)
+        "pool" if isinstance(layer, _POOLS) else \
+        "reshape" if isinstance(layer, _RESHAPES) else \
+        "activation" if step.table_activation else "other"
+    return StepFacts(kind, 0, bits, saved, note, step.table_activation)
 
 
 @dataclasses.dataclass
@@ -312,7 +348,12 @@ class _GraphBuilder:
 
     def __init__(self, model: keras.Model, input_shape: tuple):
         self.model, self.input_shape = model, tuple(input_shape)
-        self.nodes = list(nodes_in_order(model))
+        patterns = hard_swish_patterns(model)
+        # the hard-swish Multiply -> its x; its helper layers run nothing of their own
+        self.hard_swish = {name: _layer_output_id(model, p.source) for name, p in
+                           patterns.items()}
+        helpers = {name for p in patterns.values() for name in p.helpers}
+        self.nodes = [n for n in converter_order(model) if n.layer.name not in helpers]
         self.readers = self._readers()  # tensor id -> node positions that read it
         first = str(id(model.inputs[0]))
         self.tensor_shape = {first: (1, *self.input_shape)}
@@ -326,20 +367,35 @@ class _GraphBuilder:
             if isinstance(node.layer, keras.Model):
                 raise UnsupportedModelError(
                     f"MemoryModel: layer {node.layer.name!r} is a nested model; flatten it")
-            for tid in node.flat_input_ids:
+            for tid in self._input_ids(node):
                 readers.setdefault(tid, []).append(pos)
         return readers
 
+    def _input_ids(self, node) -> list:
+        """The tensors ``node`` reads (a hard-swish: its x only)."""
+        if node.layer.name in self.hard_swish:
+            return [self.hard_swish[node.layer.name]]
+        return list(node.flat_input_ids)
+
     def build(self) -> MemoryGraph:
         for node in self.nodes:
-            in_ids = node.flat_input_ids
+            in_ids = self._input_ids(node)
             out_id = self._output_shape(node)
             layer = node.layer
-            if (isinstance(layer, _FUSED) and len(in_ids) == 1
-                    and len(self.readers.get(in_ids[0], [])) == 1):
+            table = "hard_swish" if layer.name in self.hard_swish else table_activation(layer)
+            single = len(in_ids) == 1 and len(self.readers.get(in_ids[0], [])) == 1
+            if table and not has_weights(layer):
+                if single and self._takes_activation(in_ids[0]):
+                    self._fold_into_producer(layer, in_ids[0], out_id)
+                    self.steps[self.values[self.value_of[out_id]].producer].table_activation = \
+                        table
+                else:  # its own op on a value other ops read too (or the model input)
+                    self._add_step(layer, in_ids, out_id).table_activation = table
+            elif isinstance(layer, _FUSED) and single and \
+                    not _reshapes_a_map(layer, self.tensor_shape[in_ids[0]]):
                 self._fold_into_producer(layer, in_ids[0], out_id)
             else:
-                self._add_step(layer, in_ids, out_id)
+                self._add_step(layer, in_ids, out_id).table_activation = table
         last = len(self.steps) - 1
         outputs = [self.value_of[str(id(out))] for out in self.model.outputs]
         for v in outputs:  # outputs live to the end (they are the result)
@@ -349,6 +405,10 @@ class _GraphBuilder:
     def _output_shape(self, node) -> str:
         """Infer and record the shape of the node's one output; returns its tensor id."""
         layer = node.layer
+        if layer.name in self.hard_swish:  # elementwise on x
+            out_id = node.flat_output_ids[0]
+            self.tensor_shape[out_id] = self.tensor_shape[self.hard_swish[layer.name]]
+            return out_id
         in_shapes = [self.tensor_shape[t] for t in node.flat_input_ids]
         try:
             out_shape = layer.compute_output_shape(
@@ -399,7 +459,13 @@ class _GraphBuilder:
         if producer >= 0:
             self.steps[producer].fused.append(layer)
 
-    def _add_step(self, layer, in_ids: list, out_id: str) -> None:
+    def _takes_activation(self, in_id: str) -> bool:
+        """Whether the op writing tensor ``in_id`` can take a table activation on its output
+        (one per op; not on the model input)."""
+        producer = self.values[self.value_of[in_id]].producer
+        return producer >= 0 and self.steps[producer].table_activation is None
+
+    def _add_step(self, layer, in_ids: list, out_id: str) -> Step:
         step = Step(len(self.steps), layer, [self.value_of[t] for t in in_ids],
                     len(self.values),
                     explicit_padding=self.padding_of.get(in_ids[0], _NO_PADDING))
@@ -409,6 +475,49 @@ class _GraphBuilder:
         self.values.append(Value(step.output, shape, step.index, []))
         self.value_of[out_id] = step.output
         self.steps.append(step)
+        return step
+
+
+def converter_order(model: keras.Model) -> list:
+    """The model's layer calls in the order the TFLite converter emits their ops: of the
+    calls whose inputs are computed, the one whose layer name sorts first (as the
+    converter's op names ``<model>/<layer>/<op>`` do) -- e.g. a ResNet block's conv path
+    before its projection shortcut ``block2_short``, whichever Keras builds first.
+
+        [node.layer.name for node in converter_order(model)]
+    """
+    nodes = list(nodes_in_order(model))
+    producer = {tid: i for i, node in enumerate(nodes) for tid in node.flat_output_ids}
+    waiting = [{producer[t] for t in node.flat_input_ids if t in producer} for node in nodes]
+    readers = {}
+    for i, needs in enumerate(waiting):
+        for j in needs:
+            readers.setdefault(j, []).append(i)
+    ready = [(nodes[i].layer.name + "/", i) for i, needs in enumerate(waiting) if not needs]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for j in readers.get(i, []):
+            waiting[j].discard(i)
+            if not waiting[j]:
+                heapq.heappush(ready, (nodes[j].layer.name + "/", j))
+    return order
+
+
+def _reshapes_a_map(layer, shape: tuple) -> bool:
+    """A Flatten / Reshape of a map of more than one pixel: the converter's ``RESHAPE`` op,
+    with an output tensor of its own (of a 1x1 map the exporter's head drops it)."""
+    return isinstance(layer, _RESHAPES) and len(shape) == 4 and shape[1] * shape[2] > 1
+
+
+def _layer_output_id(model: keras.Model, name: str) -> str:
+    """The tensor id of the output of layer ``name``'s (only) call."""
+    for node in nodes_in_order(model):
+        if node.layer.name == name:
+            return node.flat_output_ids[0]
+    return str(id(model.inputs[0]))  # an input layer
 
 
 def _shape_without_batch(shape) -> tuple:

@@ -15,8 +15,13 @@ updated layer (`LayerPlan`), it follows `dgst_tf.export.training` op for op:
   or the input itself when every channel is kept) and, with kept weights in RAM, its full
   kernel assembled just before the conv (a temporary); 1-bit ReLU masks of the convs on the
   gradient path; a depthwise convolution's int32 row of accumulators (requantization in
-  flash); MEAN's int32 accumulators;
-- backward from the loss: per conv/dense the int8 error signal and its scale (read by all
+  flash); MEAN's int32 accumulators; a table activation's ops after the op writing its int8
+  input (swish: ``LOGISTIC`` and ``MUL``, with the sigmoid between them; ``HARD_SWISH``;
+  sigmoid: ``LOGISTIC``), that input kept for the backward pass when the gradient passes;
+- backward from the loss: through a table activation ``DGST_ACTIVATION_GRAD`` (the float
+  gradient of its input from its output's and the kept int8 input, written over the
+  output's gradient where that dies there; a global average pooling in front then spreads
+  its gradient with its ``MUL``); per conv/dense the int8 error signal and its scale (read by all
   of the layer's gradient ops; after a global average pooling it is quantized straight
   from the pooled gradient, so the pool input's float gradient never exists), the int32
   bias gradient and its SGD update, then the float input gradient (before the weights'
@@ -210,6 +215,8 @@ class _Builder:
         self.timeline = StepTimeline([], [], [], offline_plan=options.offline_plan)
         self.buffer_tensor = {}  # activation buffer -> its tensor
         self.saved, self.masks, self.kept = {}, {}, []
+        self.activation_inputs = {}  # step index -> the int8 input its table activation keeps
+        self.pool_axes = False  # the MEAN axes constant is in the file
         self.pending_kernels = []  # full kernels assembled for the next forward op
         self.gradients, self.readers, self.pooled = {}, {}, set()
         chains = graph.fusable_chains(self.first, options.fold_pads) if options.fuse_blocks \
@@ -259,7 +266,7 @@ class _Builder:
         self.selection()
         self.forward()
         forward_end = len(self.timeline.ops) - 1
-        for t in self.saved.values():
+        for t in [*self.saved.values(), *self.activation_inputs.values()]:
             if t.part == ACTIVATIONS and t.last <= forward_end:
                 t.saved_from = t.last + 1
         self.backward()
@@ -356,6 +363,9 @@ class _Builder:
         plan = self.plans.get(step.index)
         source = self.padded_input(step, plan)
         facts = self.facts[step.index]
+        if facts.kind == "activation":  # a table activation of its own
+            self.table_activation(step, source)
+            return
         if plan is not None and plan.mode != "bias":
             self.keep_input(step, plan, source)
         at = self.op(self.forward_kind(step), (step.index,), "forward")
@@ -365,9 +375,33 @@ class _Builder:
         for t in self.pending_kernels:
             self.read(t, at)
         self.pending_kernels = []
-        self.write_value(step.output, at, constants=self.constants(facts))
+        if facts.activation:  # the op writes the activation's int8 input
+            x = self.tensor(f"{step.layer.name}/pre_activation",
+                            self.values[step.output].elements * ACTIVATION_BYTES, at,
+                            ACTIVATIONS, constants=self.constants(facts))
+        else:
+            self.write_value(step.output, at, constants=self.constants(facts))
         self.forward_scratch(step, at)
         self.record_saved(step, at)
+        if facts.activation:
+            self.table_activation(step, x)
+
+    def table_activation(self, step: Step, x: Tensor) -> None:
+        """The ops of ``step``'s table activation on its int8 input ``x`` (module doc); x is
+        kept for ``DGST_ACTIVATION_GRAD`` when the gradient passes."""
+        kind = self.facts[step.index].activation
+        size = self.values[step.output].elements * ACTIVATION_BYTES
+        first = "HARD_SWISH" if kind == "hard_swish" else "LOGISTIC"
+        at = self.op(first, (step.index,), "forward")
+        self.read(x, at)
+        if kind == "swish":  # x * sigmoid(x)
+            sigmoid = self.tensor(f"{step.layer.name}/sigmoid", size, at, ACTIVATIONS)
+            at = self.op("MUL", (step.index,), "forward")
+            self.read(x, at)
+            self.read(sigmoid, at)
+        self.write_value(step.output, at)
+        if step.index >= self.first and self.grad[step.output]:
+            self.activation_inputs[step.index] = x
 
     def padded_input(self, step: Step, plan) -> Tensor:
         """The tensor the op reads: its input, or a PAD op's padded copy of it."""
@@ -408,14 +442,19 @@ class _Builder:
             if self.options.requant_in_flash:
                 return "DGST_CONV2D"
             return "DEPTHWISE_CONV_2D" if kind == "depthwise" else "CONV_2D"
-        names = {"dense": "FULLY_CONNECTED", "sum": "ADD", "pool": "MEAN"}
-        return names.get(kind) or type(step.layer).__name__.upper()
+        names = {"dense": "FULLY_CONNECTED", "sum": "ADD", "pool": "MEAN", "reshape": "RESHAPE"}
+        name = names.get(kind) or type(step.layer).__name__.upper()
+        return {"MULTIPLY": "MUL"}.get(name, name)  # TFLite's name
 
     def constants(self, facts) -> int:
-        """Constant tensors of a forward op besides its output."""
+        """Constant tensors of a forward op besides its output (the converter shares one
+        axes tensor between all global average poolings)."""
         if facts.weighted:
             return 2 + (facts.kind != "dense" and self.options.requant_in_flash)
-        return 1 if facts.kind == "pool" else 0
+        if facts.kind == "pool" and not self.pool_axes:
+            self.pool_axes = True
+            return 1
+        return 1 if facts.kind == "reshape" else 0  # its shape
 
     def forward_scratch(self, step: Step, at: int) -> None:
         facts, out = self.facts[step.index], self.values[step.output]
@@ -463,9 +502,14 @@ class _Builder:
                 continue
             gradient = self.take(step.output)
             kind = self.facts[step.index].kind
-            if self.facts[step.index].weighted:
+            if self.facts[step.index].activation:
+                gradient = self.activation_backward(step, gradient)
+            if kind == "activation":
+                if self.grad[step.inputs[0]]:
+                    self.give(step.inputs[0], gradient)
+            elif self.facts[step.index].weighted:
                 self.weight_backward(step, gradient)
-            elif kind == "sum":  # the gradient passes to every input unchanged
+            elif kind in ("sum", "reshape"):  # the gradient passes to the inputs unchanged
                 for v in step.inputs:
                     if self.grad[v]:
                         self.give(v, gradient)
@@ -473,6 +517,19 @@ class _Builder:
                 self.pool_backward(step, gradient)
             else:
                 self.other_backward(step, gradient)
+
+    def activation_backward(self, step: Step, gradient: Tensor) -> Tensor:
+        """``DGST_ACTIVATION_GRAD``: the float gradient of the table activation's input from
+        its output's and the kept int8 input, over the output's gradient if that dies here
+        (`dgst_tf.export.training.offline_plan`)."""
+        at = self.op("DGST_ACTIVATION_GRAD", (step.index,), "backward")
+        self.read(gradient, at)
+        self.read(self.activation_inputs.get(step.index), at)
+        dx = self.tensor(f"{step.layer.name}/activation_grad", self.grad_size(step.output), at,
+                         GRADIENTS, constants=1)  # + the derivative table
+        if self.options.offline_plan:
+            self.timeline.in_place_candidates.append((gradient, dx, at, 0))
+        return dx
 
     def give(self, v: int, gradient: Tensor) -> None:
         """``gradient`` is (a part of) the gradient of value ``v``: sum it with the one
@@ -503,7 +560,7 @@ class _Builder:
             return
         producer = self.values[v].producer
         if producer >= 0 and self.facts[producer].weighted and \
-                len(self.values[v].readers) == 1:
+                not self.facts[producer].activation and len(self.values[v].readers) == 1:
             self.pooled.add(id(gradient))
             self.give(v, gradient)
             return

@@ -52,7 +52,8 @@ TARGETS = {"host": TflmTarget(24, 64, 64 + 8, 28, 8, 504),
 # op data per op kind (the rest: OP_DATA_BYTES[None]); builtin convolutions add 8 bytes
 # (multiplier, shift) per output channel
 OP_DATA_BYTES = {"DGST_CONV2D": 88, "DGST_FUSED_BLOCK": 136, "PAD": 100, "CONV_2D": 72,
-                 "DEPTHWISE_CONV_2D": 72, None: 40}
+                 "DEPTHWISE_CONV_2D": 72, "LOGISTIC": 16, "MUL": 40, "HARD_SWISH": 24,
+                 None: 40}
 BUILTIN_CHANNEL_BYTES = 8
 BUILTIN_PARAMS_BYTES = {"CONV_2D": 24, "DEPTHWISE_CONV_2D": 28, "ADD": 8, "MUL": 8,
                         "MEAN": 8, "FULLY_CONNECTED": 16, "RESHAPE": 40, "PAD": 0}

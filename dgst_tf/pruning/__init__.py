@@ -69,6 +69,7 @@ from dgst_tf.pruning.model_size import (
     reduction,
 )
 from dgst_tf.pruning.prune_to_budget import (
+    MOST_SPARSITY,
     PruningResult,
     prune_while_training,
     pruned_name,
@@ -91,7 +92,7 @@ __all__ = [
     "RandomGroupImportance", "RandomImportance",
     "WeightTerm", "get_group_importance", "segment_sum_of_squares",
     "remove_channels", "mask_groups", "zeroed_groups", "footprint", "Footprint",
-    "flash_bytes", "sparsity_for_budget", "pruned_name", "reduction", "deployable_size",
+    "flash_bytes", "sparsity_for_budget", "MOST_SPARSITY", "pruned_name", "reduction", "deployable_size",
     "deployable_bytes", "DeployableSize", "DeployableSizeModel",
     "ActivationPattern", "get_pattern", "PATTERNS", "ConvGeometry", "store_for_conv",
     "weight_gradient_from_stored", "pattern_conv2d", "pattern_depthwise_conv2d",

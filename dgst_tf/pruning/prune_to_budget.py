@@ -38,7 +38,7 @@ __all__ = ["sparsity_for_budget", "prune_while_training", "PruningResult", "prun
            "SIZES", "DEPLOYABLE_MARGIN"]
 
 SIZES = ("deployable", "weights")  # what sparsity_for_budget fits into the budget
-_MOST = 0.999  # the highest family sparsity sparsity_for_budget tries
+MOST_SPARSITY = 0.999  # the highest family sparsity sparsity_for_budget tries
 # The analytic deployable size is within -0.1 % .. +1.5 % of the file export_training writes
 # for the models tests/test_flash_budget.py exports (MobileNetV2: within 0.1 %): fit it with
 # this much room so that the real file fits too.
@@ -82,7 +82,7 @@ def sparsity_for_budget(model: keras.Model, budget_bytes: int,
 
     if fits(0.0):
         return 0.0, int(size_at(0.0))
-    high = _MOST
+    high = MOST_SPARSITY
     if not fits(high):
         raise ValueError(f"flash budget {budget_bytes} bytes is below the minimum {size} size "
                          f"pruning can reach: {size_at(high)} bytes (+{margin:.1%} margin) "

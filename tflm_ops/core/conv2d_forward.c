@@ -141,6 +141,19 @@ static inline void weight_lanes(const int8_t* w, int32_t c4, int32_t* lanes) {
   }
 }
 
+/* acc plus one pixel's products: its input channels x[0..c4) with the weight lanes
+ * [l, lanes_end) of weight_lanes (per 4 channels LDR + 2 SXTB16, 2 SMLAD). */
+static inline int32_t dot_lanes(const int8_t* x, const int32_t* l, const int32_t* lanes_end,
+                                int32_t acc) {
+  for (; l != lanes_end; l += 2, x += 4) {
+    uint32_t v;
+    memcpy(&v, x, 4);
+    acc = __smlad(__sxtb16((int32_t)v), l[0], acc);
+    acc = __smlad(dgst_sxtb16_ror8(v), l[1], acc);
+  }
+  return acc;
+}
+
 /* Output channel oc of a 1x1 row over n pixels: with in_c a multiple of 4 and requant_short,
  * 2 pixels at a time sharing the weight-lane loads, else TFLite's 64-bit requantization
  * (requantize_fast) pixel by pixel. */
@@ -176,31 +189,15 @@ static DGST_NOINLINE void pointwise_channel(const int8_t* x, int32_t n, int32_t 
       out[0] = clamp_s8(requantize_short(acc0, &r), act_min, act_max);
       out[out_c] = clamp_s8(requantize_short(acc1, &r), act_min, act_max);
     }
-    if (n & 1) {
-      const int32_t* l = lanes;
-      int32_t acc = init;
-      for (; l != lanes_end; l += 2, x += 4) {
-        uint32_t v;
-        memcpy(&v, x, 4);
-        acc = __smlad(__sxtb16((int32_t)v), l[0], acc);
-        acc = __smlad(dgst_sxtb16_ror8(v), l[1], acc);
-      }
-      *out = clamp_s8(requantize_short(acc, &r), act_min, act_max);
-    }
+    if (n & 1)
+      *out = clamp_s8(requantize_short(dot_lanes(x, lanes, lanes_end, init), &r), act_min,
+                      act_max);
   } else {
     const requant_channel rq = requant_channel_of(p, oc);
     const int32_t out_offset = p->output_offset;
     int32_t px;
     for (px = 0; px < n; ++px, x += in_c, out += out_c) {
-      const int32_t* l = lanes;
-      const int8_t* xc = x;
-      int32_t acc = w_sum;
-      for (; l != lanes_end; l += 2, xc += 4) {
-        uint32_t v;
-        memcpy(&v, xc, 4);
-        acc = __smlad(__sxtb16((int32_t)v), l[0], acc);
-        acc = __smlad(dgst_sxtb16_ror8(v), l[1], acc);
-      }
+      int32_t acc = dot_lanes(x, lanes, lanes_end, w_sum);
       for (c = c4; c < in_c; ++c) acc += x[c] * w[c];
       *out = requantize_fast(acc, &rq, out_offset, act_min, act_max);
     }

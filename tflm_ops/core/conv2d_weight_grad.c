@@ -338,13 +338,14 @@ typedef struct {
     const int8_t* d_base = s->dy;                                                         \
     int32_t o;                                                                            \
     if (s->accumulate) { /* later segments of a long row: the plain loop (less code) */   \
-      FLY_LOOP_ADD(NC)                                                                    \
+      FLY_TILES(NC, FLY_PAIRS_LOOP, 1)                                                    \
     } else {                                                                              \
-      FLY_LOOP(NC, 0)                                                                     \
+      FLY_TILES(NC, FLY_PAIRS_UNROLLED, 0)                                                \
     }                                                                                     \
   }
-/* The output-channel pairs of rows_fly_2xNC adding to out, pair by pair. */
-#define FLY_LOOP_ADD(NC)                                                                  \
+/* The output-channel pairs of rows_fly_2xNC: each tile starts from its last pair with SMUAD,
+ * PAIRS(NC) adds the other pairs, then the sums are stored (added to out when ACC). */
+#define FLY_TILES(NC, PAIRS, ACC)                                                         \
   for (o = 0; o + 2 <= s->c_out; o += 2, d_base += 2, out += 2 * stride) {                \
     int32_t a0, a1 = 0, a2 = 0, a3 = 0, b0, b1 = 0, b2 = 0, b3 = 0, d0, d1, t;            \
     int32_t* const out_b = out + stride;                                                  \
@@ -352,26 +353,20 @@ typedef struct {
     const int32_t* x = xb;                                                                \
     PACK_DY_PAIR(d + last_p, last_q, d0, d1);                                             \
     MUL_2XN(NC, xl);                                                                      \
-    for (t = (n - 1) >> 1; t > 0; --t, x += NC, d += dy2) {                               \
-      PACK_DY_PAIR(d, dy_col, d0, d1);                                                    \
-      MAC_2XN(NC, x);                                                                     \
-    }                                                                                     \
-    STORE_2XN_IF(NC, 1);                                                                  \
-  }
-/* The output-channel pairs of rows_fly_2xNC, unrolled, adding to out when ACC. */
-#define FLY_LOOP(NC, ACC)                                                                 \
-  for (o = 0; o + 2 <= s->c_out; o += 2, d_base += 2, out += 2 * stride) {                \
-    int32_t a0, a1 = 0, a2 = 0, a3 = 0, b0, b1 = 0, b2 = 0, b3 = 0, d0, d1, t;            \
-    int32_t* const out_b = out + stride;                                                  \
-    const int8_t* d = d_base;                                                             \
-    const int32_t* x = xb;                                                                \
-    PACK_DY_PAIR(d + last_p, last_q, d0, d1);                                             \
-    MUL_2XN(NC, xl);                                                                      \
-    for (t = (n - 1) >> 1; t > 8; t -= 8, x += 8 * NC, d += 8 * dy2)                      \
-      UNROLL_8(FLY_PAIR_##NC, 8)                                                          \
-    UNROLL_8(FLY_PAIR_##NC, t)                                                            \
+    PAIRS(NC)                                                                             \
     STORE_2XN_IF(NC, ACC);                                                                \
   }
+/* The other pairs of a FLY_TILES tile one by one. */
+#define FLY_PAIRS_LOOP(NC)                                                                \
+  for (t = (n - 1) >> 1; t > 0; --t, x += NC, d += dy2) {                                 \
+    PACK_DY_PAIR(d, dy_col, d0, d1);                                                      \
+    MAC_2XN(NC, x);                                                                       \
+  }
+/* The other pairs of a FLY_TILES tile, unrolled. */
+#define FLY_PAIRS_UNROLLED(NC)                                                            \
+  for (t = (n - 1) >> 1; t > 8; t -= 8, x += 8 * NC, d += 8 * dy2)                        \
+    UNROLL_8(FLY_PAIR_##NC, 8)                                                            \
+  UNROLL_8(FLY_PAIR_##NC, t)
 /* Pair i of the on-the-fly tiles (d, x: the first pair's). */
 #define FLY_PAIR(NC, i)                                    \
   do {                                                     \

@@ -44,6 +44,17 @@ static void line(const char* name, const char* kernel, uint32_t instr, uint32_t 
   if (!ok) ++g_failed;
 }
 
+/* The CMSIS-NN forward 1x1 convolutions run on every layer (they share one signature). */
+typedef arm_cmsis_nn_status (*cmsis_conv_1x1)(
+    const cmsis_nn_context*, const cmsis_nn_conv_params*, const cmsis_nn_per_channel_quant_params*,
+    const cmsis_nn_dims*, const int8_t*, const cmsis_nn_dims*, const int8_t*, const cmsis_nn_dims*,
+    const int32_t*, const cmsis_nn_dims*, int8_t*);
+static const struct {
+  const char* name;
+  cmsis_conv_1x1 conv;
+} g_cmsis_kernels[] = {{"cmsis_nn_convolve_1x1_s8", arm_convolve_1x1_s8},
+                       {"cmsis_nn_convolve_1x1_s8_fast", arm_convolve_1x1_s8_fast}};
+
 static void run_layer(const char* name, int32_t h, int32_t w, int32_t c_in, int32_t c_out,
                       const int8_t* x, const int8_t* filter, const int32_t* bias,
                       const int32_t* mult, const int32_t* shift, int32_t x_offset,
@@ -56,7 +67,7 @@ static void run_layer(const char* name, int32_t h, int32_t w, int32_t c_in, int3
                 out_dims = {1, h, w, c_out};
   const dgst_conv_geometry g = {h, w, h, w, 1, 1, 1, 1, 1, 1, 0, 0};
   const dgst_requant_params p = {filter, bias, mult, shift, x_offset, y_offset, -128, 127};
-  uint32_t instr = 0;
+  uint32_t instr = 0, i;
   int status = 0;
   memset(&conv, 0, sizeof(conv));
   conv.input_offset = x_offset;
@@ -72,19 +83,15 @@ static void run_layer(const char* name, int32_t h, int32_t w, int32_t c_in, int3
   MEASURE(dgst_conv2d_s8(&g, c_in, c_out, &p, x, g_dgst_out), instr);
   line(name, "dgst_conv2d_s8", instr, macs, n, 1);
 
-  memset(g_cmsis_out, 0xA5, n);
-  MEASURE(status = arm_convolve_1x1_s8(&ctx, &conv, &quant, &in_dims, x, &f_dims, filter,
-                                       &b_dims, bias, &out_dims, g_cmsis_out),
-          instr);
-  line(name, "cmsis_nn_convolve_1x1_s8", instr, macs, n,
-       status == ARM_CMSIS_NN_SUCCESS && memcmp(g_cmsis_out, g_dgst_out, n) == 0);
-
-  memset(g_cmsis_out, 0xA5, n);
-  MEASURE(status = arm_convolve_1x1_s8_fast(&ctx, &conv, &quant, &in_dims, x, &f_dims, filter,
-                                            &b_dims, bias, &out_dims, g_cmsis_out),
-          instr);
-  line(name, "cmsis_nn_convolve_1x1_s8_fast", instr, macs, n,
-       status == ARM_CMSIS_NN_SUCCESS && memcmp(g_cmsis_out, g_dgst_out, n) == 0);
+  for (i = 0; i < sizeof(g_cmsis_kernels) / sizeof(g_cmsis_kernels[0]); ++i) {
+    const cmsis_conv_1x1 fn = g_cmsis_kernels[i].conv;
+    memset(g_cmsis_out, 0xA5, n);
+    MEASURE(status = fn(&ctx, &conv, &quant, &in_dims, x, &f_dims, filter, &b_dims, bias,
+                        &out_dims, g_cmsis_out),
+            instr);
+    line(name, g_cmsis_kernels[i].name, instr, macs, n,
+         status == ARM_CMSIS_NN_SUCCESS && memcmp(g_cmsis_out, g_dgst_out, n) == 0);
+  }
 }
 
 int main(void) {

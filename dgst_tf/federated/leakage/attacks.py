@@ -96,10 +96,15 @@ class DLG:
             self.label.assign(tf.one_hot([int(label)], self.matching.classes))
         z0 = self._start(seed)
         bounds = [(0.0, 1.0)] * self.pixels + [(None, None)] * (len(z0) - self.pixels)
+        # no tolerance stops (scipy's gtol / ftol are absolute): the matching loss scales
+        # with the model's gradient norms, and on a model with small gradients (a pooled
+        # head) the defaults ended the attack at its random start; the budget is the
+        # iteration and evaluation count
         result = optimize.minimize(self._scipy_objective, z0.astype(np.float64), jac=True,
                                    method="L-BFGS-B", bounds=bounds,
                                    options={"maxiter": self.iterations,
-                                            "maxfun": self.evaluations})
+                                            "maxfun": self.evaluations,
+                                            "gtol": 0.0, "ftol": 0.0})
         image = result.x[:self.pixels].reshape(self.matching.shape[1:]).astype(np.float32)
         found = int(np.argmax(result.x[self.pixels:])) if self.optimise_label else int(label)
         return Reconstruction(image, found, float(result.fun), int(result.nfev),
