@@ -390,17 +390,16 @@ def _prune(run: _Run):
     # analytic step to fit would leave TFLM's a few hundred bytes over (measured: +240 B)
     sram = int(c.sram_budget_bytes * (1 - PRUNE_SRAM_MARGIN))
 
-    def deployment(candidate):  # (blocks, scheme) the plan stage will train on it (analytic)
-        folded = fold_batchnorm(candidate)
+    def planned(folded):  # (blocks, scheme) the plan stage will train on it (analytic)
         blocks = planned_blocks(folded, sram_budget=sram, blocks=c.blocks,
                                 target_fraction=c.target_fraction, seed=c.seed,
                                 layers_per_step=c.layers_per_step)
         return blocks, dgsu_scheme(folded, max(blocks, 1), c.target_fraction, c.seed)
 
     def deployable_bytes(candidate) -> int:
+        folded = fold_batchnorm(candidate)
         try:
-            return export_deployable(fold_batchnorm(candidate), deployment(candidate)[1],
-                                     run.data.calibration, scratch,
+            return export_deployable(folded, planned(folded)[1], run.data.calibration, scratch,
                                      **run.export_options()).stat().st_size
         finally:
             scratch.unlink(missing_ok=True)
@@ -413,7 +412,8 @@ def _prune(run: _Run):
         deployable_bytes=deployable_bytes, epochs=c.prune_epochs,
         batch_size=c.prune_batch_size, learning_rate=c.prune_learning_rate,
         temperature=c.temperature, attempts=c.prune_attempts, seed=c.seed,
-        teacher=run.teacher_model(), deployment=deployment, min_depth=c.min_blocks,
+        teacher=run.teacher_model(), min_depth=c.min_blocks,
+        deployment=lambda candidate: planned(fold_batchnorm(candidate)),
         size_options=run.export_options())
     save_model_atomically(pruned, run.folder.path("pruned.keras"))
     return ["pruned.keras"], record | {"parameters": int(pruned.count_params())}

@@ -82,9 +82,9 @@ def plan_dgsu(model, images, labels, path, *, sram_budget: int, blocks: int,
               layers_per_step: int | None = None,
               max_file_bytes: int | None = None, min_blocks: int = 1) -> DevicePlan:
     """The deepest DGSU scheme (``min_blocks`` <= its blocks <= ``blocks``) whose step fits
-    ``sram_budget`` bytes both analytically and in TFLM's arena, updates <= ``target_fraction`` of the
-    conv weights per step (whole channels) and whose firmware graph, left at ``path``, is
-    at most ``max_file_bytes`` (None: any size). Raises `StageBudgetError` (stage "plan")
+    ``sram_budget`` bytes both analytically and in TFLM's arena, updates <= ``target_fraction``
+    of the conv weights per step (whole channels) and whose firmware graph, left at ``path``,
+    is at most ``max_file_bytes`` (None: any size). Raises `StageBudgetError` (stage "plan")
     with every size tried if none fits."""
     options = device_export_options(learning_rate, seed, layers_per_step)
     tried = []

@@ -30,6 +30,8 @@ Example::
 """
 from __future__ import annotations
 
+import functools
+
 from dgst_tf.core.classifier import with_new_classifier
 from dgst_tf.core.graph import copy_model
 from dgst_tf.core.keras_compat import keras, tf
@@ -67,24 +69,26 @@ def _with_task_classifier(pruned, task_model, seed: int):
     return with_new_classifier(pruned, classes, seed=seed, name=pruned.name)
 
 
-def _sizing(model, target: int, deployment, min_depth: int, size_options: dict,
-            rounds: int = 4):
-    """(sparsity, the scheme it is sized for): the smallest sparsity whose analytic file
-    fits ``target`` bytes and whose structure has ``min_depth`` (module doc)."""
-    graph = DependencyGraph(model)
+def _structure_depths(model, graph, deployment):
+    """``deployed_at(sparsity) -> (depth, scheme)``: ``deployment`` of ``model``'s channel
+    structure pruned to ``sparsity`` without training, cached (sizing asks again)."""
+    @functools.lru_cache(maxsize=None)
+    def deployed_at(sparsity: float):
+        return deployment(remove_channels(model, groups_to_prune(graph, sparsity), graph)
+                          if sparsity else model)
+    return deployed_at
 
+
+def _sizing(model, graph, target: int, deployed_at, floor: float, size_options: dict,
+            rounds: int = 4):
+    """(sparsity, the scheme it is sized for): the smallest sparsity >= ``floor`` whose
+    analytic file fits ``target`` bytes, sized for its own structure's scheme (module doc)."""
     def sparsity_for(scheme):
         return sparsity_for_budget(model, target, graph, size="deployable", scheme=scheme,
                                    **size_options)[0]
 
-    if deployment is None:
+    if deployed_at is None:
         return sparsity_for(None), None
-
-    def deployed_at(sparsity):
-        return deployment(remove_channels(model, groups_to_prune(graph, sparsity), graph)
-                          if sparsity else model)
-
-    floor = _sparsity_for_depth(deployed_at, min_depth)
     scheme = deployed_at(floor)[1]
     for _ in range(rounds):
         sparsity = max(floor, sparsity_for(scheme))
@@ -136,15 +140,21 @@ def prune_to_flash(model, x, y, *, flash_budget: int, allowance: int, deployable
     record = {"flash_budget_bytes": flash_budget, "allowance_bytes": allowance,
               "unpruned_deployable_bytes": unpruned, "unpruned_weights_bytes":
               int(flash_bytes(model)), "pruned": False, "attempts": []}
-    deep_enough = deployment is None or deployment(model)[0] >= min_depth
+    graph = DependencyGraph(model)
+    deployed_at = None if deployment is None else _structure_depths(model, graph, deployment)
+    deep_enough = deployed_at is None or deployed_at(0.0)[0] >= min_depth
     if unpruned + allowance <= flash_budget and deep_enough:
         return model, record | {"deployable_bytes": unpruned}
+    try:
+        floor = 0.0 if deep_enough else _sparsity_for_depth(deployed_at, min_depth)
+    except ValueError as error:
+        _refuse(str(error))
     target = room
     teacher = copy_model(model if teacher is None else teacher)
     record["teacher_classes"] = int(teacher.output_shape[-1])
     for _ in range(attempts):
         try:
-            sparsity, scheme = _sizing(model, int(target), deployment, min_depth,
+            sparsity, scheme = _sizing(model, graph, int(target), deployed_at, floor,
                                        size_options or {})
         except ValueError as error:
             _refuse(f"deployable file target {int(target)} B (unpruned file {unpruned} B; "
