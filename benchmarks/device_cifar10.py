@@ -278,9 +278,10 @@ def select(args) -> dict:
                 "baseline_learning_rates": args.baseline_learning_rates,
                 "seed": args.selection_seed, "test set": "not read"}
     paths = _paths(args)
-    rows = _rows(paths["select"], "fixed", json.loads(json.dumps(fixed)))
     work, seed = pathlib.Path(args.work_dir, "select"), args.selection_seed
     candidates = _candidates(args)
+    rows = _current_rows(_rows(paths["select"], "fixed", json.loads(json.dumps(fixed))),
+                         candidates)
     for name, setting in candidates.items():
         if not any(r["variant"] == DGSU and r["setting"] == name for r in rows):
             _share_pruning(work / DGSU, name, candidates)
@@ -313,6 +314,20 @@ def select(args) -> dict:
                              "baselines: validation top-1 at the chosen resolution and epochs",
                 "variants": args.variants, "select_rows": len(rows)}
     return _freeze(args, protocol, settings, rows)
+
+
+def _current_rows(rows: list, candidates: dict) -> list:
+    """The rows of this grid's candidates and of baselines run at one of them: a grid changed
+    between calls (a new searched setting renames every candidate) leaves no stale row beside
+    the new ones for the protocol to count or a reader to mistake for the chosen run."""
+    def candidate_of(row):
+        return row["setting"] if row["variant"] == DGSU else row.get("at")
+
+    stale = [r for r in rows if candidate_of(r) not in candidates]
+    for r in stale:
+        print(f"dropping a row of a setting outside this grid: {r['variant']} {r['setting']} "
+              f"at {candidate_of(r)}")
+    return [r for r in rows if candidate_of(r) in candidates]
 
 
 def _share_pruning(work, name: str, candidates: dict) -> None:
