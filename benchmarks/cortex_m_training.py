@@ -450,8 +450,8 @@ def pipeline_cases(args):
                   preprocessing=models.preprocessing_for(settings["weights"]))
     x, y = data.load_arrays(settings["dataset"], "train", limit=args.steps,
                             seed=args.seed + 7, **common)
-    xt, yt = data.load_arrays(settings["dataset"], "test", limit=args.inferences,
-                              seed=args.seed, **common)
+    xt, yt = data.load_arrays(settings["dataset"], args.inference_split,
+                              limit=args.inferences, seed=args.seed, **common)
     return model, params, adapted, settings, (x, y), (xt, yt)
 
 
@@ -479,6 +479,10 @@ def main():
                    help="the device pipeline's deploy_train.tflite (instead of "
                         "--pipeline-dir): prune.stage.json must be beside it; "
                         "check_start.tflite and adapted.tflite are used if they are")
+    p.add_argument("--inference-split", default="test", choices=["test", "train"],
+                   help="images of the pipeline model's inference rows (accuracy column): "
+                        "train keeps a model whose protocol has not read the test set yet "
+                        "away from it")
     p.add_argument("--skip-pipeline", action="store_true",
                    help="leave out the device pipeline's pruned model (read from "
                         "--pipeline-dir / --pipeline-model, never run here)")
@@ -525,6 +529,7 @@ def main():
             settings["pipeline"] = {k: pipe[k] for k in ("dataset", "image_size", "width",
                                                          "flash_budget", "seed")}
             settings["pipeline_model"] = str(model)
+            settings["pipeline_inference_split"] = args.inference_split
             settings["pipeline_rows_left_out"] = [
                 what for what, path in (("check_start.tflite", params),
                                         ("adapted.tflite", adapted_model)) if path is None]

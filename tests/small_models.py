@@ -91,3 +91,26 @@ def dgsu_on_int8_graph(graph, scheme, learning_rate: float):
     callback.set_model(sparse)
     callback.on_train_begin()
     return sparse
+
+
+def int8_steps_equal_tflm(graph, scheme, learning_rate: float, run, x, y, classifier: str,
+                          layers) -> None:
+    """Train the Keras int8 simulation ``graph`` (`dgsu_on_int8_graph`) on ``x``, ``y`` one
+    image at a time and check every step against the TFLM run ``run`` of the exported graph:
+    the logits codes before the step, the loss, then the int8 weights, int32 biases and kept
+    channels of ``layers`` (`assert_layers_equal_tflm_step`)."""
+    import pytest
+
+    from dgst_tf.core.int8_conversion import ConvertedModel
+
+    sparse = dgsu_on_int8_graph(graph, scheme, learning_rate)
+    codes = keras.Model(graph.model.inputs,
+                        graph.model.get_layer(f"{classifier}_rescale").output)
+    converted = ConvertedModel(graph.tflite_model)
+    zero_point = converted.tensor(converted.outputs[0]).zero_point
+    for step in range(len(x)):
+        np.testing.assert_array_equal(codes(x[step:step + 1]).numpy()[0] + zero_point,
+                                      run.logits[step], f"logits step {step}")
+        logs = sparse.train_on_batch(x[step:step + 1], y[step:step + 1], return_dict=True)
+        assert logs["loss"] == pytest.approx(run.losses[step], rel=1e-5), step
+        assert_layers_equal_tflm_step(graph, sparse, run, layers, step)

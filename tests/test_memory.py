@@ -490,3 +490,18 @@ def test_gradients_meeting_at_a_fork_are_summed(model):
     at = kinds.index("ADD", kinds.index("DGST_SOFTMAX_XENT_GRAD"))
     parts = [t for t in timeline.tensors if t.part == "activation gradients" and t.last == at]
     assert sorted(t.size for t in parts) == [8 * 8 * 8 * 4, 8 * 8 * 8 * 4]
+
+
+def test_tf_functions_on_keras_tensors_get_their_real_output_shapes():
+    """A squeeze-and-excitation gate written with tf.reduce_mean(x, [1, 2], keepdims=True)
+    (a TFOpLambda, whose own compute_output_shape drops the axis and says ()) is a 1x1 map
+    of the channels in the model, so the report of a scheme after it computes."""
+    from test_pruning import tf_function_model
+
+    model = tf_function_model()
+    memory = MemoryModel(model)
+    shapes = {step.layer.name: memory.values[step.output].shape for step in memory.steps}
+    (reduce_name,) = [n for n in shapes if "reduce_mean" in n]
+    assert shapes[reduce_name] == (1, 1, 8)
+    assert shapes[[n for n in shapes if n.startswith("tf.math.multiply")][0]] == (6, 6, 8)
+    assert memory.report(UpdateScheme({"b": 0.5}), dense=False).arena_bytes > 0

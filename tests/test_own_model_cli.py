@@ -271,14 +271,45 @@ def test_bad_model_files_are_refused_before_anything_is_written(command, bad, tm
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
 
 
-@pytest.mark.parametrize("build, expected", [
-    # DGSU updates 1x1 convs that widen the channels: a plain 3x3 CNN has none
-    (lambda: keras.Sequential([
+def plain_cnn(head="pool"):
+    """A plain Sequential 3x3 CNN (no depthwise, no 1x1 conv): global average pooling
+    (``head="pool"``) or Flatten (``"flatten"``), then a Dense classifier."""
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
         keras.Input((SIZE, SIZE, 3)),
-        keras.layers.Conv2D(8, 3, 2, activation="relu", name="c1"),
-        keras.layers.Conv2D(16, 3, 2, activation="relu", name="c2"),
-        keras.layers.Flatten(name="flatten"), keras.layers.Dense(CLASSES, name="fc")],
-        name="plain_cnn"), [r"plain\.keras", "no DGSU scheme", "no pointwise expansion"]),
+        keras.layers.Conv2D(16, 3, 2, activation="relu", name="c1"),
+        keras.layers.Conv2D(32, 3, 2, activation="relu", name="c2"),
+        keras.layers.Conv2D(48, 3, 2, activation="relu", name="c3"),
+        keras.layers.GlobalAveragePooling2D(name="pool") if head == "pool"
+        else keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(CLASSES, name="fc")], name="plain_cnn")
+
+
+@pytest.mark.parametrize("head", ["pool", "flatten"])
+def test_device_trains_a_plain_3x3_cnn_one_block_per_conv(head, tmp_path):
+    """Without depthwise convs every Conv2D is a block: DGSU over the last 2 blocks updates
+    the 3x3 convs c2 and c3 (through the Flatten too), the pruned file fits the flash budget
+    the unpruned one misses, TFLM's arena is the planned one, and TFLM continued the
+    training bit for bit."""
+    path = _saved(plain_cnn(head), tmp_path, "plain.keras")
+    unpruned = _unpruned_file_bytes(path, tmp_path)
+    budget = int(0.85 * unpruned) + ALLOWANCE
+    folder = tmp_path / "out"
+    assert main(["device", "--model", str(path), *DEVICE, "--flash-budget", str(budget),
+                 "--output-dir", str(folder)]) == 0
+    report = json.loads((folder / "report.json").read_text())
+    plan, check = report["plan"], report["check"]
+    assert plan["layers"] == ["c2", "c3"] and report["prune"]["pruned"]
+    deployed = folder / "deploy_train.tflite"
+    assert deployed.stat().st_size == plan["file_bytes"] <= budget - ALLOWANCE < unpruned
+    x, _ = data.load_arrays("fashion_mnist", "train", image_size=(SIZE, SIZE), limit=1)
+    assert train_tflm(deployed, x, np.array([0])).arena_bytes == plan["arena_bytes"]
+    assert 0 < max(report["train"]["steps"]["updated_fraction"]) <= 0.05
+    assert check["channel_mismatches"] == [] and check["param_mismatches"] == {}
+    assert check["params_moved"] > 0
+
+
+@pytest.mark.parametrize("build, expected", [
     # a max pooling between the updated layers and the loss has no int8 backward
     (lambda: _with_max_pool(), [r"plain\.keras", "layer 'maxpool'", "MAX_POOL_2D",
                                 "lies between the first updated layer"]),

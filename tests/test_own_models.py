@@ -12,12 +12,11 @@ import re
 import numpy as np
 import pytest
 
-from small_models import assert_layers_equal_tflm_step, dgsu_on_int8_graph
+from small_models import int8_steps_equal_tflm
 
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.classifier import (ClassifierError, find_classifier, logits_model,
                                      training_form)
-from dgst_tf.core.int8_conversion import ConvertedModel
 from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import input_channels, kernel_of
 from dgst_tf.core.training_support import SUPPORT, unsupported_reason
@@ -224,7 +223,10 @@ FAMILIES = {
                                          "block2_expand": "bias"},
                      "Logits", "conv1x1", "predictions"),
 }
-EXPORTED = ["conv_head", "residual", "sequential"]  # (and pruned)
+EXPORTED = ["conv_head", "residual", "sequential"]
+# channel pruning follows every family: squeeze-and-excitation gates, and the TFOpLambda
+# layers (x + 3.0, * (1 / 6)) of hard-swish included
+PRUNED = list(FAMILIES)
 # exported and run in TFLM: also swish, sigmoid and hard-swish on the gradient path, and a
 # frozen squeeze-and-excitation gate in front of it
 TFLM_STEPPED = EXPORTED + ["swish_se", "efficientnet", "mobilenet_v3"]
@@ -342,19 +344,9 @@ def test_tflm_steps_of_the_exported_graph_equal_the_keras_int8_simulation(family
     assert info.manifest["layers"][-1]["name"] == classifier
     run = train_tflm(info.path, x, y)
     graph = int8_training_graph(model, calibration)
-    sparse = dgsu_on_int8_graph(graph, scheme, lr)
-    codes = keras.Model(graph.model.inputs,
-                        graph.model.get_layer(f"{classifier}_rescale").output)
-    zero_point = ConvertedModel(graph.tflite_model).tensor(
-        ConvertedModel(graph.tflite_model).outputs[0]).zero_point
     layers = [entry["name"] for entry in info.manifest["layers"]]
     start = {n: kernel_of(graph.model.get_layer(n)).numpy().copy() for n in layers}
-    for step in range(steps):
-        np.testing.assert_array_equal(codes(x[step:step + 1]).numpy()[0] + zero_point,
-                                      run.logits[step], f"logits step {step}")
-        logs = sparse.train_on_batch(x[step:step + 1], y[step:step + 1], return_dict=True)
-        assert logs["loss"] == pytest.approx(run.losses[step], rel=1e-5), step
-        assert_layers_equal_tflm_step(graph, sparse, run, layers, step)
+    int8_steps_equal_tflm(graph, scheme, lr, run, x, y, classifier, layers)
     moved = sum(int((kernel_of(graph.model.get_layer(n)).numpy() != start[n]).sum())
                 for n in layers)
     assert moved >= 10  # the comparison is not vacuous
@@ -501,7 +493,7 @@ def test_strided_pointwise_weight_gradient(padding):
     assert not got[:, :, [0, 2, 3]].any()
 
 
-@pytest.mark.parametrize("family", EXPORTED)
+@pytest.mark.parametrize("family", PRUNED)
 def test_channel_pruning_of_the_training_form(family):
     """The pruning dependency graph reads the training form (the 1x1-conv classifier as
     Dense, its Reshape gone): removing seeded channel groups computes what zeroing them
@@ -522,16 +514,75 @@ def test_channel_pruning_of_the_training_form(family):
     assert np.isfinite(sparse.fit(x, y, verbose=0).history["loss"]).all()
 
 
-def test_pruning_names_a_layer_it_cannot_follow():
+def _map_through(tf_function, channels=8):
+    """conv -> ``tf_function`` (TensorFlow ops on the Keras tensor) -> conv -> pool -> Dense."""
+    inp = keras.Input(SHAPE, name="image")
+    x = keras.layers.Conv2D(channels, 3, strides=2, padding="same", name="conv")(inp)
+    x = keras.layers.Conv2D(8, 1, name="after")(tf_function(x))
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inp, keras.layers.Dense(CLASSES, name="fc")(x))
+
+
+@pytest.mark.parametrize("tf_function, channels, what", [
+    (lambda x: tf.reduce_sum(x, -1, keepdims=True), 8,
+     r"TFOpLambda tf\.math\.reduce_sum\) uses a reduction over axis -1, which combines the "
+     r"channels"),
+    (lambda x: tf.transpose(x, [0, 1, 3, 2]), 16,
+     r"TFOpLambda tf\.[\w.]*transpose\) uses a TensorFlow function without a channel rule"),
+    (lambda x: x[..., :4], 8,
+     r"SlicingOpLambda tf\.__operators__\.getitem\) uses a TensorFlow function without"),
+    (lambda x: tf.nn.softmax(x), 8, r"TFOpLambda tf\.nn\.softmax\) uses a TensorFlow function"),
+    (lambda x: x * np.linspace(0.5, 2.0, 8).astype(np.float32), 1,
+     r"TFOpLambda tf\.math\.multiply\) uses a constant \(argument 1\) of shape \(8,\): its last "
+     r"axis is neither 1 nor the input's 1 channels"),
+    (lambda x: tf.math.multiply(x, keras.layers.Conv2D(1, 1, name="one")(x)), 8,
+     r"TFOpLambda tf\.math\.multiply\) uses Keras tensors with different channel counts "
+     r"\[8, 1\]"),
+], ids=["reduce_sum_over_channels", "transpose", "channel_slice", "softmax", "widening_constant",
+        "broadcast_channel"])
+def test_pruning_names_a_tf_function_it_cannot_follow(tf_function, channels, what):
+    """TensorFlow functions that mix, reorder, cut or widen channels are refused, naming
+    the layer and the function (elementwise ones with scalars prune: see PRUNED)."""
     from dgst_tf.pruning import DependencyGraph
     from dgst_tf.pruning.dependency_graph import UnsupportedLayerError
 
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'tf.__operators__.add.*"
-                                                    r"\(TFOpLambda\) is not supported"):
-        DependencyGraph(training_form(swish_se_net()))
+    model = _map_through(tf_function, channels)
+    functions = [l.name for l in model.layers if type(l).__name__.endswith("OpLambda")]
+    assert len(functions) == 1
+    with pytest.raises(UnsupportedLayerError, match=rf"layer '{re.escape(functions[0])}' "
+                                                    rf"\({what}"):
+        DependencyGraph(model)
 
 
-@pytest.mark.parametrize("family", EXPORTED)
+def test_squeeze_excite_and_hard_swish_couple_channels():
+    """swish_se_net: the SE gate's Multiply ties the gate's channel c to the feature map's
+    (back to the stem through the depthwise conv); the hard-swish's x + 3 and * (1 / 6)
+    pass the projection's channel on to the last conv. Removing one gate channel shrinks
+    the stem, the depthwise conv and the SE expansion together."""
+    from dgst_tf.pruning import DependencyGraph, mask_groups, remove_channels
+
+    model = swish_se_net()
+    graph = DependencyGraph(model)
+    gate = graph.group("se_expand", 3)
+    assert gate is graph.group("stem", 3)
+    members = {(m.layer, m.role): m.indices for m in gate}
+    assert members[("dw", "depthwise")] == (3,) and members[("se_gate", "pass")] == (3,)
+    assert members[("se_reduce", "in")] == (3,) and members[("project", "in")] == (3,)
+    hard_swish = {(m.layer, m.role): m.indices for m in graph.group("project", 5)}
+    functions = [l.name for l in model.layers if type(l).__name__ == "TFOpLambda"]
+    assert len(functions) == 2 and all(hard_swish[(f, "pass")] == (5,) for f in functions)
+    assert hard_swish[("hard_swish", "pass")] == (5,) and hard_swish[("last", "in")] == (5,)
+    small = remove_channels(model, [gate.index], graph)
+    assert (small.get_layer("stem").filters, small.get_layer("se_expand").filters) == (7, 7)
+    assert kernel_of(small.get_layer("dw")).shape[2] == 7
+    assert small.get_layer("se_reduce").kernel.shape[2] == 7
+    x, _ = images(2)
+    np.testing.assert_allclose(logits_model(small)(x),
+                               logits_model(mask_groups(model, [gate.index], graph))(x),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("family", PRUNED)
 def test_channel_pruning_of_the_model_as_saved(family):
     """The pruning dependency graph also reads the families as saved (the 1x1-conv classifier
     after keepdims pooling with its Dropout, Reshape and softmax Activation; Flatten; a Dense
@@ -556,3 +607,39 @@ def test_channel_pruning_of_the_model_as_saved(family):
     head_inputs = graph.input_groups(classifier)
     kept_inputs = int(np.isin(head_inputs, removed, invert=True).sum())
     assert input_channels(small.get_layer(classifier)) == kept_inputs
+
+
+@pytest.mark.parametrize("application, gated, se_expand", [
+    ("MobileNetV3Small", "expanded_conv_3/expand", "expanded_conv_3/squeeze_excite/Conv_1"),
+    ("EfficientNetB0", "block2a_expand_conv", "block2a_se_expand"),
+], ids=["MobileNetV3Small", "EfficientNetB0"])
+def test_channel_pruning_of_keras_applications(application, gated, se_expand):
+    """keras.applications at random weights, 32x32: MobileNetV3Small (input Rescaling,
+    hard-swish and hard-sigmoid squeeze-and-excitation gates from TFOpLambda, ReLU and
+    Multiply layers) and EfficientNetB0 (Rescaling + Normalization, SE gates with a Reshape
+    to (1, 1, C)). An expansion channel goes with its SE gate channel; removing it and
+    seeded groups computes the masked model's logits and shrinks both convs alike."""
+    from dgst_tf.pruning import DependencyGraph, mask_groups, remove_channels
+
+    if application == "MobileNetV3Small":
+        model = keras.applications.MobileNetV3Small(SHAPE, alpha=0.75, weights=None,
+                                                    classes=CLASSES)
+    else:
+        model = keras.applications.EfficientNetB0(weights=None, input_shape=SHAPE,
+                                                  classes=CLASSES)
+    model = _randomise_bn(model, 0)
+    graph = DependencyGraph(model)
+    assert graph.group(gated, 0) is graph.group(se_expand, 0)
+    rng = np.random.default_rng(0)
+    removed = np.union1d([graph.group(gated, 0).index],
+                         rng.choice(np.flatnonzero(graph.prunable), 12, replace=False))
+    small = remove_channels(model, removed, graph)
+    masked = mask_groups(model, removed, graph)
+    kept = int(np.isin(graph.output_groups(gated), removed, invert=True).sum())
+    assert kept < model.get_layer(gated).filters
+    assert small.get_layer(gated).filters == small.get_layer(se_expand).filters == kept
+    x, _ = images(2)
+    small_logits, masked_logits = logits_model(small)(x), logits_model(masked)(x)
+    assert np.abs(masked_logits - logits_model(model)(x)).max() > 1e-4
+    np.testing.assert_allclose(small_logits, masked_logits, atol=1e-4)
+    assert small.count_params() < model.count_params()

@@ -72,6 +72,32 @@ def _members(group):
     return {(m.layer, m.role): m.indices for m in group}
 
 
+DIVISORS = np.linspace(0.5, 2.0, 8).astype(np.float32)
+
+
+def tf_function_model():
+    """TensorFlow functions on Keras tensors (TFOpLambda layers): a scalar on either side, a
+    per-channel divisor, and a squeeze-and-excitation gate written with tf.reduce_mean,
+    tf.math.sigmoid and tf.math.multiply."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((6, 6, 3), name="image")
+    x = L.BatchNormalization(name="a_bn")(L.Conv2D(8, 3, padding="same", name="a")(inp))
+    x = tf.nn.relu6(3.0 - x) / DIVISORS                   # subtract(3.0, x), truediv(x, [8])
+    se = tf.reduce_mean(x, axis=[1, 2], keepdims=True)     # spatial: keeps the channels
+    se = L.Conv2D(4, 1, activation="relu", name="se_reduce")(se)
+    se = tf.math.sigmoid(L.Conv2D(8, 1, name="se_expand")(se))
+    x = L.Conv2D(8, 1, name="b")(tf.math.multiply(x, se) * 0.5)
+    out = L.Dense(3, name="classifier")(L.GlobalAveragePooling2D(name="pool")(x))
+    return _randomise_bn(keras.Model(inp, out, name="tf_functions"), seed=7)
+
+
+def _tf_layer(model, symbol):
+    """The name of the one TFOpLambda of ``model`` calling ``tf.<symbol>``."""
+    names = [l.name for l in model.layers if getattr(l, "symbol", None) == symbol]
+    assert len(names) == 1, (symbol, names)
+    return names[0]
+
+
 # ------------------------------------------------------------------ dependency graph
 def test_residual_add_couples_both_branches_and_all_readers():
     graph = DependencyGraph(residual_cnn())
@@ -369,6 +395,41 @@ def test_reshape_keeps_channels_and_removal_of_a_conv_head_model_equals_masking(
     np.testing.assert_allclose(logits["small"], logits["masked"], atol=1e-5)
     assert np.abs(logits["masked"] - logits["model"]).max() > 1e-3  # removal did something
     np.testing.assert_allclose(small(x).numpy().sum(-1), 1, atol=1e-5)  # softmax kept
+
+
+def test_tf_functions_pass_channels_on_and_per_channel_constants_are_sliced():
+    """Scalar TensorFlow functions pass a channel on, the per-channel divisor is a parameter
+    of it, the gate's multiply ties the gate's channel to the map's; removal cuts the
+    divisor to the kept channels and computes what masking computes."""
+    model = tf_function_model()
+    graph = DependencyGraph(model)
+    names = {s: _tf_layer(model, s) for s in ("math.subtract", "nn.relu6", "math.truediv",
+                                              "math.reduce_mean", "math.sigmoid")}
+    multiplies = [l.name for l in model.layers if getattr(l, "symbol", "") == "math.multiply"]
+    g = _members(graph.group("a", 2))
+    assert g[(names["math.truediv"], "channel")] == (2,)   # not "pass": it has parameters
+    for symbol in ("math.subtract", "nn.relu6", "math.reduce_mean", "math.sigmoid"):
+        assert g[(names[symbol], "pass")] == (2,), symbol
+    assert all(g[(name, "pass")] == (2,) for name in multiplies)
+    assert g[("se_reduce", "in")] == (2,) and g[("b", "in")] == (2,)
+    assert graph.group("a", 2) is graph.group("se_expand", 2)  # the gate's multiply ties them
+    assert graph.group("se_reduce", 1).layers() == ["se_reduce", "se_expand"]
+    removed = [graph.group("a", 2).index, graph.group("a", 5).index,
+               graph.group("se_reduce", 1).index]
+    small = remove_channels(model, removed, graph)
+    divisor = small.get_layer(names["math.truediv"])._inbound_nodes[0].call_args[1]
+    np.testing.assert_array_equal(divisor, DIVISORS[[0, 1, 3, 4, 6, 7]])
+    assert small.get_layer("se_expand").kernel.shape == (1, 1, 3, 6)
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 3)).astype(np.float32)
+    expected = mask_groups(model, removed, graph)(x).numpy()
+    assert np.abs(expected - model(x).numpy()).max() > 1e-3
+    np.testing.assert_allclose(small(x).numpy(), expected, atol=1e-5)
+    # the one-shot path: select by L2, mask, remove what the zeros show
+    removed = select_groups(model, 0.4, graph=graph)
+    masked = mask_groups(model, removed, graph)
+    assert len(removed) >= 4 and sorted(zeroed_groups(masked)) == sorted(removed)
+    np.testing.assert_allclose(remove_channels(masked)(x).numpy(), masked(x).numpy(),
+                               atol=1e-5)
 
 
 def test_a_flattening_reshape_takes_the_rows_of_its_channels():

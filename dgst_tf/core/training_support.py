@@ -75,8 +75,9 @@ SUPPORT = (
     LayerSupport("Dropout", (keras.layers.Dropout, keras.layers.SpatialDropout2D), "none",
                  True, "the device has no dropout (inference behaviour)"),
     LayerSupport("Flatten, Reshape", (keras.layers.Flatten, keras.layers.Reshape), "RESHAPE",
-                 False, "no backward kernel for RESHAPE: only in front of the first trained "
-                 "layer, in the classifier's head, or where it changes no shape"),
+                 True, "backward: a builtin RESHAPE of the float32 gradient to the input's "
+                 "shape (in place); a Dense after it must read it whole (Flatten first), "
+                 "not per position"),
     LayerSupport("Softmax, Activation('softmax')", (keras.layers.Softmax,), "SOFTMAX", False,
                  "only as the classifier's last layer (dropped for training)"),
     LayerSupport("Multiply", (keras.layers.Multiply,), "MUL", False,
@@ -150,7 +151,7 @@ def _row(layer) -> LayerSupport | None:
 def unsupported_reason(layer, node=None) -> str | None:
     """Why the int8 training step cannot train through ``layer`` (None: it can). ``node``:
     the layer's call, for the checks that need its neighbours (a ReLU must follow a weight
-    layer, an Add adds two tensors, a Flatten / Reshape that changes no shape is free)."""
+    layer, an Add adds two tensors, a Dense reads a vector)."""
     if isinstance(layer, keras.layers.InputLayer):
         return None
     is_activation = isinstance(layer, (keras.layers.ReLU, keras.layers.Activation))
@@ -177,11 +178,12 @@ def unsupported_reason(layer, node=None) -> str | None:
     if isinstance(layer, keras.layers.Add) and node is not None and \
             len(node.parent_nodes) != 2:
         return f"Add of {len(node.parent_nodes)} tensors: only 2 are supported"
+    if isinstance(layer, keras.layers.Dense) and node is not None and _per_position(node):
+        return (f"Dense on a {tuple(node.input_shapes)[1:]} input, applied to the last axis "
+                "at each position: the int8 step's dense gradients read the input as one "
+                "row of all its values; put a Flatten in front of it")
     row = _row(layer)
     if kind_of(layer) is not None or is_activation or row.trains:
-        return None
-    if isinstance(layer, (keras.layers.Flatten, keras.layers.Reshape)) and node is not None \
-            and _same_shape(node):
         return None
     return f"{row.op}: {row.note}"
 
@@ -194,8 +196,9 @@ def _follows_weight_layer(node) -> bool:
     return kind_of(producer) is not None and _activation(producer) == "linear"
 
 
-def _same_shape(node) -> bool:
-    return tuple(node.input_shapes)[1:] == tuple(node.output_shapes)[1:]
+def _per_position(node) -> bool:
+    """The Dense layer of ``node`` reads a tensor of more than one axis of features."""
+    return len(tuple(node.input_shapes)) > 2
 
 
 def supported_summary() -> str:

@@ -107,7 +107,9 @@ def _sparsity_for_depth(deployed_at, min_depth: int, tolerance: float = 2e-3) ->
     most = deployed_at(MOST_SPARSITY)[0]
     if most < min_depth:
         raise ValueError(f"even {MOST_SPARSITY:.1%} of every family pruned, {most} blocks fit "
-                         f"the SRAM budget, not the {min_depth} asked for (min_blocks)")
+                         "the SRAM budget within the per-step weight fraction (whole input "
+                         "channels, at least one per updated layer), not the "
+                         f"{min_depth} asked for (min_blocks)")
     low, high = 0.0, MOST_SPARSITY
     while high - low > tolerance:
         mid = (low + high) / 2

@@ -36,6 +36,7 @@ from dgst_tf.core.geometry import extra_taps_for_same
 from dgst_tf.core.graph import UnsupportedModelError, nodes_in_order
 from dgst_tf.core.keras_compat import keras, tf
 from tf_keras.src.engine.keras_tensor import KerasTensor
+from tf_keras.src.layers.core.tf_op_layer import TFOpLambda  # a TF op on Keras tensors
 from dgst_tf.core.layer_kinds import (CONV2D, DEPTHWISE, is_dense, is_depthwise, kernel_of,
                                       kind_of)
 from dgst_tf.core.multiply_patterns import hard_swish_patterns
@@ -411,10 +412,15 @@ class _GraphBuilder:
             return out_id
         in_shapes = [self.tensor_shape[t] for t in node.flat_input_ids]
         try:
-            out_shape = layer.compute_output_shape(
-                in_shapes[0] if len(in_shapes) == 1 else in_shapes)
-        except NotImplementedError:  # a TF op on Keras tensors (TFOpLambda): run it
+            if isinstance(layer, TFOpLambda):  # its compute_output_shape calls the TF op
+                out_shape = self._run_for_shape(node)  # without tf.reduce_mean's axis, ...
+            else:
+                out_shape = layer.compute_output_shape(
+                    in_shapes[0] if len(in_shapes) == 1 else in_shapes)
+        except NotImplementedError:  # a layer without a shape rule: run it
             out_shape = self._run_for_shape(node)
+        except MemoryModelError:
+            raise
         except Exception as err:  # noqa: BLE001 - reported with the layer name
             raise MemoryModelError(f"cannot infer the output shape of layer "
                                    f"{layer.name!r} ({type(layer).__name__}): {err}") from err

@@ -18,19 +18,22 @@ updated layer (`LayerPlan`), it follows `dgst_tf.export.training` op for op:
   flash); MEAN's int32 accumulators; a table activation's ops after the op writing its int8
   input (swish: ``LOGISTIC`` and ``MUL``, with the sigmoid between them; ``HARD_SWISH``;
   sigmoid: ``LOGISTIC``), that input kept for the backward pass when the gradient passes;
-- backward from the loss: through a table activation ``DGST_ACTIVATION_GRAD`` (the float
-  gradient of its input from its output's and the kept int8 input, written over the
-  output's gradient where that dies there; a global average pooling in front then spreads
-  its gradient with its ``MUL``); per conv/dense the int8 error signal and its scale (read by all
-  of the layer's gradient ops; after a global average pooling it is quantized straight
-  from the pooled gradient, so the pool input's float gradient never exists), the int32
-  bias gradient and its SGD update, then the float input gradient (before the weights'
-  update; a masked gradient that another op still reads is copied first; gradients meeting
-  at a fork are summed), the int32 kept-slice weight gradient and its update, chunk by
-  chunk for a large one (`arena_plan.weight_grad_chunks`);
+- backward from the loss: through a Flatten / Reshape a ``RESHAPE`` of the float gradient
+  to the input's shape (in place where the reshaped gradient dies there); through a table
+  activation ``DGST_ACTIVATION_GRAD`` (the float gradient of its input from its output's
+  and the kept int8 input, written over the output's gradient where that dies there; a
+  global average pooling in front then spreads its gradient with its ``MUL``); per
+  conv/dense the int8 error signal and its scale (read by all of the layer's gradient ops;
+  after a global average pooling it is quantized straight from the pooled gradient, so the
+  pool input's float gradient never exists), the int32 bias gradient and its SGD update,
+  then the float input gradient (before the weights' update; a masked gradient that
+  another op still reads is copied first; gradients meeting at a fork are summed), the
+  int32 kept-slice weight gradient and its update, chunk by chunk for a large one
+  (`arena_plan.weight_grad_chunks`);
 - the ops the export's offline plan runs in place (`StepTimeline.in_place`): a fused block
   over its input, an error signal inside the float gradient it quantizes, a bias-only
-  depthwise layer's float input gradient around its error signal.
+  depthwise layer's float input gradient around its error signal, a table activation's or
+  a reshape's input gradient over its output's.
 
     timeline = build_timeline(graph, plans, grad, TimelineOptions())
     timeline.live()["activation gradients"]     # float gradient bytes live at each op
@@ -509,10 +512,12 @@ class _Builder:
                     self.give(step.inputs[0], gradient)
             elif self.facts[step.index].weighted:
                 self.weight_backward(step, gradient)
-            elif kind in ("sum", "reshape"):  # the gradient passes to the inputs unchanged
+            elif kind == "sum":  # the gradient passes to the inputs unchanged
                 for v in step.inputs:
                     if self.grad[v]:
                         self.give(v, gradient)
+            elif kind == "reshape":
+                self.reshape_backward(step, gradient)
             elif kind == "pool":
                 self.pool_backward(step, gradient)
             else:
@@ -530,6 +535,20 @@ class _Builder:
         if self.options.offline_plan:
             self.timeline.in_place_candidates.append((gradient, dx, at, 0))
         return dx
+
+    def reshape_backward(self, step: Step, gradient: Tensor) -> None:
+        """A Flatten / Reshape: a builtin ``RESHAPE`` of the gradient to the input's shape
+        (+ its shape constant), over that gradient where it dies there."""
+        v = step.inputs[0]
+        if not self.grad[v]:
+            return
+        self.pooled.discard(id(gradient))
+        at = self.op("RESHAPE", (step.index,), "backward")
+        self.read(gradient, at)
+        dx = self.tensor(f"value {v}/grad", self.grad_size(v), at, GRADIENTS, constants=1)
+        if self.options.offline_plan:
+            self.timeline.in_place_candidates.append((gradient, dx, at, 0))
+        self.give(v, dx)
 
     def give(self, v: int, gradient: Tensor) -> None:
         """``gradient`` is (a part of) the gradient of value ``v``: sum it with the one

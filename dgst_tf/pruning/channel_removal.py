@@ -15,6 +15,8 @@ equal the masked model's::
 A masked group sends exactly zero downstream when its output filters, biases and
 BatchNorm gamma/beta are zero, and consumers ignore it when their input slices are zero;
 `mask_groups` and the TF-MOT wrappers zero all of them, so removal changes no output.
+TensorFlow functions on Keras tensors (``x + 3.0``, ``x / scales``) are called again with
+their scalars, and their per-channel constants cut to the kept channels.
 What removal saves is counted in `dgst_tf.pruning.model_size`.
 """
 from __future__ import annotations
@@ -22,11 +24,13 @@ from __future__ import annotations
 import numpy as np
 
 from dgst_tf.core.graph import check_functional, rebuild
-from dgst_tf.core.keras_compat import keras
+from dgst_tf.core.keras_compat import keras, tf
 from dgst_tf.core.layer_kinds import kind_of
 from dgst_tf.pruning.channel_weights import masked_weights, weight_terms
 from dgst_tf.pruning.dependency_graph import DependencyGraph
 from dgst_tf.pruning.group_importance import masked_weight_norm
+from tf_keras.src.engine.keras_tensor import KerasTensor
+from tf_keras.src.layers.core.tf_op_layer import TFOpLambda
 
 __all__ = ["remove_channels", "mask_groups", "zeroed_groups"]
 
@@ -93,12 +97,31 @@ def remove_channels(model: keras.Model, removed=None, graph: DependencyGraph | N
         out = np.flatnonzero(keep[graph.output_groups(layer.name)])
         config, weights = _smaller_layer(layer, ins, out)
         new = type(layer).from_config(config)
+        if isinstance(layer, TFOpLambda):
+            channels = len(graph.input_groups(layer.name))
+            args, kwargs = _kept_constants(args, kwargs, ins, channels)
         result = new(*args, **kwargs)
         if weights:
             new.set_weights(weights)
         return result
 
     return rebuild(model, call_layer, name=name or f"{model.name}_pruned")
+
+
+def _kept_constants(args: tuple, kwargs: dict, ins: np.ndarray, channels: int
+                    ) -> tuple[tuple, dict]:
+    """A TensorFlow function's arguments with its per-channel constants (last axis of
+    ``channels`` entries; `DependencyGraph` allows no other widths but 1) cut to ``ins``."""
+    def cut(value):
+        if (isinstance(value, KerasTensor) or channels == 1 or not np.ndim(value)
+                or np.shape(value)[-1] != channels):
+            return value
+        kept = np.take(np.asarray(value), ins, axis=-1)
+        if tf.is_tensor(value):
+            return tf.constant(kept, dtype=value.dtype)
+        return kept.tolist() if isinstance(value, (list, tuple)) else kept
+
+    return tuple(cut(a) for a in args), {key: cut(v) for key, v in kwargs.items()}
 
 
 def _smaller_layer(layer, ins: np.ndarray, out: np.ndarray) -> tuple[dict, list | None]:

@@ -25,9 +25,20 @@ and bias), ``"in"`` input channels of a Conv2D (kernel axis 2) or input rows of 
 classifier, or flattens like ``Flatten``; any other reshape is refused),
 ``"depthwise"`` channels of a DepthwiseConv2D (kernel axis 2; with a depth multiplier m
 output channels ``c*m .. c*m+m-1`` go too), ``"channel"`` per-channel parameters
-(BatchNormalization, Normalization, per-channel Rescaling) and ``"pass"`` feature indices
-of the output of a parameter-free layer (activations, padding, pooling, Add,
-Concatenate, Flatten, Reshape, Dropout), listed so the group shows every tensor it touches.
+(BatchNormalization, Normalization, per-channel Rescaling or TensorFlow-function
+constants) and ``"pass"`` feature indices of the output of a parameter-free layer
+(activations, padding, pooling, Add, Concatenate, Flatten, Reshape, Dropout, elementwise
+TensorFlow functions), listed so the group shows every tensor it touches.
+
+TensorFlow functions called on Keras tensors become ``TFOpLambda`` layers (MobileNetV3's
+hard-swish ``ReLU(6.0)(x + 3.0) * (1.0 / 6.0)`` is two of them). Those in `TF_ELEMENTWISE`
+act on each element on its own: a constant operand must be the same for every channel
+(last axis of size 1, e.g. a scalar: ``"pass"``) or hold one entry per channel on its last
+axis (``"channel"``: removal slices the constant), and Keras-tensor operands are tied like
+a `Multiply`'s. Those in `TF_REDUCTIONS` pass the channels on when the channel axis is
+not reduced (``tf.reduce_mean(x, [1, 2], keepdims=True)``). Any other TensorFlow function
+(slicing, transposes, reshapes, reductions over channels, a softmax) is refused naming the
+layer and the function.
 
 The model's input channels and its outputs (the classifier's logits) are not prunable,
 nor is anything coupled to them; channels that enter a softmax over channels are pinned
@@ -45,9 +56,11 @@ from dgst_tf.core.graph import (UnsupportedModelError, check_functional, check_s
                                 nodes_in_order)
 from dgst_tf.core.keras_compat import keras
 from dgst_tf.core.layer_kinds import CONV2D, DENSE, UNSUPPORTED_CONV_TYPES, WEIGHT_TYPES, kind_of
+from tf_keras.src.engine.keras_tensor import KerasTensor
+from tf_keras.src.layers.core.tf_op_layer import TFOpLambda  # a TF function on Keras tensors
 
 __all__ = ["DependencyGraph", "ChannelGroup", "Member", "Family", "UnsupportedLayerError",
-           "SUPPORTED_LAYERS"]
+           "SUPPORTED_LAYERS", "TF_ELEMENTWISE", "TF_REDUCTIONS"]
 
 L = keras.layers
 _CHANNEL_PARAMS = (L.BatchNormalization, L.Normalization)
@@ -58,7 +71,18 @@ _PASS = (L.ReLU, L.LeakyReLU, L.ELU, L.Activation, L.ZeroPadding2D, L.Cropping2D
          L.GaussianDropout, L.Identity, L.Rescaling, L.Softmax)
 _MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
 SUPPORTED_LAYERS = (WEIGHT_TYPES + _CHANNEL_PARAMS + _PASS + _MERGE
-                    + (L.Concatenate, L.Flatten, L.Reshape))
+                    + (L.Concatenate, L.Flatten, L.Reshape, TFOpLambda))
+# TFOpLambda functions (by TensorFlow symbol) that act on every element on its own, with
+# scalar or per-channel constants (either operand order) and tensors of the same channels.
+TF_ELEMENTWISE = frozenset({
+    "__operators__.add", "math.add", "math.subtract", "math.multiply", "math.truediv",
+    "math.maximum", "math.minimum", "math.pow", "clip_by_value", "identity",
+    "nn.relu", "nn.relu6", "nn.leaky_relu", "nn.elu", "nn.selu", "nn.gelu", "nn.silu",
+    "math.sigmoid", "math.tanh", "math.softplus", "math.abs", "math.negative",
+    "math.square"})
+# TFOpLambda reductions: they keep the channels unless the channel axis is reduced.
+TF_REDUCTIONS = frozenset({"math.reduce_mean", "math.reduce_sum", "math.reduce_max",
+                           "math.reduce_min"})
 _PARAM_ROLES = ("out", "in", "depthwise", "channel")
 
 
@@ -167,6 +191,32 @@ def _per_channel(value) -> bool:
     return np.ndim(value) > 0 and np.size(value) > 1
 
 
+def _layer_kind(layer) -> str:
+    """The class name, and for a TFOpLambda the TensorFlow function it calls."""
+    if isinstance(layer, TFOpLambda):
+        function = f"tf.{layer.symbol}" if layer.symbol else getattr(
+            layer.function, "__name__", repr(layer.function))
+        return f"{type(layer).__name__} {function}"
+    return type(layer).__name__
+
+
+def _constant_operands(node) -> Iterator[tuple[str, object]]:
+    """(description, value) of every argument of a TFOpLambda call that is no Keras tensor."""
+    for position, value in enumerate(node.call_args):
+        if not isinstance(value, KerasTensor):
+            yield f"argument {position}", value
+    for key, value in node.call_kwargs.items():
+        if key != "name" and not isinstance(value, KerasTensor):
+            yield f"argument {key}=", value
+
+
+def _reduced_axes(node) -> object:
+    """The ``axis`` of a ``tf.reduce_*(input_tensor, axis=None, keepdims=False)`` call."""
+    arguments = dict(zip(("input_tensor", "axis"), node.call_args))
+    arguments.update(node.call_kwargs)
+    return arguments.get("axis")
+
+
 class DependencyGraph:
     """The channel groups of a functional tf-keras model (see the module doc).
 
@@ -186,6 +236,7 @@ class DependencyGraph:
         self._io: dict[str, tuple[list[str], str]] = {}  # layer -> (input ids, output id)
         self._order: list = []                      # layers in execution order
         self._shapes: dict[str, tuple] = {}         # tensor id -> shape without batch
+        self._per_channel_ops: set[str] = set()     # TFOpLambdas with per-channel constants
         for tensor, layer in zip(model.inputs, model._input_layers):
             tid = str(id(tensor))
             self._shapes[tid] = tuple(tensor.shape[1:])
@@ -224,6 +275,8 @@ class DependencyGraph:
             out = self._weight_layer_labels(layer, kind, inputs[0])
         elif isinstance(layer, L.Reshape):
             out = self._reshaped_labels(layer, inputs[0], in_shapes[0], out_shape)
+        elif isinstance(layer, TFOpLambda):
+            out = self._tf_function_labels(layer, node, inputs)
         else:
             out = self._other_layer_labels(layer, inputs, in_shapes)
         if len(out) != int(out_shape[-1]):
@@ -299,6 +352,43 @@ class DependencyGraph:
                                  "of different channels in one axis (only reshapes that keep "
                                  "the channel axis, or flatten to a vector, are)")
 
+    def _tf_function_labels(self, layer, node, inputs: list) -> np.ndarray:
+        """Output labels of a TensorFlow function on Keras tensors (`TF_ELEMENTWISE`,
+        `TF_REDUCTIONS`)."""
+        if layer.symbol in TF_ELEMENTWISE:
+            self._check_elementwise_constants(layer, node, len(inputs[0]))
+            if len({len(x) for x in inputs}) != 1:
+                self._unsupported(layer, f"Keras tensors with different channel counts "
+                                         f"{[len(x) for x in inputs]} (broadcasting)")
+            return self._merged(inputs)
+        if layer.symbol in TF_REDUCTIONS:
+            axis = _reduced_axes(node)
+            in_rank = len(self._shapes[node.flat_input_ids[0]]) + 1
+            if axis is None:
+                self._unsupported(layer, "a reduction over every axis, the channel axis "
+                                         "among them")
+            if in_rank - 1 in np.reshape(np.asarray(axis), [-1]) % in_rank:
+                self._unsupported(layer, f"a reduction over axis {axis}, which combines "
+                                         "the channels")
+            return inputs[0]
+        self._unsupported(layer, "a TensorFlow function without a channel rule (supported: "
+                                 f"{', '.join(sorted(TF_ELEMENTWISE | TF_REDUCTIONS))}, the "
+                                 "reductions not over the channel axis)")
+
+    def _check_elementwise_constants(self, layer, node, channels: int) -> None:
+        """Constants of an elementwise function: the same for every channel (last axis of
+        size 1, e.g. a scalar), or one entry per channel (then the layer has ``"channel"``
+        parameters that removal slices); a constant that widens the channels is refused."""
+        for where, value in _constant_operands(node):
+            last = np.shape(value)[-1] if np.ndim(value) else 1
+            if last == 1:
+                continue
+            if last != channels:
+                self._unsupported(layer, f"a constant ({where}) of shape {np.shape(value)}: "
+                                         f"its last axis is neither 1 nor the input's "
+                                         f"{channels} channels")
+            self._per_channel_ops.add(layer.name)
+
     def _check_pass_layer(self, layer, inputs: np.ndarray, rank: int) -> None:
         if _is_channel_softmax(layer, rank):
             for label in inputs:
@@ -320,7 +410,7 @@ class DependencyGraph:
     @staticmethod
     def _unsupported(layer, what: str):
         raise UnsupportedLayerError(
-            f"DependencyGraph: layer {layer.name!r} ({type(layer).__name__}) uses {what}, "
+            f"DependencyGraph: layer {layer.name!r} ({_layer_kind(layer)}) uses {what}, "
             "which channel pruning does not support")
 
     def _finish(self) -> None:
@@ -388,6 +478,8 @@ class DependencyGraph:
             return [("channel", ins)]
         if isinstance(layer, L.Rescaling) and (_per_channel(layer.scale)
                                                or _per_channel(layer.offset)):
+            return [("channel", ins)]
+        if layer.name in self._per_channel_ops:
             return [("channel", ins)]
         return [("pass", out)]
 

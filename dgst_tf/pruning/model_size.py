@@ -759,12 +759,25 @@ class _TrainingFile:
                 self._layer_gradients(self.layers[step.index], gradient, gradients, needs)
             elif isinstance(step.layer, L.GlobalAveragePooling2D):
                 self._pooling_gradient(step, gradient, gradients, needs)
+            elif isinstance(step.layer, (L.Flatten, L.Reshape)):
+                self._reshape_gradient(step, gradients, needs)
             else:  # ADD (and what the exporter refuses): the gradient passes to the inputs
                 for value in step.inputs:
                     if value in needs:
                         gradients.give(value, gradient, self.names[value], self._dims(value))
         if self._step_counter:
             sketch.tensor("sgd/step", 1)
+
+    def _reshape_gradient(self, step, gradients: _Gradients, needs: set) -> None:
+        """A Flatten / Reshape: a builtin RESHAPE of the gradient to the input's shape."""
+        source = step.inputs[0]
+        if source not in needs:
+            return
+        name, dims = self.names[source], self._dims(source)
+        grad = self.sketch.tensor(f"{name}/grad", dims, typed=False)
+        self.sketch.tensor(f"{name}/grad_shape", 1, data=4 * dims, part="structure")
+        self.sketch.op("RESHAPE", 2, 1)
+        gradients.give(source, grad, name, dims)
 
     def _pooling_gradient(self, step, gradient, gradients: _Gradients, needs: set) -> None:
         pooled = step.inputs[0]

@@ -13,7 +13,8 @@ dequantized for the loss. The backward pass is the device's: at each weight laye
 gradient of its real output is masked by the 1-bit ReLU mask of its int8 output and
 quantized per example to int8 (``max|g| / 127``), the input gradient is computed from that
 error signal in the device's float32 order, and the weight and bias gradients from it; ADD
-and MEAN pass the real gradient through. Swish, sigmoid and MobileNetV3's hard-swish
+and MEAN pass the real gradient through, Flatten / Reshape reshape it back (the exported
+graph's backward RESHAPE). Swish, sigmoid and MobileNetV3's hard-swish
 (``Multiply([x, ReLU6(x + 3) / 6])``) are `Int8Activation` tables: forward the output codes
 of TFLite's builtin ops, backward ``g * f'(x)`` at the int8 input code, as
 ``DGST_ACTIVATION_GRAD`` (`dgst_tf.training.int8_activations`); a squeeze-and-excitation
@@ -421,16 +422,25 @@ class _GraphBuilder:
         return self._bind(y, op.outputs[0], op)
 
     def _reshape(self, layer, x):
+        """A Flatten / Reshape: the same codes in a new shape, forward and backward (the
+        gradient reshaped back, as the exported graph's RESHAPE does). Its converted
+        RESHAPE writes the shape, or the converter dropped it (a Flatten of a 1x1 map, read
+        by a FULLY_CONNECTED as it is) or merged it into the next RESHAPE: then its output
+        stands for the same converted tensor as its input."""
         index = self._index(x)
-        ops = [op for op in self.converted.consumers(index) if op.kind == "RESHAPE"]
         clone = type(layer).from_config(layer.get_config())
         y = clone(self._codes(x))
-        if ops:
-            return self._bind(y, ops[0].outputs[0], ops[0])
-        if tuple(y.shape[1:]) != tuple(self._codes(x).shape[1:]):
-            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r} has no "
-                                        f"converted RESHAPE")
-        return self._bind(y, index)
+        shape = tuple(y.shape[1:])
+        op = next((op for op in self.converted.consumers(index) if op.kind == "RESHAPE"
+                   and op.index not in self.op_layers
+                   and tuple(self.converted.tensor(op.outputs[0]).shape[1:]) == shape), None)
+        if op is None:
+            return self._bind(y, index)
+        source, output = (self.converted.tensor(i) for i in (index, op.outputs[0]))
+        if (source.scale, source.zero_point) != (output.scale, output.zero_point):
+            raise UnsupportedModelError(f"int8_training_graph: layer {layer.name!r}: its "
+                                        f"RESHAPE changes the quantization")
+        return self._bind(y, op.outputs[0], op)
 
     def check_complete(self, output):
         """The logits tensor; raises unless every converted op has a Keras counterpart and

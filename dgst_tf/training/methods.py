@@ -17,9 +17,13 @@ in what they update::
   over all pointwise convs (expansion and projection) of the last ``blocks`` blocks, with
   the channels reselected every iteration (traversal first, then weight-L2 importance), so
   coverage of those layers grows towards 100%; front layers frozen.
+
+A model without depthwise convs (plain 3x3 CNNs, VGG- and ResNet-style nets) has one block
+per Conv2D (any kernel size): the sparse update trains its last ``blocks`` Conv2D layers,
+DGSU every Conv2D from the first of them on.
 """
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.core.layer_kinds import input_channels, is_pointwise
+from dgst_tf.core.layer_kinds import CONV2D, DEPTHWISE, input_channels, is_pointwise, kind_of
 from dgst_tf.training.scheme import UpdateScheme, conv_layers
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 
@@ -34,6 +38,25 @@ def pointwise_convs(model: keras.Model) -> list:
 def expansion_convs(model: keras.Model) -> list:
     """Pointwise convs with more output than input channels (inverted-residual expands)."""
     return [l for l in pointwise_convs(model) if l.filters > input_channels(l)]
+
+
+def block_convs(model: keras.Model) -> tuple[list, list]:
+    """(block starts, trainable convs) in execution order: a depthwise-separable model's
+    (MobileNet v1/v2/v3, MCUNet, EfficientNet) expansion convs and its pointwise convs; a
+    model without depthwise convs (or without expansions) starts a block at every Conv2D and
+    trains all of them. Raises ValueError if it has no Conv2D.
+
+        starts, convs = block_convs(model)  # the last 2 blocks begin at starts[-2]
+    """
+    convs = conv_layers(model)
+    expands = expansion_convs(model)
+    if expands and any(kind_of(l) is DEPTHWISE for l in convs):
+        return expands, pointwise_convs(model)
+    convs = [l for l in convs if kind_of(l) is CONV2D]
+    if not convs:
+        raise ValueError(f"model {model.name!r} has no Conv2D layer (besides a classifier) "
+                         "for a sparse update to train")
+    return convs, convs
 
 
 def build_method(name: str, model: keras.Model, target_fraction: float = 0.02,
@@ -53,19 +76,15 @@ def build_method(name: str, model: keras.Model, target_fraction: float = 0.02,
     if name == "bias_only":
         return UpdateScheme.bias_only(model), []
     if name == "sparse_update":
-        layers = [l.name for l in expansion_convs(model)[-blocks:]]
-        if not layers:
-            raise ValueError(f"model {model.name!r} has no pointwise expansion convs")
+        layers = [l.name for l in block_convs(model)[0][-blocks:]]
         scheme = UpdateScheme.for_target_fraction(model, layers, target_fraction,
                                                   name="sparse_update")
         return scheme, [StaticChannelSelection("magnitude+", seed=seed)]
     if name == "dgsu":
-        expands = expansion_convs(model)[-blocks:]
-        if not expands:
-            raise ValueError(f"model {model.name!r} has no pointwise expansion convs")
+        starts, convs = block_convs(model)
         order = {l.name: i for i, l in enumerate(conv_layers(model))}
-        first = order[expands[0].name]
-        layers = [l.name for l in pointwise_convs(model) if order[l.name] >= first]
+        first = order[starts[-blocks:][0].name]
+        layers = [l.name for l in convs if order[l.name] >= first]
         scheme = UpdateScheme.for_target_fraction(model, layers, target_fraction, name="dgsu")
         return scheme, [DynamicChannelSelection(importance=importance, traversal=True,
                                                 layers_per_step=layers_per_step, seed=seed)]

@@ -3,6 +3,9 @@ the loss gradient (``DGST_SOFTMAX_XENT_GRAD``), then per op in reverse order
 
 - ADD / QUANTIZE: the gradient passes to the inputs (summed with builtin ADD where residual
   gradients meet);
+- RESHAPE (Flatten, Reshape): the gradient, a builtin RESHAPE of it to the input's shape
+  (the same float32 values in the same order; the offline plan runs it in place where the
+  output's gradient dies there);
 - swish (LOGISTIC + MUL), HARD_SWISH, sigmoid (LOGISTIC): the gradient times the
   activation's derivative at its saved int8 input (``DGST_ACTIVATION_GRAD``, a 256-entry
   table from `dgst_tf.training.int8_activations.derivative_table`);
@@ -99,6 +102,8 @@ def add_backward_pass(graph: TrainingGraph) -> None:
             _activation_gradient(graph, flow, plan.activations[index], gradient)
         elif op_kind in ("ADD",) + tuple(PASS_THROUGH_OPS):
             _pass_gradient_through(graph, flow, index, op, op_kind, gradient)
+        elif op_kind == "RESHAPE":
+            _reshape_gradient(graph, flow, op, gradient)
         elif op_kind == "PAD":
             raise TrainingExportError(f"{graph.where}: PAD op {index} "
                                       f"({editor.name(op.outputs[0])!r}) must feed a VALID "
@@ -129,6 +134,15 @@ def _pass_gradient_through(graph, flow, index, op, op_kind, gradient) -> None:
     for tensor in op.inputs[:2 if op_kind == "ADD" else 1]:
         if int(tensor) in graph.plan.needs_gradient:
             flow.give(int(tensor), gradient)
+
+
+def _reshape_gradient(graph, flow, op, gradient) -> None:
+    """A RESHAPE's input gradient: its output's gradient reshaped back (builtin RESHAPE)."""
+    source = int(op.inputs[0])
+    if source not in graph.plan.needs_gradient:
+        return
+    flow.pooled.pop(gradient, None)  # read here: a pooling's MUL must run
+    flow.give(source, _reshaped(graph, gradient, source, "grad", "grad_shape"))
 
 
 def _activation_gradient(graph, flow, activation, gradient) -> None:
@@ -225,22 +239,35 @@ def _quantized_error(graph, flow, index, op, name, gradient) -> tuple[int, int]:
 def _copy_of(graph, gradient, output) -> int:
     """A copy of ``gradient`` (builtin RESHAPE to the same shape), which the masked
     quantization may then overwrite."""
+    return _reshaped(graph, gradient, output, "grad_copy", "grad_shape")
+
+
+def _reshaped(graph, gradient, like, suffix, shape_suffix) -> int:
+    """A new float32 tensor ``{like}/{suffix}`` of activation ``like``'s shape holding
+    ``gradient``'s values in order (builtin RESHAPE, its shape ``{like}/{shape_suffix}``;
+    TFLM copies unless both share memory)."""
     editor = graph.editor
-    shape = list(editor.shape(output))
-    copy = editor.add_tensor(f"{editor.name(output)}/grad_copy", shape, np.float32)
-    shape_tensor = editor.add_tensor(f"{editor.name(output)}/grad_shape", (len(shape),),
+    shape = [int(d) for d in editor.shape(like)]
+    if int(np.prod(shape)) != int(np.prod(editor.shape(gradient))):
+        raise TrainingExportError(f"{graph.where}: gradient {editor.name(gradient)!r} "
+                                  f"{tuple(editor.shape(gradient))} cannot be reshaped to "
+                                  f"{editor.name(like)!r} {tuple(shape)}")
+    result = editor.add_tensor(f"{editor.name(like)}/{suffix}", shape, np.float32)
+    shape_tensor = editor.add_tensor(f"{editor.name(like)}/{shape_suffix}", (len(shape),),
                                      np.int32, data=np.array(shape, np.int32))
     options = schema.ReshapeOptionsT()
     options.newShape = shape
-    graph.backward_ops.append(editor.builtin_op(_OPS.RESHAPE, [gradient, shape_tensor], [copy],
-                                                schema.BuiltinOptions.ReshapeOptions, options))
-    return copy
+    graph.backward_ops.append(editor.builtin_op(_OPS.RESHAPE, [gradient, shape_tensor],
+                                                [result], schema.BuiltinOptions.ReshapeOptions,
+                                                options))
+    return result
 
 
 def _gradient_geometry(graph, op, name) -> _GradientGeometry:
     editor, plan = graph.editor, graph.plan
     layer_input = int(op.inputs[0])
     if editor.builtin(op) == "FULLY_CONNECTED":
+        _check_one_row(graph, op, name)
         unit = (1, 1, 1, 1, 0, 0)
         return _GradientGeometry(unit, unit, layer_input, (1, 1))
     (stride_h, stride_w), (dilation_h, dilation_w), padding, _ = conv_options(op)
@@ -270,6 +297,21 @@ def _gradient_geometry(graph, op, name) -> _GradientGeometry:
         raise TrainingExportError(f"{graph.where}: depthwise layer {name!r} has a depth "
                                   f"multiplier other than 1; not supported")
     return geometry
+
+
+def _check_one_row(graph, op, name) -> None:
+    """A FULLY_CONNECTED's gradients treat its input as one row of input channels (a 4-D
+    [1, 1, 1, C] input too: the converter drops the Flatten of a 1x1 map); a Dense applied
+    per position (several rows) or an input flattened inside the op is refused."""
+    editor = graph.editor
+    in_shape = tuple(editor.shape(op.inputs[0]))
+    in_channels = editor.shape(op.inputs[1])[-1]
+    if in_shape[-1] != in_channels or int(np.prod(in_shape)) != in_channels:
+        raise TrainingExportError(f"{graph.where}: dense layer {name!r} reads a "
+                                  f"{in_shape} input as rows of {in_channels} values; its "
+                                  f"gradients need one row of all input values (a Dense "
+                                  f"after Flatten or global pooling, not one applied per "
+                                  f"position)")
 
 
 def _input_gradient(graph, flow, layer: TrainedLayer | None, op, weights, geometry,

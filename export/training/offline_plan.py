@@ -10,7 +10,9 @@ memory of the input it overwrites -- which TFLM's online planner never does:
   it reads;
 - ``DGST_DEPTHWISE_INPUT_GRAD`` writes the float gradient around the int8 error signal it
   reads, where that signal dies (a bias-only depthwise layer);
-- ``DGST_ACTIVATION_GRAD`` writes the input gradient over the output gradient it reads.
+- ``DGST_ACTIVATION_GRAD`` writes the input gradient over the output gradient it reads;
+- a float32 ``RESHAPE`` (the backward of a Flatten / Reshape) shares the memory of the
+  gradient it reshapes (TFLM's RESHAPE copies nothing when both share it).
 
 Only the offsets change, not a value: the kernels' arithmetic is the same. The plan is
 `dgst_tf.planning.arena_plan.offline_offsets` (TFLM's greedy planner over the aliased
@@ -76,8 +78,11 @@ def in_place_aliases(editor: ModelEditor, lifetimes: dict) -> list:
     for scope, op in enumerate(sg.operators, start=1):
         kind = editor.builtin(op)
         if kind not in ("CUSTOM:DGST_FUSED_BLOCK", "CUSTOM:DGST_QUANTIZE_GRAD",
-                        "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD", "CUSTOM:DGST_ACTIVATION_GRAD"):
+                        "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD", "CUSTOM:DGST_ACTIVATION_GRAD",
+                        "RESHAPE"):
             continue
+        if kind == "RESHAPE" and editor.tensor(op.inputs[0]).type != schema.TensorType.FLOAT32:
+            continue  # the forward pass's int8 RESHAPE keeps its own output
         x, y = int(op.inputs[0]), int(op.outputs[0])
         if x not in lifetimes or y not in lifetimes or x in outputs or \
                 lifetimes[x].last != scope:
@@ -87,7 +92,7 @@ def in_place_aliases(editor: ModelEditor, lifetimes: dict) -> list:
                 elements = int(np.prod(editor.shape(y), dtype=np.int64))
                 found.append((x, y, quantize_grad_inplace_delta(elements)))
             continue
-        if kind == "CUSTOM:DGST_ACTIVATION_GRAD":  # dx[i] written after g[i] is read
+        if kind in ("CUSTOM:DGST_ACTIVATION_GRAD", "RESHAPE"):  # dx[i] after g[i] is read
             found.append((x, y, 0))
             continue
         if kind == "CUSTOM:DGST_DEPTHWISE_INPUT_GRAD":  # the gradient around its dy

@@ -30,7 +30,7 @@ WEIGHT_OP_KINDS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise",
 PASS_THROUGH_OPS = {"QUANTIZE"}  # int8 -> int8 requantization: straight-through gradient
 # ops the backward pass can differentiate through (the activation ops only as the swish,
 # hard-swish or sigmoid they compute: `dgst_tf.training.int8_activations.find_activations`)
-GRADIENT_OPS = set(WEIGHT_OP_KINDS) | {"ADD", "MEAN", "PAD"} | PASS_THROUGH_OPS
+GRADIENT_OPS = set(WEIGHT_OP_KINDS) | {"ADD", "MEAN", "PAD", "RESHAPE"} | PASS_THROUGH_OPS
 ACTIVATION_OPS = {"LOGISTIC", "MUL", "HARD_SWISH"}
 RELU, RELU6 = 1, 3  # TFLite fused activation codes
 
@@ -210,6 +210,7 @@ def _tensors_needing_gradients(editor: ModelEditor, plan: TrainingPlan, where) -
                     f"{where}: op {index} ({op_kind}, output {editor.name(op.outputs[0])!r}) "
                     f"lies between the first updated layer {plan.op_layer[plan.first_op]!r} "
                     f"and the loss; the training export supports CONV_2D, DEPTHWISE_CONV_2D, "
-                    f"FULLY_CONNECTED, ADD, MEAN (global average pooling), PAD, QUANTIZE and the "
-                    f"activations swish (LOGISTIC + MUL), HARD_SWISH and LOGISTIC there")
+                    f"FULLY_CONNECTED, ADD, MEAN (global average pooling), PAD, QUANTIZE, "
+                    f"RESHAPE and the activations swish (LOGISTIC + MUL), HARD_SWISH and "
+                    f"LOGISTIC there")
     return needs_gradient
