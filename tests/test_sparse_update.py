@@ -139,6 +139,14 @@ def _filter_gradients(concrete) -> list:
     return found
 
 
+def _pointwise_input_gradients(concrete) -> list:
+    """Kernel shapes of the pointwise convs whose input gradient the traced step computes as
+    the matmul dy W^T over the pixels."""
+    return [op.inputs[1].op.inputs[0].shape.as_list() for op in _graph_ops(concrete.graph)
+            if op.type == "MatMul" and op.get_attr("transpose_b")
+            and op.inputs[1].op.type == "Reshape" and op.inputs[1].op.inputs[0].shape.rank == 4]
+
+
 def _dense_weight_gradients(concrete) -> list:
     """(activation shape, dy shape, kernel gradient shape) of every dense weight-gradient
     matmul (x^T dy: a MatMul with transpose_a, not a pointwise conv's) of the traced step."""
@@ -185,9 +193,11 @@ def test_traced_graph_has_weight_gradients_only_for_selected_layers():
     kinds = [f[0] for f in _filter_gradients(concrete)]
     assert kinds.count("Conv2DBackpropFilter") == 2  # expand (pointwise: a matmul), head
     assert kinds.count("DepthwiseConv2dNativeBackpropFilter") == 1
-    # Input gradients: head, project, depthwise need them; expand is the first updated
-    # layer and the stem lies before it, so backprop stops there.
-    assert types.count("Conv2DBackpropInput") == 2  # head, project
+    # Input gradients: head, project, depthwise need them (project's, a pointwise conv's, is
+    # the matmul dy W^T); expand is the first updated layer and the stem lies before it, so
+    # backprop stops there.
+    assert types.count("Conv2DBackpropInput") == 1  # head
+    assert _pointwise_input_gradients(concrete) == [[1, 1, 12, 8]]  # project
     assert types.count("DepthwiseConv2dNativeBackpropInput") == 1
     # Channel skipping, from the static shapes (k of C_in): expand 4 of 8, depthwise 3 of
     # 12, head 4 of 8.

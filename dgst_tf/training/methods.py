@@ -18,12 +18,12 @@ in what they update::
   the channels reselected every iteration (traversal first, then weight-L2 importance), so
   coverage of those layers grows towards 100%; front layers frozen.
 
-A model without depthwise convs (plain 3x3 CNNs, VGG- and ResNet-style nets) has one block
-per Conv2D (any kernel size): the sparse update trains its last ``blocks`` Conv2D layers,
-DGSU every Conv2D from the first of them on.
+A model without 1x1 convs that widen the channels (plain 3x3 CNNs, VGG-style nets) has one
+block per Conv2D (any kernel size): the sparse update trains its last ``blocks`` Conv2D
+layers, DGSU every Conv2D from the first of them on.
 """
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.core.layer_kinds import CONV2D, DEPTHWISE, input_channels, is_pointwise, kind_of
+from dgst_tf.core.layer_kinds import CONV2D, input_channels, is_pointwise, kind_of
 from dgst_tf.training.scheme import UpdateScheme, conv_layers
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 
@@ -41,18 +41,17 @@ def expansion_convs(model: keras.Model) -> list:
 
 
 def block_convs(model: keras.Model) -> tuple[list, list]:
-    """(block starts, trainable convs) in execution order: a depthwise-separable model's
-    (MobileNet v1/v2/v3, MCUNet, EfficientNet) expansion convs and its pointwise convs; a
-    model without depthwise convs (or without expansions) starts a block at every Conv2D and
-    trains all of them. Raises ValueError if it has no Conv2D.
+    """(block starts, trainable convs) in execution order: the expansion convs (1x1 convs
+    that widen the channels: MobileNet v1/v2/v3, MCUNet, EfficientNet, ResNet bottlenecks)
+    and the pointwise convs; a model without them (plain 3x3 CNNs, VGG-style nets) starts a
+    block at every Conv2D and trains all of them. Raises ValueError if it has no Conv2D.
 
         starts, convs = block_convs(model)  # the last 2 blocks begin at starts[-2]
     """
-    convs = conv_layers(model)
     expands = expansion_convs(model)
-    if expands and any(kind_of(l) is DEPTHWISE for l in convs):
+    if expands:
         return expands, pointwise_convs(model)
-    convs = [l for l in convs if kind_of(l) is CONV2D]
+    convs = [l for l in conv_layers(model) if kind_of(l) is CONV2D]
     if not convs:
         raise ValueError(f"model {model.name!r} has no Conv2D layer (besides a classifier) "
                          "for a sparse update to train")

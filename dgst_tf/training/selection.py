@@ -91,12 +91,39 @@ def dgsu_select(scores, kept: int, sweep, traversal: bool = True):
 
         indices, sweep = dgsu_select(scores, 4, tf.zeros([16], tf.bool))
     """
-    sweep = tf.convert_to_tensor(sweep)
-    sweep = tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
-    indices = top_k_channels(scores, kept, tf.logical_not(sweep) if traversal else None)
+    sweep = _new_sweep_if_done(tf.convert_to_tensor(sweep))
+    indices = ranked_top_k(scores, kept, tf.logical_not(sweep) if traversal else None)
     marked = tf.reduce_any(tf.one_hot(indices, sweep.shape[0], on_value=True, off_value=False,
                                       dtype=tf.bool), axis=0)
     return indices, tf.logical_or(sweep, marked)
+
+
+def _new_sweep_if_done(sweep):
+    """``sweep``, or all False if every channel was visited (a new sweep starts)."""
+    return tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
+
+
+def ranked_top_k(scores, k: int, preferred=None):
+    """`top_k_channels` (same indices, same ties) with one partial top-k instead of two full
+    argsorts, for the per-step choice of every layer.
+
+    A float32 score maps to an int32 key of the same order (the bits of a non-negative float;
+    the negatives' magnitude bits flipped; -0 counted as +0, which the argsorts tie), the
+    ``preferred`` flag goes above it in an int64 key, and TopK keeps equal keys in index
+    order, as the stable argsorts do. Scores must not be NaN. Other dtypes (the int8 graph's
+    integer scores) take `top_k_channels`.
+
+        ranked_top_k(tf.constant([0.1, 0.9, 0.5, 0.9]), 2)        # [1, 3]
+    """
+    scores = tf.convert_to_tensor(scores)
+    if scores.dtype != tf.float32:
+        return top_k_channels(scores, k, preferred)
+    if preferred is None:
+        return tf.sort(tf.math.top_k(scores, k).indices)
+    bits = tf.bitcast(tf.where(tf.equal(scores, 0.0), tf.zeros_like(scores), scores), tf.int32)
+    ordered = tf.where(bits < 0, tf.bitwise.bitwise_xor(bits, 0x7FFFFFFF), bits)
+    key = tf.cast(ordered, tf.int64) + tf.cast(preferred, tf.int64) * (1 << 32)
+    return tf.sort(tf.math.top_k(key, k).indices)
 
 
 def int8_multipliers(model, layer, weight_scales=None):
@@ -183,7 +210,9 @@ class _KeptWeightL2:
 
     def update(self, changed):
         kernel = kernel_of(self.layer)
-        slice_ = tf.gather(kernel, changed, axis=channel_axis(kernel))
+        # a whole read, then the gather: a gather from the variable itself (a dense kernel's
+        # rows) would switch it to copy-on-read (`SparseUpdateModel._apply_sgd_to_selected`)
+        slice_ = tf.gather(kernel.read_value(), changed, axis=channel_axis(kernel))
         self.scores.scatter_nd_update(changed[:, None],
                                       WeightL2().scores(slice_, None, None, None))
 
@@ -295,11 +324,12 @@ class DynamicChannelSelection(keras.callbacks.Callback):
             for i, layer in enumerate(layers):
                 state = model.selection.vars[layer.name]
                 kept = model.selection.specs[layer.name][1]
-                sweep = state["sweep"].read_value()
-                sweep = tf.where(tf.reduce_all(sweep), tf.zeros_like(sweep), sweep)
+                sweep = _new_sweep_if_done(state["sweep"].read_value())
                 state["sweep"].assign(sweep)  # a finished sweep starts again
-                indices, _ = dgsu_select(scorers[i](state, step), kept, sweep, self.traversal)
-                state["indices"].assign(indices)  # marked visited by record_step if active
+                # `dgsu_select` on the new sweep; record_step marks the choice if active
+                state["indices"].assign(ranked_top_k(
+                    scorers[i](state, step), kept,
+                    tf.logical_not(sweep) if self.traversal else None))
                 state["active"].assign(layer_active(step, i, len(layers),
                                                     self.layers_per_step))
 

@@ -104,16 +104,16 @@ class SelectionState(keras.layers.Layer):
         (`sparse_ops.kept_kernel_shape`)."""
         for name, kept in kept_grads.items():
             v = self.vars[name]
-            sel = v["indices"]
-            channels = self.specs[name][0]
-            hit = tf.logical_and(channel_mask(sel, channels), v["active"])
-            v["visited"].assign(tf.logical_or(v["visited"], hit))
-            v["sweep"].assign(tf.logical_or(v["sweep"], hit))
+            sel = v["indices"].read_value()
+            rows, active = sel[:, None], v["active"].read_value()
+            # only the selected entries change, and only if the layer is active
+            for flag in ("visited", "sweep"):
+                v[flag].scatter_nd_update(rows, tf.logical_or(tf.gather(v[flag], sel), active))
             axis = channel_axis(kept)
             norms = tf.sqrt(tf.reduce_sum(tf.square(kept), axis=[
                 a for a in range(len(kept.shape)) if a != axis]))
-            updated = tf.tensor_scatter_nd_update(v["grad_norm"], sel[:, None], norms)
-            v["grad_norm"].assign(tf.where(hit, updated, v["grad_norm"]))
+            v["grad_norm"].scatter_nd_update(
+                rows, tf.where(active, norms, tf.gather(v["grad_norm"], sel)))
         self.step.assign_add(1)
 
 
@@ -220,6 +220,9 @@ def _selected_entries(selection, kernel_shape, kept_values):
     if len(kernel_shape) == 2:  # dense: rows
         return selection[:, None], kept_values
     kh, kw, _, c_out = kernel_shape
+    if kh == kw == 1:  # pointwise: (0, 0, c)
+        positions = tf.pad(selection[:, None], [[0, 0], [2, 0]])
+        return positions, tf.reshape(kept_values, [-1, c_out])
     k = int(selection.shape[0])
     taps = np.stack(np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij"), axis=-1)
     taps = np.broadcast_to(taps.reshape(kh * kw, 1, 2), (kh * kw, k, 2)).astype(np.int32)
@@ -363,7 +366,8 @@ class SparseUpdateModel(keras.Model):
         finite = tf.debugging.assert_all_finite(
             loss, "SparseUpdateModel: the training loss is NaN or infinite (check the "
                   "learning rate and the input data)")
-        with tf.control_dependencies([finite]):  # never apply a NaN step
+        # never apply a NaN step; update only after every gradient (`_apply_sgd_to_selected`)
+        with tf.control_dependencies([finite, *(g for g in grads if g is not None)]):
             if _updates_only_selected(self.optimizer, kernels.values()):
                 self.optimizer.apply_gradients(zip(whole_grads, whole))
                 self._apply_sgd_to_selected(kernels, kept_grads)
@@ -376,12 +380,20 @@ class SparseUpdateModel(keras.Model):
 
     def _apply_sgd_to_selected(self, kernels, kept_grads):
         """Plain SGD's ``w += -g * lr`` on the selected channels' weights only (run after
-        ``apply_gradients``, which set this step's learning rate)."""
+        ``apply_gradients``, which set this step's learning rate).
+
+        The update is a scatter into the variable, which switches TensorFlow to
+        copy-on-read for it: every later whole read (this layer's forward conv, the next
+        step's channel scores) would copy the kernel, which for the 2% of channels a step
+        changes costs more than the update. Copy-on-read is switched off again right after:
+        the next scatter copies the kernel first (copy-on-write) if a read of it is still
+        alive, and the caller runs the updates after every gradient, so none is."""
         for name, grad in kept_grads.items():
             kernel = kernels[name]
             lr = tf.cast(self.optimizer.learning_rate, kernel.dtype)
             kernel.scatter_nd_add(*_selected_entries(
                 self.selection.vars[name]["indices"], kernel.shape.as_list(), -grad * lr))
+            tf.raw_ops.DisableCopyOnRead(resource=kernel.handle)
 
     def _apply_whole_kernels(self, kernels, whole, whole_grads, kept_grads):
         """Any other optimizer: the zero-padded full kernel gradients through
