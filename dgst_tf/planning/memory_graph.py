@@ -411,19 +411,17 @@ class _GraphBuilder:
             self.tensor_shape[out_id] = self.tensor_shape[self.hard_swish[layer.name]]
             return out_id
         in_shapes = [self.tensor_shape[t] for t in node.flat_input_ids]
-        try:
-            if isinstance(layer, TFOpLambda):  # its compute_output_shape calls the TF op
-                out_shape = self._run_for_shape(node)  # without tf.reduce_mean's axis, ...
-            else:
+        if isinstance(layer, TFOpLambda):  # its compute_output_shape calls the TF op
+            out_shape = self._run_for_shape(node)  # without tf.reduce_mean's axis, ...
+        else:
+            try:
                 out_shape = layer.compute_output_shape(
                     in_shapes[0] if len(in_shapes) == 1 else in_shapes)
-        except NotImplementedError:  # a layer without a shape rule: run it
-            out_shape = self._run_for_shape(node)
-        except MemoryModelError:
-            raise
-        except Exception as err:  # noqa: BLE001 - reported with the layer name
-            raise MemoryModelError(f"cannot infer the output shape of layer "
-                                   f"{layer.name!r} ({type(layer).__name__}): {err}") from err
+            except NotImplementedError:  # a layer without a shape rule: run it
+                out_shape = self._run_for_shape(node)
+            except Exception as err:  # noqa: BLE001 - reported with the layer name
+                raise MemoryModelError(f"cannot infer the output shape of layer {layer.name!r} "
+                                       f"({type(layer).__name__}): {err}") from err
         if len(node.flat_output_ids) != 1:
             raise UnsupportedModelError(f"MemoryModel: layer {layer.name!r} has "
                                         f"{len(node.flat_output_ids)} outputs")
