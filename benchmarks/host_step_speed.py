@@ -13,6 +13,14 @@ same BatchNorm-folded model, every weight trained by its stock train step.
 ``cpu_speedup_vs_full_keras`` is full_keras' CPU time per step over the method's (3 = three
 times faster than Keras' own full fine-tuning).
 
+``--threads`` sets TensorFlow's intra-op threads (default: the usable cores; at batch 1 a
+second thread mostly spins, which process CPU time counts); ``--steps-per-execution`` runs
+that many steps per call of the compiled train function for every method alike (Keras'
+per-step Python loop is a fixed cost that weighs most on the cheapest method);
+``--blocks`` is how deep the sparse methods reach (the last N blocks, as
+`dgst_tf.training.methods.build_method`; `dgst device` plans the last 2 for the CIFAR-10
+headline).
+
 Writes <out-dir>/<name>.{json,md} (default benchmarks/results).
 """
 import argparse
@@ -40,15 +48,17 @@ def build(method, args):
     if method == "full_keras":
         sparse, callbacks = fold_batchnorm(model, name=model.name), []
     else:
-        scheme, callbacks = build_method(method, model, args.target_fraction)
+        scheme, callbacks = build_method(method, model, args.target_fraction,
+                                         blocks=args.blocks)
         sparse = SparseUpdateModel(model, scheme)
     sparse.compile(optimizer=keras.optimizers.SGD(0.01),
+                   steps_per_execution=args.steps_per_execution,
                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)).astype("float32")
     y = rng.integers(0, 10, args.batch_size)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat()
-    for steps in (3, args.steps):  # trace, then warm up
+    for steps in (3 * args.steps_per_execution, args.steps):  # trace, then warm up
         sparse.fit(ds, steps_per_epoch=steps, verbose=0, callbacks=callbacks)
     return sparse, callbacks, ds
 
@@ -72,10 +82,17 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="steps per method per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target-fraction", type=float, default=0.02)
+    p.add_argument("--blocks", type=int, default=8, help="sparse methods: the last N blocks")
+    p.add_argument("--threads", type=int, default=None,
+                   help="TensorFlow intra-op threads (default: the usable cores)")
+    p.add_argument("--steps-per-execution", type=int, default=1)
     p.add_argument("--name", default="host_step_speed")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
-    runtime.limit_threads()
+    args.threads = runtime.limit_threads(args.threads)
+    if args.steps % args.steps_per_execution:
+        p.error(f"--steps {args.steps} is not a multiple of --steps-per-execution "
+                f"{args.steps_per_execution}")
     runs = {m: build(m, args) for m in args.methods}
     times = {m: [] for m in args.methods}
     for _ in range(args.rounds):
