@@ -29,6 +29,11 @@ epoch; baselines resume from their last epoch (``BackupAndRestore`` in ``--backu
 finished rows are kept in the results files and not rerun. Rerun the same command after a
 kill. (A baseline killed between its last epoch and writing its row trains again.)
 
+Phase ``merge`` joins the test rows of seeds run in parallel processes (one core each, each
+with its own ``--results-dir`` holding copies of the protocol and select files)::
+
+    python benchmarks/device_cifar10.py merge --work-dir $W --rows-from $W/results_b
+
 Smoke (tiny, not a result; ``--weights none`` is for smoke runs only)::
 
     W=runs/device_c10_smoke; R=$W/results
@@ -106,7 +111,7 @@ COLUMNS = ["variant", "seed", "setting", "val_top1", "tflm_top1", "test_top1", "
 
 def _arguments(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("select", "test"))
+    p.add_argument("phase", choices=("select", "test", "merge"))
     p.add_argument("--work-dir", required=True, help="one folder per run, resumed from")
     p.add_argument("--results-dir", default=str(RESULTS))
     p.add_argument("--name", default="device_cifar10")
@@ -114,6 +119,8 @@ def _arguments(argv=None):
     p.add_argument("--variants", nargs="+", default=[DGSU, *BASELINES],
                    choices=[DGSU, *BASELINES])
     p.add_argument("--selection-seed", type=int, default=0, help="select phase: its one seed")
+    p.add_argument("--rows-from", nargs="+", default=[],
+                   help="merge phase: results folders whose test rows join --results-dir's")
     defaults = DeviceConfig()
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--weights", default="imagenet", help="'none' for smoke runs only")
@@ -451,10 +458,39 @@ def test(args) -> None:
             _write(args, "test", settings, rows, summary_rows(rows))
 
 
+def merge(args) -> None:
+    """Phase merge: add the test rows of ``--rows-from`` folders (seeds run by parallel
+    processes, each with its own ``--results-dir`` holding copies of the protocol and select
+    files) to ``--results-dir``'s, under the same frozen protocol. A (variant, seed) found in
+    two files must be the same row: the test set is read once per (variant, seed)."""
+    sha = _digest(read_protocol(args))
+    path = _paths(args)["test"]
+    files = [path] + [_paths(argparse.Namespace(results_dir=folder, name=args.name))["test"]
+                      for folder in args.rows_from]
+    rows, settings = [], None
+    for file in files:
+        if file != path and not file.exists():
+            sys.exit(f"{file}: no test rows to merge")
+        for row in _rows(file, "protocol_sha256", sha):
+            same = [r for r in rows if (r["variant"], r["seed"]) == (row["variant"], row["seed"])]
+            if same and same[0] != row:
+                sys.exit(f"{file}: {row['variant']} seed {row['seed']} differs from the row "
+                         f"already merged; the test set is read once per (variant, seed), "
+                         "keep one of the two files' rows")
+            rows += [] if same else [row]
+        if settings is None and file.exists():
+            settings = json.loads(file.read_text())["settings"]
+    if settings is None:
+        sys.exit(f"{path}: no test rows to merge into (and none in --rows-from)")
+    order = list(dict.fromkeys([DGSU, *BASELINES]))
+    rows.sort(key=lambda r: (r["seed"], order.index(r["variant"])))
+    _write(args, "test", settings, rows, summary_rows(rows))
+
+
 def main(argv=None):
     args = _arguments(argv)
     runtime.limit_threads()
-    select(args) if args.phase == "select" else test(args)
+    {"select": select, "test": test, "merge": merge}[args.phase](args)
 
 
 if __name__ == "__main__":

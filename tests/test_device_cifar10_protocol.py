@@ -11,8 +11,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import device_cifar10 as bench  # noqa: E402
 
 
-def _args(tmp_path, **grid):
-    argv = ["select", "--work-dir", str(tmp_path / "work"), "--results-dir",
+def _args(tmp_path, phase="select", **grid):
+    argv = [phase, "--work-dir", str(tmp_path / "work"), "--results-dir",
             str(tmp_path / "results")]
     for option, values in grid.items():
         argv += [f"--{option.replace('_', '-')}", *map(str, values)]
@@ -44,3 +44,47 @@ def test_a_frozen_protocol_is_not_replaced(tmp_path):
         bench._freeze(args, {"chosen": 2}, settings, [])
     stored = json.loads(bench._paths(args)["protocol"].read_text())
     assert stored["protocol"] == {"chosen": 1}
+
+
+def _row(variant, seed, top1):
+    return {"variant": variant, "seed": seed, "test_top1": top1, "val_top1": top1,
+            "meets_device_constraints": variant == bench.DGSU, "why": variant}
+
+
+def test_merge_joins_seeds_run_apart_and_refuses_two_readings_of_one(tmp_path):
+    args = _args(tmp_path, "merge")
+    results = pathlib.Path(args.results_dir)
+    results.mkdir(parents=True)
+    bench._freeze(args, {"chosen": 1}, {"phase": "select"}, [])
+    sha = json.loads(bench._paths(args)["protocol"].read_text())["sha256"]
+    other = tmp_path / "results_b"
+    other.mkdir()
+    for name in ("device_cifar10_protocol.json", "device_cifar10_select.json"):
+        (other / name).write_bytes((results / name).read_bytes())
+    settings = {"phase": "test", "protocol_sha256": sha}
+    mine = [_row(bench.DGSU, 0, 0.6), _row("full", 0, 0.7)]
+    bench._write(args, "test", settings, mine, bench.summary_rows(mine))
+    theirs = [_row("full", 1, 0.8), _row(bench.DGSU, 1, 0.5), _row(bench.DGSU, 0, 0.6)]
+    bench._write(bench._arguments(["test", "--work-dir", "w", "--results-dir", str(other)]),
+                 "test", settings, theirs, bench.summary_rows(theirs))
+
+    bench.merge(bench._arguments(["merge", "--work-dir", "w", "--results-dir", str(results),
+                                  "--rows-from", str(other)]))
+    merged = json.loads(bench._paths(args)["test"].read_text())["results"]
+    per_run = [(r["variant"], r["seed"]) for r in merged if isinstance(r["seed"], int)]
+    assert per_run == [(bench.DGSU, 0), ("full", 0), (bench.DGSU, 1), ("full", 1)]
+    summary = {r["variant"]: r for r in merged if not isinstance(r["seed"], int)}
+    assert summary[bench.DGSU]["test_top1"] == pytest.approx(0.55)
+    assert summary["full"]["test_top1_std"] == pytest.approx(0.0707, abs=1e-4)
+
+    theirs[2] = _row(bench.DGSU, 0, 0.61)  # seed 0 read a second time, another result
+    bench._write(bench._arguments(["test", "--work-dir", "w", "--results-dir", str(other)]),
+                 "test", settings, theirs)
+    with pytest.raises(SystemExit, match="dgsu_device seed 0 differs"):
+        bench.merge(bench._arguments(["merge", "--work-dir", "w", "--results-dir",
+                                      str(results), "--rows-from", str(other)]))
+    bench._write(bench._arguments(["test", "--work-dir", "w", "--results-dir", str(other)]),
+                 "test", settings | {"protocol_sha256": "another"}, theirs[:2])
+    with pytest.raises(SystemExit, match="rows of other settings"):
+        bench.merge(bench._arguments(["merge", "--work-dir", "w", "--results-dir",
+                                      str(results), "--rows-from", str(other)]))
