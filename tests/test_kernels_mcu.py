@@ -87,6 +87,11 @@ def test_firmware_matches_reference_bit_exact(firmware, variant, machine):
     # sparse update costs less: k = 4 of 16 kept vs dense
     assert (int(by["b3_expand_k4", "conv2d_weight_grad_s8"]["instructions"])
             < 0.3 * int(by["b3_expand_k16", "conv2d_weight_grad_s8"]["instructions"]))
+    # depthwise weight gradients of maps larger than the sliding planes go strip by strip
+    # (16x16: 6.4 instructions/MAC on the tap-by-tap path)
+    for case in ("b3_dw_k24", "strip_dw_k5x3_k4"):
+        row = by[case, "depthwise_weight_grad_s8"]
+        assert int(row["instructions"]) / int(row["macs"]) < 4.0, row
     stacks = [int(r["stack"]) for r in rows]
     assert 0 < max(stacks) < 1024  # kernels use little stack
 

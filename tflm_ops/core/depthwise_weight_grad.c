@@ -8,7 +8,8 @@
  * extension, maps of at most 25 pixels with at most 9 taps (the late blocks sparse training
  * updates) take 4 kept channels at a time packed once for all taps (small_map_weight_grad);
  * stride-1 "same" 3-wide kernels on maps of at most 36 pixels slide their three taps along
- * the rows instead (slide_weight_grad). */
+ * the rows instead (slide_weight_grad), larger maps up to 32 pixels wide strip by strip of
+ * output rows (strip_weight_grad). */
 #include <string.h>
 
 #include "dgst_internal.h"
@@ -464,6 +465,124 @@ static void slide_weight_grad(const dgst_conv_geometry* g, const int8_t* x_kept,
       slide_group_any(&sg);
   }
 }
+
+/* ---- The sliding 3-wide taps on maps larger than the planes above (up to 32 pixels a row,
+ * e.g. 16x16 and 24x24 stride-1 depthwise layers): strip by strip of output rows, one plane
+ * (2 kept channels) at a time so that the buffers stay small: a strip's dy rows and the x
+ * rows its taps read are packed, and its sums are added to the gradient, zeroed first
+ * (integer sums: the strips' order cannot change a bit). x rows shared by two strips are
+ * packed twice. */
+#define STRIP_X_WORDS 96 /* x words of a strip: 3 rows of 32 (stack: 640 B with dy) */
+#define STRIP_D_WORDS 64 /* dy words of a strip */
+
+/* Output rows per strip, 0 if the kernel is not a sliding one or a row does not fit. */
+static int32_t strip_rows(const dgst_conv_geometry* g) {
+  int32_t rows;
+  if (!(g->kernel_w == 3 && g->stride_w == 1 && g->dilation_w == 1 && g->dilation_h == 1 &&
+        g->kernel_h <= SLIDE_MAX_KH && g->pad_left == 1 && g->out_w == g->in_w &&
+        g->in_w >= 2))
+    return 0;
+  rows = dgst_min_i32(g->out_h, STRIP_D_WORDS / g->out_w);
+  while (rows > 0 &&
+         dgst_min_i32(g->in_h, (rows - 1) * g->stride_h + g->kernel_h) * g->in_w > STRIP_X_WORDS)
+    --rows;
+  return rows;
+}
+
+/* One plane: kept channels a and b (b < 0: none, its lane 0) of x pixels [x_first, x_end)
+ * and dy pixels [d_first, d_end) as the int16 lanes of a word. */
+typedef struct {
+  int32_t x[STRIP_X_WORDS], d[STRIP_D_WORDS];
+} strip_plane;
+
+static void strip_pack(strip_plane* pl, const int8_t* x_kept, int32_t k, int32_t a, int32_t b,
+                       int32_t ka, int32_t kb, int32_t zp, const int8_t* dy, int32_t channels,
+                       int32_t x_first, int32_t x_end, int32_t d_first, int32_t d_end) {
+  const int8_t* xp = x_kept + x_first * k;
+  const int8_t* dp = dy + d_first * channels;
+  int32_t* xw = pl->x;
+  int32_t* dw = pl->d;
+  int32_t p;
+  if (b == a + 1) { /* adjacent bytes: one halfword load, as tile_2 */
+    const int32_t zp2 = (int32_t)(((uint32_t)zp & 0xFFFFu) | ((uint32_t)zp << 16));
+    for (p = x_first; p < x_end; ++p, xp += k) {
+      uint16_t xh;
+      memcpy(&xh, xp + a, 2);
+      *xw++ = __ssub16(__sxtb16((int32_t)((uint32_t)xh | ((uint32_t)xh << 8))), zp2);
+    }
+    for (p = d_first; p < d_end; ++p, dp += channels) *dw++ = dgst_pkhbt(dp[ka], dp[kb]);
+  } else if (b >= 0) {
+    for (p = x_first; p < x_end; ++p, xp += k) *xw++ = dgst_pkhbt(xp[a] - zp, xp[b] - zp);
+    for (p = d_first; p < d_end; ++p, dp += channels) *dw++ = dgst_pkhbt(dp[ka], dp[kb]);
+  } else {
+    for (p = x_first; p < x_end; ++p, xp += k) *xw++ = dgst_pkhbt(xp[a] - zp, 0);
+    for (p = d_first; p < d_end; ++p, dp += channels) *dw++ = dgst_pkhbt(dp[ka], 0);
+  }
+}
+
+/* a + b mod 2^32, as the accumulators' SMLA wrap: a strip's sums add up to the map's. */
+static inline int32_t add_wrapping(int32_t a, int32_t b) {
+  return (int32_t)((uint32_t)a + (uint32_t)b);
+}
+
+/* Adds a strip's sums of one plane: channel a's to lo[(i * 3 + j) * k], b's to hi[...]
+ * (hk 0: a sink). */
+static DGST_NOINLINE_DW void strip_sums(const strip_plane* pl, const slide_tap_row* taps,
+                                        int32_t kh, int32_t out_w, int32_t x_step, int32_t k,
+                                        int32_t* lo, int32_t* hi, int32_t hk) {
+  int32_t i;
+  for (i = 0; i < kh; ++i, lo += 3 * k, hi += 3 * hk) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, b0 = 0, b1 = 0, b2 = 0, row;
+    const int32_t* d = pl->d + taps[i].d_first;
+    const int32_t* x = pl->x + taps[i].x_first;
+    for (row = taps[i].rows; row > 0; --row, d += out_w, x += x_step) SLIDE_ROW();
+    lo[0] = add_wrapping(lo[0], a0), lo[k] = add_wrapping(lo[k], a1);
+    lo[2 * k] = add_wrapping(lo[2 * k], a2);
+    hi[0] = add_wrapping(hi[0], b0), hi[hk] = add_wrapping(hi[hk], b1);
+    hi[2 * hk] = add_wrapping(hi[2 * hk], b2);
+  }
+}
+
+/* The tap rows of output rows [oy0, oy1) in a strip packed from x row x_row0. */
+static void strip_taps(slide_tap_row* taps, const dgst_conv_geometry* g, int32_t oy0,
+                       int32_t oy1, int32_t x_row0) {
+  int32_t i;
+  for (i = 0; i < g->kernel_h; ++i) {
+    int32_t lo, hi;
+    dgst_out_range(i - g->pad_top, g->stride_h, g->in_h, g->out_h, &lo, &hi);
+    lo = dgst_max_i32(lo, oy0);
+    hi = dgst_min_i32(hi, oy1);
+    taps[i].rows = dgst_max_i32(hi - lo, 0);
+    taps[i].d_first = taps[i].rows ? (lo - oy0) * g->out_w : 0;
+    taps[i].x_first = taps[i].rows ? (lo * g->stride_h + i - g->pad_top - x_row0) * g->in_w : 0;
+  }
+}
+
+static DGST_NOINLINE_DW void strip_weight_grad(const dgst_conv_geometry* g,
+                                               const int8_t* x_kept, const int32_t* kept,
+                                               int32_t k, int32_t zp, const int8_t* dy,
+                                               int32_t channels, int32_t* grad) {
+  strip_plane pl;
+  slide_tap_row taps[SLIDE_MAX_KH];
+  int32_t sink[3] = {0, 0, 0};
+  const int32_t strip = strip_rows(g), x_step = g->stride_h * g->in_w;
+  int32_t oy0, a;
+  memset(grad, 0, sizeof(int32_t) * (size_t)(g->kernel_h * 3 * k));
+  for (oy0 = 0; oy0 < g->out_h; oy0 += strip) {
+    const int32_t oy1 = dgst_min_i32(oy0 + strip, g->out_h);
+    const int32_t x_row0 = dgst_max_i32(0, oy0 * g->stride_h - g->pad_top);
+    const int32_t x_row1 =
+        dgst_min_i32(g->in_h, (oy1 - 1) * g->stride_h + g->kernel_h - g->pad_top);
+    strip_taps(taps, g, oy0, oy1, x_row0);
+    for (a = 0; a < k; a += 2) {
+      const int32_t b = a + 1 < k ? a + 1 : -1;
+      strip_pack(&pl, x_kept, k, a, b, kept[a], b >= 0 ? kept[b] : 0, zp, dy, channels,
+                 x_row0 * g->in_w, x_row1 * g->in_w, oy0 * g->out_w, oy1 * g->out_w);
+      strip_sums(&pl, taps, g->kernel_h, g->out_w, x_step, k, grad + a,
+                 b >= 0 ? grad + b : sink, b >= 0 ? k : 0);
+    }
+  }
+}
 #endif
 
 void dgst_depthwise_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_kept,
@@ -478,6 +597,10 @@ void dgst_depthwise_weight_grad_s8(const dgst_conv_geometry* g, const int8_t* x_
   }
   if (small_map(g)) {
     small_map_weight_grad(g, x_kept, kept, k, x_zero_point, dy, channels, grad);
+    return;
+  }
+  if (strip_rows(g) > 0) {
+    strip_weight_grad(g, x_kept, kept, k, x_zero_point, dy, channels, grad);
     return;
   }
 #endif

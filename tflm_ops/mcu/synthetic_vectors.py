@@ -23,6 +23,9 @@ computed with the NumPy reference (`dgst_tf.tflm_ops.reference`).
   odd lengths, a channel scatter.
 * ``small_dw*``: depthwise weight gradients on 3x3, 4x5 and (vertical stride 2) 6x4 maps at
   k = 1, 2, 3, 4 and all channels.
+* ``strip_dw*``: the same on maps larger than the DSP sliding path's planes, which it takes
+  strip by strip (13x11; 15x9 at vertical stride 2; a 5x3 kernel on 12x10; 5x32, one output
+  row a strip).
 
 Random tensors (``seed``); a dict of real ones replaces any of them: keys ``<layer>/<field>``
 with layer in (b3_expand, b3_dw, b3_project, b4_dw, b15_expand, b15_dw, fc) and field in (x,
@@ -62,6 +65,10 @@ LAYERS = {
     "small_dw3": ("depthwise", G(3, 3, 3), 6, 6),
     "small_dw5": ("depthwise", G(4, 5, 3), 7, 7),
     "small_dw_s2": ("depthwise", G(6, 4, 3, stride=(2, 1)), 5, 5),
+    "strip_dw": ("depthwise", G(13, 11, 3), 6, 6),
+    "strip_dw_s2": ("depthwise", G(15, 9, 3, stride=(2, 1)), 5, 5),
+    "strip_dw_k5x3": ("depthwise", G(12, 10, 5, 3), 7, 7),
+    "strip_dw_w32": ("depthwise", G(5, 32, 3), 5, 5),
 }
 # Kept input-channel ratios of the weight gradients (k = channels_for_ratio(ratio, C_in)).
 SWEEP = (1 / 50, 1 / 8, 1 / 4, 1.0)
@@ -262,10 +269,11 @@ def build(tensors: Tensors) -> Emitter:
 
 
 def _small_maps(b: Builder):
-    """Depthwise weight gradients on small maps (3x3, 4x5, 6x4 at vertical stride 2) at every
-    group tail (k % 4 = 1, 2, 3, 0): the DSP cores' sliding paths. Last, so that the random
-    tensors of the cases before stay what they were."""
-    for name in ("small_dw3", "small_dw5", "small_dw_s2"):
+    """Depthwise weight gradients on small maps (3x3, 4x5, 6x4 at vertical stride 2) and maps
+    taken strip by strip at every group tail (k % 4 = 1, 2, 3, 0): the DSP cores' sliding
+    paths. Last, so that the random tensors of the cases before stay what they were."""
+    for name in ("small_dw3", "small_dw5", "small_dw_s2", "strip_dw", "strip_dw_s2",
+                 "strip_dw_k5x3", "strip_dw_w32"):
         L = b.layer(name, x_kind="linear")
         dy = b.t.error(shapes(name)["dy"], zero_fraction=0.1)
         for k in (1, 2, 3, 4, L["c_in"]):
