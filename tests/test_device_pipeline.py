@@ -21,7 +21,7 @@ from dgst_tf.export.inference import quantize
 from dgst_tf.export.tflite_file import read_tflite, tensor_details
 from dgst_tf.export.training import (initial_params, load_manifest, run_inference_tflm,
                                      train_tflm, write_inference_model)
-from dgst_tf.jobs import device_int8
+from dgst_tf.jobs import device_int8, device_pipeline
 from dgst_tf.jobs.device_pipeline import (STAGES, DeviceConfig, StageBudgetError,
                                           _load_data, run_device_pipeline)
 from dgst_tf.jobs.device_plan import device_export_options, dgsu_scheme, export_deployable
@@ -55,7 +55,9 @@ def finished(tmp_path_factory):
     unpruned = _unpruned_file_bytes(tmp_path_factory.mktemp("measure"))
     budget = int(0.85 * unpruned) + ALLOWANCE  # the unpruned file does not fit
     config = DeviceConfig(output_dir=str(folder), flash_budget=str(budget), **TINY)
-    return config, run_device_pipeline(config, verbose=0), unpruned
+    with pytest.MonkeyPatch.context() as patch:  # 40 test images in chunks of 16, 16, 8
+        patch.setattr(device_pipeline, "EVALUATE_CHUNK", 16)
+        return config, run_device_pipeline(config, verbose=0), unpruned
 
 
 def test_every_stage_meets_its_budget(finished):
@@ -123,6 +125,7 @@ def test_adapted_model_tflm_logits_equal_the_keras_int8_simulation(finished):
     assert len(np.unique(tflm)) > 10  # not a saturated, trivially equal output
     accuracy = float((tflm.argmax(1) == d.y_test).mean())
     assert report["evaluate"]["test_accuracy"] == pytest.approx(accuracy)
+    assert report["evaluate"]["test_examples"] == report["evaluate"]["logits_equal_keras"] == 40
     # and training changed the model: the deployed starting state gives other logits
     before = folder / "before.tflite"
     write_inference_model(folder / "check_start.tflite",

@@ -504,15 +504,26 @@ def _check(run: _Run):
                                   run.folder.path("adapted.tflite").stat().st_size}
 
 
+# Images per TFLM call of the evaluate stage: quantizing all 10,000 CIFAR-10 test images at
+# 128 px at once took ~6 GB of float temporaries; a multiple of the simulation's batch of 32.
+EVALUATE_CHUNK = 2048
+
+
 def _evaluate(run: _Run):
     split = run.config.evaluate_on
     x, y = run.data.evaluation()
     path = run.folder.path("adapted.tflite")
     _, parsed = read_tflite(path)
-    codes = quantize(x, tensor_details(parsed, int(parsed.subgraphs[0].inputs[0])))
-    tflm = run_inference_tflm(path, codes[:, None]).outputs[0].reshape(len(x), -1)
-    keras_codes = run.trained_sim().int8_logits(
-        x, load_manifest(run.folder.path("check_start.tflite")))
+    image = tensor_details(parsed, int(parsed.subgraphs[0].inputs[0]))
+    manifest = load_manifest(run.folder.path("check_start.tflite"))
+    sim = run.trained_sim()
+    tflm, keras_codes = [], []
+    for start in range(0, len(x), EVALUATE_CHUNK):
+        part = x[start:start + EVALUATE_CHUNK]
+        codes = quantize(part, image)
+        tflm.append(run_inference_tflm(path, codes[:, None]).outputs[0].reshape(len(part), -1))
+        keras_codes.append(sim.int8_logits(part, manifest))
+    tflm, keras_codes = np.concatenate(tflm), np.concatenate(keras_codes)
     differing = int((tflm != keras_codes).any(axis=1).sum())
     predictions = tflm.argmax(axis=1)
     same = int((predictions == keras_codes.argmax(axis=1)).sum())
