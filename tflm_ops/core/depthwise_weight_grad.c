@@ -489,12 +489,13 @@ static int32_t strip_rows(const dgst_conv_geometry* g) {
   return rows;
 }
 
-/* One plane: kept channels a and b (b < 0: none, its lane 0) of x pixels [x_first, x_end)
- * and dy pixels [d_first, d_end) as the int16 lanes of a word. */
+/* One plane: 2 kept channels of a strip's x and dy as the int16 lanes of a word. */
 typedef struct {
   int32_t x[STRIP_X_WORDS], d[STRIP_D_WORDS];
 } strip_plane;
 
+/* Packs kept channels a and b = a + 1 (b < 0: none, its lane 0) of x pixels [x_first,
+ * x_end) and dy pixels [d_first, d_end). */
 static void strip_pack(strip_plane* pl, const int8_t* x_kept, int32_t k, int32_t a, int32_t b,
                        int32_t ka, int32_t kb, int32_t zp, const int8_t* dy, int32_t channels,
                        int32_t x_first, int32_t x_end, int32_t d_first, int32_t d_end) {
@@ -511,10 +512,7 @@ static void strip_pack(strip_plane* pl, const int8_t* x_kept, int32_t k, int32_t
       *xw++ = __ssub16(__sxtb16((int32_t)((uint32_t)xh | ((uint32_t)xh << 8))), zp2);
     }
     for (p = d_first; p < d_end; ++p, dp += channels) *dw++ = dgst_pkhbt(dp[ka], dp[kb]);
-  } else if (b >= 0) {
-    for (p = x_first; p < x_end; ++p, xp += k) *xw++ = dgst_pkhbt(xp[a] - zp, xp[b] - zp);
-    for (p = d_first; p < d_end; ++p, dp += channels) *dw++ = dgst_pkhbt(dp[ka], dp[kb]);
-  } else {
+  } else { /* the last of an odd k */
     for (p = x_first; p < x_end; ++p, xp += k) *xw++ = dgst_pkhbt(xp[a] - zp, 0);
     for (p = d_first; p < d_end; ++p, dp += channels) *dw++ = dgst_pkhbt(dp[ka], 0);
   }
