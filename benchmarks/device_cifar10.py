@@ -482,7 +482,7 @@ def merge(args) -> None:
             settings = json.loads(file.read_text())["settings"]
     if settings is None:
         sys.exit(f"{path}: no test rows to merge into (and none in --rows-from)")
-    order = list(dict.fromkeys([DGSU, *BASELINES]))
+    order = [DGSU, *BASELINES]
     rows.sort(key=lambda r: (r["seed"], order.index(r["variant"])))
     _write(args, "test", settings, rows, summary_rows(rows))
 

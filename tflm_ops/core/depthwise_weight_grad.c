@@ -216,10 +216,15 @@ static void small_map_weight_grad(const dgst_conv_geometry* g, const int8_t* x_k
 #define SLIDE_D_WORDS 36 /* dy words of one plane: out_h x out_w */
 #define SLIDE_MAX_KH 7
 
-static int32_t slide_fits(const dgst_conv_geometry* g) {
+/* A 3-wide "same" kernel at horizontal stride 1: the three taps slide along the rows. */
+static int32_t slides(const dgst_conv_geometry* g) {
   return g->kernel_w == 3 && g->stride_w == 1 && g->dilation_w == 1 && g->dilation_h == 1 &&
          g->kernel_h <= SLIDE_MAX_KH && g->pad_left == 1 && g->out_w == g->in_w &&
-         g->in_w >= 2 && g->in_h * g->in_w <= SLIDE_X_WORDS &&
+         g->in_w >= 2;
+}
+
+static int32_t slide_fits(const dgst_conv_geometry* g) {
+  return slides(g) && g->in_h * g->in_w <= SLIDE_X_WORDS &&
          g->out_h * g->out_w <= SLIDE_D_WORDS;
 }
 
@@ -478,10 +483,7 @@ static void slide_weight_grad(const dgst_conv_geometry* g, const int8_t* x_kept,
 /* Output rows per strip, 0 if the kernel is not a sliding one or a row does not fit. */
 static int32_t strip_rows(const dgst_conv_geometry* g) {
   int32_t rows;
-  if (!(g->kernel_w == 3 && g->stride_w == 1 && g->dilation_w == 1 && g->dilation_h == 1 &&
-        g->kernel_h <= SLIDE_MAX_KH && g->pad_left == 1 && g->out_w == g->in_w &&
-        g->in_w >= 2))
-    return 0;
+  if (!slides(g)) return 0;
   rows = dgst_min_i32(g->out_h, STRIP_D_WORDS / g->out_w);
   while (rows > 0 &&
          dgst_min_i32(g->in_h, (rows - 1) * g->stride_h + g->kernel_h) * g->in_w > STRIP_X_WORDS)
