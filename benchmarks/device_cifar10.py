@@ -436,6 +436,8 @@ def test(args) -> None:
                                   "classifier input), unpruned MobileNetV2 at the chosen "
                                   "resolution, dgst_tf.planning.memory; dense = 'full'"}
     rows = _rows(_paths(args)["test"], "protocol_sha256", sha)
+    this_run = {"command": " ".join(sys.argv), "machine": _report.machine()}
+    settings["runs"] = _runs_of(_paths(args)["test"]) + [this_run]
     work = pathlib.Path(args.work_dir, "test")
     for seed in args.seeds:
         for variant in [v for v in args.variants if v in protocol["variants"]]:
@@ -458,6 +460,16 @@ def test(args) -> None:
             _write(args, "test", settings, rows, summary_rows(rows))
 
 
+def _runs_of(file: pathlib.Path) -> list:
+    """The command and machine of every test run whose rows ``file`` holds, [] if none
+    (files written before runs were listed: the last run's)."""
+    if not file.exists():
+        return []
+    written = json.loads(file.read_text())
+    return written["settings"].get("runs") or [
+        {"command": written["command"], "machine": written["machine"]}]
+
+
 def merge(args) -> None:
     """Phase merge: add the test rows of ``--rows-from`` folders (seeds run by parallel
     processes, each with its own ``--results-dir`` holding copies of the protocol and select
@@ -467,10 +479,11 @@ def merge(args) -> None:
     path = _paths(args)["test"]
     files = [path] + [_paths(argparse.Namespace(results_dir=folder, name=args.name))["test"]
                       for folder in args.rows_from]
-    rows, settings = [], None
+    rows, settings, runs = [], None, []
     for file in files:
         if file != path and not file.exists():
             sys.exit(f"{file}: no test rows to merge")
+        runs += [run for run in _runs_of(file) if run not in runs]
         for row in _rows(file, "protocol_sha256", sha):
             same = [r for r in rows if (r["variant"], r["seed"]) == (row["variant"], row["seed"])]
             if same and same[0] != row:
@@ -482,6 +495,7 @@ def merge(args) -> None:
             settings = json.loads(file.read_text())["settings"]
     if settings is None:
         sys.exit(f"{path}: no test rows to merge into (and none in --rows-from)")
+    settings = settings | {"runs": runs}
     order = [DGSU, *BASELINES]
     rows.sort(key=lambda r: (r["seed"], order.index(r["variant"])))
     _write(args, "test", settings, rows, summary_rows(rows))

@@ -51,7 +51,7 @@ def _row(variant, seed, top1):
             "meets_device_constraints": variant == bench.DGSU, "why": variant}
 
 
-def test_merge_joins_seeds_run_apart_and_refuses_two_readings_of_one(tmp_path):
+def test_merge_joins_seeds_run_apart_and_refuses_two_readings_of_one(tmp_path, monkeypatch):
     args = _args(tmp_path, "merge")
     results = pathlib.Path(args.results_dir)
     results.mkdir(parents=True)
@@ -65,6 +65,7 @@ def test_merge_joins_seeds_run_apart_and_refuses_two_readings_of_one(tmp_path):
     mine = [_row(bench.DGSU, 0, 0.6), _row("full", 0, 0.7)]
     bench._write(args, "test", settings, mine, bench.summary_rows(mine))
     theirs = [_row("full", 1, 0.8), _row(bench.DGSU, 1, 0.5), _row(bench.DGSU, 0, 0.6)]
+    monkeypatch.setattr(sys, "argv", ["device_cifar10.py", "test", "--seeds", "1"])
     bench._write(bench._arguments(["test", "--work-dir", "w", "--results-dir", str(other)]),
                  "test", settings, theirs, bench.summary_rows(theirs))
 
@@ -76,6 +77,8 @@ def test_merge_joins_seeds_run_apart_and_refuses_two_readings_of_one(tmp_path):
     summary = {r["variant"]: r for r in merged if not isinstance(r["seed"], int)}
     assert summary[bench.DGSU]["test_top1"] == pytest.approx(0.55)
     assert summary["full"]["test_top1_std"] == pytest.approx(0.0707, abs=1e-4)
+    runs = json.loads(bench._paths(args)["test"].read_text())["settings"]["runs"]
+    assert [run["command"].endswith("--seeds 1") for run in runs] == [False, True]
 
     theirs[2] = _row(bench.DGSU, 0, 0.61)  # seed 0 read a second time, another result
     bench._write(bench._arguments(["test", "--work-dir", "w", "--results-dir", str(other)]),
