@@ -230,7 +230,7 @@ def _baseline_args(fixed: dict, image_size, epochs, lr_schedule, seed, folder):
         validation_split=0.1, validation_examples=fixed["validation_examples"],
         test_examples=fixed["test_examples"], epochs=epochs, lr_schedule=lr_schedule,
         target_fraction=fixed["target_fraction"], seed=seed, backup_dir=str(folder),
-        progress_every=0)
+        progress_every=0, blocks=8)  # the depth the baselines were frozen with
 
 
 def _baseline_row(variant, lr, ns, test: bool) -> dict:

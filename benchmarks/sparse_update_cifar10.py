@@ -65,6 +65,11 @@ def _arguments():
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay the learning rate to 0 over all training steps")
     p.add_argument("--target-fraction", type=float, default=0.02)
+    p.add_argument("--blocks", type=int, default=8,
+                   help="sparse_update and dgsu: how many of the last blocks they may update")
+    p.add_argument("--no-test", dest="test", action="store_false",
+                   help="validation only (ablations of a frozen protocol): the test set is "
+                        "not scored")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="sparse_update_cifar10")
     p.add_argument("--backup-dir", help="resume an interrupted run from its last finished epoch")
@@ -100,7 +105,8 @@ def _train(args, method: str, lr: float, train, val) -> dict:
     runtime.seed_everything(args.seed)
     size = (args.image_size, args.image_size)
     model = models.mobilenet_v2(1.0, (*size, 3), classes=10, weights="imagenet", seed=args.seed)
-    scheme, callbacks = build_method(method, model, args.target_fraction, seed=args.seed)
+    scheme, callbacks = build_method(method, model, args.target_fraction, blocks=args.blocks,
+                                     seed=args.seed)
     sparse = SparseUpdateModel(model, scheme)
     learning_rate = lr
     if args.lr_schedule == "cosine":
@@ -144,12 +150,14 @@ def main():
                 best = row
             print({k: v for k, v in row.items() if k != "sparse"}, flush=True)
         sparse = best.pop("sparse")
-        best["test_top1"] = float(sparse.evaluate(test.dataset, verbose=0)[1])
+        best["test_top1"] = (float(sparse.evaluate(test.dataset, verbose=0)[1])
+                             if args.test else None)
         rows.append(best)
         print(best, flush=True)
         settings = {k: v for k, v in vars(args).items()} | {
             "train": train.num_examples, "validation": val.num_examples,
-            "test": test.num_examples, "model": "MobileNetV2-1.0 ImageNet (torchvision)",
+            "test": test.num_examples if args.test else "not read",
+            "model": "MobileNetV2-1.0 ImageNet (torchvision)",
             "optimizer": "SGD, batch 1", "augment": "pad-crop + flip"}
         print(_report.write(args.name, settings, rows, [
             "method", "learning_rate", "val_top1", "test_top1", "updated_fraction",

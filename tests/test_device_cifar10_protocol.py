@@ -91,3 +91,18 @@ def test_merge_joins_seeds_run_apart_and_refuses_two_readings_of_one(tmp_path, m
     with pytest.raises(SystemExit, match="rows of other settings"):
         bench.merge(bench._arguments(["merge", "--work-dir", "w", "--results-dir",
                                       str(results), "--rows-from", str(other)]))
+
+
+def test_the_baselines_namespace_has_every_option_the_training_code_reads(tmp_path):
+    """The baselines call `sparse_update_cifar10`'s functions with a hand-built namespace: an
+    option added to that script must be added there too (an AttributeError would otherwise
+    surface only after hours of a test phase)."""
+    import inspect
+    import re
+    fixed = {"train_examples": 8, "validation_examples": 4, "test_examples": 4,
+             "target_fraction": 0.02}
+    ns = bench._baseline_args(fixed, 32, 1, "constant", 0, tmp_path)
+    source = "".join(inspect.getsource(f) for f in (
+        bench.lin._datasets, bench.lin._train, bench.lin._backup_callbacks))
+    read = set(re.findall(r"\bargs\.(\w+)", source))
+    assert "blocks" in read and read <= set(vars(ns))
