@@ -1,8 +1,10 @@
 """The frozen-protocol bookkeeping of `benchmarks/device_cifar10.py` (issue 18): which rows of
 an earlier select call count, and that a protocol, once frozen, cannot be silently replaced.
 No training: rows and protocols are written by hand, in the shapes the benchmark writes."""
+import inspect
 import json
 import pathlib
+import re
 import sys
 
 import pytest
@@ -97,8 +99,6 @@ def test_the_baselines_namespace_has_every_option_the_training_code_reads(tmp_pa
     """The baselines call `sparse_update_cifar10`'s functions with a hand-built namespace: an
     option added to that script must be added there too (an AttributeError would otherwise
     surface only after hours of a test phase)."""
-    import inspect
-    import re
     fixed = {"train_examples": 8, "validation_examples": 4, "test_examples": 4,
              "target_fraction": 0.02}
     ns = bench._baseline_args(fixed, 32, 1, "constant", 0, tmp_path)
