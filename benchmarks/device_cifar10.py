@@ -90,6 +90,7 @@ import sparse_update_cifar10 as lin
 
 from dgst_tf.core import runtime
 from dgst_tf.jobs.device_pipeline import DeviceConfig, StageBudgetError, run_device_pipeline
+from dgst_tf.training.methods import DEFAULT_BLOCKS
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 DGSU = "dgsu_device"  # the constrained pipeline
@@ -230,7 +231,7 @@ def _baseline_args(fixed: dict, image_size, epochs, lr_schedule, seed, folder):
         validation_split=0.1, validation_examples=fixed["validation_examples"],
         test_examples=fixed["test_examples"], epochs=epochs, lr_schedule=lr_schedule,
         target_fraction=fixed["target_fraction"], seed=seed, backup_dir=str(folder),
-        progress_every=0, blocks=8)  # the depth the baselines were frozen with
+        progress_every=0, blocks=DEFAULT_BLOCKS)  # the depth the baselines were frozen with
 
 
 def _baseline_row(variant, lr, ns, test: bool) -> dict:
@@ -435,9 +436,10 @@ def test(args) -> None:
                                   "(int8 saved inputs of the kept channels, 1-bit ReLU masks, "
                                   "classifier input), unpruned MobileNetV2 at the chosen "
                                   "resolution, dgst_tf.planning.memory; dense = 'full'"}
-    rows = _rows(_paths(args)["test"], "protocol_sha256", sha)
-    this_run = {"command": " ".join(sys.argv), "machine": _report.machine()}
-    settings["runs"] = _runs_of(_paths(args)["test"]) + [this_run]
+    path = _paths(args)["test"]
+    rows = _rows(path, "protocol_sha256", sha)
+    settings["runs"] = _runs_of(path) + [{"command": " ".join(sys.argv),
+                                          "machine": _report.machine()}]
     work = pathlib.Path(args.work_dir, "test")
     for seed in args.seeds:
         for variant in [v for v in args.variants if v in protocol["variants"]]:

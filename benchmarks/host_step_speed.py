@@ -35,7 +35,7 @@ from dgst_tf import models
 from dgst_tf.core import runtime
 from dgst_tf.core.bn_folding import fold_batchnorm
 from dgst_tf.core.keras_compat import keras, tf
-from dgst_tf.training.methods import METHODS, build_method
+from dgst_tf.training.methods import DEFAULT_BLOCKS, METHODS, build_method
 from dgst_tf.training.sparse_model import SparseUpdateModel
 
 
@@ -82,7 +82,7 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="steps per method per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--target-fraction", type=float, default=0.02)
-    p.add_argument("--blocks", type=int, default=8, help="sparse methods: the last N blocks")
+    p.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS, help="sparse methods: the last N blocks")
     p.add_argument("--threads", type=int, default=None,
                    help="TensorFlow intra-op threads (default: the usable cores)")
     p.add_argument("--steps-per-execution", type=int, default=1)

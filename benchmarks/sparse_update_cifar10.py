@@ -22,7 +22,7 @@ import _report
 from dgst_tf import data, models
 from dgst_tf.core import runtime
 from dgst_tf.core.keras_compat import keras
-from dgst_tf.training.methods import METHODS, build_method
+from dgst_tf.training.methods import DEFAULT_BLOCKS, METHODS, build_method
 from dgst_tf.training.sparse_model import SparseUpdateModel
 
 
@@ -65,7 +65,7 @@ def _arguments():
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay the learning rate to 0 over all training steps")
     p.add_argument("--target-fraction", type=float, default=0.02)
-    p.add_argument("--blocks", type=int, default=8,
+    p.add_argument("--blocks", type=int, default=DEFAULT_BLOCKS,
                    help="sparse_update and dgsu: how many of the last blocks they may update")
     p.add_argument("--no-test", dest="test", action="store_false",
                    help="validation only (ablations of a frozen protocol): the test set is "

@@ -28,6 +28,7 @@ from dgst_tf.training.scheme import UpdateScheme, conv_layers
 from dgst_tf.training.selection import DynamicChannelSelection, StaticChannelSelection
 
 METHODS = ("full", "last_layer", "bias_only", "sparse_update", "dgsu")
+DEFAULT_BLOCKS = 8  # the last 8 blocks of MobileNetV2: block_10 to head_conv
 
 
 def pointwise_convs(model: keras.Model) -> list:
@@ -59,7 +60,7 @@ def block_convs(model: keras.Model) -> tuple[list, list]:
 
 
 def build_method(name: str, model: keras.Model, target_fraction: float = 0.02,
-                 blocks: int = 8, importance: str = "weight_l2", seed: int = 0,
+                 blocks: int = DEFAULT_BLOCKS, importance: str = "weight_l2", seed: int = 0,
                  layers_per_step: int | None = None):
     """(scheme, callbacks) for method ``name`` (one of METHODS) on ``model``;
     ``layers_per_step``: DGSU's layer schedule (`DynamicChannelSelection`), dgsu only.
